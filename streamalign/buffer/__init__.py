@@ -1,0 +1,1 @@
+"""Replay-buffer storage backends, manifest, streaming reader, verify and stats (issue 4)."""

@@ -1,0 +1,1 @@
+"""Rollout of fork groups, scoring and writing buffer entries (issue 4)."""

@@ -1,0 +1,1 @@
+"""Evaluation, merge sweeps, selection and reports (issue 6)."""

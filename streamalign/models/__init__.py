@@ -1,0 +1,1 @@
+"""Causal Wan DiT, KV cache, few-step sampler, NoiseBank and forks, checkpoint loaders, text encoders, codecs."""

@@ -1,0 +1,221 @@
+"""Load released generator checkpoints strictly into :class:`CausalWanModel` without unpickling.
+
+Supported: Self-Forcing / Causal-Forcing ``.pt`` (``{"generator": sd, "generator_ema": sd}``, keys prefixed
+``model.``), trainer wrappers (``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.``, ``_orig_mod.``,
+``diffusion_model.``) anywhere in a key, bare state dicts, ``.safetensors`` (Krea realtime 14B; a
+directory of shards with an index works too), and LongLive's LoRA (``{"generator_lora": peft_sd}``),
+merged exactly into the base weights: ``W += scale * (alpha / r) * B @ A``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..schemas.config import ModelConfig
+from .wan import CausalWanModel
+
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+LEADING_PREFIXES = ("module.", "model.", "diffusion_model.", "base_model.model.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the model config."""
+
+
+def normalize_key(key: str) -> str:
+    """Bare Wan key: drop trainer wrapper segments anywhere and known leading prefixes."""
+    for seg in WRAPPER_SEGMENTS:
+        key = key.replace(seg, "")
+    changed = True
+    while changed:
+        changed = False
+        for p in LEADING_PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+    return key
+
+
+def _read_raw(path: Path) -> Mapping:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; give the path of a local .pt/.safetensors file")
+    if path.is_dir():
+        shards = sorted(path.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"checkpoint directory {path} holds no .safetensors files")
+        out: dict[str, torch.Tensor] = {}
+        for s in shards:
+            out.update(load_file(str(s)))
+        return out
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # unreadable, truncated, or holds pickled objects
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {msg} (need a tensors-only .pt readable with "
+            "weights_only=True, or .safetensors)"
+        ) from None
+
+
+def read_state_dict(path: str | Path, which: str = "auto") -> dict[str, torch.Tensor]:
+    """The generator's bare state dict from a checkpoint file.
+
+    which: ``generator`` / ``generator_ema`` (Self-Forcing style files) or ``auto`` (``generator_ema`` if
+    present, else ``generator``, else ``model``/``state_dict``, else the file itself).
+    """
+    raw = _read_raw(Path(path))
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds a {type(raw).__name__}, not a state dict")
+    if which != "auto":
+        if which not in raw:
+            raise CheckpointError(f"checkpoint {path} has no '{which}' entry (top-level keys: {list(raw)[:8]})")
+        raw = raw[which]
+    else:
+        for name in ("generator_ema", "generator", "model", "state_dict"):
+            if name in raw and isinstance(raw[name], Mapping):
+                raw = raw[name]
+                break
+    sd = {}
+    for k, v in raw.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"checkpoint {path}: entry '{k}' is not a tensor")
+        sd[normalize_key(k)] = v
+    return sd
+
+
+def _describe(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_strict(
+    model: CausalWanModel, sd: Mapping[str, torch.Tensor], source: str, config_name: str
+) -> None:
+    """Copy `sd` into `model`; any missing/unexpected key or shape mismatch is a CheckpointError."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    bad_shape = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape
+    ]
+    if missing or unexpected or bad_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {_describe(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_describe(unexpected)}")
+        if bad_shape:
+            parts.append(f"shape mismatch {len(bad_shape)}: {_describe(bad_shape, 3)}")
+        a = model.arch
+        raise CheckpointError(
+            f"checkpoint {source} does not match model config '{config_name}' (dim {a.dim}, {a.num_layers} layers, "
+            f"{a.num_heads} heads, ffn {a.ffn_dim}, text_dim {a.text_dim}): " + "; ".join(parts)
+        )
+    model.load_state_dict({k: sd[k] for k in own}, strict=True)
+
+
+_LORA_KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def merge_lora(
+    model: CausalWanModel, lora_sd: Mapping[str, torch.Tensor], alpha: float | None = None, scale: float = 1.0
+) -> int:
+    """Merge peft-format LoRA weights into the model's Linear layers in place; returns layers merged.
+
+    ``W += scale * (alpha / r) * B @ A`` with r the rank read from A; alpha defaults to r (LongLive's
+    default when its config gives none)."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in lora_sd.items():
+        m = _LORA_KEY.match(normalize_key(k))
+        if m is None:
+            raise CheckpointError(f"LoRA entry '{k}' is not a peft lora_A/lora_B weight")
+        pairs.setdefault(m["mod"], {})[m["ab"]] = v
+    modules = dict(model.named_modules())
+    for name, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise CheckpointError(f"LoRA for '{name}' lacks lora_{'B' if 'A' in ab else 'A'}")
+        lin = modules.get(name)
+        if not isinstance(lin, torch.nn.Linear):
+            raise CheckpointError(f"LoRA targets '{name}', which is not a Linear layer of this model")
+        a, b = ab["A"].double(), ab["B"].double()
+        if a.shape[1] != lin.in_features or b.shape[0] != lin.out_features or a.shape[0] != b.shape[1]:
+            raise CheckpointError(
+                f"LoRA for '{name}' has shapes A {tuple(a.shape)}, B {tuple(b.shape)} "
+                f"that do not fit Linear({lin.in_features}, {lin.out_features})"
+            )
+        r = a.shape[0]
+        with torch.no_grad():
+            delta = (scale * (alpha if alpha is not None else r) / r) * (b @ a)
+            lin.weight.copy_((lin.weight.double() + delta).to(lin.weight.dtype))
+    return len(pairs)
+
+
+def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
+    """LoRA weights from a LongLive ``{"generator_lora": ...}`` file, a bare peft state dict, or a peft
+    adapter folder (``adapter_model.safetensors``)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "adapter_model.safetensors"
+    raw = _read_raw(p)
+    if isinstance(raw, Mapping) and "generator_lora" in raw:
+        raw = raw["generator_lora"]
+    return dict(raw)
+
+
+def lora_alpha_from_folder(path: str | Path) -> float | None:
+    cfg = Path(path) / "adapter_config.json"
+    if cfg.exists():
+        return float(json.loads(cfg.read_text())["lora_alpha"])
+    return None
+
+
+def load_generator(
+    config: ModelConfig | str,
+    checkpoint: str | Path | None = None,
+    which: str = "auto",
+    lora: str | Path | None = None,
+    lora_alpha: float | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    device: torch.device | str = "cpu",
+) -> CausalWanModel:
+    """A generator from a config (name or object), strictly loaded from `checkpoint` if given, with an
+    optional LoRA merged in. Without a checkpoint the weights are randomly initialised (Wan init).
+    ``dtype=None`` keeps the checkpoint's dtype."""
+    cfg = ModelConfig.load(config) if isinstance(config, str) else config
+    with torch.device("meta" if checkpoint is not None else "cpu"):
+        model = CausalWanModel(cfg.arch)
+    if checkpoint is not None:
+        sd = read_state_dict(checkpoint, which)
+        if dtype is None:
+            dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
+        model = model.to_empty(device="cpu").to(dtype)
+        load_state_dict_strict(model, sd, str(checkpoint), cfg.name)
+    if lora is not None:
+        alpha = lora_alpha if lora_alpha is not None else lora_alpha_from_folder(lora) if Path(lora).is_dir() else None
+        merge_lora(model, read_lora(lora), alpha=alpha)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write a state dict as .safetensors atomically (temp file, fsync, rename)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,264 @@
+"""The one few-step chunk sampler (Self-Forcing / DMD) used by collect, training, evaluation, generation.
+
+Per chunk of `chunk_frames` latent frames: x = initial noise; for each step i of the schedule
+``v = model(x, t_i)``, ``x0 = x - sigma_i v``; if not the last step ``x = (1 - sigma_{i+1}) x0 +
+sigma_{i+1} eps_{i+1}`` (solver noise). The chunk output is the last x0; the model then runs once on it
+at ``t = context_t`` (0) to write clean K/V for the chunk. The schedule warps the step list onto the
+shift-s flow schedule: ``s = step / N``, ``sigma = shift s / (1 + (shift - 1) s)``, ``t = N sigma``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..schemas.config import ModelConfig, SamplerConfig
+from .kv_cache import KVCache
+from .noise import ForkNoise, NoiseBank, NoiseSource
+from .wan import CausalWanModel
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Model timesteps ``t`` (0..N) and noise levels ``sigma = t / N`` of the denoising steps."""
+
+    timesteps: tuple[float, ...]
+    sigmas: tuple[float, ...]
+    num_train_timesteps: int = 1000
+
+    @classmethod
+    def from_config(cls, cfg: SamplerConfig) -> Schedule:
+        n = cfg.num_train_timesteps
+        sig = []
+        for step in cfg.denoising_steps:
+            s = step / n
+            sig.append(cfg.shift * s / (1 + (cfg.shift - 1) * s) if cfg.warp else s)
+        return cls(tuple(n * s for s in sig), tuple(sig), n)
+
+    def __len__(self) -> int:
+        return len(self.sigmas)
+
+
+@dataclass
+class ChunkTrace:
+    """One denoised chunk. x0 [B, c, C, H, W]; with recording, x_t / x0s [B, T, c, C, H, W]:
+    the input of every step and the model's x0 prediction at that step."""
+
+    x0: torch.Tensor
+    x_t: torch.Tensor | None = None
+    x0s: torch.Tensor | None = None
+
+
+@dataclass
+class ForkGroup:
+    """A rollout forked at chunk `pivot` (0-based) into G branches. Shapes (c = chunk frames):
+
+    context [pivot*c, C, H, W] clean latents of the shared chunks; eps_star [c, C, H, W];
+    branch_noise [G, c, C, H, W] initial noise of each branch at the pivot; init_noise [L, c, C, H, W] and
+    solver_noise [L, T-1, c, C, H, W] the shared noise of every chunk; x_t, x0 [G, T, c, C, H, W] the
+    pivot chunk's step inputs and x0 predictions; branch_latents [G, (L-pivot)*c, C, H, W].
+    """
+
+    pivot: int
+    strength: float
+    seed: int | None
+    context: torch.Tensor
+    eps_star: torch.Tensor
+    branch_noise: torch.Tensor
+    init_noise: torch.Tensor
+    solver_noise: torch.Tensor
+    x_t: torch.Tensor
+    x0: torch.Tensor
+    branch_latents: torch.Tensor
+
+    @property
+    def group_size(self) -> int:
+        return self.branch_noise.shape[0]
+
+    def videos(self) -> torch.Tensor:
+        """Full latent videos of the branches [G, L*c, C, H, W]."""
+        g = self.group_size
+        ctx = self.context.unsqueeze(0).expand(g, *self.context.shape)
+        return torch.cat([ctx, self.branch_latents], dim=1)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One scene of a multi-prompt rollout: text context [B or 1, L, D], its length in chunks, and
+    whether it starts with a hard cut (KV flushed, positions restart) instead of a soft transition."""
+
+    context: torch.Tensor
+    num_chunks: int
+    hard_cut: bool = False
+
+
+class Sampler:
+    def __init__(self, model: CausalWanModel, config: ModelConfig) -> None:
+        self.model = model
+        self.config = config
+        self.schedule = Schedule.from_config(config.sampler)
+        self.chunk_frames = config.sampler.chunk_frames
+        self.context_t = config.sampler.context_t
+
+    # -- helpers -------------------------------------------------------------------------------------
+    @property
+    def chunk_shape(self) -> tuple[int, int, int, int]:
+        lat = self.config.latent
+        return (self.chunk_frames, lat.channels, lat.height, lat.width)
+
+    def noise_bank(self, seeds: int | Sequence[int]) -> NoiseBank:
+        return NoiseBank(seeds, self.chunk_shape)
+
+    def new_cache(self, batch: int, num_chunks: int | None = None) -> KVCache:
+        """A cache by the config's policy: rolling when a window is set, else global for `num_chunks`."""
+        cc = self.config.cache
+        frames = (num_chunks or self.config.num_chunks) * self.chunk_frames
+        return KVCache.for_model(
+            self.model,
+            batch,
+            self.config.tokens_per_frame,
+            max_frames=None if cc.window is not None else frames,
+            sink=cc.sink,
+            window=cc.window,
+        )
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- one chunk -----------------------------------------------------------------------------------
+    def denoise_chunk(
+        self,
+        cache: KVCache,
+        chunk: int,
+        noise: NoiseSource,
+        context: torch.Tensor | None,
+        record: bool = False,
+        noise_chunk: int | None = None,
+        refresh: bool = True,
+    ) -> ChunkTrace:
+        """Denoise chunk `chunk` (frames chunk*c ...) against `cache`, then write its clean K/V.
+
+        `noise_chunk` is the address used for the noise (defaults to `chunk`; differs after a hard cut).
+        Gradients flow if the caller enables them (training replays the pivot chunk with grad).
+        """
+        dev = self._device()
+        nc = chunk if noise_chunk is None else noise_chunk
+        start = chunk * self.chunk_frames
+        x = noise.initial(nc).to(dev, torch.float32).contiguous()  # shared noise may be a stride-0 view
+        b = x.shape[0]
+        xs, x0s = [], []
+        sched = self.schedule
+        for i, (t_i, s_i) in enumerate(zip(sched.timesteps, sched.sigmas, strict=True)):
+            t = torch.full((b, self.chunk_frames), t_i, device=dev)
+            v = self.model(x, t, context, cache, start_frame=start)
+            x0 = (x.double() - s_i * v.double()).float()
+            if record:
+                xs.append(x)
+                x0s.append(x0)
+            if i + 1 < len(sched):
+                s_next = sched.sigmas[i + 1]
+                x = (1.0 - s_next) * x0 + s_next * noise.solver(nc, i + 1).to(dev, torch.float32)
+        if refresh:
+            with torch.no_grad():
+                t = torch.full((b, self.chunk_frames), self.context_t, device=dev)
+                self.model(x0.detach(), t, context, cache, start_frame=start)
+        if not record:
+            return ChunkTrace(x0)
+        return ChunkTrace(x0, torch.stack(xs, 1), torch.stack(x0s, 1))
+
+    def write_context(self, cache: KVCache, latents: torch.Tensor, context: torch.Tensor | None) -> None:
+        """Write clean K/V for given latents [B, k*c, C, H, W] (chunks 0..k-1) in one t=context_t pass
+        per chunk, as the sampler's refresh does (used to rebuild a prefix from stored context latents)."""
+        c = self.chunk_frames
+        dev = self._device()
+        with torch.no_grad():
+            for j in range(latents.shape[1] // c):
+                x = latents[:, j * c : (j + 1) * c].to(dev, torch.float32)
+                t = torch.full((x.shape[0], c), self.context_t, device=dev)
+                self.model(x, t, context, cache, start_frame=j * c)
+
+    # -- rollouts ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(
+        self,
+        context: torch.Tensor,
+        noise: NoiseSource,
+        num_chunks: int | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Generate `num_chunks` chunks; context [B or 1, L, D]. Returns latents [B, F, C, H, W]."""
+        n = num_chunks or self.config.num_chunks
+        x = noise.initial(0)
+        cache = cache or self.new_cache(x.shape[0], n)
+        return torch.cat([self.denoise_chunk(cache, j, noise, context).x0 for j in range(n)], dim=1)
+
+    @torch.no_grad()
+    def fork_group(
+        self,
+        context: torch.Tensor,
+        bank: NoiseBank,
+        pivot: int,
+        group_size: int,
+        strength: float = 0.5,
+        num_chunks: int | None = None,
+    ) -> ForkGroup:
+        """Roll out chunks < pivot once (batch 1), then G branches that differ only in the pivot chunk's
+        initial noise, batched through the remaining chunks. `bank` has one seed; context [1, L, D]."""
+        n = num_chunks or self.config.num_chunks
+        if len(bank.seeds) != 1:
+            raise ValueError("fork_group takes a NoiseBank with exactly one seed")
+        if not 0 <= pivot < n:
+            raise ValueError(f"pivot {pivot} is outside chunks 0..{n - 1}")
+        if group_size < 1:
+            raise ValueError(f"group size must be >= 1, got {group_size}")
+        deltas = torch.cat([bank.delta(pivot, i) for i in range(group_size)])
+        fork = ForkNoise(bank, pivot, deltas, strength)
+        cache = self.new_cache(1, n)
+        prefix = [self.denoise_chunk(cache, j, bank, context).x0 for j in range(pivot)]
+        branches = cache.expand(group_size)
+        trace = self.denoise_chunk(branches, pivot, fork, context, record=True)
+        rest = [trace.x0] + [self.denoise_chunk(branches, j, fork, context).x0 for j in range(pivot + 1, n)]
+        t = len(self.schedule)
+        ctx = torch.cat(prefix, dim=1)[0] if prefix else torch.zeros(0, *self.chunk_shape[1:])
+        return ForkGroup(
+            pivot=pivot,
+            strength=strength,
+            seed=bank.seeds[0],
+            context=ctx.cpu(),
+            eps_star=bank.initial(pivot)[0],
+            branch_noise=fork.initial(pivot).cpu(),
+            init_noise=torch.cat([bank.initial(j) for j in range(n)]),
+            solver_noise=torch.stack([torch.cat([bank.solver(j, i) for i in range(1, t)]) for j in range(n)])
+            if t > 1
+            else torch.zeros(n, 0, *self.chunk_shape),
+            x_t=trace.x_t.cpu(),
+            x0=trace.x0s.cpu(),
+            branch_latents=torch.cat(rest, dim=1).cpu(),
+        )
+
+    @torch.no_grad()
+    def generate(self, segments: Sequence[Segment], noise: NoiseSource, cache: KVCache | None = None) -> torch.Tensor:
+        """Multi-scene rollout (long videos: give a rolling cache). A soft transition keeps the KV cache
+        and swaps the cross-attention text; a hard cut flushes the KV and restarts frame positions, so the
+        new scene does not depend on anything before it. Noise is addressed by the global chunk index.
+        Returns [B, F_total, C, H, W]."""
+        if not segments:
+            raise ValueError("no segments to generate")
+        total = sum(s.num_chunks for s in segments)
+        b = noise.initial(0).shape[0]
+        if cache is None:
+            longest = max(s.num_chunks for s in segments) if all(s.hard_cut for s in segments[1:]) else total
+            cache = self.new_cache(b, longest)
+        out, g, local = [], 0, 0
+        for k, seg in enumerate(segments):
+            if k > 0:
+                cache.reset_cross()
+                if seg.hard_cut:
+                    cache.clear()
+                    local = 0
+            for _ in range(seg.num_chunks):
+                out.append(self.denoise_chunk(cache, local, noise, seg.context, noise_chunk=g).x0)
+                g, local = g + 1, local + 1
+        return torch.cat(out, dim=1)

@@ -1,0 +1,314 @@
+"""Causal Wan2.1 DiT: the generator of Self-Forcing, Causal-Forcing, LongLive and Krea-realtime.
+
+State-dict keys are the bare Wan/Self-Forcing keys (``patch_embedding.weight``, ``blocks.0.self_attn.q.weight``,
+...), so released checkpoints load strictly. The model predicts the flow ``v = noise - x0`` for latents
+``x [B, F, C, H, W]`` at per-frame timesteps ``t [B, F]`` (0..1000).
+
+Two ways to run it:
+- with a :class:`~streamalign.models.kv_cache.KVCache`: one chunk of frames starting at ``start_frame``
+  attends to itself and to the cached frames (generation);
+- without a cache: the whole sequence at once under a block-causal mask (chunk-wise causal, optionally
+  sink + window), which gives the same result as chunk-by-chunk generation with a cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..schemas.config import ArchConfig
+from .attention import attend
+from .kv_cache import CachePlan, KVCache
+
+ROPE_THETA = 10000.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# embeddings
+# ---------------------------------------------------------------------------------------------------
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding ``cat[cos, sin]`` (base 10000) in float64: t [N] -> [N, dim]."""
+    half = dim // 2
+    pos = t.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    ang = torch.outer(pos, freqs)
+    return torch.cat([torch.cos(ang), torch.sin(ang)], dim=1)
+
+
+def rope_angles(head_dim: int, frames: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-D RoPE cos/sin for tokens in (f, h, w) order: returns two float32 tensors [F*h*w, 1, head_dim/2].
+
+    The head dim is split into complex pairs of adjacent channels: ``c - 2*(c//3)`` pairs rotate with the
+    absolute frame index, ``c//3`` with the row, ``c//3`` with the column (c = head_dim/2; 22/21/21 at 128).
+    """
+    c = head_dim // 2
+    sizes = (c - 2 * (c // 3), c // 3, c // 3)
+    dev = frames.device
+
+    def ang(pos: torch.Tensor, n: int) -> torch.Tensor:
+        inv = 1.0 / ROPE_THETA ** (torch.arange(0, 2 * n, 2, dtype=torch.float64, device=dev) / (2 * n))
+        return torch.outer(pos.to(torch.float64), inv)
+
+    af = ang(frames, sizes[0])
+    ah = ang(torch.arange(h, device=dev), sizes[1])
+    aw = ang(torch.arange(w, device=dev), sizes[2])
+    nf = af.shape[0]
+    full = torch.cat(
+        [
+            af[:, None, None, :].expand(nf, h, w, sizes[0]),
+            ah[None, :, None, :].expand(nf, h, w, sizes[1]),
+            aw[None, None, :, :].expand(nf, h, w, sizes[2]),
+        ],
+        dim=-1,
+    ).reshape(nf * h * w, 1, c)
+    return torch.cos(full).float(), torch.sin(full).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x [B, L, H, D] by the angles (cos, sin [L, 1, D/2])."""
+    xr = x.float().unflatten(-1, (-1, 2))
+    a, b = xr[..., 0], xr[..., 1]
+    out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+def block_causal_mask(
+    num_frames: int,
+    tokens_per_frame: int,
+    chunk_frames: int,
+    sink: int = 0,
+    window: int | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Boolean [L, L] mask (True = attend): a token of chunk j sees every frame of chunks <= j, limited to
+    the sink frames plus the last `window` frames when `window` is set (the rolling cache's view)."""
+    f = torch.arange(num_frames, device=device)
+    end = (f // chunk_frames + 1) * chunk_frames  # exclusive end frame of each query frame's chunk
+    q_end, k_f = end[:, None], f[None, :]
+    allowed = k_f < q_end
+    if window is not None:
+        allowed &= (k_f < sink) | (k_f >= q_end - window)
+    return allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# layers
+# ---------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim computed in float32 (Wan: over the full dim, before the head split)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm that returns the input dtype (no affine parameters unless asked)."""
+
+    def __init__(self, dim: int, eps: float, affine: bool = False) -> None:
+        super().__init__(dim, eps=eps, elementwise_affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        d = arch.dim
+        self.num_heads, self.head_dim = arch.num_heads, arch.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, arch.eps) if arch.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(d, arch.eps) if arch.qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache | None,
+        plan: CachePlan | None,
+        layer: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b, s = x.shape[:2]
+        heads = (b, s, self.num_heads, self.head_dim)
+        q = apply_rope(self.norm_q(self.q(x)).view(heads), *rope)
+        k = apply_rope(self.norm_k(self.k(x)).view(heads), *rope)
+        v = self.v(x).view(heads)
+        if cache is not None:
+            k, v = cache.write_and_read(layer, plan, k, v)
+        return self.o(attend(q, k, v, mask).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Text cross-attention: no RoPE, no mask; k/v cached per prompt when a KV cache is given."""
+
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        d = arch.dim
+        self.num_heads, self.head_dim = arch.num_heads, arch.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, arch.eps) if arch.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(d, arch.eps) if arch.qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
+        b = x.shape[0]
+        q = self.norm_q(self.q(x)).view(b, -1, self.num_heads, self.head_dim)
+        if cache is not None and cache.cross_k[layer] is not None:
+            k, v = cache.cross_k[layer], cache.cross_v[layer]
+        else:
+            if context is None:
+                raise ValueError("no text context given and none cached")
+            bc = context.shape[0]
+            k = self.norm_k(self.k(context)).view(bc, -1, self.num_heads, self.head_dim)
+            v = self.v(context).view(bc, -1, self.num_heads, self.head_dim)
+            if cache is not None:
+                cache.cross_k[layer], cache.cross_v[layer] = k, v
+        return self.o(attend(q, k, v).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        d = arch.dim
+        self.norm1 = LayerNorm(d, arch.eps)
+        self.self_attn = SelfAttention(arch)
+        self.norm3 = LayerNorm(d, arch.eps, affine=True) if arch.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(arch)
+        self.norm2 = LayerNorm(d, arch.eps)
+        self.ffn = nn.Sequential(nn.Linear(d, arch.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(arch.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def forward(self, x, e0, context, rope, cache, plan, layer, mask) -> torch.Tensor:
+        """x [B, F*T, dim]; e0 [B, F, 6, dim] per-frame time projection."""
+        nf = e0.shape[1]
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+
+        def per_frame(h: torch.Tensor) -> torch.Tensor:
+            return h.unflatten(1, (nf, -1))
+
+        y = self.self_attn(
+            (per_frame(self.norm1(x)) * (1 + scale1) + shift1).flatten(1, 2), rope, cache, plan, layer, mask
+        )
+        x = x + (per_frame(y) * gate1).flatten(1, 2)
+        x = x + self.cross_attn(self.norm3(x), context, cache, layer)
+        y = self.ffn((per_frame(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2))
+        return x + (per_frame(y) * gate2).flatten(1, 2)
+
+
+class Head(nn.Module):
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.norm = LayerNorm(arch.dim, arch.eps)
+        self.head = nn.Linear(arch.dim, math.prod(arch.patch_size) * arch.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, arch.dim) / arch.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x [B, F*T, dim]; e [B, F, dim] time embedding (before the 6x projection)."""
+        shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)
+        return self.head(self.norm(x).unflatten(1, (e.shape[1], -1)) * (1 + scale) + shift).flatten(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------------
+class CausalWanModel(nn.Module):
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.arch = arch
+        d = arch.dim
+        self.patch_embedding = nn.Conv3d(arch.in_dim, d, kernel_size=arch.patch_size, stride=arch.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(arch.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(arch.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList([Block(arch) for _ in range(arch.num_layers)])
+        self.head = Head(arch)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Xavier linears, zero biases, N(0, .02) text/time embeddings, zero output head (as Wan)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for m in [*self.text_embedding, *self.time_embedding]:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """[B, L<=text_len, text_dim] -> [B, text_len, dim]: zero-pad to text_len, then the text MLP."""
+        b, n, c = context.shape
+        if n > self.arch.text_len:
+            raise ValueError(f"text context has {n} tokens, more than text_len {self.arch.text_len}")
+        if c != self.arch.text_dim:
+            raise ValueError(f"text context dim {c} != text_dim {self.arch.text_dim} of this model")
+        pad = context.new_zeros(b, self.arch.text_len - n, c)
+        return self.text_embedding(torch.cat([context, pad], dim=1).to(self.text_embedding[0].weight.dtype))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start_frame: int = 0,
+        chunk_frames: int | None = None,
+        sink: int = 0,
+        window: int | None = None,
+    ) -> torch.Tensor:
+        """Flow prediction ``v = noise - x0``.
+
+        x: [B, F, C, H, W] latents of frames ``start_frame .. start_frame+F-1``; t: [B, F] or [B] timesteps.
+        context: [B or 1, L, text_dim] text embeddings; may be None when `cache` already holds them.
+        cache: when given, the F frames are one chunk written to / attending through the cache.
+        Without a cache the sequence is processed at once with a block-causal mask of `chunk_frames`
+        (default: F, i.e. one chunk) and the optional sink/window limits.
+        Returns [B, F, C_out, H, W].
+        """
+        b, nf, _, h, w = x.shape
+        _, ph, pw = self.arch.patch_size
+        gh, gw = h // ph, w // pw
+        if t.dim() == 1:
+            t = t[:, None].expand(b, nf)
+        dtype = self.patch_embedding.weight.dtype
+
+        tokens = self.patch_embedding(x.transpose(1, 2).to(dtype))  # [B, dim, F, gh, gw]
+        tokens = tokens.flatten(2).transpose(1, 2)  # [B, F*gh*gw, dim] in (f, h, w) order
+        e = self.time_embedding(sinusoidal_embedding(self.arch.freq_dim, t.flatten()).to(dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, self.arch.dim)).unflatten(0, (b, nf))
+        e = e.unflatten(0, (b, nf))
+
+        need_text = cache is None or cache.cross_k[0] is None
+        ctx = self.embed_text(context) if (need_text and context is not None) else None
+        frames = torch.arange(start_frame, start_frame + nf, device=x.device)
+        rope = rope_angles(self.arch.head_dim, frames, gh, gw)
+        rope = (rope[0].to(x.device), rope[1].to(x.device))
+
+        plan, mask = None, None
+        if cache is not None:
+            plan = cache.plan(start_frame, nf)
+        elif chunk_frames is not None and (chunk_frames < nf or window is not None):
+            mask = block_causal_mask(nf, gh * gw, chunk_frames, sink, window, x.device)
+
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, e0, ctx, rope, cache, plan, i, mask)
+        out = self.head(tokens, e)  # [B, F*gh*gw, ph*pw*C]
+        return self.unpatchify(out, nf, gh, gw)
+
+    def unpatchify(self, out: torch.Tensor, nf: int, gh: int, gw: int) -> torch.Tensor:
+        """[B, F*gh*gw, (pf ph pw C)] -> [B, F, C, gh*ph, gw*pw] (Wan's 'fhwpqrc->cfphqwr' order)."""
+        pf, ph, pw = self.arch.patch_size
+        c = self.arch.out_dim
+        u = out.reshape(out.shape[0], nf, gh, gw, pf, ph, pw, c)
+        u = torch.einsum("bfhwpqrc->bfpchqwr", u)
+        return u.reshape(out.shape[0], nf * pf, c, gh * ph, gw * pw)

@@ -1,0 +1,166 @@
+"""Validated model configurations: architecture, sampler, latent geometry and KV-cache policy.
+
+A config is data (YAML). Shipped presets live in ``streamalign/configs/models/NAME.yaml`` and are
+loaded by name (``ModelConfig.load("wan-1.3b")``) or by path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArchConfig(_Strict):
+    """Hyper-parameters of the causal Wan2.1 DiT (names follow the Wan reference code)."""
+
+    dim: int = Field(gt=0)
+    ffn_dim: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = Field(512, gt=0)
+    text_dim: int = Field(4096, gt=0)
+    freq_dim: int = Field(256, gt=0)
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+
+    @model_validator(mode="after")
+    def _heads(self) -> ArchConfig:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.dim // self.num_heads
+        if head_dim % 2 or head_dim < 6:
+            raise ValueError(f"head_dim {head_dim} must be even and >= 6 for 3-D RoPE")
+        if self.freq_dim % 2:
+            raise ValueError(f"freq_dim {self.freq_dim} must be even")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+class SamplerConfig(_Strict):
+    """Few-step sampler: `chunk_frames` latent frames per chunk, DMD-style denoising steps."""
+
+    chunk_frames: int = Field(3, gt=0)
+    denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
+    warp: bool = True
+    shift: float = Field(5.0, gt=0)
+    num_train_timesteps: int = Field(1000, gt=0)
+    context_t: float = Field(0.0, ge=0)
+
+    @field_validator("denoising_steps")
+    @classmethod
+    def _steps(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v:
+            raise ValueError("denoising_steps is empty")
+        if any(b >= a for a, b in itertools.pairwise(v)):
+            raise ValueError(f"denoising_steps must be strictly decreasing, got {list(v)}")
+        if v[-1] <= 0:
+            raise ValueError("denoising_steps must be positive (the last step's x0 is the output)")
+        return v
+
+
+class LatentConfig(_Strict):
+    """Latent video geometry [F, C, H, W] the model is used at (H, W in latent pixels)."""
+
+    channels: int = Field(16, gt=0)
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    frames: int = Field(gt=0)
+
+
+class CacheConfig(_Strict):
+    """KV-cache policy: ``window=None`` is a global cache; otherwise keep `sink` frames + `window` recent.
+
+    LongLive's ``local_attn_size=12, sink_size=3`` is ``sink: 3, window: 9`` here.
+    """
+
+    sink: int = Field(0, ge=0)
+    window: int | None = Field(None, gt=0)
+
+
+class ModelConfig(_Strict):
+    name: str
+    arch: ArchConfig
+    sampler: SamplerConfig = SamplerConfig()
+    latent: LatentConfig
+    cache: CacheConfig = CacheConfig()
+
+    @model_validator(mode="after")
+    def _geometry(self) -> ModelConfig:
+        pf, ph, pw = self.arch.patch_size
+        lat = self.latent
+        if lat.height % ph or lat.width % pw:
+            raise ValueError(f"latent {lat.height}x{lat.width} is not divisible by patch {ph}x{pw}")
+        if pf != 1:
+            raise ValueError("only temporal patch size 1 is supported (as in Wan2.1)")
+        if lat.frames % self.sampler.chunk_frames:
+            raise ValueError(
+                f"latent frames {lat.frames} is not a multiple of chunk_frames {self.sampler.chunk_frames}"
+            )
+        if lat.channels != self.arch.in_dim:
+            raise ValueError(f"latent channels {lat.channels} != arch.in_dim {self.arch.in_dim}")
+        w = self.cache.window
+        if w is not None and w < self.sampler.chunk_frames:
+            raise ValueError(f"cache window {w} is smaller than a chunk ({self.sampler.chunk_frames})")
+        return self
+
+    @property
+    def tokens_per_frame(self) -> int:
+        _, ph, pw = self.arch.patch_size
+        return (self.latent.height // ph) * (self.latent.width // pw)
+
+    @property
+    def num_chunks(self) -> int:
+        return self.latent.frames // self.sampler.chunk_frames
+
+    @property
+    def arch_id(self) -> str:
+        """Stable hash of the architecture (what a checkpoint or buffer must agree with)."""
+        blob = json.dumps(self.arch.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> ModelConfig:
+        """Load a preset by name (``wan-1.3b``, ``wan-14b``, ``tiny``) or a YAML file by path."""
+        path = Path(name_or_path)
+        preset = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.is_file() and preset.is_file():
+            path = preset
+        if not path.is_file():
+            raise FileNotFoundError(f"model config '{name_or_path}' not found: give a YAML path or one of {presets()}")
+        with open(path) as f:
+            data = yaml.safe_load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"model config {path} is not a YAML mapping")
+        return cls.model_validate(data)
+
+    def with_overrides(self, **sections: dict) -> ModelConfig:
+        """A copy with some fields of some sections replaced, e.g. ``latent={"frames": 42}``."""
+        data = self.model_dump()
+        for section, values in sections.items():
+            if isinstance(values, dict):
+                data[section] = {**data[section], **values}
+            else:
+                data[section] = values
+        return ModelConfig.model_validate(data)
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))

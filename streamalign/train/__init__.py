@@ -1,0 +1,1 @@
+"""Objectives (CoPO, NFT, SDE-GRPO), training loops, LoRA and checkpoints (issues 5, 7)."""

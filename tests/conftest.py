@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random-weight generators built in code (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamalign.models.sampler import Sampler
+from streamalign.models.wan import CausalWanModel
+from streamalign.schemas.config import ModelConfig
+
+
+def make_model(cfg: ModelConfig, seed: int = 0) -> CausalWanModel:
+    """A tiny generator whose every parameter is random (the Wan init zeroes the head, which would make
+    every output identical and tests unable to fail)."""
+    torch.manual_seed(seed)
+    model = CausalWanModel(cfg.arch).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def tiny_config(frames: int = 12, sink: int = 0, window: int | None = None, **arch) -> ModelConfig:
+    base = ModelConfig.load("tiny")
+    return base.with_overrides(
+        latent={"frames": frames},
+        cache={"sink": sink, "window": window},
+        arch={**base.arch.model_dump(), **arch},
+    )
+
+
+@pytest.fixture
+def tiny() -> tuple[ModelConfig, CausalWanModel, Sampler]:
+    cfg = tiny_config()
+    model = make_model(cfg)
+    return cfg, model, Sampler(model, cfg)
+
+
+@pytest.fixture
+def text(tiny) -> torch.Tensor:
+    cfg = tiny[0]
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(1, 7, cfg.arch.text_dim, generator=g)
