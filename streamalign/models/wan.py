@@ -119,7 +119,9 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x).type_as(x)
 
 
-class SelfAttention(nn.Module):
+class Attention(nn.Module):
+    """q, k, v, o projections with Wan's RMSNorm on q and k (over the full dim)."""
+
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
         d = arch.dim
@@ -128,6 +130,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(d, arch.eps) if arch.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(d, arch.eps) if arch.qk_norm else nn.Identity()
 
+
+class SelfAttention(Attention):
     def forward(
         self,
         x: torch.Tensor,
@@ -147,16 +151,8 @@ class SelfAttention(nn.Module):
         return self.o(attend(q, k, v, mask).flatten(2))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     """Text cross-attention: no RoPE, no mask; k/v cached per prompt when a KV cache is given."""
-
-    def __init__(self, arch: ArchConfig) -> None:
-        super().__init__()
-        d = arch.dim
-        self.num_heads, self.head_dim = arch.num_heads, arch.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.norm_q = RMSNorm(d, arch.eps) if arch.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(d, arch.eps) if arch.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
         b = x.shape[0]
