@@ -160,6 +160,8 @@ def bench_throughput(device: str) -> None:
 
 
 def bench_wan13b(device: str) -> None:
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise SystemExit("error: --wan13b needs a CUDA GPU: run with --device cuda on a machine that has one")
     cfg = ModelConfig.load("wan-1.3b")
     print(f"\n== wan-1.3b, random bf16 weights, one 81-frame rollout ({device}) ==")
     torch.manual_seed(0)

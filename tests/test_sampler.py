@@ -190,3 +190,29 @@ def test_long_video_with_rolling_cache(text):
     sampler = Sampler(make_model(cfg), cfg)
     out = sampler.generate([Segment(text, 9)], sampler.noise_bank(1))
     assert out.shape[1] == 27 and torch.isfinite(out).all()
+
+
+def test_rollouts_and_forks_are_byte_deterministic(tiny, text):
+    _, _, sampler = tiny
+    a = sampler.fork_group(text, sampler.noise_bank(77), pivot=1, group_size=3)
+    b = sampler.fork_group(text, sampler.noise_bank(77), pivot=1, group_size=3)
+    assert a.videos().numpy().tobytes() == b.videos().numpy().tobytes()
+    assert a.x0.numpy().tobytes() == b.x0.numpy().tobytes()
+    c = sampler.fork_group(text, sampler.noise_bank(78), pivot=1, group_size=3)
+    assert not torch.equal(a.videos(), c.videos())
+
+
+@pytest.mark.slow
+def test_wan_1_3b_shape_rollout_in_bf16():
+    """The real-size model path: wan-1.3b dims/heads/layers, random bf16 weights, UMT5-shaped text,
+    a small latent so it fits a CPU run (the 480x832 timing is bench/bench_rollout.py --wan13b)."""
+    from streamalign.models.checkpoint import load_generator
+    from streamalign.schemas.config import ModelConfig
+
+    cfg = ModelConfig.load("wan-1.3b").with_overrides(latent={"height": 4, "width": 4, "frames": 6})
+    torch.manual_seed(0)
+    model = load_generator(cfg, dtype=torch.bfloat16)
+    sampler = Sampler(model, cfg)
+    text = torch.randn(1, 40, 4096)
+    g = sampler.fork_group(text, sampler.noise_bank(0), pivot=1, group_size=2)
+    assert g.videos().shape == (2, 6, 16, 4, 4) and torch.isfinite(g.videos()).all()
