@@ -70,6 +70,8 @@ def model_info(
     from .schemas.config import ModelConfig
 
     cfg = ModelConfig.load(config)
+    if lora is not None and checkpoint is None:
+        raise ValueError("--lora needs --checkpoint (the base weights the LoRA is merged into)")
     if checkpoint is None:
         import torch
 

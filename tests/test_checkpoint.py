@@ -184,5 +184,7 @@ def test_cli_info_convert_and_clear_errors(tmp_path, model_and_cfg):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint") and "missing" in lines[0]
+    r = run_cli("model", "info", "-c", "tiny", "--lora", str(tmp_path / "sf.pt"))
+    assert r.returncode == 2 and "--lora needs --checkpoint" in r.stderr
     r = run_cli("model", "convert", str(tmp_path / "nope.pt"), str(tmp_path / "x.safetensors"), "-c", "tiny")
     assert r.returncode == 2 and not (tmp_path / "x.safetensors").exists()
