@@ -216,3 +216,17 @@ def test_wan_1_3b_shape_rollout_in_bf16():
     text = torch.randn(1, 40, 4096)
     g = sampler.fork_group(text, sampler.noise_bank(0), pivot=1, group_size=2)
     assert g.videos().shape == (2, 6, 16, 4, 4) and torch.isfinite(g.videos()).all()
+
+
+def test_write_context_rebuilds_the_prefix_cache(tiny, text):
+    """Rebuilding K/V from stored clean latents gives the cache the rollout itself left behind."""
+    _, _, sampler = tiny
+    bank = sampler.noise_bank(13)
+    rolled = sampler.new_cache(1)
+    latents = sampler.rollout(text, bank, num_chunks=2, cache=rolled)
+    rebuilt = sampler.new_cache(1)
+    sampler.write_context(rebuilt, latents, text)
+    n = 2 * sampler.chunk_frames * sampler.config.tokens_per_frame
+    for layer in range(len(rolled.k)):
+        assert torch.allclose(rebuilt.k[layer][:, :n], rolled.k[layer][:, :n], atol=1e-6)
+        assert torch.allclose(rebuilt.v[layer][:, :n], rolled.v[layer][:, :n], atol=1e-6)

@@ -161,9 +161,7 @@ class Sampler:
                 s_next = sched.sigmas[i + 1]
                 x = (1.0 - s_next) * x0 + s_next * noise.solver(nc, i + 1).to(dev, torch.float32)
         if refresh:
-            with torch.no_grad():
-                t = torch.full((b, self.chunk_frames), self.context_t, device=dev)
-                self.model(x0.detach(), t, context, cache, start_frame=start)
+            self._write_clean(cache, start, x0.detach(), context)
         if not record:
             return ChunkTrace(x0)
         return ChunkTrace(x0, torch.stack(xs, 1), torch.stack(x0s, 1))
@@ -172,12 +170,15 @@ class Sampler:
         """Write clean K/V for given latents [B, k*c, C, H, W] (chunks 0..k-1) in one t=context_t pass
         per chunk, as the sampler's refresh does (used to rebuild a prefix from stored context latents)."""
         c = self.chunk_frames
+        for j in range(latents.shape[1] // c):
+            self._write_clean(cache, j * c, latents[:, j * c : (j + 1) * c], context)
+
+    @torch.no_grad()
+    def _write_clean(self, cache: KVCache, start: int, x0: torch.Tensor, context: torch.Tensor | None) -> None:
+        """Run the model on clean latents x0 [B, c, C, H, W] at t = context_t to write their K/V."""
         dev = self._device()
-        with torch.no_grad():
-            for j in range(latents.shape[1] // c):
-                x = latents[:, j * c : (j + 1) * c].to(dev, torch.float32)
-                t = torch.full((x.shape[0], c), self.context_t, device=dev)
-                self.model(x, t, context, cache, start_frame=j * c)
+        t = torch.full((x0.shape[0], x0.shape[1]), self.context_t, device=dev)
+        self.model(x0.to(dev, torch.float32), t, context, cache, start_frame=start)
 
     # -- rollouts ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -228,7 +229,7 @@ class Sampler:
             seed=bank.seeds[0],
             context=ctx.cpu(),
             eps_star=bank.initial(pivot)[0],
-            branch_noise=fork.initial(pivot).cpu(),
+            branch_noise=trace.x_t[:, 0].cpu(),  # the pivot step-0 input is the branch noise
             init_noise=torch.cat([bank.initial(j) for j in range(n)]),
             solver_noise=torch.stack([torch.cat([bank.solver(j, i) for i in range(1, t)]) for j in range(n)])
             if t > 1
