@@ -18,6 +18,10 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Inspect, validate and convert generator checkpoints.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+shapes_app = typer.Typer(
+    help="The built-in shapes world: prompts, generator pre-training, sample quality.", no_args_is_help=True
+)
+app.add_typer(shapes_app, name="shapes")
 
 
 def clear_errors(fn: Callable) -> Callable:
@@ -116,6 +120,86 @@ def model_convert(
     model = load_generator(config, checkpoint, which=which, lora=lora, lora_alpha=lora_alpha, dtype=None)
     save_safetensors(model.state_dict(), output)
     print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
+
+
+@shapes_app.command("pretrain")
+@clear_errors
+def shapes_pretrain(
+    out: Annotated[Path, typer.Option(help="Output folder (weights, recipe, curve).")] = Path("runs/shapes-pretrain"),
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1500,
+    batch_size: Annotated[int, typer.Option(help="Videos per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation and of every data/noise draw.")] = 0,
+    eval_every: Annotated[int, typer.Option(help="Steps between sample-quality checks.")] = 250,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (results are reproducible per count).")] = 2,
+    warmup: Annotated[int, typer.Option(help="Linear learning-rate warm-up steps.")] = 100,
+    late_onset: Annotated[float, typer.Option(help="Share of videos whose motion starts at chunk 1 or 2.")] = 0.3,
+    init: Annotated[Path | None, typer.Option(help="Start from these weights (fine-tuning).")] = None,
+    self_rollout: Annotated[
+        float, typer.Option(help="Share of each batch whose first chunk the model samples itself.")
+    ] = 0.0,
+    config: ConfigOpt = "shapes",
+) -> None:
+    """Pre-train the shapes generator from scratch (x0-prediction, clean causal context, sampler sigmas).
+    The shipped weights came from this command with its defaults (see the recipe next to them)."""
+    from .models.shapes.pretrain import PretrainConfig, pretrain
+
+    if init is not None and not init.is_file():
+        raise FileNotFoundError(f"--init {init} does not exist: give the weights of a first pre-training run")
+    cfg = PretrainConfig(
+        model=config,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        eval_every=eval_every,
+        threads=threads,
+        warmup=warmup,
+        late_onset=late_onset,
+        init=str(init) if init is not None else None,
+        self_rollout=self_rollout,
+    )
+    command = "streamalign " + " ".join(sys.argv[1:])
+    report = pretrain(cfg, out, command=command)
+    m, o = report["held_in"]["model"], report["held_out"]["model"]
+    print(
+        f"wrote {out}/shapes.safetensors in {report['wall_time_s'] / 60:.1f} min: held-in colour "
+        f"{m['colour_ok']:.0%} direction {m['direction_ok']:.0%}; held-out colour {o['colour_ok']:.0%} "
+        f"direction {o['direction_ok']:.0%}"
+    )
+
+
+@shapes_app.command("prompts")
+def shapes_prompts(
+    held_out: Annotated[bool, typer.Option("--held-out", help="Only the 36 held-out prompts.")] = False,
+    held_in: Annotated[bool, typer.Option("--held-in", help="Only the 252 pre-training prompts.")] = False,
+) -> None:
+    """Print the world's grammar prompts, one per line (all 288 by default)."""
+    from .models.shapes import all_prompts, held_in_prompts, held_out_prompts
+
+    prompts = held_out_prompts() if held_out else held_in_prompts() if held_in else all_prompts()
+    print("\n".join(p.text for p in prompts))
+
+
+@shapes_app.command("check")
+@clear_errors
+def shapes_check(
+    weights: Annotated[Path | None, typer.Option(help="Generator weights (default: the shipped ones).")] = None,
+    videos: Annotated[int, typer.Option(help="Samples per prompt set (held-in and held-out).")] = 96,
+    seed: Annotated[int, typer.Option(help="First seed; sample i uses seed + i.")] = 0,
+) -> None:
+    """Sample quality of a shapes generator: prompted colour/direction rates and every reward, next to
+    rendered ground truth for the same prompts."""
+    from .models.shapes import SHIPPED_WEIGHTS, ShapesWorld, held_in_prompts, held_out_prompts
+    from .models.shapes.quality import sample_quality
+
+    world = ShapesWorld.from_pretrained(weights or SHIPPED_WEIGHTS)
+    for name, prompts in (("held-in", held_in_prompts()), ("held-out", held_out_prompts())):
+        chosen = [prompts[(i * 7) % len(prompts)] for i in range(videos)]
+        q = sample_quality(world, chosen, [seed + i for i in range(videos)])
+        print(f"{name} ({videos} samples)      model   ground truth")
+        for k in q["model"]:
+            print(f"  {k:24s} {q['model'][k]:6.3f}   {q['ground_truth'][k]:6.3f}")
 
 
 def main() -> None:  # pragma: no cover

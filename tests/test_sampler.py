@@ -230,3 +230,34 @@ def test_write_context_rebuilds_the_prefix_cache(tiny, text):
     for layer in range(len(rolled.k)):
         assert torch.allclose(rebuilt.k[layer][:, :n], rolled.k[layer][:, :n], atol=1e-6)
         assert torch.allclose(rebuilt.v[layer][:, :n], rolled.v[layer][:, :n], atol=1e-6)
+
+
+def test_teacher_forcing_pass_equals_cached_generation(text):
+    """One pass over [clean; noisy] under teacher_forcing_mask gives, for every noisy chunk j, what the
+    model predicts for it at generation time after the clean chunks < j were written to the cache."""
+    from streamalign.models.wan import teacher_forcing_mask
+
+    cfg = tiny_config(prediction="x0")
+    model = make_model(cfg)
+    sampler = Sampler(model, cfg)
+    g = torch.Generator().manual_seed(5)
+    f, c = cfg.latent.frames, cfg.sampler.chunk_frames
+    clean = torch.randn(2, f, *sampler.chunk_shape[1:], generator=g)
+    noisy = torch.randn(2, f, *sampler.chunk_shape[1:], generator=g)
+    t_noisy = torch.tensor([[1000.0] * 3 + [937.5] * 3 + [833.3] * 3 + [625.0] * 3] * 2)
+    t = torch.cat([torch.zeros_like(t_noisy), t_noisy], dim=1)
+    pos = torch.cat([torch.arange(f), torch.arange(f)])
+    ctx = text.expand(2, -1, -1)
+    with torch.no_grad():
+        one_pass = model(
+            torch.cat([clean, noisy], 1), t, ctx, mask=teacher_forcing_mask(f, cfg.tokens_per_frame, c), positions=pos
+        )
+        cache = sampler.new_cache(2)
+        for j in range(f // c):
+            sl = slice(j * c, (j + 1) * c)
+            s = t_noisy[0, j * c].item() / 1000
+            got = sampler.predict_x0(noisy[:, sl], t_noisy[0, j * c].item(), s, ctx, cache, j * c)
+            assert torch.allclose(got, one_pass[:, f:][:, sl], atol=2e-5), j
+            sampler.write_context(cache, clean[:, : (j + 1) * c], ctx)  # idempotent rewrite of chunks <= j
+    with pytest.raises(ValueError, match="cannot be combined"):
+        model(noisy[:, :3], t_noisy[:, :3], ctx, cache, positions=pos[:3])

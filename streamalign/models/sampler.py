@@ -1,10 +1,11 @@
 """The one few-step chunk sampler (Self-Forcing / DMD) used by collect, training, evaluation, generation.
 
-Per chunk of `chunk_frames` latent frames: x = initial noise; for each step i of the schedule
-``v = model(x, t_i)``, ``x0 = x - sigma_i v``; if not the last step ``x = (1 - sigma_{i+1}) x0 +
-sigma_{i+1} eps_{i+1}`` (solver noise). The chunk output is the last x0; the model then runs once on it
-at ``t = context_t`` (0) to write clean K/V for the chunk. The schedule warps the step list onto the
-shift-s flow schedule: ``s = step / N``, ``sigma = shift s / (1 + (shift - 1) s)``, ``t = N sigma``.
+Per chunk of `chunk_frames` latent frames: x = initial noise; for each step i of the schedule the
+model predicts x0 (flow models: ``v = model(x, t_i)``, ``x0 = x - sigma_i v``; x0 models: the output);
+if not the last step ``x = (1 - sigma_{i+1}) x0 + sigma_{i+1} eps_{i+1}`` (solver noise). The chunk
+output is the last x0; the model then runs once on it at ``t = context_t`` (0) to write clean K/V for
+the chunk. The schedule warps the step list onto the shift-s flow schedule: ``s = step / N``,
+``sigma = shift s / (1 + (shift - 1) s)``, ``t = N sigma``.
 """
 
 from __future__ import annotations
@@ -147,13 +148,10 @@ class Sampler:
         nc = chunk if noise_chunk is None else noise_chunk
         start = chunk * self.chunk_frames
         x = noise.initial(nc).to(dev, torch.float32).contiguous()  # shared noise may be a stride-0 view
-        b = x.shape[0]
         xs, x0s = [], []
         sched = self.schedule
         for i, (t_i, s_i) in enumerate(zip(sched.timesteps, sched.sigmas, strict=True)):
-            t = torch.full((b, self.chunk_frames), t_i, device=dev)
-            v = self.model(x, t, context, cache, start_frame=start)
-            x0 = (x.double() - s_i * v.double()).float()
+            x0 = self.predict_x0(x, t_i, s_i, context, cache, start)
             if record:
                 xs.append(x)
                 x0s.append(x0)
@@ -165,6 +163,23 @@ class Sampler:
         if not record:
             return ChunkTrace(x0)
         return ChunkTrace(x0, torch.stack(xs, 1), torch.stack(x0s, 1))
+
+    def predict_x0(
+        self,
+        x: torch.Tensor,
+        t: float,
+        sigma: float,
+        context: torch.Tensor | None,
+        cache: KVCache | None,
+        start_frame: int,
+    ) -> torch.Tensor:
+        """The model's x0 prediction for a chunk x [B, c, C, H, W] at timestep t (noise level sigma).
+        Flow models: ``x0 = x - sigma v`` computed in float64 (as the reference); x0 models: the output."""
+        tt = torch.full((x.shape[0], x.shape[1]), t, device=x.device)
+        out = self.model(x, tt, context, cache, start_frame=start_frame)
+        if self.model.arch.prediction == "x0":
+            return out.float()
+        return (x.double() - sigma * out.double()).float()
 
     def write_context(self, cache: KVCache, latents: torch.Tensor, context: torch.Tensor | None) -> None:
         """Write clean K/V for given latents [B, k*c, C, H, W] (chunks 0..k-1) in one t=context_t pass

@@ -93,6 +93,24 @@ def block_causal_mask(
     return allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
+def teacher_forcing_mask(num_frames: int, tokens_per_frame: int, chunk_frames: int) -> torch.Tensor:
+    """Boolean [2L, 2L] mask for one pass over ``[clean frames; noisy frames]`` (L = F*T tokens each).
+
+    Clean tokens see clean chunks <= their own (block-causal, as the cache's t=0 refresh writes them);
+    a noisy token of chunk j sees the clean chunks < j and its own noisy chunk -- what chunk j attends to
+    during generation. Use with frame positions ``cat[arange(F), arange(F)]``.
+    """
+    f = torch.arange(num_frames)
+    chunk = f // chunk_frames
+    causal = chunk[None, :] <= chunk[:, None]
+    prior = chunk[None, :] < chunk[:, None]
+    same = chunk[None, :] == chunk[:, None]
+    top = torch.cat([causal, torch.zeros_like(causal)], dim=1)
+    bottom = torch.cat([prior, same], dim=1)
+    frames = torch.cat([top, bottom], dim=0)
+    return frames.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # layers
 # ---------------------------------------------------------------------------------------------------
@@ -261,15 +279,18 @@ class CausalWanModel(nn.Module):
         chunk_frames: int | None = None,
         sink: int = 0,
         window: int | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Flow prediction ``v = noise - x0``.
+        """The head's prediction: the flow ``v = noise - x0`` (Wan) or x0 (``arch.prediction: x0``).
 
         x: [B, F, C, H, W] latents of frames ``start_frame .. start_frame+F-1``; t: [B, F] or [B] timesteps.
         context: [B or 1, L, text_dim] text embeddings; may be None when `cache` already holds them.
         cache: when given, the F frames are one chunk written to / attending through the cache.
         Without a cache the sequence is processed at once with a block-causal mask of `chunk_frames`
-        (default: F, i.e. one chunk) and the optional sink/window limits.
-        Returns [B, F, C_out, H, W].
+        (default: F, i.e. one chunk) and the optional sink/window limits, or under an explicit boolean
+        token `mask` [F*T, F*T] with explicit frame `positions` [F] (teacher forcing, see
+        :func:`teacher_forcing_mask`). Returns [B, F, C_out, H, W].
         """
         b, nf, _, h, w = x.shape
         _, ph, pw = self.arch.patch_size
@@ -286,13 +307,17 @@ class CausalWanModel(nn.Module):
 
         need_text = cache is None or cache.cross_k[0] is None
         ctx = self.embed_text(context) if (need_text and context is not None) else None
-        frames = torch.arange(start_frame, start_frame + nf, device=x.device)
+        frames = torch.arange(start_frame, start_frame + nf, device=x.device) if positions is None else positions
         rope = rope_angles(self.arch.head_dim, frames, gh, gw)
         rope = (rope[0].to(x.device), rope[1].to(x.device))
 
-        plan, mask = None, None
+        plan = None
         if cache is not None:
+            if mask is not None or positions is not None:
+                raise ValueError("an explicit mask/positions cannot be combined with a KV cache")
             plan = cache.plan(start_frame, nf)
+        elif mask is not None:
+            mask = mask.to(x.device)
         elif chunk_frames is not None and (chunk_frames < nf or window is not None):
             mask = block_causal_mask(nf, gh * gw, chunk_frames, sink, window, x.device)
 

@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import json
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -37,6 +38,9 @@ class ArchConfig(_Strict):
     eps: float = 1e-6
     qk_norm: bool = True
     cross_attn_norm: bool = True
+    # What the head outputs: the flow v = noise - x0 (every Wan2.1 checkpoint) or x0 itself (the small
+    # shapes generator: a tiny model cannot carry the input noise through to a v output).
+    prediction: Literal["flow", "x0"] = "flow"
 
     @model_validator(mode="after")
     def _heads(self) -> ArchConfig:

@@ -1,0 +1,228 @@
+"""Reward registry: name -> scorer ``(videos [B, F, C, H, W] float in [0, 1], prompts) -> float32 [B]``.
+
+A :class:`RewardSpec` registers a function that scores every frame (``[B, F]``, or ``[B, F-1]`` for
+frame pairs) or whole videos (``[B]``). A :class:`Reward` is a spec plus options: frame aggregation
+(``mean``, or ``topK``: the mean of the best K% of frames) and grayscale input. A
+:class:`CompositeReward` is a weighted sum whose per-reward values are always returned separately.
+Out-of-domain metrics are registered with ``ood=True``: reported, never part of a composite by default.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..models.shapes.world import ShapePrompt, parse_prompt
+
+GRAMMAR = "a {colour} {shape} moving {direction} on a {background} background"
+
+
+class RewardError(ValueError):
+    """A reward cannot score its input (unparseable prompt, wrong video format, unknown name)."""
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    name: str
+    fn: Callable[[torch.Tensor, list], torch.Tensor]
+    description: str
+    ood: bool = False  # out-of-domain metric: reported, not optimised by default
+    grammar: bool = False  # needs shapes-grammar prompts; receives them parsed (ShapePrompt)
+    colour: bool = True  # needs RGB input (refuses the grayscale option)
+    grayscale: bool = False  # default of the grayscale option
+    frame_level: bool = True  # fn returns [B, F'] (aggregated here) instead of [B]
+
+
+_REGISTRY: dict[str, RewardSpec] = {}
+
+
+def register(spec: RewardSpec, overwrite: bool = False) -> RewardSpec:
+    if spec.name in _REGISTRY and not overwrite:
+        raise RewardError(f"reward '{spec.name}' is already registered (pass overwrite=True to replace it)")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", spec.name):
+        raise RewardError(f"reward name '{spec.name}' must be lower-case letters, digits and '_'")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> RewardSpec:
+    if name not in _REGISTRY:
+        raise RewardError(f"unknown reward '{name}': registered rewards are {', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def available(ood: bool | None = None) -> list[str]:
+    """Registered names (only in-domain rewards with ood=False, only OOD metrics with ood=True)."""
+    return [n for n, s in _REGISTRY.items() if ood is None or s.ood == ood]
+
+
+def to_grayscale(videos: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma [B, F, 1, H, W] of RGB videos [B, F, 3, H, W] (a 1-channel input is returned as is)."""
+    if videos.shape[2] == 1:
+        return videos
+    w = torch.tensor([0.299, 0.587, 0.114], device=videos.device, dtype=videos.dtype).view(1, 1, 3, 1, 1)
+    return (videos * w).sum(2, keepdim=True)
+
+
+def check_videos(videos: torch.Tensor, who: str) -> None:
+    if not isinstance(videos, torch.Tensor) or videos.dim() != 5 or videos.shape[2] not in (1, 3):
+        shape = tuple(videos.shape) if isinstance(videos, torch.Tensor) else type(videos).__name__
+        raise RewardError(f"reward '{who}': videos must be [B, F, 3, H, W] floats in [0, 1], got {shape}")
+    if not videos.is_floating_point():
+        raise RewardError(f"reward '{who}': videos must be floats in [0, 1], got {videos.dtype}")
+    lo, hi = videos.min().item(), videos.max().item()
+    if not (lo >= -1e-4 and hi <= 1 + 1e-4) or math.isnan(lo) or math.isnan(hi):
+        raise RewardError(f"reward '{who}': video values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
+
+
+@dataclass(frozen=True)
+class Reward:
+    """A registered reward with options. ``aggregate``: 'mean' or 'top' (mean of the best `topk` fraction
+    of frames); ``grayscale``: None = the reward's default."""
+
+    name: str
+    aggregate: str = "mean"
+    topk: float = 0.3
+    grayscale: bool | None = None
+
+    def __post_init__(self) -> None:
+        spec = get_spec(self.name)
+        if self.aggregate not in ("mean", "top"):
+            raise RewardError(f"reward '{self.name}': aggregate must be 'mean' or 'top', got '{self.aggregate}'")
+        if not 0 < self.topk <= 1:
+            raise RewardError(f"reward '{self.name}': topk must be a fraction in (0, 1], got {self.topk}")
+        if self.grayscale and spec.colour:
+            raise RewardError(f"reward '{self.name}' needs colour: the grayscale option does not apply")
+
+    @property
+    def spec(self) -> RewardSpec:
+        return get_spec(self.name)
+
+    @property
+    def label(self) -> str:
+        """Name plus the non-default options (``direction_match:top30:gray``): a column name."""
+        spec, out = self.spec, self.name
+        if self.aggregate == "top":
+            out += f":top{round(self.topk * 100)}"
+        if self.grayscale is not None and self.grayscale != spec.grayscale:
+            out += ":gray" if self.grayscale else ":rgb"
+        return out
+
+    def prepare(self, videos: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, list]:
+        spec = self.spec
+        check_videos(videos, self.name)
+        if len(prompts) != videos.shape[0]:
+            raise RewardError(f"reward '{self.name}': {videos.shape[0]} videos but {len(prompts)} prompts")
+        gray = spec.grayscale if self.grayscale is None else self.grayscale
+        if gray:
+            videos = to_grayscale(videos)
+        elif spec.colour and videos.shape[2] != 3:
+            raise RewardError(f"reward '{self.name}' needs RGB videos, got {videos.shape[2]} channel(s)")
+        return videos.float(), parse_all(prompts, self.name) if spec.grammar else list(prompts)
+
+    def frame_scores(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Per-frame (or per-pair) scores [B, F'] of a frame-level reward."""
+        if not self.spec.frame_level:
+            raise RewardError(f"reward '{self.name}' scores whole videos, not frames")
+        v, p = self.prepare(videos, prompts)
+        return self.spec.fn(v, p).float()
+
+    def __call__(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """float32 [B]."""
+        v, p = self.prepare(videos, prompts)
+        s = self.spec.fn(v, p).float()
+        if not self.spec.frame_level:
+            return s.reshape(-1)
+        if self.aggregate == "mean":
+            return s.mean(1)
+        k = max(1, math.ceil(self.topk * s.shape[1]))
+        return s.topk(k, dim=1).values.mean(1)
+
+
+def parse_all(prompts: Sequence[str], who: str) -> list[ShapePrompt]:
+    out = []
+    for text in prompts:
+        parsed = parse_prompt(text) if isinstance(text, str) else None
+        if parsed is None:
+            raise RewardError(f"reward '{who}' cannot parse prompt {text!r}: it expects '{GRAMMAR}'")
+        out.append(parsed)
+    return out
+
+
+_TERM = re.compile(r"^(?P<name>[a-z][a-z0-9_]*)(?P<opts>(:[a-z0-9]+)*)(=(?P<w>[-+0-9.eE]+))?$")
+
+
+def parse_term(term: str) -> tuple[Reward, float]:
+    """``name[:mean|:topNN][:gray|:rgb][=weight]`` -> (Reward, weight); weight defaults to 1."""
+    m = _TERM.match(term.strip())
+    if m is None:
+        raise RewardError(f"cannot parse reward term '{term}': expected name[:topNN][:gray][=weight]")
+    kw: dict = {}
+    for opt in filter(None, m.group("opts").split(":")):
+        if opt == "mean":
+            kw["aggregate"] = "mean"
+        elif opt.startswith("top") and opt[3:].isdigit():
+            kw.update(aggregate="top", topk=int(opt[3:]) / 100)
+        elif opt in ("gray", "rgb"):
+            kw["grayscale"] = opt == "gray"
+        else:
+            raise RewardError(f"reward term '{term}': unknown option ':{opt}' (use :mean, :topNN, :gray, :rgb)")
+    try:
+        weight = float(m.group("w")) if m.group("w") else 1.0
+    except ValueError:
+        raise RewardError(f"reward term '{term}': weight '{m.group('w')}' is not a number") from None
+    if not math.isfinite(weight):
+        raise RewardError(f"reward term '{term}': weight must be finite")
+    return Reward(m.group("name"), **kw), weight
+
+
+class CompositeReward:
+    """Weighted sum of rewards; every reward's value is returned separately, and OOD metrics (reported,
+    weight-free) alongside. ``CompositeReward.parse("colour_match=1,direction_match:top30=0.5")``."""
+
+    def __init__(self, terms: Sequence[tuple[Reward, float]], metrics: Sequence[Reward] = ()) -> None:
+        if not terms:
+            raise RewardError("a composite reward needs at least one term")
+        labels = [r.label for r, _ in terms] + [r.label for r in metrics]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if dup or "composite" in labels:
+            raise RewardError(f"reward labels must be unique and not 'composite': {sorted(dup or {'composite'})}")
+        self.terms = list(terms)
+        self.metrics = list(metrics)
+
+    @classmethod
+    def parse(cls, spec: str, metrics: str | Sequence[str] = ()) -> CompositeReward:
+        terms = [parse_term(t) for t in spec.split(",") if t.strip()]
+        names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+        return cls(terms, [parse_term(m)[0] for m in names if m.strip()])
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {r.label: w for r, w in self.terms}
+
+    @property
+    def names(self) -> list[str]:
+        """Column names of the output: the terms, the metrics, then 'composite'."""
+        return [r.label for r, _ in self.terms] + [r.label for r in self.metrics] + ["composite"]
+
+    def __call__(
+        self, videos: torch.Tensor, prompts: Sequence[str], weights: Mapping[str, float] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """{label: float32 [B]} for every term and metric, plus 'composite' (weights may be overridden)."""
+        out = {r.label: r(videos, prompts) for r, _ in self.terms}
+        out.update({r.label: r(videos, prompts) for r in self.metrics})
+        out["composite"] = composite(out, weights if weights is not None else self.weights)
+        return out
+
+
+def composite(values: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """Weighted sum of stored per-reward values (what offline re-weighting uses): float32 [B]."""
+    missing = [k for k in weights if k not in values]
+    if missing:
+        raise RewardError(f"no values for reward(s) {missing}; have {sorted(values)}")
+    total = sum(float(w) * values[k].float() for k, w in weights.items())
+    return torch.as_tensor(total, dtype=torch.float32)

@@ -1,0 +1,55 @@
+"""The shipped shapes generator: present, small, reproducible recipe, and good-but-imperfect samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from streamalign.models.shapes import SHIPPED_WEIGHTS, ShapesWorld, held_in_prompts, held_out_prompts
+from streamalign.models.shapes.quality import sample_quality
+
+ASSETS = SHIPPED_WEIGHTS.parent
+
+
+def test_shipped_assets_and_recipe():
+    assert SHIPPED_WEIGHTS.stat().st_size <= 10 * 2**20
+    recipe = yaml.safe_load((ASSETS / "pretrain.yaml").read_text())
+    assert recipe["command"].startswith("streamalign shapes pretrain")
+    assert recipe["model_config"]["name"] == "shapes" and recipe["pretrain_config"]["seed"] == 0
+    assert recipe["wall_time_s"] <= 45 * 60
+    assert (ASSETS / "curve.png").stat().st_size > 10_000
+    assert len((ASSETS / "curve.jsonl").read_text().splitlines()) == recipe["pretrain_config"]["steps"]
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ShapesWorld.from_pretrained()  # strict load of the shipped weights
+
+
+def test_shipped_model_meets_the_rates_and_is_imperfect(world):
+    prompts = [held_in_prompts()[(i * 5) % 252] for i in range(48)]
+    q = sample_quality(world, prompts, list(range(48)))
+    model, gt = q["model"], q["ground_truth"]
+    assert model["colour_ok"] >= 0.5 and model["direction_ok"] >= 0.4, model
+    assert gt["colour_ok"] == 1.0 and gt["direction_ok"] == 1.0
+    # imperfect: softer and less faithful than ground truth, so alignment has something to improve
+    assert model["sharpness"] < gt["sharpness"] - 0.05 and model["shape_fidelity"] < gt["shape_fidelity"]
+    assert model["composite"] < gt["composite"]
+
+
+def test_shipped_model_samples_are_deterministic_and_generalise(world):
+    p = [held_out_prompts()[i].text for i in (0, 13, 26)]
+    a = world.generate(p, [7, 8, 9])
+    assert torch.equal(a, world.generate(p, [7, 8, 9]))
+    assert a.shape == (3, 12, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
+
+
+def test_cli_check_reports_rates():
+    from typer.testing import CliRunner
+
+    from streamalign.cli import app
+
+    r = CliRunner().invoke(app, ["shapes", "check", "--videos", "4"])
+    assert r.exit_code == 0, r.output
+    assert "held-out (4 samples)" in r.output and "colour_ok" in r.output and "composite" in r.output
