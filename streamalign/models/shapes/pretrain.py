@@ -150,7 +150,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, command: str = "", progre
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         pred = model(torch.cat([z, noisy], 1), t, table[idx], positions=positions, mask=mask)[:, nf:]
-        loss = ((pred - z).pow(2).mean((2, 3, 4)) * keep).sum() / keep.sum()
+        err = (pred - z).pow(2)
+        loss = (err.mean((2, 3, 4)) * keep).sum() / keep.sum() if n_sr else err.mean()  # plain mean: bitwise recipe
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
