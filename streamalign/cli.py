@@ -22,6 +22,8 @@ shapes_app = typer.Typer(
     help="The built-in shapes world: prompts, generator pre-training, sample quality.", no_args_is_help=True
 )
 app.add_typer(shapes_app, name="shapes")
+buffer_app = typer.Typer(help="Inspect and verify replay buffers.", no_args_is_help=True)
+app.add_typer(buffer_app, name="buffer")
 
 
 def clear_errors(fn: Callable) -> Callable:
@@ -200,6 +202,119 @@ def shapes_check(
         print(f"{name} ({videos} samples)      model   ground truth")
         for k in q["model"]:
             print(f"  {k:24s} {q['model'][k]:6.3f}   {q['ground_truth'][k]:6.3f}")
+
+
+@app.command("collect")
+@clear_errors
+def collect_cmd(
+    out: Annotated[Path, typer.Option(help="Buffer folder (shards + manifest/); re-running resumes.")],
+    groups: Annotated[int, typer.Option(help="Fork groups to collect.")] = 64,
+    group_size: Annotated[int, typer.Option("--group-size", "-G", help="Branches per group.")] = 12,
+    sigma: Annotated[float, typer.Option(help="Perturbation strength of the pivot's initial noise.")] = 0.5,
+    pivot: Annotated[str, typer.Option(help="'uniform' or a fixed 0-based chunk index.")] = "uniform",
+    seed: Annotated[int, typer.Option(help="Seed of every group's noise and pivot.")] = 0,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt file, one per line (default: shapes held-in).")] = None,
+    format: Annotated[str, typer.Option("--format", help="webdataset | zarr")] = "webdataset",
+    entries_per_shard: Annotated[int, typer.Option(help="Groups per shard.")] = 16,
+    store_kv: Annotated[bool, typer.Option("--store-kv", help="Also store the prefix KV of each group.")] = False,
+    rewards: Annotated[str, typer.Option(help="Composite: name[:topNN][:gray]=weight,...")] = "",
+    metrics: Annotated[str, typer.Option(help="OOD metrics stored alongside (comma-separated).")] = "",
+    config: ConfigOpt = "shapes",
+    checkpoint: Annotated[Path | None, typer.Option(help="Generator weights (shapes: shipped).")] = None,
+    lora: Annotated[Path | None, typer.Option(help="LoRA adapter merged into the policy.")] = None,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: adapter config).")] = None,
+    wan_dir: Annotated[Path | None, typer.Option(help="Local Diffusers Wan2.1 folder (UMT5 + VAE).")] = None,
+) -> None:
+    """Roll out fork groups from a policy, score every branch and write a sharded replay buffer.
+    Under `torchrun --nproc_per_node N` each rank writes a disjoint set of shards."""
+    from .buffer.inspect import buffer_info
+    from .collect.collector import CollectConfig, collect
+    from .collect.distributed import rank_and_world
+    from .collect.policy import Policy
+    from .rewards import SHAPES_METRICS, SHAPES_REWARDS
+
+    if prompts is not None:
+        if not prompts.is_file():
+            raise FileNotFoundError(f"prompt file {prompts} not found")
+        texts = tuple(line.strip() for line in prompts.read_text().splitlines() if line.strip())
+    elif config == "shapes":
+        from .models.shapes import held_in_prompts
+
+        texts = tuple(p.text for p in held_in_prompts())
+    else:
+        raise ValueError("give --prompts FILE (one prompt per line)")
+    cfg = CollectConfig(
+        prompts=texts,
+        groups=groups,
+        group_size=group_size,
+        strength=sigma,
+        pivot=pivot,
+        seed=seed,
+        format=format,
+        entries_per_shard=entries_per_shard,
+        store_kv=store_kv,
+        rewards=rewards or SHAPES_REWARDS,
+        metrics=metrics if rewards else (metrics or SHAPES_METRICS),
+    )
+    policy = Policy.load(config, checkpoint, lora, lora_alpha, wan_dir)
+    with rank_and_world() as (rank, world):
+        s = collect(policy, cfg, out, rank, world)
+    if rank == 0:
+        b = buffer_info(out)
+        means = ", ".join(f"{k.removeprefix('reward_')} {v:.3f}" for k, v in b["reward_means"].items())
+        print(
+            f"{out}: {b['groups']} groups ({b['branches']} branches) in {b['shards']} shards, "
+            f"{b['bytes'] / 2**20:.1f} MiB, {b['rejected_groups']} rejected; this run wrote {s.shards_written} shards "
+            f"({s.groups / max(s.seconds, 1e-9):.2f} groups/s), skipped {s.shards_skipped} finished"
+        )
+        print(f"reward means: {means}")
+
+
+@buffer_app.command("info")
+@clear_errors
+def buffer_info_cmd(folder: Annotated[Path, typer.Argument(help="Buffer folder.")]) -> None:
+    """Counts, sizes, schema, formats, policies, pivots and reward means of a buffer."""
+    import json
+
+    from .buffer.inspect import buffer_info
+
+    print(json.dumps(buffer_info(folder), indent=1))
+
+
+@buffer_app.command("verify")
+@clear_errors
+def buffer_verify_cmd(
+    folder: Annotated[Path, typer.Argument(help="Buffer folder.")],
+    deep: Annotated[bool, typer.Option("--deep", help="Also decode and validate every entry.")] = False,
+) -> None:
+    """Check every shard against the manifest's checksums; exit 1 on any damage."""
+    from .buffer.inspect import verify_buffer
+
+    report = verify_buffer(folder, deep=deep)
+    for p in report.problems:
+        print(f"DAMAGED {p}")
+    print(f"{report.checked} shards checked, {len(report.problems)} problem(s)")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("stats")
+@clear_errors
+def stats_cmd(
+    folder: Annotated[Path, typer.Argument(help="Buffer folder.")],
+    sql: Annotated[str | None, typer.Option(help="Read-only SQL over the view `manifest`.")] = None,
+    report: Annotated[
+        str | None, typer.Option(help="per-prompt | zero-variance | pivots | correlation | by-policy")
+    ] = None,
+    format: Annotated[str, typer.Option("--format", help="table | csv | json | parquet")] = "table",
+    output: Annotated[Path | None, typer.Option(help="Write the result to this file.")] = None,
+) -> None:
+    """DuckDB SQL over the buffer manifest (one row per branch, reward_<name> columns), or a named report."""
+    from .buffer.stats import run_query, write_result
+
+    text = write_result(run_query(folder, sql, report), format, output)
+    if text is not None:
+        print(text)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,1 +1,1 @@
-"""Rollout of fork groups, scoring and writing buffer entries (issue 4)."""
+"""collect: fork-group rollouts from a policy, scored and written to a sharded replay buffer."""

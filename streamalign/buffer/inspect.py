@@ -1,0 +1,96 @@
+"""`buffer info` and `buffer verify`: what a buffer holds, and whether every shard is intact."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from ..schemas.buffer import SCHEMA_VERSION, SchemaError
+from .formats import FORMATS, checksum, get_format, shard_files
+from .manifest import MANIFEST_DIR, read_manifest
+
+
+def buffer_info(folder: str | Path) -> dict:
+    """Counts, sizes, formats, policies, configs, reward columns and rejected groups of a buffer."""
+    folder = Path(folder)
+    rows = read_manifest(folder).to_pylist()
+    shards = sorted({r["shard"] for r in rows})
+    rejected = 0
+    for part in sorted((folder / MANIFEST_DIR).glob("*.parquet")):
+        rejected += len(json.loads((pq.read_schema(part).metadata or {}).get(b"rejected", b"[]")))
+    groups = {r["entry_id"]: r for r in rows}
+    size = sum(f.stat().st_size for s in shards if (folder / s).exists() for f in shard_files(folder / s))
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "groups": len(groups),
+        "branches": len(rows),
+        "shards": len(shards),
+        "bytes": size,
+        "bytes_per_group": size / max(1, len(groups)),
+        "rejected_groups": rejected,
+        "formats": dict(Counter(r["format"] for r in groups.values())),
+        "policies": dict(Counter(r["policy_id"] for r in groups.values())),
+        "configs": dict(Counter(r["config_name"] for r in groups.values())),
+        "group_sizes": dict(Counter(r["group_size"] for r in groups.values())),
+        "pivots": dict(sorted(Counter(r["pivot"] for r in groups.values()).items())),
+        "rewards": [c.removeprefix("reward_") for c in (rows[0] if rows else {}) if c.startswith("reward_")],
+        "reward_means": {
+            c: sum(r[c] for r in rows if r[c] is not None) / max(1, sum(r[c] is not None for r in rows))
+            for c in (rows[0] if rows else {})
+            if c.startswith("reward_") or c == "composite"
+        },
+    }
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_buffer(folder: str | Path, deep: bool = False) -> VerifyReport:
+    """Check every manifest row's shard exists with the recorded checksum; report shards no manifest part
+    accounts for and leftover temporaries; with `deep`, also decode and validate every entry."""
+    folder = Path(folder)
+    report = VerifyReport()
+    table = read_manifest(folder)
+    expected: dict[str, tuple[str, str]] = {}
+    groups: dict[str, set[str]] = {}
+    for r in table.select(["shard", "checksum", "format", "entry_id"]).to_pylist():
+        expected[r["shard"]] = (r["checksum"], r["format"])
+        groups.setdefault(r["shard"], set()).add(r["entry_id"])
+    for name, (digest, fmt) in sorted(expected.items()):
+        path = folder / name
+        report.checked += 1
+        if not path.exists():
+            report.problems.append(f"{name}: missing (the manifest lists it)")
+            continue
+        got = checksum(path)
+        if got != digest:
+            report.problems.append(
+                f"{name}: checksum {got[:12]}... != manifest {digest[:12]}... (altered or truncated)"
+            )
+            continue
+        if deep:
+            try:
+                n = sum(1 for _ in get_format(fmt).read(path))
+            except SchemaError as e:
+                report.problems.append(f"{name}: {e}")
+                continue
+            if n != len(groups[name]):
+                report.problems.append(f"{name}: holds {n} entries, the manifest lists {len(groups[name])}")
+    suffixes = tuple(f.suffix for f in FORMATS.values())
+    for path in sorted(folder.glob("shard-*")):
+        if path.name.endswith(suffixes) and path.name not in expected:
+            report.problems.append(f"{path.name}: not in the manifest (collection interrupted? re-run collect)")
+    for path in sorted([*folder.glob(".*.tmp-*"), *(folder / MANIFEST_DIR).glob(".*.tmp-*")]):
+        report.problems.append(f"{path.name}: temporary of an interrupted run (re-run collect to clean up)")
+    return report

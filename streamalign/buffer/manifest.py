@@ -1,0 +1,80 @@
+"""The parquet manifest: one row per branch of every stored fork group, one part file per shard.
+
+A part ``manifest/<shard name>.parquet`` is written (atomically) right after its shard is finalized, so
+every manifest row points at a complete shard whose checksum it records. ``read_manifest`` is the union
+of the parts; it is what ``stats`` queries and what the reader filters and re-weights with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..schemas.buffer import Entry
+from .formats import ShardInfo
+
+MANIFEST_DIR = "manifest"
+
+
+def manifest_rows(entries: Sequence[Entry], shard: ShardInfo) -> list[dict]:
+    """One dict per branch: identity, geometry, every reward as ``reward_<name>``, the composite under the
+    weights in force at collection, and the shard's name, format and checksum."""
+    rows = []
+    for e in entries:
+        for b in range(e.group_size):
+            row = {
+                "entry_id": e.entry_id,
+                "shard": shard.path.name,
+                "format": shard.format,
+                "checksum": shard.checksum,
+                "run_id": e.run_id,
+                "policy_id": e.policy_id,
+                "seed": e.seed,
+                "prompt": e.prompt,
+                "prompt_id": e.prompt_id,
+                "config_name": e.config_name,
+                "num_chunks": e.num_chunks,
+                "pivot": e.pivot,
+                "group_size": e.group_size,
+                "strength": e.strength,
+                "branch": b,
+            }
+            row.update({f"reward_{k}": float(v[b]) for k, v in e.rewards.items()})
+            row["composite"] = float(sum(w * float(e.rewards[k][b]) for k, w in e.reward_weights.items()))
+            rows.append(row)
+    return rows
+
+
+def write_manifest_part(
+    buffer_dir: str | Path, entries: Sequence[Entry], shard: ShardInfo, extra: dict | None = None
+) -> Path:
+    """Write the shard's manifest part atomically (temp, fsync, rename); `extra` goes, as JSON values, into
+    the parquet metadata (e.g. the groups rejected while collecting the shard)."""
+    folder = Path(buffer_dir) / MANIFEST_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{shard.path.name}.parquet"
+    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        table = pa.Table.from_pylist(manifest_rows(entries, shard))
+        meta = {k.encode(): json.dumps(v).encode() for k, v in (extra or {}).items()}
+        pq.write_table(table.replace_schema_metadata(meta), tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_manifest(buffer_dir: str | Path) -> pa.Table:
+    """Union of the manifest parts (reward columns missing from a part are null), sorted by shard name."""
+    parts = sorted((Path(buffer_dir) / MANIFEST_DIR).glob("*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"no manifest in {buffer_dir}: not a streamalign buffer, or an empty one")
+    return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")

@@ -1,0 +1,125 @@
+"""`stats`: DuckDB SQL over a buffer's manifest (read-only), plus named reports.
+
+The manifest parts are exposed as the view ``manifest`` (one row per branch; reward columns
+``reward_<name>`` and ``composite``; ``pivot`` is an SQL keyword in DuckDB, so write ``"pivot"``).
+Only read statements run: anything else is refused, and queries cannot touch files.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pyarrow as pa
+
+from .manifest import read_manifest
+
+READ_ONLY = re.compile(r"^\s*(select|with|describe|summarize|pivot|unpivot|values|from)\b", re.IGNORECASE)
+WRITES = re.compile(
+    r"\b(insert|update|delete|create|drop|alter|copy|attach|detach|install|load|export|import|set|pragma|call)\b",
+    re.IGNORECASE,
+)
+
+
+def reward_columns(table: pa.Table) -> list[str]:
+    return [c for c in table.column_names if c.startswith("reward_")] + ["composite"]
+
+
+def reports(table: pa.Table) -> dict[str, str]:
+    """The named reports as SQL over the `manifest` view."""
+    cols = reward_columns(table)
+    per_prompt = ", ".join(f"avg({c}) AS mean_{c}, stddev_samp({c}) AS std_{c}" for c in cols)
+    by_policy = ", ".join(f"avg({c}) AS {c}" for c in cols)
+    pairs = [(a, b) for i, a in enumerate(cols) for b in cols[i + 1 :]]
+    corr = " UNION ALL ".join(f"SELECT '{a}' AS a, '{b}' AS b, corr({a}, {b}) AS corr FROM manifest" for a, b in pairs)
+    return {
+        "per-prompt": f"SELECT prompt, count(DISTINCT entry_id) AS groups, {per_prompt} FROM manifest "
+        "GROUP BY prompt ORDER BY prompt",
+        "zero-variance": 'SELECT entry_id, prompt, "pivot", stddev_pop(composite) AS std FROM manifest '
+        'GROUP BY entry_id, prompt, "pivot" HAVING stddev_pop(composite) < 1e-6 ORDER BY entry_id',
+        "pivots": 'SELECT "pivot", count(DISTINCT entry_id) AS groups FROM manifest GROUP BY 1 ORDER BY 1',
+        "correlation": corr or "SELECT NULL AS a, NULL AS b, NULL AS corr WHERE false",
+        "by-policy": f"SELECT policy_id, count(DISTINCT entry_id) AS groups, {by_policy} FROM manifest "
+        "GROUP BY policy_id ORDER BY policy_id",
+    }
+
+
+def check_read_only(sql: str) -> None:
+    stripped = re.sub(r"'([^']|'')*'", "''", sql)  # ignore string literals
+    if ";" in stripped.strip().rstrip(";"):
+        raise ValueError("stats runs one statement at a time: remove the ';' between statements")
+    if not READ_ONLY.match(stripped) or WRITES.search(stripped):
+        raise ValueError(f"stats is read-only: {sql.strip().split()[0].upper()} statements are refused; use SELECT")
+
+
+def run_query(folder: str | Path, sql: str | None = None, report: str | None = None) -> pa.Table:
+    """Result of `sql` (or of the named `report`) over the buffer's manifest, as an Arrow table."""
+    import duckdb
+
+    table = read_manifest(folder)
+    if report is not None:
+        named = reports(table)
+        if report not in named:
+            raise ValueError(f"unknown report {report!r}: choose one of {', '.join(named)}")
+        sql = named[report]
+    if not sql:
+        raise ValueError("give --sql 'SELECT ...' or --report NAME")
+    check_read_only(sql)
+    con = duckdb.connect(":memory:")
+    try:
+        con.register("manifest_arrow", table)
+        con.execute("CREATE VIEW manifest AS SELECT * FROM manifest_arrow")
+        con.execute("SET enable_external_access = false")  # no file or network access from the query
+        try:
+            rel = con.sql(sql)
+            return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+        except duckdb.Error as e:
+            raise ValueError(f"query failed: {str(e).splitlines()[0]}") from None
+    finally:
+        con.close()
+
+
+def format_table(table: pa.Table, max_rows: int = 200) -> str:
+    """A plain aligned text table (floats with 4 significant digits)."""
+    rows = table.slice(0, max_rows).to_pylist()
+    cols = table.column_names
+
+    def fmt(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
+
+    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    if table.num_rows > max_rows:
+        lines.append(f"... {table.num_rows - max_rows} more rows (use --format csv|json|parquet for all)")
+    return "\n".join(lines)
+
+
+def write_result(table: pa.Table, fmt: str, out: str | Path | None) -> str | None:
+    """csv / json to `out` or as returned text; parquet needs `out`."""
+    import io
+    import json
+
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    if fmt == "parquet":
+        if out is None:
+            raise ValueError("--format parquet needs --output FILE")
+        pq.write_table(table, out)
+        return None
+    if fmt == "csv":
+        buf = io.BytesIO()
+        pcsv.write_csv(table, buf)
+        text = buf.getvalue().decode()
+    elif fmt == "json":
+        text = json.dumps(table.to_pylist(), indent=1, default=str)
+    elif fmt == "table":
+        text = format_table(table)
+    else:
+        raise ValueError(f"unknown format {fmt!r}: table | csv | json | parquet")
+    if out is not None:
+        Path(out).write_text(text)
+        return None
+    return text

@@ -1,0 +1,197 @@
+"""collect: roll out fork groups from a policy, score every branch, write shards + manifest parts.
+
+Work is cut into shards of ``entries_per_shard`` groups; group i always gets the same prompt
+(round-robin), seed ``derive_seed(seed, 2, i)`` and pivot, so a shard's bytes depend only on the
+arguments. Rank r of a world of n processes writes the shards k with ``k % n == r``. A shard and then its
+manifest part are finalized atomically; re-running the same command skips finished shards (resume, no
+duplicates) and removes temporaries of a killed run. Groups with NaN/inf rewards are rejected, counted
+and logged in the manifest part's metadata, never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..buffer.formats import ShardInfo, checksum, get_format, shard_files, write_shard
+from ..buffer.manifest import MANIFEST_DIR, write_manifest_part
+from ..models.noise import derive_seed
+from ..models.sampler import ForkGroup
+from ..rewards import CompositeReward
+from ..schemas.buffer import Entry, SchemaError
+from .policy import Policy
+
+log = logging.getLogger("streamalign.collect")
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    prompts: tuple[str, ...]
+    groups: int
+    group_size: int = 12
+    strength: float = 0.5
+    pivot: str = "uniform"  # "uniform" or a fixed 0-based chunk index as a string
+    seed: int = 0
+    format: str = "webdataset"
+    entries_per_shard: int = 16
+    store_kv: bool = False
+    rewards: str = "colour_match=1,direction_match=1,sharpness=0.5,smoothness=0.5"
+    metrics: str = "background_cleanliness,shape_fidelity"
+
+    def check(self, num_chunks: int) -> None:
+        if not self.prompts:
+            raise ValueError("no prompts: give --prompts FILE (one per line) or use the shapes world")
+        if self.groups < 1 or self.entries_per_shard < 1:
+            raise ValueError(f"--groups ({self.groups}) and --entries-per-shard must be >= 1")
+        if not 2 <= self.group_size <= 256:
+            raise ValueError(f"--group-size {self.group_size} must lie in 2..256 (advantages need >= 2 branches)")
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"--sigma {self.strength} must lie in (0, 1]")
+        if self.pivot != "uniform" and not (self.pivot.isdigit() and int(self.pivot) < num_chunks):
+            raise ValueError(f"--pivot must be 'uniform' or a chunk index 0..{num_chunks - 1}, got {self.pivot!r}")
+        get_format(self.format)
+
+    @property
+    def run_id(self) -> str:
+        """Stable id of the collection's arguments (entry ids derive from it)."""
+        return "r" + hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.groups / self.entries_per_shard)
+
+    def pivot_of(self, i: int, num_chunks: int) -> int:
+        if self.pivot != "uniform":
+            return int(self.pivot)
+        return derive_seed(self.seed, 4, i) % num_chunks
+
+
+@dataclass
+class CollectSummary:
+    shards_written: int = 0
+    shards_skipped: int = 0
+    groups: int = 0
+    rejected: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    reward_means: dict[str, float] = field(default_factory=dict)
+
+
+def shard_name(k: int, suffix: str) -> str:
+    return f"shard-{k:06d}{suffix}"
+
+
+def prefix_kv(policy: Policy, group: ForkGroup, text: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The pivot's prefix KV (k.N / v.N [S, heads, head_dim]) rebuilt from the stored context latents."""
+    if policy.config.cache.window is not None:
+        raise ValueError("--store-kv needs a global cache config (cache.window: null)")
+    sampler = policy.sampler
+    cache = sampler.new_cache(1)
+    sampler.write_context(cache, group.context.unsqueeze(0), text)
+    s = group.context.shape[0] * policy.config.tokens_per_frame
+    return {f"{kind}.{i}": t[0, :s].clone() for kind in "kv" for i, t in enumerate(getattr(cache, kind))}
+
+
+@torch.no_grad()
+def collect_group(policy: Policy, cfg: CollectConfig, reward: CompositeReward, i: int) -> Entry:
+    """Fork group i (prompt, seed and pivot fixed by i), scored; raises SchemaError on bad rewards."""
+    prompt = cfg.prompts[i % len(cfg.prompts)]
+    seed = derive_seed(cfg.seed, 2, i)
+    n = policy.config.num_chunks
+    pivot = cfg.pivot_of(i, n)
+    sampler = policy.sampler
+    text = policy.text.encode([prompt])
+    group = sampler.fork_group(text, sampler.noise_bank(seed), pivot, cfg.group_size, cfg.strength)
+    videos = policy.decode(group.videos())
+    scores = reward(videos, [prompt] * cfg.group_size)
+    scores.pop("composite")
+    entry = Entry(
+        entry_id=f"{cfg.run_id}-{i:07d}",
+        run_id=cfg.run_id,
+        policy_id=policy.policy_id,
+        seed=seed,
+        prompt=prompt,
+        prompt_id=hashlib.sha256(prompt.encode()).hexdigest()[:12],
+        config_name=policy.config.name,
+        arch_id=policy.config.arch_id,
+        num_chunks=n,
+        pivot=pivot,
+        strength=cfg.strength,
+        timesteps=[float(t) for t in sampler.schedule.timesteps],
+        context=group.context,
+        eps_star=group.eps_star,
+        branch_noise=group.branch_noise,
+        init_noise=group.init_noise,
+        solver_noise=group.solver_noise,
+        x_t=group.x_t,
+        x0_old=group.x0,
+        branch_latents=group.branch_latents,
+        rewards={k: v.float() for k, v in scores.items()},
+        reward_weights=reward.weights,
+        kv=prefix_kv(policy, group, text) if cfg.store_kv else {},
+    )
+    return entry.validate("collected group")
+
+
+def clean_temporaries(out: Path) -> int:
+    """Remove the temporary files a killed run left behind; returns how many."""
+    stale = [*out.glob(".*.tmp-*"), *(out / MANIFEST_DIR).glob(".*.tmp-*")]
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return len(stale)
+
+
+def collect(
+    policy: Policy, cfg: CollectConfig, out: str | Path, rank: int = 0, world: int = 1, progress: bool = True
+) -> CollectSummary:
+    """Write this rank's shards of the collection into `out` (resuming); returns what it did."""
+    cfg.check(policy.config.num_chunks)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_temporaries(out)
+    fmt = get_format(cfg.format)
+    reward = CompositeReward.parse(cfg.rewards, cfg.metrics)
+    mine = [k for k in range(cfg.num_shards) if k % world == rank]
+    summary, t0 = CollectSummary(), time.time()
+    total = sum(min(cfg.entries_per_shard, cfg.groups - k * cfg.entries_per_shard) for k in mine)
+    bar = tqdm(total=total, desc=f"collect[{rank}]" if world > 1 else "collect", unit="group", disable=not progress)
+    for k in mine:
+        path = out / shard_name(k, fmt.suffix)
+        part = out / MANIFEST_DIR / f"{path.name}.parquet"
+        lo, hi = k * cfg.entries_per_shard, min((k + 1) * cfg.entries_per_shard, cfg.groups)
+        if path.exists() and part.exists():
+            summary.shards_skipped += 1
+            bar.update(hi - lo)
+            continue
+        if path.exists():  # killed between the shard and its manifest part: the shard is complete
+            entries = list(fmt.read(path))
+            size = sum(f.stat().st_size for f in shard_files(path))
+            info = ShardInfo(path, fmt.name, len(entries), size, checksum(path))
+            rejected: list[dict] = []
+        else:
+            entries, rejected = [], []
+            for i in range(lo, hi):
+                try:
+                    entries.append(collect_group(policy, cfg, reward, i))
+                except SchemaError as e:
+                    log.warning("group %d rejected: %s", i, e)
+                    rejected.append({"group": i, "reason": str(e)})
+                bar.update(1)
+            info = write_shard(fmt, path, entries)
+            summary.shards_written += 1
+            summary.bytes += info.bytes
+        write_manifest_part(out, entries, info, extra={"rejected": rejected})
+        summary.groups += len(entries)
+        summary.rejected += len(rejected)
+    bar.close()
+    summary.seconds = time.time() - t0
+    return summary

@@ -1,0 +1,28 @@
+"""Process-group set-up for `torchrun` (gloo on CPU, nccl on CUDA); single process otherwise."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+@contextmanager
+def rank_and_world() -> Iterator[tuple[int, int]]:
+    """Yield (rank, world size); under torchrun, join the process group and wait for every rank at exit."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        yield 0, 1
+        return
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+        dist.barrier()
+    finally:
+        if started:
+            dist.destroy_process_group()

@@ -1,0 +1,166 @@
+"""The replay-buffer entry: one fork group, versioned and validated on write and on read.
+
+Shapes (c = chunk frames, C/H/W latent channels and size, L chunks, p pivot, G branches, T steps):
+
+- context [p*c, C, H, W]            clean latents of the shared chunks (the prefix KV is rebuilt from them)
+- eps_star [c, C, H, W]             the pivot's shared initial noise
+- branch_noise [G, c, C, H, W]      each branch's initial noise at the pivot
+- init_noise [L, c, C, H, W]        the shared initial noise of every chunk
+- solver_noise [L, T-1, c, C, H, W] the shared solver noise of every chunk and step
+- x_t [G, T, c, C, H, W]            the pivot chunk's input at every step
+- x0_old [G, T, c, C, H, W]         the rollout policy's x0 prediction at every step
+- branch_latents [G, (L-p)*c, C, H, W]  chunks p..L-1 of every branch
+- rewards {name: float32 [G]}       every reward separately; weights in force kept in the metadata
+- kv {"k.N" / "v.N": [S, heads, head_dim]}  optional stored prefix KV (``--store-kv``)
+
+Latent tensors may be float32, bfloat16 or float16; they are stored bit-exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+SCHEMA_VERSION = 1
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LATENT_FIELDS = ("context", "eps_star", "branch_noise", "init_noise", "solver_noise", "x_t", "x0_old", "branch_latents")
+
+
+class SchemaError(ValueError):
+    """An entry does not match the buffer schema (what is wrong, where)."""
+
+
+@dataclass
+class Entry:
+    # identity
+    entry_id: str
+    run_id: str
+    policy_id: str
+    seed: int
+    prompt: str
+    prompt_id: str
+    # geometry of the group
+    config_name: str
+    arch_id: str
+    num_chunks: int
+    pivot: int
+    strength: float
+    timesteps: list[float]
+    # tensors
+    context: torch.Tensor
+    eps_star: torch.Tensor
+    branch_noise: torch.Tensor
+    init_noise: torch.Tensor
+    solver_noise: torch.Tensor
+    x_t: torch.Tensor
+    x0_old: torch.Tensor
+    branch_latents: torch.Tensor
+    rewards: dict[str, torch.Tensor]
+    reward_weights: dict[str, float]
+    kv: dict[str, torch.Tensor] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def group_size(self) -> int:
+        return self.branch_noise.shape[0]
+
+    @property
+    def chunk_frames(self) -> int:
+        return self.eps_star.shape[0]
+
+    # -- validation ----------------------------------------------------------------------------------
+    def validate(self, where: str = "entry") -> Entry:
+        """Raise SchemaError naming the first inconsistency; return self when valid."""
+        at = f"{where} {self.entry_id!r}"
+        if self.schema_version != SCHEMA_VERSION:
+            raise SchemaError(f"{at}: schema version {self.schema_version}, this streamalign reads {SCHEMA_VERSION}")
+        for name in LATENT_FIELDS:
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+                got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise SchemaError(f"{at}: {name} must be a float32/bfloat16/float16 tensor, got {got}")
+        if self.eps_star.dim() != 4:
+            raise SchemaError(f"{at}: eps_star must be [c, C, H, W], got {tuple(self.eps_star.shape)}")
+        c, *chw = self.eps_star.shape
+        g, n, p = self.group_size, self.num_chunks, self.pivot
+        steps = len(self.timesteps)
+        if not 0 <= p < n:
+            raise SchemaError(f"{at}: pivot {p} is outside chunks 0..{n - 1}")
+        if g < 1 or steps < 1:
+            raise SchemaError(f"{at}: group size {g} and steps {steps} must be >= 1")
+        if not 0.0 <= self.strength <= 1.0:
+            raise SchemaError(f"{at}: strength {self.strength} must lie in [0, 1]")
+        want = {
+            "context": (p * c, *chw),
+            "branch_noise": (g, c, *chw),
+            "init_noise": (n, c, *chw),
+            "solver_noise": (n, steps - 1, c, *chw),
+            "x_t": (g, steps, c, *chw),
+            "x0_old": (g, steps, c, *chw),
+            "branch_latents": (g, (n - p) * c, *chw),
+        }
+        for name, shape in want.items():
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise SchemaError(f"{at}: {name} has shape {got}, expected {shape} (G={g}, L={n}, p={p}, T={steps})")
+        if not self.rewards:
+            raise SchemaError(f"{at}: no rewards")
+        for name, r in self.rewards.items():
+            if not isinstance(r, torch.Tensor) or r.dtype != torch.float32 or tuple(r.shape) != (g,):
+                raise SchemaError(f"{at}: reward {name!r} must be float32 [{g}]")
+            if not torch.isfinite(r).all():
+                raise SchemaError(f"{at}: reward {name!r} has NaN/inf values {r.tolist()}")
+        for name, w in self.reward_weights.items():
+            if name not in self.rewards or not math.isfinite(w):
+                raise SchemaError(f"{at}: weight for {name!r} has no reward or is not finite")
+        for name, t in self.kv.items():
+            if not name.startswith(("k.", "v.")) or t.dim() != 3 or t.dtype not in FLOAT_DTYPES:
+                raise SchemaError(f"{at}: stored KV {name!r} must be named k.N/v.N and be a float [S, heads, dim]")
+        return self
+
+    # -- records (what the storage backends write) ---------------------------------------------------
+    def to_record(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(JSON-able metadata, flat tensor dict) of a validated entry."""
+        self.validate("writing entry")
+        meta = {
+            k: getattr(self, k)
+            for k in (
+                "entry_id",
+                "run_id",
+                "policy_id",
+                "seed",
+                "prompt",
+                "prompt_id",
+                "config_name",
+                "arch_id",
+                "num_chunks",
+                "pivot",
+                "strength",
+                "timesteps",
+                "reward_weights",
+                "schema_version",
+            )
+        }
+        tensors = {name: getattr(self, name).contiguous() for name in LATENT_FIELDS}
+        tensors.update({f"reward.{k}": v.contiguous() for k, v in self.rewards.items()})
+        tensors.update({f"kv.{k}": v.contiguous() for k, v in self.kv.items()})
+        return meta, tensors
+
+    @classmethod
+    def from_record(cls, meta: dict, tensors: dict[str, torch.Tensor], where: str = "record") -> Entry:
+        """Rebuild and validate an entry; missing or unexpected fields are a SchemaError."""
+        try:
+            entry = cls(
+                **meta,
+                **{name: tensors[name] for name in LATENT_FIELDS},
+                rewards={k[7:]: v for k, v in tensors.items() if k.startswith("reward.")},
+                kv={k[3:]: v for k, v in tensors.items() if k.startswith("kv.")},
+            )
+        except (KeyError, TypeError) as e:
+            raise SchemaError(f"{where}: not a streamalign buffer entry ({e})") from None
+        extra = set(tensors) - set(LATENT_FIELDS) - {k for k in tensors if k.startswith(("reward.", "kv."))}
+        if extra:
+            raise SchemaError(f"{where}: unexpected tensors {sorted(extra)}")
+        return entry.validate(where)
