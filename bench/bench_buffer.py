@@ -1,12 +1,12 @@
 """Replay-buffer benchmarks, all measured in one run on the shapes world:
 
 - collect groups/s (shipped shapes generator, G=12, 4-step sampler, composite + OOD metrics);
-- write and read MB/s of whole shards for webdataset and zarr, and streaming reads through
-  ``BufferReader`` in a DataLoader with 0 and 2 workers;
+- write and read MB/s of whole shards for webdataset and zarr (the groups split over `--shards` shards),
+  and streaming reads through ``BufferReader`` in a DataLoader with 0 and 2 workers;
 - bytes per entry with context latents vs ``--store-kv`` (pivot 2), and the projection for wan-1.3b
   (21 latent frames of 60x104 = 1560 tokens, 30 layers, G=12, pivot 2) from the same ``Entry.to_record``.
 
-    python bench/bench_buffer.py [--groups 16] [--threads 2]
+    python bench/bench_buffer.py [--groups 16] [--shards 4] [--threads 2]
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def wan_projection(g: int = 12, pivot: int = 2, dtype: torch.dtype = torch.bfloa
 def main() -> None:
     ap = argparse.ArgumentParser(description="replay-buffer benchmarks")
     ap.add_argument("--groups", type=int, default=16)
+    ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -80,30 +81,35 @@ def main() -> None:
         src = next((tmp / "collected").glob("shard-*"))
         entries = list(get_format("webdataset").read(src))
 
-        cols = ("MB/shard", "write MB/s", "read MB/s", "stream 0w", "stream 2w")
-        print("\n" + f"{'format':11s}" + "".join(f"{c:>11s}" for c in cols))
+        cols = ("MB total", "write MB/s", "read MB/s", "stream 0w", "stream 2w")
+        print(f"\n{args.shards} shards of {len(entries) // args.shards} groups")
+        print(f"{'format':11s}" + "".join(f"{c:>11s}" for c in cols))
+        per = len(entries) // args.shards
         for name, fmt in FORMATS.items():
             folder = tmp / name
             folder.mkdir()
-            t0 = time.perf_counter()
-            info = write_shard(fmt, folder / f"shard-000000{fmt.suffix}", entries)
-            w = time.perf_counter() - t0
-            write_manifest_part(folder, entries, info)
-            raw = sum(record_bytes(e) for e in entries) / 1e6
-            t0 = time.perf_counter()
-            n = sum(1 for _ in fmt.read(info.path))
-            r = time.perf_counter() - t0
-            assert n == len(entries)
+            w = r = 0.0
+            size = 0
+            for k in range(args.shards):
+                part = entries[k * per : (k + 1) * per]
+                t0 = time.perf_counter()
+                info = write_shard(fmt, folder / f"shard-{k:06d}{fmt.suffix}", part)
+                w += time.perf_counter() - t0
+                size += info.bytes
+                write_manifest_part(folder, part, info)
+                t0 = time.perf_counter()
+                assert sum(1 for _ in fmt.read(info.path)) == len(part)
+                r += time.perf_counter() - t0
+            raw = sum(record_bytes(e) for e in entries[: per * args.shards]) / 1e6
             rates = []
             for workers in (0, 2):
                 t0 = time.perf_counter()
                 k = sum(1 for _ in DataLoader(BufferReader(folder), batch_size=None, num_workers=workers))
                 rates.append(raw / (time.perf_counter() - t0))
-                assert k == len(entries)
-            print(
-                f"{name:11s} {info.bytes / 1e6:9.1f} {raw / w:11.1f} {raw / r:10.1f} {rates[0]:10.1f} {rates[1]:10.1f}"
-            )
-        print("(MB/s of tensor payload; a single shard, so 2 workers split nothing and only add start-up cost)")
+                assert k == per * args.shards
+            vals = (size / 1e6, raw / w, raw / r, *rates)
+            print(f"{name:11s}" + "".join(f"{v:11.1f}" for v in vals))
+        print("(MB/s of tensor payload, in one process; 'stream Nw' = BufferReader in a DataLoader with N workers)")
 
         kv_cfg = CollectConfig(prompts=prompts, groups=4, group_size=12, pivot="2", store_kv=True, entries_per_shard=4)
         plain = CollectConfig(prompts=prompts, groups=4, group_size=12, pivot="2", entries_per_shard=4)
