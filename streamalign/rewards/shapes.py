@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.shapes.world import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, ShapePrompt, coverage
+from ..models.shapes.world import AREA_PER_R2, BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, ShapePrompt, coverage
 from .registry import RewardSpec, register
 
 COLOUR_TABLE = torch.tensor(list(COLOURS.values()))  # [K, 3]
@@ -135,7 +135,7 @@ def shape_fidelity(videos: torch.Tensor, prompts: list[ShapePrompt]) -> torch.Te
     shape = torch.tensor([SHAPES.index(p.shape) for p in prompts], device=videos.device)
     fg = foreground(videos, prompts)
     c, mass = centroids(fg)
-    area_per_r2 = torch.tensor([torch.pi, torch.pi, 2.03], device=videos.device)[shape]  # area / r^2
+    area_per_r2 = torch.tensor([AREA_PER_R2[p.shape] for p in prompts], device=videos.device)
     b, f = mass.shape
     radius = (mass / area_per_r2[:, None]).clamp(min=1e-3).sqrt()  # [B, F]
     tpl = coverage(

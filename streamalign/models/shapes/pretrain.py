@@ -33,7 +33,17 @@ from ..sampler import Sampler, Schedule
 from ..wan import CausalWanModel, teacher_forcing_mask
 from .pipeline import ShapesWorld, codec_for, minilm
 from .quality import sample_quality
-from .world import DIRECTIONS, Motion, held_in_prompts, held_out_prompts, render, sample_videos
+from .world import (
+    AREA_PER_R2,
+    DIRECTIONS,
+    RADIUS_RANGE,
+    Motion,
+    held_in_prompts,
+    held_out_prompts,
+    path_margin,
+    render,
+    sample_videos,
+)
 
 
 class PretrainConfig(BaseModel):
@@ -76,9 +86,9 @@ def self_rollout_latents(
     cov = shape_rewards.foreground(pix, prompts)
     centre, mass = shape_rewards.centroids(cov)
     x, y = centre[:, -1, 0], centre[:, -1, 1]
-    per_r2 = torch.tensor([{"triangle": 2.03}.get(p.shape, math.pi) for p in prompts])
-    radius = (mass[:, -1] / per_r2).sqrt().clamp(4.5, 6.5)
-    margin = 1.3 * radius + 0.5
+    per_r2 = torch.tensor([AREA_PER_R2[p.shape] for p in prompts])
+    radius = (mass[:, -1] / per_r2).sqrt().clamp(*RADIUS_RANGE)
+    margin = path_margin(radius)
     d = torch.tensor([DIRECTIONS[p.direction] for p in prompts])
     room = torch.where(d[:, 0] > 0, size - margin - x, torch.where(d[:, 0] < 0, x - margin, 0.0))
     room = room + torch.where(d[:, 1] > 0, size - margin - y, torch.where(d[:, 1] < 0, y - margin, 0.0))
@@ -121,6 +131,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, command: str = "", progre
     table = minilm(mcfg.arch.text_len).encode([p.text for p in train_prompts])  # [N, text_len, 384]
     mask = teacher_forcing_mask(nf, mcfg.tokens_per_frame, c)
     positions = torch.cat([torch.arange(nf), torch.arange(nf)])
+    own = Sampler(model, mcfg)  # samples the model's own first chunks for self-rollout rows
     eval_prompts = train_prompts[:: max(1, len(train_prompts) // cfg.eval_videos)][: cfg.eval_videos]
     eval_seeds = [10_000 + i for i in range(len(eval_prompts))]
 
@@ -140,7 +151,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, command: str = "", progre
         if n_sr:
             seeds = torch.randint(2**62, (n_sr,), generator=g).tolist()
             sub = [train_prompts[i] for i in idx[:n_sr].tolist()]
-            z[:n_sr] = self_rollout_latents(Sampler(model, mcfg), codec, sub, table[idx[:n_sr]], seeds, g)
+            z[:n_sr] = self_rollout_latents(own, codec, sub, table[idx[:n_sr]], seeds, g)
             keep[:n_sr, :c] = 0  # the model's own first chunk is context only
         level = torch.randint(len(sigmas), (cfg.batch_size, nf // c), generator=g).repeat_interleave(c, 1)
         s = sigmas[level]  # [B, F] one sampler sigma per chunk

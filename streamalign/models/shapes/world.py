@@ -8,6 +8,7 @@ the right and y downwards (``up`` moves towards row 0).
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass
 
@@ -92,6 +93,14 @@ def held_out_prompts() -> list[ShapePrompt]:
 # rendering
 ALONG_JITTER = 2.0  # px: random shift of the path along the motion axis
 ACROSS_JITTER = 4.0  # px: random shift of the path across it
+RADIUS_RANGE = (4.5, 6.5)  # px: the shape's size parameter r, drawn uniformly
+AREA_PER_R2 = {"circle": math.pi, "square": math.pi, "triangle": 2.03}  # shape area / r^2 (see shape_sdf)
+
+
+def path_margin(radius: torch.Tensor) -> torch.Tensor:
+    """Smallest distance (px) of a shape's centre from the frame border that keeps it inside: the triangle
+    reaches 1.25 r from its centre, plus half a pixel of anti-aliasing."""
+    return 1.3 * radius + 0.5
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,8 +160,9 @@ def sample_motion(
     """
     b = direction.shape[0]
     u = torch.rand(b, 4, generator=generator)
-    radius = 4.5 + 2.0 * u[:, 0]
-    margin = 1.3 * radius + 0.5  # the triangle reaches 1.25 r from its centre
+    lo, hi = RADIUS_RANGE
+    radius = lo + (hi - lo) * u[:, 0]
+    margin = path_margin(radius)
     room = size - 2 * margin  # free span of the centre along an axis
     speed = torch.minimum(0.9 + 0.7 * u[:, 1], room / max(frames - 1, 1))  # same speed law for any onset
     dirs = torch.tensor(list(DIRECTIONS.values()))[direction]
