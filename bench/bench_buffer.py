@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from streamalign.buffer.formats import FORMATS, get_format, shard_files, write_shard
+from streamalign.buffer.formats import FORMATS, get_format, shard_bytes, write_shard
 from streamalign.buffer.manifest import write_manifest_part
 from streamalign.buffer.reader import BufferReader
 from streamalign.collect.collector import CollectConfig, collect
@@ -28,10 +28,6 @@ from streamalign.collect.policy import Policy
 from streamalign.models.shapes import held_in_prompts
 from streamalign.schemas.buffer import Entry
 from streamalign.schemas.config import ModelConfig
-
-
-def size_of(path: Path) -> int:
-    return sum(f.stat().st_size for f in shard_files(path))
 
 
 def record_bytes(entry: Entry) -> int:
@@ -115,7 +111,7 @@ def main() -> None:
         plain = CollectConfig(prompts=prompts, groups=4, group_size=12, pivot="2", entries_per_shard=4)
         for label, c in (("context latents", plain), ("--store-kv", kv_cfg)):
             collect(policy, c, tmp / label, progress=False)
-            size = size_of(next((tmp / label).glob("shard-*"))) / 4
+            size = shard_bytes(next((tmp / label).glob("shard-*"))) / 4
             print(f"shapes, pivot 2, G=12, {label:16s}: {size / 1e6:6.2f} MB per entry (fp32, webdataset)")
         base, kv = wan_projection()
         print(

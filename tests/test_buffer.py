@@ -15,34 +15,21 @@ from streamalign.schemas.buffer import LATENT_FIELDS, Entry, SchemaError
 def make_entry(group, i: int = 0, dtype: torch.dtype = torch.float32, kv: bool = False) -> Entry:
     g = group.group_size
     rewards = {"colour_match": torch.linspace(0, 1, g), "sharpness": torch.full((g,), 0.25 + i)}
-    tensors = {
-        "context": group.context,
-        "eps_star": group.eps_star,
-        "branch_noise": group.branch_noise,
-        "init_noise": group.init_noise,
-        "solver_noise": group.solver_noise,
-        "x_t": group.x_t,
-        "x0_old": group.x0,
-        "branch_latents": group.branch_latents,
-    }
-    return Entry(
+    entry = Entry.from_fork_group(
+        group,
         entry_id=f"run0-{i:04d}",
         run_id="run0",
         policy_id="base",
-        seed=100 + i,
         prompt="a red circle moving left on a gray background",
         prompt_id="p0",
         config_name="tiny",
         arch_id="abc",
-        num_chunks=group.init_noise.shape[0],
-        pivot=group.pivot,
-        strength=group.strength,
         timesteps=[1000.0, 937.5, 833.3333, 625.0],
-        **{k: v.to(dtype) for k, v in tensors.items()},
         rewards=rewards,
         reward_weights={"colour_match": 1.0, "sharpness": 0.5},
         kv={"k.0": torch.randn(6, 2, 4).to(dtype), "v.0": torch.randn(6, 2, 4).to(dtype)} if kv else {},
     )
+    return dataclasses.replace(entry, **{name: getattr(entry, name).to(dtype) for name in LATENT_FIELDS})
 
 
 @pytest.fixture(scope="module")

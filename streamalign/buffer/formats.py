@@ -146,6 +146,11 @@ def shard_files(path: Path) -> list[Path]:
     return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
 
 
+def shard_bytes(path: Path) -> int:
+    """Size of a shard on disk (all its files)."""
+    return sum(f.stat().st_size for f in shard_files(path))
+
+
 def checksum(path: Path) -> str:
     """sha256 of a shard: the file's bytes, or of a directory every file's relative path and bytes."""
     h = hashlib.sha256()
@@ -173,24 +178,25 @@ def write_shard(fmt: ShardFormat, path: str | Path, entries: Sequence[Entry]) ->
         if not ENTRY_ID.match(e.entry_id):
             raise SchemaError(f"entry id {e.entry_id!r} must use only letters, digits, '_' and '-'")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _remove(tmp)
+    remove_path(tmp)
     try:
         fmt.write(tmp, entries)
         for f in shard_files(tmp):
             _fsync(f)
         digest = checksum(tmp)
-        size = sum(f.stat().st_size for f in shard_files(tmp))
+        size = shard_bytes(tmp)
         if path.exists():
             raise FileExistsError(f"shard {path} already exists: a finished shard is never overwritten")
         os.rename(tmp, path)
         _fsync(path.parent)
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
     return ShardInfo(path, fmt.name, len(entries), size, digest)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Delete a file or a directory tree (a tar or zarr shard, or its temporary)."""
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():

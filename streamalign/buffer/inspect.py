@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from ..schemas.buffer import SCHEMA_VERSION, SchemaError
-from .formats import FORMATS, checksum, get_format, shard_files
+from .formats import FORMATS, checksum, get_format, shard_bytes
 from .manifest import MANIFEST_DIR, read_manifest
 
 
@@ -23,7 +23,7 @@ def buffer_info(folder: str | Path) -> dict:
     for part in sorted((folder / MANIFEST_DIR).glob("*.parquet")):
         rejected += len(json.loads((pq.read_schema(part).metadata or {}).get(b"rejected", b"[]")))
     groups = {r["entry_id"]: r for r in rows}
-    size = sum(f.stat().st_size for s in shards if (folder / s).exists() for f in shard_files(folder / s))
+    size = sum(shard_bytes(folder / s) for s in shards if (folder / s).exists())
     return {
         "schema_version": SCHEMA_VERSION,
         "groups": len(groups),

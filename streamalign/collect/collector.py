@@ -14,15 +14,14 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..buffer.formats import ShardInfo, checksum, get_format, shard_files, write_shard
+from ..buffer.formats import ShardInfo, checksum, get_format, remove_path, shard_bytes, write_shard
 from ..buffer.manifest import MANIFEST_DIR, write_manifest_part
 from ..models.noise import derive_seed
 from ..models.sampler import ForkGroup
@@ -83,7 +82,6 @@ class CollectSummary:
     rejected: int = 0
     bytes: int = 0
     seconds: float = 0.0
-    reward_means: dict[str, float] = field(default_factory=dict)
 
 
 def shard_name(k: int, suffix: str) -> str:
@@ -114,27 +112,16 @@ def collect_group(policy: Policy, cfg: CollectConfig, reward: CompositeReward, i
     videos = policy.decode(group.videos())
     scores = reward(videos, [prompt] * cfg.group_size)
     scores.pop("composite")
-    entry = Entry(
+    entry = Entry.from_fork_group(
+        group,
         entry_id=f"{cfg.run_id}-{i:07d}",
         run_id=cfg.run_id,
         policy_id=policy.policy_id,
-        seed=seed,
         prompt=prompt,
         prompt_id=hashlib.sha256(prompt.encode()).hexdigest()[:12],
         config_name=policy.config.name,
         arch_id=policy.config.arch_id,
-        num_chunks=n,
-        pivot=pivot,
-        strength=cfg.strength,
         timesteps=[float(t) for t in sampler.schedule.timesteps],
-        context=group.context,
-        eps_star=group.eps_star,
-        branch_noise=group.branch_noise,
-        init_noise=group.init_noise,
-        solver_noise=group.solver_noise,
-        x_t=group.x_t,
-        x0_old=group.x0,
-        branch_latents=group.branch_latents,
         rewards={k: v.float() for k, v in scores.items()},
         reward_weights=reward.weights,
         kv=prefix_kv(policy, group, text) if cfg.store_kv else {},
@@ -146,7 +133,7 @@ def clean_temporaries(out: Path) -> int:
     """Remove the temporary files a killed run left behind; returns how many."""
     stale = [*out.glob(".*.tmp-*"), *(out / MANIFEST_DIR).glob(".*.tmp-*")]
     for p in stale:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        remove_path(p)
     return len(stale)
 
 
@@ -174,8 +161,7 @@ def collect(
             continue
         if path.exists():  # killed between the shard and its manifest part: the shard is complete
             entries = list(fmt.read(path))
-            size = sum(f.stat().st_size for f in shard_files(path))
-            info = ShardInfo(path, fmt.name, len(entries), size, checksum(path))
+            info = ShardInfo(path, fmt.name, len(entries), shard_bytes(path), checksum(path))
             rejected: list[dict] = []
         else:
             entries, rejected = [], []

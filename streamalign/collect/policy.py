@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..buffer.formats import checksum
 from ..models.checkpoint import load_generator
 from ..models.codec import LatentCodec, WanVAECodec
 from ..models.sampler import Sampler
@@ -69,15 +70,10 @@ class Policy:
 
 
 def policy_id(checkpoint: str | Path, lora: str | Path | None = None, lora_alpha: float | None = None) -> str:
-    """16 hex digits of sha256 over the weight files' bytes (and the LoRA's, with its alpha)."""
+    """16 hex digits of sha256 over the weights' checksums (the base's, and the LoRA's with its alpha)."""
     h = hashlib.sha256()
     for p in (checkpoint, lora):
-        if p is None:
-            continue
-        path = Path(p)
-        for f in [path] if path.is_file() else sorted(x for x in path.rglob("*") if x.is_file()):
-            with open(f, "rb") as fh:
-                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                    h.update(block)
+        if p is not None:
+            h.update(checksum(Path(p)).encode())
     h.update(repr(lora_alpha).encode())
     return h.hexdigest()[:16]

@@ -70,6 +70,26 @@ class Entry:
     def chunk_frames(self) -> int:
         return self.eps_star.shape[0]
 
+    @classmethod
+    def from_fork_group(cls, group, **identity) -> Entry:
+        """An entry from a :class:`~streamalign.models.sampler.ForkGroup` (its seed, pivot, strength, number
+        of chunks and every tensor) plus the identity, timesteps, rewards and weights given as keywords."""
+        return cls(
+            seed=group.seed,
+            num_chunks=group.init_noise.shape[0],
+            pivot=group.pivot,
+            strength=group.strength,
+            context=group.context,
+            eps_star=group.eps_star,
+            branch_noise=group.branch_noise,
+            init_noise=group.init_noise,
+            solver_noise=group.solver_noise,
+            x_t=group.x_t,
+            x0_old=group.x0,
+            branch_latents=group.branch_latents,
+            **identity,
+        )
+
     # -- validation ----------------------------------------------------------------------------------
     def validate(self, where: str = "entry") -> Entry:
         """Raise SchemaError naming the first inconsistency; return self when valid."""
