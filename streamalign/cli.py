@@ -36,7 +36,12 @@ def clear_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            from pydantic import ValidationError
+
+            if isinstance(e, ValidationError) and e.errors():  # the validator's own message, not pydantic's header
+                msg = str(e.errors()[0]["msg"]).removeprefix("Value error, ")
+            else:
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             print(f"error: {msg}", file=sys.stderr)
             raise typer.Exit(2) from None
 
@@ -204,6 +209,22 @@ def shapes_check(
             print(f"  {k:24s} {q['model'][k]:6.3f}   {q['ground_truth'][k]:6.3f}")
 
 
+def prompt_set(prompts: Path | None, config: str, which: str = "held-in") -> tuple[str, ...]:
+    """Prompts from a file (one per line), else the shapes world's held-in / held-out set."""
+    if prompts is not None:
+        if not prompts.is_file():
+            raise FileNotFoundError(f"prompt file {prompts} not found")
+        texts = tuple(line.strip() for line in prompts.read_text().splitlines() if line.strip())
+        if not texts:
+            raise ValueError(f"prompt file {prompts} has no prompts")
+        return texts
+    if config == "shapes":
+        from .models.shapes import held_in_prompts, held_out_prompts
+
+        return tuple(p.text for p in (held_in_prompts() if which == "held-in" else held_out_prompts()))
+    raise ValueError("give --prompts FILE (one prompt per line)")
+
+
 @app.command("collect")
 @clear_errors
 def collect_cmd(
@@ -233,16 +254,7 @@ def collect_cmd(
     from .collect.policy import Policy
     from .rewards import SHAPES_METRICS, SHAPES_REWARDS
 
-    if prompts is not None:
-        if not prompts.is_file():
-            raise FileNotFoundError(f"prompt file {prompts} not found")
-        texts = tuple(line.strip() for line in prompts.read_text().splitlines() if line.strip())
-    elif config == "shapes":
-        from .models.shapes import held_in_prompts
-
-        texts = tuple(p.text for p in held_in_prompts())
-    else:
-        raise ValueError("give --prompts FILE (one prompt per line)")
+    texts = prompt_set(prompts, config)
     cfg = CollectConfig(
         prompts=texts,
         groups=groups,
@@ -268,6 +280,92 @@ def collect_cmd(
             f"({s.groups / max(s.seconds, 1e-9):.2f} groups/s), skipped {s.shards_skipped} finished"
         )
         print(f"reward means: {means}")
+
+
+@app.command("train")
+@clear_errors
+def train_cmd(
+    out: Annotated[Path, typer.Option(help="Run folder: adapter/, checkpoints/, metrics.jsonl, curves.png.")],
+    mode: Annotated[str, typer.Option(help="semi: stream --buffer; on: fresh rollouts + K updates each.")] = "semi",
+    buffer: Annotated[Path | None, typer.Option(help="Replay buffer folder (semi).")] = None,
+    steps: Annotated[int, typer.Option(help="Updates (semi) or iterations (on).")] = 100,
+    batch_groups: Annotated[int, typer.Option(help="Fork groups per update, over all ranks.")] = 8,
+    accum: Annotated[int, typer.Option(help="Batches accumulated per update.")] = 1,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-5,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip.")] = 1.0,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up updates.")] = 0,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 64,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 128.0,
+    init_adapter: Annotated[Path | None, typer.Option(help="Continue training this peft adapter.")] = None,
+    anchors: Annotated[int, typer.Option(help="CoPO anchors per group.")] = 4,
+    pivot_steps: Annotated[int | None, typer.Option(help="Pivot denoising steps per group (default all).")] = None,
+    tau: Annotated[float | None, typer.Option(help="CoPO temperature (default adaptive).")] = None,
+    tau_scale: Annotated[float, typer.Option(help="Adaptive tau = scale x median old distance.")] = 1.0,
+    clip_eps: Annotated[float, typer.Option(help="Ratio clip epsilon.")] = 1e-4,
+    no_clip: Annotated[bool, typer.Option("--no-clip", help="Off-policy ablation: no ratio clip.")] = False,
+    context: Annotated[str, typer.Option(help="Prefix KV: recompute | stored.")] = "recompute",
+    filter: Annotated[str | None, typer.Option(help="SQL over `manifest` returning entry_id (semi).")] = None,
+    reward_weights: Annotated[str | None, typer.Option(help="Re-weight rewards at read time: a=1,b=0.5.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt file (on; default: shapes held-in).")] = None,
+    group_size: Annotated[int, typer.Option("--group-size", "-G", help="Branches per fresh group (on).")] = 12,
+    sigma: Annotated[float, typer.Option(help="Pivot noise perturbation strength (on).")] = 0.5,
+    updates_per_iter: Annotated[int, typer.Option(help="Updates per fresh batch (on).")] = 2,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N updates (semi) / iterations (on).")] = 50,
+    eval_every: Annotated[int, typer.Option(help="Score fresh videos every N updates (0: never).")] = 0,
+    eval_prompts: Annotated[int, typer.Option(help="Training prompts scored at each evaluation.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the LoRA init, data order and anchors.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
+    wandb: Annotated[bool, typer.Option("--wandb", help="Also log to Weights & Biases.")] = False,
+    config: ConfigOpt = "shapes",
+    checkpoint: Annotated[Path | None, typer.Option(help="Base generator weights (shapes: shipped).")] = None,
+    wan_dir: Annotated[Path | None, typer.Option(help="Local Diffusers Wan2.1 folder (UMT5 + VAE).")] = None,
+) -> None:
+    """Train a LoRA on the pivot chunk with CoPO: semi-on-policy from a buffer, or on-policy.
+    Under `torchrun --nproc_per_node N` gradients are averaged over ranks."""
+    from .train.config import TrainConfig
+    from .train.loop import train
+
+    texts = prompt_set(prompts, config) if mode == "on" or eval_every else ()
+    cfg = TrainConfig(
+        mode=mode, model=config, checkpoint=str(checkpoint) if checkpoint else None,
+        wan_dir=str(wan_dir) if wan_dir else None, init_adapter=str(init_adapter) if init_adapter else None,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, steps=steps, batch_groups=batch_groups, accum=accum, lr=lr,
+        weight_decay=weight_decay, grad_clip=grad_clip, warmup=warmup, seed=seed, anchors=anchors,
+        pivot_steps=pivot_steps, tau=tau, tau_scale=tau_scale, clip_eps=clip_eps, clip=not no_clip, context=context,
+        buffer=str(buffer) if buffer else None, filter=filter, reward_weights=parse_weights(reward_weights),
+        prompts=texts if mode == "on" else (), group_size=group_size, strength=sigma,
+        updates_per_iter=updates_per_iter, save_every=save_every, eval_every=eval_every,
+        eval_prompts=texts[:: max(1, len(texts) // eval_prompts)][:eval_prompts] if eval_every else (),
+        threads=threads, wandb=wandb,
+    )  # fmt: skip
+    for p, what in ((buffer, "buffer"), (init_adapter, "adapter"), (checkpoint, "checkpoint")):
+        if p is not None and not p.exists():
+            raise FileNotFoundError(f"{what} {p} does not exist")
+    s = train(cfg, out, resume=resume)
+    f = s.final
+    ev = f" eval composite {f['eval_composite']:.4f};" if "eval_composite" in f else ""
+    print(
+        f"{out}: {s.steps} updates in {s.seconds:.1f} s; last loss {f.get('loss', float('nan')):.4g};{ev} "
+        f"adapter {s.adapter}"
+    )
+
+
+def parse_weights(spec: str | None) -> dict[str, float] | None:
+    """'a=1,b=0.5' -> {'a': 1.0, 'b': 0.5}."""
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(","):
+        name, sep, w = part.partition("=")
+        try:
+            out[name.strip()] = float(w)
+        except ValueError:
+            raise ValueError(f"--reward-weights: {part!r} is not name=number") from None
+        if not sep or not name.strip():
+            raise ValueError(f"--reward-weights: {part!r} is not name=number")
+    return out
 
 
 @buffer_app.command("info")

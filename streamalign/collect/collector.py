@@ -84,8 +84,8 @@ class CollectSummary:
     seconds: float = 0.0
 
 
-def shard_name(k: int, suffix: str) -> str:
-    return f"shard-{k:06d}{suffix}"
+def shard_name(k: int, suffix: str, prefix: str = "") -> str:
+    return f"shard-{prefix}{k:06d}{suffix}"
 
 
 def prefix_kv(policy: Policy, group: ForkGroup, text: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -138,9 +138,16 @@ def clean_temporaries(out: Path) -> int:
 
 
 def collect(
-    policy: Policy, cfg: CollectConfig, out: str | Path, rank: int = 0, world: int = 1, progress: bool = True
+    policy: Policy,
+    cfg: CollectConfig,
+    out: str | Path,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    shard_prefix: str = "",
 ) -> CollectSummary:
-    """Write this rank's shards of the collection into `out` (resuming); returns what it did."""
+    """Write this rank's shards of the collection into `out` (resuming); returns what it did.
+    `shard_prefix` lets several collections share one buffer folder (on-policy iterations)."""
     cfg.check(policy.config.num_chunks)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +159,7 @@ def collect(
     total = sum(min(cfg.entries_per_shard, cfg.groups - k * cfg.entries_per_shard) for k in mine)
     bar = tqdm(total=total, desc=f"collect[{rank}]" if world > 1 else "collect", unit="group", disable=not progress)
     for k in mine:
-        path = out / shard_name(k, fmt.suffix)
+        path = out / shard_name(k, fmt.suffix, shard_prefix)
         part = out / MANIFEST_DIR / f"{path.name}.parquet"
         lo, hi = k * cfg.entries_per_shard, min((k + 1) * cfg.entries_per_shard, cfg.groups)
         if path.exists() and part.exists():

@@ -124,13 +124,11 @@ def load_state_dict_strict(
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
-def merge_lora(
-    model: CausalWanModel, lora_sd: Mapping[str, torch.Tensor], alpha: float | None = None, scale: float = 1.0
-) -> int:
-    """Merge peft-format LoRA weights into the model's Linear layers in place; returns layers merged.
-
-    ``W += scale * (alpha / r) * B @ A`` with r the rank read from A; alpha defaults to r (LongLive's
-    default when its config gives none)."""
+def lora_pairs(
+    model: torch.nn.Module, lora_sd: Mapping[str, torch.Tensor]
+) -> list[tuple[str, torch.nn.Linear, torch.Tensor, torch.Tensor]]:
+    """Match peft-format LoRA weights to the model's Linear layers: (name, layer, A, B) per target, or a
+    CheckpointError naming the entry that is not a LoRA weight, lacks its pair or does not fit."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in lora_sd.items():
         m = _LORA_KEY.match(normalize_key(k))
@@ -138,21 +136,35 @@ def merge_lora(
             raise CheckpointError(f"LoRA entry '{k}' is not a peft lora_A/lora_B weight")
         pairs.setdefault(m["mod"], {})[m["ab"]] = v
     modules = dict(model.named_modules())
+    out = []
     for name, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise CheckpointError(f"LoRA for '{name}' lacks lora_{'B' if 'A' in ab else 'A'}")
         lin = modules.get(name)
         if not isinstance(lin, torch.nn.Linear):
             raise CheckpointError(f"LoRA targets '{name}', which is not a Linear layer of this model")
-        a, b = ab["A"].double(), ab["B"].double()
+        a, b = ab["A"], ab["B"]
         if a.shape[1] != lin.in_features or b.shape[0] != lin.out_features or a.shape[0] != b.shape[1]:
             raise CheckpointError(
                 f"LoRA for '{name}' has shapes A {tuple(a.shape)}, B {tuple(b.shape)} "
-                f"that do not fit Linear({lin.in_features}, {lin.out_features})"
+                f"that do not fit Linear({lin.in_features}, {lin.out_features}): an adapter of another model"
             )
+        out.append((name, lin, a, b))
+    return out
+
+
+def merge_lora(
+    model: CausalWanModel, lora_sd: Mapping[str, torch.Tensor], alpha: float | None = None, scale: float = 1.0
+) -> int:
+    """Merge peft-format LoRA weights into the model's Linear layers in place; returns layers merged.
+
+    ``W += scale * (alpha / r) * B @ A`` with r the rank read from A; alpha defaults to r (LongLive's
+    default when its config gives none)."""
+    pairs = lora_pairs(model, lora_sd)
+    for _, lin, a, b in pairs:
         r = a.shape[0]
         with torch.no_grad():
-            delta = (scale * (alpha if alpha is not None else r) / r) * (b @ a)
+            delta = (scale * (alpha if alpha is not None else r) / r) * (b.double() @ a.double())
             lin.weight.copy_((lin.weight.double() + delta).to(lin.weight.dtype))
     return len(pairs)
 

@@ -158,6 +158,23 @@ class KVCache:
             return kc[:, plan.read], vc[:, plan.read]
         return kc.index_select(1, plan.read), vc.index_select(1, plan.read)
 
+    def load_prefix(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        """Fill frames ``[0, n)`` of an empty global cache from stored per-layer k, v ``[n*T, heads, dim]``
+        (T tokens per frame), broadcast over the batch, as if those frames had been written."""
+        if self.window is not None:
+            raise ValueError("stored prefix KV needs a global cache (cache.window: null)")
+        if len(k) != self.num_layers or len(v) != self.num_layers:
+            raise ValueError(f"stored KV has {len(k)} layers, the model {self.num_layers}")
+        s = k[0].shape[0]
+        n, rest = divmod(s, self.tokens_per_frame)
+        if rest or n > self.capacity or tuple(k[0].shape[1:]) != tuple(self.k[0].shape[2:]):
+            raise ValueError(f"stored KV of shape {tuple(k[0].shape)} does not fit this model's cache")
+        for layer in range(self.num_layers):
+            self.k[layer][:, :s] = k[layer].to(self.k[layer])
+            self.v[layer][:, :s] = v[layer].to(self.v[layer])
+        self.slot_frame = [f if f < n else -1 for f in range(self.capacity)]
+        self.end_frame = n
+
     def reset_cross(self) -> None:
         """Forget the cross-attention k/v (a new prompt will be encoded on the next forward)."""
         self.cross_k = [None] * self.num_layers

@@ -167,19 +167,22 @@ class Sampler:
     def predict_x0(
         self,
         x: torch.Tensor,
-        t: float,
-        sigma: float,
+        t: float | torch.Tensor,
+        sigma: float | torch.Tensor,
         context: torch.Tensor | None,
         cache: KVCache | None,
         start_frame: int,
     ) -> torch.Tensor:
-        """The model's x0 prediction for a chunk x [B, c, C, H, W] at timestep t (noise level sigma).
+        """The model's x0 prediction for a chunk x [B, c, C, H, W] at timestep t (noise level sigma), each a
+        number or one value per sample [B] (training replays several steps in one batch).
         Flow models: ``x0 = x - sigma v`` computed in float64 (as the reference); x0 models: the output."""
-        tt = torch.full((x.shape[0], x.shape[1]), t, device=x.device)
+        b, c = x.shape[:2]
+        tt = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(b, c)
         out = self.model(x, tt, context, cache, start_frame=start_frame)
         if self.model.arch.prediction == "x0":
             return out.float()
-        return (x.double() - sigma * out.double()).float()
+        s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
+        return (x.double() - s * out.double()).float()
 
     def write_context(self, cache: KVCache, latents: torch.Tensor, context: torch.Tensor | None) -> None:
         """Write clean K/V for given latents [B, k*c, C, H, W] (chunks 0..k-1) in one t=context_t pass

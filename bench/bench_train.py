@@ -1,0 +1,138 @@
+"""Training benchmarks, measured in one run:
+
+- seconds per semi-on-policy update (replay of `--batch` stored groups) vs per on-policy iteration
+  (collect `--batch` fresh groups with the current policy + 2 updates), shipped shapes generator, G=12,
+  LoRA r64/a128, CoPO with 4 anchors x 4 steps;
+- activation memory of one pivot-chunk update vs backprop through the whole sequence: bytes of the
+  tensors autograd saves for backward (exact, counted with saved_tensors_hooks), for K anchor videos x T
+  steps at the pivot vs the same K videos x T steps in every one of the L chunks. The design promises
+  a ratio <= 1/L (plus the larger attention of late chunks).
+
+    python bench/bench_train.py [--batch 8] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from streamalign.collect.collector import CollectConfig, collect
+from streamalign.collect.policy import Policy
+from streamalign.models.sampler import Sampler
+from streamalign.models.shapes import held_in_prompts
+from streamalign.schemas.config import ModelConfig
+from streamalign.train.config import TrainConfig
+from streamalign.train.loop import train
+from streamalign.train.lora import LoraSettings, attach_lora
+from streamalign.train.replay import PivotReplay
+
+
+class SavedBytes:
+    """Sum of the bytes of tensors autograd saves for backward inside the context (each storage counted
+    once; the model's own weights, held either way, excluded)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def __enter__(self):
+        self.total, self.seen = 0, set(self.weights)
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self.seen:
+                self.seen.add(ptr)
+                self.total += t.untyped_storage().nbytes()
+            return t
+
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+
+
+def memory(config: str, anchors: int = 4) -> tuple[list[int], int, int]:
+    """(pivot-chunk bytes for each pivot 0..L-1, whole-sequence bytes, L) for a random-weight model."""
+    cfg = ModelConfig.load(config)
+    torch.manual_seed(0)
+    from streamalign.models.wan import CausalWanModel
+
+    peft = attach_lora(CausalWanModel(cfg.arch), LoraSettings())
+    model = peft.base_model.model
+    s = Sampler(model, cfg)
+    text = torch.randn(1, cfg.arch.text_len, cfg.arch.text_dim)
+    n, t = cfg.num_chunks, len(s.schedule)
+    bank = s.noise_bank(list(range(anchors)))
+    with torch.no_grad():
+        lat = s.rollout(text.expand(anchors, -1, -1), bank)
+    # pivot update: prefix rebuilt without grad, K x T pivot inputs with grad
+    from streamalign.schemas.buffer import Entry  # noqa: F401
+
+    class E:  # the fields PivotReplay reads
+        num_chunks = n
+
+    x_t = torch.randn(anchors * t, *s.chunk_shape)
+    per_pivot = []
+    for pivot in range(n):
+        E.pivot, E.context = pivot, lat[0, : pivot * s.chunk_frames]
+        with SavedBytes(model) as pivot_mem:
+            PivotReplay(s).predict(E, text, x_t, torch.arange(t).repeat(anchors)).pow(2).mean()
+        per_pivot.append(pivot_mem.total)
+    # whole sequence: every chunk's T denoising steps of the K videos kept for backward
+    with SavedBytes(model) as full_mem:
+        cache = s.new_cache(anchors * t, n)
+        outs = []
+        for j in range(n):
+            x = torch.randn(anchors * t, *s.chunk_shape)
+            steps = torch.arange(t).repeat(anchors)
+            tt = torch.tensor(s.schedule.timesteps)[steps]
+            sig = torch.tensor(s.schedule.sigmas, dtype=torch.float64)[steps]
+            outs.append(s.predict_x0(x, tt, sig, text, cache, j * s.chunk_frames))
+        torch.cat(outs, 1).pow(2).mean()
+    return per_pivot, full_mem.total, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--updates", type=int, default=4)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    prompts = tuple(p.text for p in held_in_prompts()[::7])
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        collect(Policy.load("shapes"), CollectConfig(prompts=prompts, groups=args.batch * 2, group_size=12, seed=1,
+                entries_per_shard=args.batch), tmp / "buf", progress=False)  # fmt: skip
+        common = dict(batch_groups=args.batch, threads=args.threads, save_every=10**6)
+        t0 = time.perf_counter()
+        train(
+            TrainConfig(mode="semi", buffer=str(tmp / "buf"), steps=args.updates, **common),
+            tmp / "semi",
+            progress=False,
+        )
+        semi = (time.perf_counter() - t0) / args.updates
+        t0 = time.perf_counter()
+        train(TrainConfig(mode="on", prompts=prompts, steps=1, group_size=12, **common), tmp / "on", progress=False)
+        on = time.perf_counter() - t0
+    print(f"shapes, batch {args.batch} groups of G=12, {args.threads} threads (includes model/adapter set-up):")
+    print(f"  semi-on-policy update   {semi:7.2f} s")
+    print(
+        f"  on-policy iteration     {on:7.2f} s  (collect {args.batch} groups + 2 updates) "
+        f"= {on / semi:.1f}x a semi update"
+    )
+    for config in ("shapes", "tiny"):
+        ps, f, n = memory(config)
+        mean = sum(ps) / len(ps)
+        print(f"activation memory ({config}, L={n}, 4 anchors x 4 steps): whole sequence {f / 2**20:.1f} MiB; "
+              f"pivot update by pivot {', '.join(f'{p / 2**20:.1f}' for p in ps)} MiB; ratio mean over pivots "
+              f"{mean / f:.3f}, last pivot {ps[-1] / f:.3f} (1/L = {1 / n:.3f})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Training configuration: one validated object, saved next to the run (``train.yaml``)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..rewards.shapes import SHAPES_METRICS, SHAPES_REWARDS
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: str = "semi"  # semi: stream a buffer, old = the stored reference predictions; on: fresh rollouts
+    objective: str = "copo"
+    # policy
+    model: str = "shapes"  # config preset or YAML path
+    checkpoint: str | None = None  # base generator weights (shapes: the shipped ones)
+    wan_dir: str | None = None
+    init_adapter: str | None = None  # continue training this peft adapter
+    lora_rank: int = 64
+    lora_alpha: float = 128.0
+    # optimisation
+    steps: int = Field(100, gt=0)  # optimizer updates (semi) / iterations (on)
+    batch_groups: int = Field(8, gt=0)  # fork groups per update, over all ranks
+    accum: int = Field(1, gt=0)  # batches accumulated into one update
+    lr: float = 1e-5
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    warmup: int = Field(0, ge=0)
+    seed: int = 0
+    # objective
+    anchors: int = 4
+    pivot_steps: int | None = None  # denoising steps of the pivot used per group (None: all)
+    tau: float | None = None  # None: adaptive (median off-anchor distance of the old policy x tau_scale)
+    tau_scale: float = 1.0
+    clip_eps: float = 1e-4
+    clip: bool = True  # False: the off-policy ablation
+    context: str = "recompute"  # recompute | stored prefix KV
+    # semi-on-policy data
+    buffer: str | None = None
+    shuffle: int = 64
+    filter: str | None = None
+    reward_weights: dict[str, float] | None = None
+    # on-policy rollouts
+    prompts: tuple[str, ...] = ()
+    group_size: int = 12
+    strength: float = 0.5
+    updates_per_iter: int = Field(2, gt=0)
+    rewards: str = SHAPES_REWARDS
+    metrics: str = SHAPES_METRICS
+    format: str = "webdataset"
+    # bookkeeping
+    save_every: int = Field(50, gt=0)
+    eval_every: int = Field(0, ge=0)  # 0: no evaluation during training
+    eval_prompts: tuple[str, ...] = ()
+    eval_seed: int = 1_000_000
+    threads: int | None = None
+    wandb: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.mode not in ("semi", "on"):
+            raise ValueError(f"--mode must be 'semi' or 'on', got {self.mode!r}")
+        if self.objective != "copo":
+            raise ValueError(f"--objective {self.objective!r} is not available (copo)")
+        if not 0 < self.lr <= 1:
+            raise ValueError(f"--lr {self.lr} is out of range (0, 1]")
+        if self.mode == "semi" and self.buffer is None:
+            raise ValueError("--mode semi needs --buffer DIR (a buffer written by `streamalign collect`)")
+        if self.mode == "on" and not self.prompts:
+            raise ValueError("--mode on needs prompts (--prompts FILE, or the shapes world's held-in set)")
+        if self.mode == "on" and not 2 <= self.group_size <= 256:
+            raise ValueError(f"--group-size {self.group_size} must lie in 2..256 (advantages need >= 2 branches)")
+        if self.context not in ("recompute", "stored"):
+            raise ValueError(f"--context must be recompute or stored, got {self.context!r}")
+        if not 1 <= self.lora_rank <= 4096 or self.lora_alpha <= 0:
+            raise ValueError(f"LoRA rank {self.lora_rank} / alpha {self.lora_alpha} out of range (1..4096, > 0)")
+        if self.anchors < 1 or (self.pivot_steps is not None and self.pivot_steps < 1):
+            raise ValueError("--anchors and --pivot-steps must be >= 1")
+        if self.tau is not None and self.tau <= 0:
+            raise ValueError(f"--tau {self.tau} must be > 0 (omit it for the adaptive default)")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"--clip-eps {self.clip_eps} must lie in (0, 1)")
+        return self

@@ -1,0 +1,83 @@
+"""LoRA adapters on the generator via peft: attach, save (peft format), load for more training.
+
+Targets are Linear layers by name suffix: ``q, k, v, o`` (self- and cross-attention) and ``ffn.0,
+ffn.2`` of every block. Saved adapters are peft folders (``adapter_config.json`` +
+``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads on our model and that
+``load_generator(..., lora=folder)`` merges exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from ..models.checkpoint import CheckpointError, lora_pairs, read_lora
+from ..models.wan import CausalWanModel
+
+DEFAULT_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 64
+    alpha: float = 128.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+    def check(self) -> None:
+        if not 1 <= self.rank <= 4096:
+            raise ValueError(f"--lora-rank {self.rank} must lie in 1..4096")
+        if self.alpha <= 0:
+            raise ValueError(f"--lora-alpha {self.alpha} must be > 0")
+
+
+def attach_lora(model: CausalWanModel, settings: LoraSettings, seed: int = 0) -> PeftModel:
+    """Wrap `model` with a fresh trainable LoRA (A: peft's Kaiming init drawn from `seed`, B = 0, so the
+    adapted model starts equal to the base). Only the LoRA weights require grad."""
+    settings.check()
+    cfg = LoraConfig(
+        r=settings.rank, lora_alpha=settings.alpha, target_modules=list(settings.targets), lora_dropout=0.0
+    )
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        peft_model = get_peft_model(model, cfg)
+    finally:
+        torch.random.set_rng_state(state)
+    return peft_model
+
+
+def load_lora(model: CausalWanModel, folder: str | Path, trainable: bool = True) -> PeftModel:
+    """An adapter folder on `model`; clear error if its weights do not fit this model's layers."""
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").exists():
+        raise CheckpointError(f"adapter {folder} has no adapter_config.json: not a peft adapter folder")
+    lora_pairs(model, read_lora(folder))  # validates names and shapes against this model
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+
+
+def save_lora(peft_model: PeftModel, folder: str | Path) -> Path:
+    """Save the adapter in peft format atomically: written to a temp folder, then renamed into place."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        peft_model.save_pretrained(str(tmp))
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def lora_parameters(peft_model: PeftModel) -> list[tuple[str, torch.nn.Parameter]]:
+    """The trainable LoRA parameters in a fixed (module) order."""
+    return [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]

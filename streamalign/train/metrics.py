@@ -1,0 +1,87 @@
+"""Training metrics: JSONL always, TensorBoard when installed, W&B on request; PNG curves at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLog:
+    """Append one JSON row per update to ``metrics.jsonl`` (rank 0). On resume the rows after the
+    checkpoint's step are dropped first, so the log matches an uninterrupted run."""
+
+    def __init__(self, out: Path, resume_step: int | None = None, config: dict | None = None, wandb: bool = False):
+        self.path = out / "metrics.jsonl"
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if self.path.exists() else []
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            pass
+        self.wandb = None
+        if wandb:
+            try:
+                import wandb as wb
+            except ImportError as e:
+                raise RuntimeError("--wandb needs the wandb package: pip install wandb") from e
+            self.wandb = wb.init(project="streamalign", config=config or {}, dir=str(out))
+
+    def log(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(
+    jsonl: Path, png: Path, keys: tuple[str, ...] = ("loss", "reward", "eval_composite", "grad_norm")
+) -> None:
+    """One panel per logged key that has values (eval rows are sparse): raw and a running mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(jsonl)
+    present = [k for k in keys if any(k in r for r in rows)]
+    if not present:
+        return
+    fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
+    for ax, k in zip(axes[0], present, strict=True):
+        pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None and math.isfinite(r[k])]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        style = "o-" if k.startswith("eval") else "-"
+        ax.plot(xs, ys, style, lw=1, alpha=0.6 if not k.startswith("eval") else 1.0)
+        if not k.startswith("eval") and len(ys) > 5:
+            w = max(2, len(ys) // 10)
+            ax.plot(
+                xs,
+                [sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))],
+                lw=2,
+            )
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

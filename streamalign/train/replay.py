@@ -1,0 +1,62 @@
+"""Replay of a stored fork group's pivot chunk under the current policy, with gradients.
+
+The prefix (chunks before the pivot) is context only: its KV is rebuilt without grad from the stored
+clean context latents under the current policy (``context="recompute"``), or taken from the KV stored
+with the entry (``"stored"``, the rollout policy's). The pivot chunk's step inputs ``x_t`` are then run
+through the same :class:`~streamalign.models.sampler.Sampler` that generated them, as one batch of
+(branch, step) pairs, so gradients flow only through the pivot chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.kv_cache import KVCache
+from ..models.sampler import Sampler
+from ..schemas.buffer import Entry
+
+CONTEXT_MODES = ("recompute", "stored")
+
+
+class PivotReplay:
+    """x0 predictions of a policy at an entry's pivot chunk. ``sampler`` wraps the (LoRA-adapted) model."""
+
+    def __init__(self, sampler: Sampler, context: str = "recompute") -> None:
+        if context not in CONTEXT_MODES:
+            raise ValueError(f"--context must be one of {', '.join(CONTEXT_MODES)}, got {context!r}")
+        self.sampler = sampler
+        self.context = context
+
+    @torch.no_grad()
+    def prefix(self, entry: Entry, text: torch.Tensor) -> KVCache:
+        """A batch-1 cache holding the clean prefix of `entry` (text [1, L, D])."""
+        s = self.sampler
+        cache = s.new_cache(1, entry.pivot + 1)  # a global cache only as long as the pivot needs
+        if entry.pivot == 0:
+            return cache
+        if self.context == "stored":
+            if not entry.kv:
+                raise ValueError(
+                    f"entry {entry.entry_id} has no stored KV: collect with --store-kv or use --context recompute"
+                )
+            n = s.model.arch.num_layers
+            cache.load_prefix([entry.kv[f"k.{i}"] for i in range(n)], [entry.kv[f"v.{i}"] for i in range(n)])
+        else:
+            s.write_context(cache, entry.context.unsqueeze(0).float(), text)
+        return cache
+
+    def predict(
+        self, entry: Entry, text: torch.Tensor, x_t: torch.Tensor, steps: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """x0 [N, c, C, H, W] for pivot-chunk inputs x_t [N, c, C, H, W] at schedule step indices `steps` [N];
+        differentiable w.r.t. the model's trainable weights (the prefix is not)."""
+        s = self.sampler
+        cache = cache if cache is not None else self.prefix(entry, text)
+        branches = cache.expand(x_t.shape[0])
+        branches.reset_cross()  # text k/v recomputed inside the graph: cross-attention LoRA gets gradients
+        t = torch.tensor(s.schedule.timesteps, dtype=torch.float32)[steps]
+        sigma = torch.tensor(s.schedule.sigmas, dtype=torch.float64)[steps]
+        dev = next(s.model.parameters()).device
+        return s.predict_x0(
+            x_t.to(dev, torch.float32), t.to(dev), sigma.to(dev), text, branches, entry.pivot * s.chunk_frames
+        )

@@ -1,0 +1,72 @@
+"""Training checkpoints: adapter (peft format), optimizer, RNG states and data position, written
+atomically as one folder ``checkpoints/step-NNNNNNN``; the newest complete one is what ``--resume`` loads.
+Nothing is unpickled: the optimizer state is read with ``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from .lora import save_lora
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class Progress:
+    """Where training stands: updates done, and the data position (semi: epoch and entries consumed in
+    it on this rank; on: iterations finished)."""
+
+    step: int = 0
+    epoch: int = 0
+    consumed: int = 0
+    iteration: int = 0
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / CHECKPOINTS / f"step-{step:07d}"
+
+
+def save_checkpoint(
+    out: Path, peft_model: PeftModel, opt: torch.optim.Optimizer, progress: Progress, keep: int = 2
+) -> Path:
+    """Write checkpoint `progress.step` (rank 0 only); keep the newest `keep` checkpoints."""
+    final = checkpoint_dir(out, progress.step)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_lora(peft_model, tmp / "adapter")
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    done = sorted((out / CHECKPOINTS).glob("step-*"))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted((out / CHECKPOINTS).glob("step-*")) if (out / CHECKPOINTS).exists() else []
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, peft_model: PeftModel, opt: torch.optim.Optimizer) -> Progress:
+    """Restore adapter weights, optimizer and RNG state from a checkpoint folder; returns its progress."""
+    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(peft_model, weights)
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise ValueError(f"checkpoint {path} has LoRA weights this run's adapter lacks: {missing[:3]}")
+    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    return Progress(**json.loads((path / "progress.json").read_text()))
