@@ -70,9 +70,8 @@ def memory(config: str, anchors: int = 4) -> tuple[list[int], int, int]:
     bank = s.noise_bank(list(range(anchors)))
     with torch.no_grad():
         lat = s.rollout(text.expand(anchors, -1, -1), bank)
-    # pivot update: prefix rebuilt without grad, K x T pivot inputs with grad
-    from streamalign.schemas.buffer import Entry  # noqa: F401
 
+    # pivot update: prefix rebuilt without grad, K x T pivot inputs with grad
     class E:  # the fields PivotReplay reads
         num_chunks = n
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from streamalign.collect.collector import prefix_kv
 from streamalign.models.sampler import Sampler
 from streamalign.schemas.buffer import Entry
 from streamalign.train.lora import LoraSettings, attach_lora
@@ -102,8 +103,6 @@ def test_clip_bounds_the_update():
 # ---------------------------------------------------------------------------------------------------
 # replay on a real (tiny) model: the fresh LoRA reproduces the stored predictions, both context modes
 def _entry(sampler, cfg, text, pivot, kv=None):
-    from streamalign.collect.collector import prefix_kv  # noqa: F401 (same path collect uses)
-
     group = sampler.fork_group(text, sampler.noise_bank(3), pivot, 4, 0.5)
     return Entry.from_fork_group(
         group, entry_id="e", run_id="r", policy_id="p", prompt="x", prompt_id="x", config_name=cfg.name,
@@ -119,11 +118,7 @@ def test_replay_reproduces_stored_predictions_and_grads_reach_only_lora(pivot, t
     sampler = Sampler(base, cfg)
     with torch.no_grad():
         entry = _entry(sampler, cfg, text, pivot)
-        cache = sampler.new_cache(1)
-        sampler.write_context(cache, entry.context.unsqueeze(0), text)
-        s = entry.context.shape[0] * cfg.tokens_per_frame
-        kv = {f"{n}.{i}": t[0, :s].clone() for n in "kv" for i, t in enumerate(getattr(cache, n))}
-    entry.kv = kv
+    entry.kv = prefix_kv(sampler, entry.context, text)  # what collect --store-kv stores
     peft = attach_lora(base, LoraSettings(rank=4, alpha=8))
     replay_sampler = Sampler(peft.base_model.model, cfg)
     steps = torch.arange(4).repeat(2)

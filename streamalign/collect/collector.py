@@ -24,8 +24,8 @@ from tqdm import tqdm
 from ..buffer.formats import ShardInfo, checksum, get_format, remove_path, shard_bytes, write_shard
 from ..buffer.manifest import MANIFEST_DIR, write_manifest_part
 from ..models.noise import derive_seed
-from ..models.sampler import ForkGroup
-from ..rewards import CompositeReward
+from ..models.sampler import Sampler
+from ..rewards import SHAPES_METRICS, SHAPES_REWARDS, CompositeReward
 from ..schemas.buffer import Entry, SchemaError
 from .policy import Policy
 
@@ -43,8 +43,8 @@ class CollectConfig:
     format: str = "webdataset"
     entries_per_shard: int = 16
     store_kv: bool = False
-    rewards: str = "colour_match=1,direction_match=1,sharpness=0.5,smoothness=0.5"
-    metrics: str = "background_cleanliness,shape_fidelity"
+    rewards: str = SHAPES_REWARDS
+    metrics: str = SHAPES_METRICS
 
     def check(self, num_chunks: int) -> None:
         if not self.prompts:
@@ -88,14 +88,14 @@ def shard_name(k: int, suffix: str, prefix: str = "") -> str:
     return f"shard-{prefix}{k:06d}{suffix}"
 
 
-def prefix_kv(policy: Policy, group: ForkGroup, text: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The pivot's prefix KV (k.N / v.N [S, heads, head_dim]) rebuilt from the stored context latents."""
-    if policy.config.cache.window is not None:
+def prefix_kv(sampler: Sampler, context: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The pivot's prefix KV (k.N / v.N [S, heads, head_dim]) rebuilt from clean context latents
+    [p*c, C, H, W] (text [1, L, D])."""
+    if sampler.config.cache.window is not None:
         raise ValueError("--store-kv needs a global cache config (cache.window: null)")
-    sampler = policy.sampler
     cache = sampler.new_cache(1)
-    sampler.write_context(cache, group.context.unsqueeze(0), text)
-    s = group.context.shape[0] * policy.config.tokens_per_frame
+    sampler.write_context(cache, context.unsqueeze(0), text)
+    s = context.shape[0] * sampler.config.tokens_per_frame
     return {f"{kind}.{i}": t[0, :s].clone() for kind in "kv" for i, t in enumerate(getattr(cache, kind))}
 
 
@@ -124,7 +124,7 @@ def collect_group(policy: Policy, cfg: CollectConfig, reward: CompositeReward, i
         timesteps=[float(t) for t in sampler.schedule.timesteps],
         rewards={k: v.float() for k, v in scores.items()},
         reward_weights=reward.weights,
-        kv=prefix_kv(policy, group, text) if cfg.store_kv else {},
+        kv=prefix_kv(sampler, group.context, text) if cfg.store_kv else {},
     )
     return entry.validate("collected group")
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..rewards.shapes import SHAPES_METRICS, SHAPES_REWARDS
+from .lora import LoraSettings
+from .objectives.copo import CoPO
+from .replay import CONTEXT_MODES
 
 
 class TrainConfig(BaseModel):
@@ -71,14 +74,8 @@ class TrainConfig(BaseModel):
             raise ValueError("--mode on needs prompts (--prompts FILE, or the shapes world's held-in set)")
         if self.mode == "on" and not 2 <= self.group_size <= 256:
             raise ValueError(f"--group-size {self.group_size} must lie in 2..256 (advantages need >= 2 branches)")
-        if self.context not in ("recompute", "stored"):
-            raise ValueError(f"--context must be recompute or stored, got {self.context!r}")
-        if not 1 <= self.lora_rank <= 4096 or self.lora_alpha <= 0:
-            raise ValueError(f"LoRA rank {self.lora_rank} / alpha {self.lora_alpha} out of range (1..4096, > 0)")
-        if self.anchors < 1 or (self.pivot_steps is not None and self.pivot_steps < 1):
-            raise ValueError("--anchors and --pivot-steps must be >= 1")
-        if self.tau is not None and self.tau <= 0:
-            raise ValueError(f"--tau {self.tau} must be > 0 (omit it for the adaptive default)")
-        if not 0 < self.clip_eps < 1:
-            raise ValueError(f"--clip-eps {self.clip_eps} must lie in (0, 1)")
+        if self.context not in CONTEXT_MODES:
+            raise ValueError(f"--context must be one of {', '.join(CONTEXT_MODES)}, got {self.context!r}")
+        LoraSettings(self.lora_rank, self.lora_alpha).check()
+        CoPO(self.anchors, self.pivot_steps, self.tau, self.tau_scale, self.clip_eps, self.clip).check()
         return self

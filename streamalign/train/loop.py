@@ -41,7 +41,7 @@ log = logging.getLogger("streamalign.train")
 
 
 def make_objective(cfg: TrainConfig) -> Objective:
-    return CoPO(cfg.anchors, cfg.pivot_steps, cfg.tau, cfg.tau_scale, cfg.clip_eps, cfg.clip)
+    return CoPO(cfg.anchors, cfg.pivot_steps, cfg.tau, cfg.tau_scale, cfg.clip_eps, cfg.clip)  # checked by TrainConfig
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

@@ -64,9 +64,9 @@ def load_checkpoint(path: Path, peft_model: PeftModel, opt: torch.optim.Optimize
     """Restore adapter weights, optimizer and RNG state from a checkpoint folder; returns its progress."""
     weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(peft_model, weights)
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if missing:
-        raise ValueError(f"checkpoint {path} has LoRA weights this run's adapter lacks: {missing[:3]}")
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"checkpoint {path} has LoRA weights this run's adapter lacks: {unexpected[:3]}")
     opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
     return Progress(**json.loads((path / "progress.json").read_text()))

@@ -90,8 +90,8 @@ class CoPO:
     )  # fmt: skip
 
     def check(self) -> None:
-        if self.anchors < 1:
-            raise ValueError(f"--anchors {self.anchors} must be >= 1")
+        if self.anchors < 1 or (self.steps is not None and self.steps < 1):
+            raise ValueError("--anchors and --pivot-steps must be >= 1")
         if self.tau is not None and self.tau <= 0:
             raise ValueError(f"--tau {self.tau} must be > 0 (or omit it for the adaptive default)")
         if not 0 < self.eps < 1:
