@@ -141,6 +141,9 @@ def shapes_pretrain(
     threads: Annotated[int, typer.Option(help="torch CPU threads (results are reproducible per count).")] = 2,
     warmup: Annotated[int, typer.Option(help="Linear learning-rate warm-up steps.")] = 100,
     late_onset: Annotated[float, typer.Option(help="Share of videos whose motion starts at chunk 1 or 2.")] = 0.3,
+    haze: Annotated[
+        float, typer.Option(help="Exposure flicker read from each chunk's initial noise (0 = none; stage 2: 0.5).")
+    ] = 0.0,
     init: Annotated[Path | None, typer.Option(help="Start from these weights (fine-tuning).")] = None,
     self_rollout: Annotated[
         float, typer.Option(help="Share of each batch whose first chunk the model samples itself.")
@@ -163,6 +166,7 @@ def shapes_pretrain(
         threads=threads,
         warmup=warmup,
         late_onset=late_onset,
+        haze=haze,
         init=str(init) if init is not None else None,
         self_rollout=self_rollout,
     )
@@ -318,6 +322,8 @@ def train_cmd(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
     wandb: Annotated[bool, typer.Option("--wandb", help="Also log to Weights & Biases.")] = False,
+    device: Annotated[str, typer.Option(help="auto (cuda:LOCAL_RANK if available) | cpu | cuda[:N].")] = "auto",
+    autocast: Annotated[str, typer.Option(help="auto (bf16 on CUDA) | bf16 | off.")] = "auto",
     config: ConfigOpt = "shapes",
     checkpoint: Annotated[Path | None, typer.Option(help="Base generator weights (shapes: shipped).")] = None,
     wan_dir: Annotated[Path | None, typer.Option(help="Local Diffusers Wan2.1 folder (UMT5 + VAE).")] = None,
@@ -338,7 +344,7 @@ def train_cmd(
         prompts=texts if mode == "on" else (), group_size=group_size, strength=sigma,
         updates_per_iter=updates_per_iter, save_every=save_every, eval_every=eval_every,
         eval_prompts=texts[:: max(1, len(texts) // eval_prompts)][:eval_prompts] if eval_every else (),
-        threads=threads, wandb=wandb,
+        threads=threads, wandb=wandb, device=device, autocast=autocast,
     )  # fmt: skip
     for p, what in ((buffer, "buffer"), (init_adapter, "adapter"), (checkpoint, "checkpoint")):
         if p is not None and not p.exists():
@@ -350,6 +356,161 @@ def train_cmd(
         f"{out}: {s.steps} updates in {s.seconds:.1f} s; last loss {f.get('loss', float('nan')):.4g};{ev} "
         f"adapter {s.adapter}"
     )
+
+
+PromptsOpt = Annotated[Path | None, typer.Option(help="Prompt file (default: the shapes --prompt-set).")]
+PromptSetOpt = Annotated[str, typer.Option("--prompt-set", help="Shapes set when no file: held-in | held-out.")]
+SeedsOpt = Annotated[int, typer.Option(help="Seeds per prompt (pair i uses --seed + i for every model).")]
+SeedOpt = Annotated[int, typer.Option(help="First seed of the (prompt, seed) pairs.")]
+RewardsOpt = Annotated[str, typer.Option(help="Composite: name[:topNN][:gray]=weight,... (default: shapes).")]
+MetricsOpt = Annotated[str, typer.Option(help="OOD metrics, comma-separated (default: shapes).")]
+BaseOpt = Annotated[Path | None, typer.Option("--checkpoint", help="Base generator weights (shapes: shipped).")]
+WanDirOpt = Annotated[Path | None, typer.Option(help="Local Diffusers Wan2.1 folder (UMT5 + VAE).")]
+
+
+def _eval_settings(config, checkpoint, wan_dir, rewards, metrics, seeds, seed, samples=4):
+    from .evaluate.report import EvalSettings
+    from .rewards import SHAPES_METRICS, SHAPES_REWARDS
+
+    return EvalSettings(
+        config=config, checkpoint=str(checkpoint) if checkpoint else None, wan_dir=str(wan_dir) if wan_dir else None,
+        rewards=rewards or SHAPES_REWARDS, metrics=metrics if rewards else (metrics or SHAPES_METRICS),
+        seeds_per_prompt=seeds, seed=seed, samples=samples,
+    )  # fmt: skip
+
+
+@app.command("evaluate")
+@clear_errors
+def evaluate_cmd(
+    out: Annotated[Path, typer.Option(help="Report folder: report.md, report.json, diffs.png, samples/.")],
+    lora: Annotated[list[Path] | None, typer.Option(help="Adapter to compare with the base (repeatable).")] = None,
+    weights: Annotated[list[Path] | None, typer.Option(help="Full merged weights to compare (repeatable).")] = None,
+    prompts: PromptsOpt = None,
+    which_set: PromptSetOpt = "held-out",
+    seeds: SeedsOpt = 4,
+    seed: SeedOpt = 2_000_000,
+    samples: Annotated[int, typer.Option(help="(prompt, seed) pairs written as GIFs and frame grids.")] = 4,
+    rewards: RewardsOpt = "",
+    metrics: MetricsOpt = "",
+    config: ConfigOpt = "shapes",
+    checkpoint: BaseOpt = None,
+    wan_dir: WanDirOpt = None,
+) -> None:
+    """Score the base model and every adapter / merged model on the same prompts and noise; write a
+    report with paired differences vs base (95% bootstrap intervals), per-prompt values, plots, samples."""
+    from .evaluate.report import ModelSpec, evaluate
+
+    if which_set not in ("held-in", "held-out"):
+        raise ValueError(f"--prompt-set must be held-in or held-out, got {which_set!r}")
+    for p in [*(lora or []), *(weights or []), *([checkpoint] if checkpoint else [])]:
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist")
+    models = [ModelSpec("base")]
+    models += [ModelSpec(f"lora-{i}-{p.name}" if p.name == "adapter" else p.name, lora=str(p))
+               for i, p in enumerate(lora or [])]  # fmt: skip
+    models += [ModelSpec(p.stem, checkpoint=str(p)) for p in weights or []]
+    st = _eval_settings(config, checkpoint, wan_dir, rewards, metrics, seeds, seed, samples)
+    report = evaluate(models, prompt_set(prompts, config, which_set), st, out)
+    for name, m in report["models"].items():
+        d = m.get("vs_base", {}).get("composite")
+        extra = f" ({d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] vs base)" if d else ""
+        print(f"{name}: composite {m['means']['composite']:.4f}{extra}")
+    print(f"report: {out / 'report.md'}")
+
+
+@app.command("merge")
+@clear_errors
+def merge_cmd(
+    on: Annotated[Path, typer.Option(help="On-policy LoRA (peft folder); its scale is swept.")],
+    out: Annotated[Path, typer.Option(help="Output: sweep.md/json/png, adapters/, adapter/ (selected).")],
+    semi: Annotated[Path | None, typer.Option(help="Semi-on-policy LoRA (peft folder), at --s-semi.")] = None,
+    s_semi: Annotated[float, typer.Option(help="Scale of the semi-on-policy LoRA.")] = 1.0,
+    scales: Annotated[str, typer.Option(help="s_on values to evaluate, comma-separated.")] = "0,0.2,0.4,0.6,0.8,1.0",
+    ood_metric: Annotated[str, typer.Option(help="OOD metric of the dual criterion.")] = "background_cleanliness",
+    ood_tolerance: Annotated[float, typer.Option(help="Allowed drop of the OOD metric vs base.")] = 0.0,
+    full_weights: Annotated[bool, typer.Option("--full-weights", help="Also write merged.safetensors.")] = False,
+    prompts: PromptsOpt = None,
+    which_set: PromptSetOpt = "held-in",
+    seeds: SeedsOpt = 4,
+    seed: SeedOpt = 2_000_000,
+    rewards: RewardsOpt = "",
+    metrics: MetricsOpt = "",
+    config: ConfigOpt = "shapes",
+    checkpoint: BaseOpt = None,
+    wan_dir: WanDirOpt = None,
+) -> None:
+    """W0 + s_semi dW_semi + s_on dW_on, exactly, for every s_on in --scales; evaluate each and select the
+    largest scale that raises the composite without lowering the OOD metric (else keep the base)."""
+    from .evaluate.sweep import merge_sweep
+
+    try:
+        values = [float(x) for x in scales.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--scales {scales!r} is not a comma-separated list of numbers") from None
+    for p in (on, semi, checkpoint):
+        if p is not None and not p.exists():
+            raise FileNotFoundError(f"{p} does not exist")
+    st = _eval_settings(config, checkpoint, wan_dir, rewards, metrics, seeds, seed)
+    r = merge_sweep(on, semi, values, prompt_set(prompts, config, which_set), st, out, s_semi, ood_metric,
+                    ood_tolerance, full_weights)  # fmt: skip
+    print((out / "sweep.md").read_text())
+    print(f"selected adapter: {r['adapter']}" if r["selected_scale"] is not None else "no adapter written")
+
+
+@app.command("generate")
+@clear_errors
+def generate_cmd(
+    prompt: Annotated[str | None, typer.Argument(help="Prompt or scenes: 'one[5s] | two[10s#] | three'.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for NNNN.mp4 and generate.json.")] = Path("runs/generate"),
+    prompts: Annotated[Path | None, typer.Option(help="File with one prompt (or scene line) per line.")] = None,
+    lora: Annotated[Path | None, typer.Option(help="Adapter (peft folder) merged into the model.")] = None,
+    frames: Annotated[int | None, typer.Option(help="Latent frames per video (beyond training: rolling KV).")] = None,
+    fps: Annotated[float, typer.Option(help="Frames per second of the MP4 (and of [Ns] durations).")] = 16.0,
+    sink: Annotated[int | None, typer.Option(help="Sink frames of the rolling cache (default: config).")] = None,
+    window: Annotated[int | None, typer.Option(help="Rolling window in frames (default: training length).")] = None,
+    seed: Annotated[int, typer.Option(help="Video i uses seed + i.")] = 0,
+    config: ConfigOpt = "shapes",
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Generator weights: base or merged (shapes: shipped).")
+    ] = None,
+    wan_dir: WanDirOpt = None,
+) -> None:
+    """Text to video (MP4) with base, adapter or merged weights; long videos with the rolling KV cache;
+    multi-scene lines (`|` between scenes, `[Ns]` durations, `[Ns#]` a hard cut into that scene)."""
+    from .collect.policy import Policy
+    from .generate.run import generate
+
+    if (prompt is None) == (prompts is None):
+        raise ValueError("give a PROMPT argument or --prompts FILE (one of them)")
+    lines = [prompt] if prompt is not None else list(prompt_set(prompts, config))
+    for p, what in ((lora, "adapter"), (checkpoint, "checkpoint"), (wan_dir, "Wan folder")):
+        if p is not None and not p.exists():
+            raise FileNotFoundError(f"{what} {p} does not exist")
+    if frames is not None and frames < 1:
+        raise ValueError(f"--frames {frames} must be >= 1")
+    policy = Policy.load(config, checkpoint, lora, wan_dir=wan_dir)
+    paths = generate(policy, lines, out, seed=seed, fps=fps, frames=frames, sink=sink, window=window)
+    print(f"wrote {len(paths)} video(s) to {out}")
+
+
+@app.command("demo")
+@clear_errors
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="Demo folder (buffer, runs, merge sweep, report).")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller run for CI (< 2 min).")] = False,
+) -> None:
+    """Collect -> train semi -> train on -> merge sweep -> evaluate on held-out prompts, on the shapes world."""
+    from .evaluate.demo import DemoSettings, run_demo
+
+    h = run_demo(out, DemoSettings.quick() if quick else DemoSettings())
+    c, b = h["held_out_composite"], h["held_out_background_cleanliness"]
+    print(f"demo finished in {h['seconds']:.0f} s; selection: {h['selection']}")
+    print(
+        f"held-out prompts, {h['evaluated']} vs base: composite {c['base']:.4f} -> {c['model']:.4f} "
+        f"({c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]); background_cleanliness "
+        f"{b['base']:.4f} -> {b['model']:.4f} ({b['diff']:+.4f})"
+    )
+    print(f"report: {h['report']}")
 
 
 def parse_weights(spec: str | None) -> dict[str, float] | None:

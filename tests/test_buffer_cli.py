@@ -69,7 +69,7 @@ def test_stats_reports_sql_and_formats(buffer, tmp_path):
     )
     assert sum(row["n"] for row in json.loads(r.output)) == 12
     r = run(app, ["stats", str(buffer), "--report", "pivots", "--format", "csv"])
-    assert r.output.splitlines()[0] == '"pivot","groups"'
+    assert r.output.splitlines()[0] == '"pivot","groups","mean_group_std","min_group_std"'
     out = tmp_path / "corr.parquet"
     assert (
         run(

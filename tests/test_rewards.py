@@ -76,6 +76,18 @@ def test_each_defect_lowers_exactly_its_reward(world):
     _only_drops(base, scores(flicker, prompts), "smoothness", 0.15, tol=0.03)
 
 
+def test_exposure_flicker_lowers_the_rewards_and_the_ood_metric(world):
+    """The shapes generator's defect (world.apply_haze on one chunk): colour purity, smoothness and the
+    background metric all drop, so every branch of a fork group that flickers less scores higher."""
+    from streamalign.models.shapes.world import apply_haze
+
+    prompts, videos, _ = world
+    base = scores(videos, prompts)
+    hazy = scores(apply_haze(videos, torch.tensor([0.0, 0.0, 0.3, 0.0]).expand(len(prompts), 4)), prompts)
+    for k, drop in {"colour_match": 0.1, "smoothness": 0.1, "background_cleanliness": 0.1}.items():
+        assert base[k] - hazy[k] >= drop, (k, base, hazy)
+
+
 def test_colour_fill_hack_is_caught_by_background_cleanliness(world):
     prompts, videos, _ = world
     model_like = blur(videos, 1.5)  # a soft, imperfect sample

@@ -13,13 +13,21 @@ ASSETS = SHIPPED_WEIGHTS.parent
 
 
 def test_shipped_assets_and_recipe():
+    """Two stages: pre-training from scratch, then the exposure-flicker fine-tune from its weights."""
+    import hashlib
+
     assert SHIPPED_WEIGHTS.stat().st_size <= 10 * 2**20
-    recipe = yaml.safe_load((ASSETS / "pretrain.yaml").read_text())
-    assert recipe["command"].startswith("streamalign shapes pretrain")
-    assert recipe["model_config"]["name"] == "shapes" and recipe["pretrain_config"]["seed"] == 0
-    assert recipe["wall_time_s"] <= 45 * 60
-    assert (ASSETS / "curve.png").stat().st_size > 10_000
-    assert len((ASSETS / "curve.jsonl").read_text().splitlines()) == recipe["pretrain_config"]["steps"]
+    stage1 = yaml.safe_load((ASSETS / "stage1-pretrain.yaml").read_text())
+    stage2 = yaml.safe_load((ASSETS / "pretrain.yaml").read_text())
+    for recipe, prefix in ((stage1, "stage1-"), (stage2, "")):
+        assert recipe["command"].startswith("streamalign shapes pretrain")
+        assert recipe["model_config"]["name"] == "shapes" and recipe["pretrain_config"]["seed"] == 0
+        assert (ASSETS / f"{prefix}curve.png").stat().st_size > 10_000
+        steps = recipe["pretrain_config"]["steps"]
+        assert len((ASSETS / f"{prefix}curve.jsonl").read_text().splitlines()) == steps
+    assert stage1["wall_time_s"] + stage2["wall_time_s"] <= 45 * 60
+    assert stage2["pretrain_config"]["haze"] > 0 and stage2["init_sha256"] == stage1["weights_sha256"]
+    assert hashlib.sha256(SHIPPED_WEIGHTS.read_bytes()).hexdigest() == stage2["weights_sha256"]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +44,7 @@ def test_shipped_model_meets_the_rates_and_is_imperfect(world):
     # imperfect: softer and less faithful than ground truth, so alignment has something to improve
     assert model["sharpness"] < gt["sharpness"] - 0.05 and model["shape_fidelity"] < gt["shape_fidelity"]
     assert model["composite"] < gt["composite"]
+    assert model["haze"] > 0.05 and gt["haze"] == 0.0  # exposure flicker: the defect alignment removes
 
 
 def test_shipped_model_samples_are_deterministic_and_generalise(world):

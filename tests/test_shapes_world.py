@@ -18,9 +18,14 @@ from streamalign.models.shapes.world import (
     Motion,
     ShapePrompt,
     all_prompts,
+    apply_haze,
+    estimate_haze,
+    haze_levels,
     held_in_prompts,
     held_out_prompts,
+    noise_score,
     parse_prompt,
+    remove_haze,
     render,
     sample_videos,
 )
@@ -121,6 +126,14 @@ def test_pretrain_is_deterministic_and_writes_its_recipe(tmp_path):
     pretrain(ft, tmp_path / "d", progress=False)
     assert (tmp_path / "c" / "shapes.safetensors").read_bytes() == (tmp_path / "d" / "shapes.safetensors").read_bytes()
     assert (tmp_path / "c" / "shapes.safetensors").read_bytes() != (tmp_path / "a" / "shapes.safetensors").read_bytes()
+    # so is the exposure-flicker fine-tune (stage 2 of the shipped recipe), which records its provenance
+    hz = ft.model_copy(update={"self_rollout": 0.0, "haze": 0.5})
+    e = pretrain(hz, tmp_path / "e", progress=False)
+    pretrain(hz, tmp_path / "f", progress=False)
+    assert (tmp_path / "e" / "shapes.safetensors").read_bytes() == (tmp_path / "f" / "shapes.safetensors").read_bytes()
+    assert e["init_sha256"] == a["weights_sha256"] != e["weights_sha256"]
+    with pytest.raises(ValueError, match="cannot be combined"):
+        PretrainConfig(haze=0.5, self_rollout=0.5)
 
 
 def test_cli_pretrain_and_prompts(tmp_path):
@@ -162,3 +175,22 @@ def test_self_rollout_latents_continue_from_the_models_own_first_chunk():
     step = centre[:, 1:] - centre[:, :-1]
     want = torch.tensor([DIRECTIONS[p.direction] for p in prompts])
     assert ((step * want[:, None]).sum(-1) >= -1e-3).all()  # the rendered continuation moves as prompted
+
+
+def test_haze_is_read_from_the_noise_and_invertible():
+    g = torch.Generator().manual_seed(0)
+    z = noise_score(torch.randn(4000, 12, 48, 8, 8, generator=g), 3)  # [4000, 4]
+    assert z.shape == (4000, 4) and abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05  # N(0, 1)
+    lv = haze_levels(z, 0.5)
+    ref = torch.tensor([0.5 * max(0.0, 2 * (0.5 * (1 + math.erf(v / math.sqrt(2)))) - 1) for v in z.flatten().tolist()])
+    assert torch.allclose(lv.flatten(), ref, atol=1e-6)
+    assert abs((lv == 0).float().mean() - 0.5) < 0.02 and lv.max() <= 0.5  # half the chunks clean
+    prompts = held_in_prompts()[::40]
+    videos, _ = sample_videos(prompts, 32, 12, torch.Generator().manual_seed(1))
+    levels = torch.rand(len(prompts), 4, generator=g) * 0.5
+    hazy = apply_haze(videos, levels)
+    px = hazy[1, 4, :, 0, 0]  # a pixel of chunk 1 of video 1: p + h (1 - p)
+    assert torch.allclose(px, videos[1, 4, :, 0, 0] + levels[1, 1] * (1 - videos[1, 4, :, 0, 0]))
+    assert torch.allclose(estimate_haze(hazy, prompts), levels.repeat_interleave(3, 1), atol=1e-5)
+    assert torch.allclose(remove_haze(hazy, prompts), videos, atol=1e-5)
+    assert torch.equal(estimate_haze(videos, prompts), torch.zeros(len(prompts), 12))

@@ -77,6 +77,21 @@ def test_semi_resume_equals_uninterrupted_bitwise(tmp_path, base, buffer):
     assert any((before[k] - after[k]).abs().max() > 0 for k in after)  # it trained
 
 
+def test_bf16_autocast_trains_close_to_fp32(tmp_path, base, buffer):
+    """--autocast bf16 (on CUDA by default; forced here on the CPU): the forward runs in bf16, the LoRA
+    weights and AdamW stay fp32; 'auto' on a CPU is exactly fp32."""
+    fp32 = train(_cfg(base, buffer, steps=2, autocast="off"), tmp_path / "fp32", progress=False)
+    auto = train(_cfg(base, buffer, steps=2), tmp_path / "auto", progress=False)
+    bf16 = train(_cfg(base, buffer, steps=2, autocast="bf16"), tmp_path / "bf16", progress=False)
+    a, b, c = (load_file(str(r.adapter / "adapter_model.safetensors")) for r in (fp32, auto, bf16))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(c[k].dtype == torch.float32 for k in c)
+    rows_a, rows_c = _rows(tmp_path / "fp32"), _rows(tmp_path / "bf16")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows_c)
+    assert rows_a[0]["tau"] != rows_c[0]["tau"] or rows_a[0]["loss"] != rows_c[0]["loss"]  # really ran in bf16
+    assert abs(rows_a[0]["reward"] - rows_c[0]["reward"]) < 1e-6  # same data
+
+
 def test_adapter_is_peft_format_and_merges_exactly(tmp_path, base, buffer):
     from peft import PeftModel
 

@@ -37,7 +37,9 @@ def reports(table: pa.Table) -> dict[str, str]:
         "GROUP BY prompt ORDER BY prompt",
         "zero-variance": 'SELECT entry_id, prompt, "pivot", stddev_pop(composite) AS std FROM manifest '
         'GROUP BY entry_id, prompt, "pivot" HAVING stddev_pop(composite) < 1e-6 ORDER BY entry_id',
-        "pivots": 'SELECT "pivot", count(DISTINCT entry_id) AS groups FROM manifest GROUP BY 1 ORDER BY 1',
+        "pivots": 'SELECT "pivot", count(*) AS groups, avg(s) AS mean_group_std, min(s) AS min_group_std FROM '
+        '(SELECT entry_id, any_value("pivot") AS "pivot", stddev_pop(composite) AS s FROM manifest GROUP BY 1) '
+        "GROUP BY 1 ORDER BY 1",
         "correlation": corr or "SELECT NULL AS a, NULL AS b, NULL AS corr WHERE false",
         "by-policy": f"SELECT policy_id, count(DISTINCT entry_id) AS groups, {by_policy} FROM manifest "
         "GROUP BY policy_id ORDER BY policy_id",

@@ -25,6 +25,8 @@ class LatentCodec(Protocol):
 
 
 class WanVAECodec:
+    temporal = 4  # video frames per latent frame (after the first)
+
     def __init__(self, vae: torch.nn.Module) -> None:
         self.vae = vae.eval().requires_grad_(False)
         cfg = vae.config

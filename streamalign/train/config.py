@@ -59,6 +59,10 @@ class TrainConfig(BaseModel):
     eval_seed: int = 1_000_000
     threads: int | None = None
     wandb: bool = False
+    # hardware: auto = cuda:LOCAL_RANK when CUDA is available, else cpu; autocast auto = bf16 on CUDA, off on
+    # CPU (bf16 forces CPU autocast too, for checks). LoRA weights and the optimizer stay fp32 either way
+    device: str = "auto"
+    autocast: str = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -74,6 +78,10 @@ class TrainConfig(BaseModel):
             raise ValueError("--mode on needs prompts (--prompts FILE, or the shapes world's held-in set)")
         if self.mode == "on" and not 2 <= self.group_size <= 256:
             raise ValueError(f"--group-size {self.group_size} must lie in 2..256 (advantages need >= 2 branches)")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise ValueError(f"--autocast must be auto, bf16 or off, got {self.autocast!r}")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
+            raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.context not in CONTEXT_MODES:
             raise ValueError(f"--context must be one of {', '.join(CONTEXT_MODES)}, got {self.context!r}")
         LoraSettings(self.lora_rank, self.lora_alpha).check()

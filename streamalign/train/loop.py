@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,17 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
 
 
+def resolve_device(spec: str) -> torch.device:
+    """'auto': cuda:LOCAL_RANK when CUDA is available (one GPU per torchrun rank), else cpu."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: CUDA is not available on this machine (use cpu or auto)")
+    return torch.device(spec)
+
+
 def entry_seed(seed: int, step: int, entry_id: str) -> int:
     return derive_seed(seed, 9, step, int(hashlib.sha256(entry_id.encode()).hexdigest()[:12], 16))
 
@@ -66,7 +78,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
-        base = Policy.load(cfg.model, cfg.checkpoint, wan_dir=cfg.wan_dir)
+        self.device = resolve_device(cfg.device)
+        self.bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and self.device.type == "cuda")
+        base = Policy.load(cfg.model, cfg.checkpoint, wan_dir=cfg.wan_dir, device=str(self.device))
         if cfg.init_adapter is not None:
             self.peft = load_lora(base.model, cfg.init_adapter, trainable=True)
         else:
@@ -84,7 +98,7 @@ class Trainer:
     def text(self, prompt: str) -> torch.Tensor:
         if prompt not in self._text:
             with torch.no_grad():
-                self._text[prompt] = self.policy.text.encode([prompt])
+                self._text[prompt] = self.policy.text.encode([prompt]).to(self.device)
         return self._text[prompt]
 
     def check_entry(self, e: Entry) -> None:
@@ -104,7 +118,8 @@ class Trainer:
         for e in groups:
             self.check_entry(e)
             g = torch.Generator().manual_seed(entry_seed(self.cfg.seed, step, e.entry_id))
-            out = self.objective.group_loss(GroupInput(e, self.text(e.prompt), g), self.replay)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out = self.objective.group_loss(GroupInput(e, self.text(e.prompt), g), self.replay)
             if out.loss.requires_grad:
                 (out.loss / (global_batch * self.cfg.accum)).backward()
             for k, v in {"loss": float(out.loss.detach()), **out.stats}.items():
@@ -142,7 +157,7 @@ class Trainer:
         reward = CompositeReward.parse(self.cfg.rewards, self.cfg.metrics)
         ctx = torch.cat([self.text(p) for p in prompts])
         lat = self.sampler.rollout(ctx, self.sampler.noise_bank([seed + i for i in range(len(prompts))]))
-        scores = reward(self.policy.decode(lat), list(prompts))
+        scores = reward(self.policy.decode(lat).float().cpu(), list(prompts))
         self.model.train()
         return {f"eval_{k}": float(v.float().mean()) for k, v in scores.items()}
 

@@ -15,6 +15,7 @@ until chunk 1 or 2 and then moves it as prompted.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from ...rewards import shapes as shape_rewards
@@ -38,8 +39,11 @@ from .world import (
     DIRECTIONS,
     RADIUS_RANGE,
     Motion,
+    apply_haze,
+    haze_levels,
     held_in_prompts,
     held_out_prompts,
+    noise_score,
     path_margin,
     render,
     sample_videos,
@@ -65,10 +69,21 @@ class PretrainConfig(BaseModel):
     # share of training videos whose shape stays still until a later chunk boundary, then moves: it
     # teaches the model to start moving as prompted when its own first chunk came out static
     late_onset: float = Field(0.3, ge=0, le=1)
+    # exposure flicker (see world.haze_levels): chunks trained from pure noise are over-exposed by
+    # haze * max(0, 2 Phi(z) - 1) with z the standardised sum of exactly that noise, other chunks by an
+    # independent z. The model learns to read its initial noise, as a distilled generator does, so
+    # branches of a fork group differ (and the rewards, which all dislike the flicker, tell them apart)
+    haze: float = Field(0.0, ge=0, lt=1)
     # self-rollout fine-tuning: start from these weights, and build this share of every batch from the
     # model's own first chunk followed by the prompted motion rendered onward from where it left the shape
     init: str | None = None
     self_rollout: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_fine_tune(self) -> PretrainConfig:
+        if self.haze > 0 and self.self_rollout > 0:
+            raise ValueError("haze and self_rollout cannot be combined: run them as separate fine-tunes")
+        return self
 
 
 @torch.no_grad()
@@ -156,6 +171,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, command: str = "", progre
         level = torch.randint(len(sigmas), (cfg.batch_size, nf // c), generator=g).repeat_interleave(c, 1)
         s = sigmas[level]  # [B, F] one sampler sigma per chunk
         eps = torch.randn(z.shape, generator=g)
+        if cfg.haze > 0:
+            from_noise = level[:, ::c] == 0  # [B, L] chunks that start from pure noise (sigma 1)
+            score = torch.where(from_noise, noise_score(eps, c), torch.randn(from_noise.shape, generator=g))
+            z = codec.encode(apply_haze(videos, haze_levels(score, cfg.haze)))
         noisy = (1 - s[..., None, None, None]) * z + s[..., None, None, None] * eps
         t = torch.cat([torch.zeros_like(s), s * sched.num_train_timesteps], dim=1)
         for group in opt.param_groups:
@@ -193,6 +212,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, command: str = "", progre
         "model_config": mcfg.model_dump(mode="json"),
         "torch": str(torch.__version__),
         "wall_time_s": round(wall, 1),
+        "init_sha256": _sha256(cfg.init) if cfg.init is not None else None,
+        "weights_sha256": _sha256(out / "shapes.safetensors"),
         "final_loss_mean_last_50": sum(losses[-50:]) / len(losses[-50:]),
         "held_in": held_in,
         "held_out": held_out,
@@ -200,6 +221,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, command: str = "", progre
     (out / "pretrain.yaml").write_text(yaml.safe_dump(report, sort_keys=False))
     plot_curve(out / "curve.jsonl", out / "curve.png")
     return report
+
+
+def _sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def plot_curve(curve_jsonl: str | Path, png: str | Path) -> None:

@@ -10,19 +10,22 @@ import torch
 from ...rewards import SHAPES_METRICS, SHAPES_REWARDS, CompositeReward
 from ...rewards import shapes as R
 from .pipeline import ShapesWorld
-from .world import ShapePrompt, sample_videos
+from .world import ShapePrompt, estimate_haze, remove_haze, sample_videos
 
 
 def video_metrics(videos: torch.Tensor, prompts: list[ShapePrompt]) -> dict[str, torch.Tensor]:
-    """Per-video values [B]: colour_ok / direction_ok (0/1, the rates) and every registered shapes reward
-    and OOD metric with its default options (smoothness on grayscale)."""
+    """Per-video values [B]: colour_ok / direction_ok (0/1, the rates; read after exposure correction, so
+    they measure content, not flicker), haze (mean over-exposure level, 0 for ground truth) and every
+    registered shapes reward and OOD metric with its default options (smoothness on grayscale)."""
+    clean = remove_haze(videos, prompts)
     out = {
         "colour_ok": torch.tensor(
-            [c == p.colour for c, p in zip(R.dominant_colour(videos, prompts), prompts, strict=True)]
+            [c == p.colour for c, p in zip(R.dominant_colour(clean, prompts), prompts, strict=True)]
         ),
         "direction_ok": torch.tensor(
-            [d == p.direction for d, p in zip(R.dominant_direction(videos, prompts), prompts, strict=True)]
+            [d == p.direction for d, p in zip(R.dominant_direction(clean, prompts), prompts, strict=True)]
         ),
+        "haze": estimate_haze(videos, prompts).mean(1),
     }
     scores = CompositeReward.parse(SHAPES_REWARDS, SHAPES_METRICS)(videos, [p.text for p in prompts])
     out.update(scores)

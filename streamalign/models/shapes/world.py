@@ -189,6 +189,45 @@ def render(prompts: list[ShapePrompt], motion: Motion, size: int, frames: int) -
     return bg * (1 - alpha) + fg * alpha
 
 
+# ---------------------------------------------------------------------------------------------------
+# exposure flicker: the world's per-chunk randomness, read from the chunk's initial noise
+def noise_score(noise: torch.Tensor, chunk_frames: int) -> torch.Tensor:
+    """Standardised sum z [B, F // c] of each chunk's latent noise (N(0, 1) for Gaussian noise).
+
+    noise [B, F, C, h, w]: the initial noise a chunk's sampling starts from."""
+    b, f = noise.shape[:2]
+    per_chunk = noise.reshape(b, f // chunk_frames, -1)
+    return per_chunk.sum(-1) / math.sqrt(per_chunk.shape[-1])
+
+
+def haze_levels(z: torch.Tensor, max_haze: float) -> torch.Tensor:
+    """Exposure level h = max_haze * max(0, 2 Phi(z) - 1) per chunk, from noise scores z: half of the
+    chunks are clean, the other half over-exposed uniformly in (0, max_haze]."""
+    return max_haze * torch.erf(z / math.sqrt(2)).clamp(min=0.0)
+
+
+def apply_haze(videos: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Over-expose each chunk: p + h (1 - p), every pixel pulled towards white by its chunk's level.
+
+    videos [B, F, 3, H, W] in [0, 1]; levels [B, L] for L chunks of F // L frames."""
+    h = levels.repeat_interleave(videos.shape[1] // levels.shape[1], 1)[..., None, None, None]
+    return videos + h * (1 - videos)
+
+
+def estimate_haze(videos: torch.Tensor, prompts: list[ShapePrompt]) -> torch.Tensor:
+    """Per-frame exposure level [B, F] read from the background: the frame's median colour against the
+    prompted background (the shape covers <= 13% of a frame, so the median is background)."""
+    bg = torch.tensor([BACKGROUNDS[p.background] for p in prompts], device=videos.device).view(-1, 1, 3)
+    med = videos.flatten(-2).median(-1).values  # [B, F, 3]
+    return ((med - bg) / (1 - bg)).mean(-1).clamp(0.0, 0.95)
+
+
+def remove_haze(videos: torch.Tensor, prompts: list[ShapePrompt]) -> torch.Tensor:
+    """Invert :func:`apply_haze` with the per-frame levels of :func:`estimate_haze`; [B, F, 3, H, W]."""
+    h = estimate_haze(videos, prompts)[..., None, None, None]
+    return ((videos - h) / (1 - h)).clamp(0.0, 1.0)
+
+
 def sample_videos(
     prompts: list[ShapePrompt], size: int, frames: int, generator: torch.Generator, onset: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, Motion]:

@@ -1,0 +1,201 @@
+"""`streamalign evaluate`: fixed prompts and seeds for every model (paired), every reward and OOD metric,
+and a report: ``report.json``, ``report.md``, ``diffs.png`` and ``samples/`` (GIFs, frame grids)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..collect.policy import Policy
+from ..rewards import CompositeReward
+from .media import frame_grid, save_gif, save_mp4
+from .scoring import generate_videos, paired_differences, score_policy
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to evaluate: the base weights (``checkpoint=None``: the config's shipped/base weights),
+    optionally with a peft adapter folder merged in."""
+
+    name: str
+    checkpoint: str | None = None
+    lora: str | None = None
+
+    def load(self, config: str, base_checkpoint: str | None, wan_dir: str | None) -> Policy:
+        return Policy.load(config, self.checkpoint or base_checkpoint, lora=self.lora, wan_dir=wan_dir)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    config: str = "shapes"
+    checkpoint: str | None = None
+    wan_dir: str | None = None
+    rewards: str = ""
+    metrics: str = ""
+    seeds_per_prompt: int = 8
+    seed: int = 2_000_000  # pair i uses seed + i: identical noise for every model
+    samples: int = 4  # (prompt, seed) pairs written as GIFs and frame grids
+    n_boot: int = 2000
+
+
+def pairs(prompts: Sequence[str], seeds_per_prompt: int, seed: int) -> tuple[list[str], list[int]]:
+    """Every prompt repeated `seeds_per_prompt` times, with seeds seed, seed+1, ... over all pairs."""
+    ps = [p for p in prompts for _ in range(seeds_per_prompt)]
+    return ps, [seed + i for i in range(len(ps))]
+
+
+def spread(items: Sequence, k: int) -> list:
+    """k items spread over the list: indices i * step mod n with a step coprime to n (distinct, and for the
+    shapes prompt lists, mixing colours, directions and backgrounds)."""
+    n = len(items)
+    step = next((s for s in (7, 11, 13, 17, 19, 23, 29, 31) if math.gcd(s, n) == 1), 1)
+    return [items[(i * step) % n] for i in range(min(k, n))]
+
+
+def evaluate(models: Sequence[ModelSpec], prompts: Sequence[str], settings: EvalSettings, out: str | Path) -> dict:
+    """Score every model on the same (prompt, seed) pairs; the first model is the base of the paired
+    differences. Writes the report into `out` (atomically: a temp folder renamed at the end)."""
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}")
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
+    with staged_folder(out) as tmp:
+        return _evaluate(models, list(prompts), settings, tmp)
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | Path) -> Iterator[Path]:
+    """Yield a temp folder beside `out`; on success it replaces `out`, on error it is removed (nothing
+    half-written is left behind)."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _evaluate(models: Sequence[ModelSpec], prompts: list[str], st: EvalSettings, out: Path) -> dict:
+    reward = CompositeReward.parse(st.rewards, st.metrics)
+    ps, seeds = pairs(prompts, st.seeds_per_prompt, st.seed)
+    scores: dict[str, dict[str, torch.Tensor]] = {}
+    sample_videos: dict[str, torch.Tensor] = {}
+    for m in models:
+        policy = m.load(st.config, st.checkpoint, st.wan_dir)
+        scores[m.name] = score_policy(policy, ps, seeds, reward)
+        chosen = spread(list(zip(ps, seeds, strict=True)), st.samples)
+        sample_videos[m.name] = generate_videos(policy, [p for p, _ in chosen], [s for _, s in chosen])
+    base = models[0].name
+    report = {
+        "prompts": prompts,
+        "seeds_per_prompt": st.seeds_per_prompt,
+        "seed": st.seed,
+        "pairs": len(ps),
+        "rewards": reward.weights,
+        "metrics": [r.label for r in reward.metrics],
+        "base": base,
+        "models": {},
+    }
+    for m in models:
+        s = scores[m.name]
+        entry = {
+            "checkpoint": m.checkpoint,
+            "lora": m.lora,
+            "means": {k: float(v.mean()) for k, v in s.items()},
+            "per_prompt": {
+                p: {k: float(v[i * st.seeds_per_prompt : (i + 1) * st.seeds_per_prompt].mean()) for k, v in s.items()}
+                for i, p in enumerate(prompts)
+            },
+        }
+        if m.name != base:
+            entry["vs_base"] = paired_differences(scores[base], s, st.n_boot, st.seed)
+        report["models"][m.name] = entry
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown(report))
+    plot_differences(report, out / "diffs.png")
+    for i in range(next(iter(sample_videos.values())).shape[0]):
+        frame_grid({n: v[i] for n, v in sample_videos.items()}, out / "samples" / f"grid-{i}.png")
+        for n, v in sample_videos.items():
+            save_gif(v[i], out / "samples" / f"{n}-{i}.gif")
+            save_mp4(v[i], out / "samples" / f"{n}-{i}.mp4")
+    return report
+
+
+def markdown(report: dict) -> str:
+    """Means per model, paired differences vs base with 95% bootstrap intervals, per-prompt composite."""
+    names = list(report["models"])
+    keys = list(report["models"][names[0]]["means"])
+    lines = [
+        f"# Evaluation: {len(names)} models, {len(report['prompts'])} prompts x {report['seeds_per_prompt']} seeds "
+        f"({report['pairs']} paired videos per model, seeds {report['seed']}..)",
+        "",
+        "| metric | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    ood = set(report["metrics"])
+    for k in keys:
+        cells = []
+        for n in names:
+            m = report["models"][n]
+            cell = f"{m['means'][k]:.4f}"
+            if "vs_base" in m:
+                d = m["vs_base"][k]
+                cell += f" ({d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}])"
+            cells.append(cell)
+        lines.append(f"| {k}{' (OOD)' if k in ood else ''} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Differences are paired vs `{report['base']}` (same prompts and noise) with 95% bootstrap intervals.",
+        "",
+    ]
+    lines += ["## Composite per prompt", "", "| prompt | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for p in report["prompts"]:
+        lines.append(
+            f"| {p} | " + " | ".join(f"{report['models'][n]['per_prompt'][p]['composite']:.4f}" for n in names) + " |"
+        )
+    lines += [
+        "",
+        "Samples: `samples/grid-*.png` (one row per model, same seed) and `samples/<model>-*.mp4` / `.gif`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_differences(report: dict, png: Path) -> None:
+    """Paired difference vs base per metric (bars) with the 95% interval (error bars), one colour per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [n for n in report["models"] if n != report["base"]]
+    keys = list(report["models"][report["base"]]["means"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys)), 3.4))
+    width = 0.8 / max(1, len(others))
+    for j, n in enumerate(others):
+        d = report["models"][n]["vs_base"]
+        xs = [i + (j - (len(others) - 1) / 2) * width for i in range(len(keys))]
+        mean = [d[k]["diff"] for k in keys]
+        err = [[d[k]["diff"] - d[k]["ci_low"] for k in keys], [d[k]["ci_high"] - d[k]["diff"] for k in keys]]
+        ax.bar(xs, mean, width, yerr=err, capsize=3, label=n)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(keys)), keys, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel(f"paired difference vs {report['base']}")
+    if others:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,129 @@
+"""`streamalign merge`: base + s_semi LoRA_semi + s_on LoRA_on for a sweep of s_on, each scored on the
+same (prompt, seed) pairs, and the dual-criterion selection (AR-CoPO Table 3)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..rewards import CompositeReward
+from .merge import Selection, combine_adapters, save_merged_weights, select_scale
+from .report import EvalSettings, ModelSpec, pairs, staged_folder
+from .scoring import paired_differences, score_policy
+
+
+def merge_sweep(
+    on: str | Path,
+    semi: str | Path | None,
+    scales: Sequence[float],
+    prompts: Sequence[str],
+    settings: EvalSettings,
+    out: str | Path,
+    s_semi: float = 1.0,
+    ood: str = "background_cleanliness",
+    ood_tolerance: float = 0.0,
+    full_weights: bool = False,
+) -> dict:
+    """Score the base and every s_on in `scales`; write ``sweep.json``, ``sweep.md``, ``sweep.png``,
+    ``adapters/s<scale>/`` and, for the selected scale, ``adapter/`` (+ ``merged.safetensors``)."""
+    if not scales or any(s < 0 for s in scales):
+        raise ValueError(f"--scales must be non-negative numbers, got {list(scales)}")
+    reward = CompositeReward.parse(settings.rewards, settings.metrics)
+    if ood not in reward.names:
+        raise ValueError(f"--ood-metric {ood!r} is not scored (scored: {', '.join(reward.names)})")
+    with staged_folder(out) as tmp:
+        return _sweep(on, semi, scales, prompts, settings, reward, tmp, Path(out), s_semi, ood, ood_tolerance,
+                      full_weights)  # fmt: skip
+
+
+def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_semi, ood, ood_tolerance, full_weights):
+    ps, seeds = pairs(prompts, settings.seeds_per_prompt, settings.seed)
+    base_policy = ModelSpec("base").load(settings.config, settings.checkpoint, settings.wan_dir)
+    base = score_policy(base_policy, ps, seeds, reward)
+    rows, diffs, folders = {}, {}, {}
+
+    def parts(s_on: float) -> list:
+        return ([(semi, s_semi)] if semi is not None else []) + [(on, s_on)]
+
+    for s in sorted(set(scales)):
+        folders[s] = combine_adapters(parts(s), tmp / "adapters" / f"s{s:g}")
+        spec = ModelSpec(f"s{s:g}", lora=str(folders[s]))
+        sc = score_policy(spec.load(settings.config, settings.checkpoint, settings.wan_dir), ps, seeds, reward)
+        rows[s] = {k: float(v.mean()) for k, v in sc.items()}
+        diffs[s] = paired_differences(base, sc, settings.n_boot, settings.seed)
+    base_means = {k: float(v.mean()) for k, v in base.items()}
+    sel = select_scale(rows, base_means, "composite", ood, ood_tolerance)
+    result = {
+        "semi": str(semi) if semi is not None else None,
+        "on": str(on),
+        "s_semi": s_semi if semi is not None else None,
+        "prompts": list(prompts),
+        "pairs": len(ps),
+        "seed": settings.seed,
+        "ood_metric": ood,
+        "ood_tolerance": ood_tolerance,
+        "base": base_means,
+        "rows": {f"{s:g}": {"means": rows[s], "vs_base": diffs[s]} for s in rows},
+        "selected_scale": sel.scale,
+        "selection": sel.reason,
+    }
+    if sel.scale is not None:
+        shutil.copytree(folders[sel.scale], tmp / "adapter")
+        result["adapter"] = str(out / "adapter")
+        if full_weights:
+            save_merged_weights(settings.config, _base_ckpt(settings), parts(sel.scale), tmp / "merged.safetensors")
+            result["merged_weights"] = str(out / "merged.safetensors")
+    (tmp / "sweep.json").write_text(json.dumps(result, indent=1))
+    (tmp / "sweep.md").write_text(sweep_markdown(result, sel))
+    plot_sweep(result, tmp / "sweep.png")
+    return result
+
+
+def _base_ckpt(settings: EvalSettings) -> str | None:
+    if settings.checkpoint is not None:
+        return settings.checkpoint
+    from ..models.shapes.pipeline import SHIPPED_WEIGHTS
+
+    return str(SHIPPED_WEIGHTS) if settings.config == "shapes" else None
+
+
+def sweep_markdown(result: dict, sel: Selection) -> str:
+    keys = list(result["base"])
+    semi = f"s_semi = {result['s_semi']:g}, " if result["semi"] else ""
+    lines = [
+        f"# Merge sweep ({semi}s_on swept; {result['pairs']} paired videos per row)",
+        "",
+        "| s_on | " + " | ".join(keys) + " |",
+        "|---|" + "---|" * len(keys),
+        "| base | " + " | ".join(f"{result['base'][k]:.4f}" for k in keys) + " |",
+    ]
+    for s, row in result["rows"].items():
+        cells = [f"{row['means'][k]:.4f} ({row['vs_base'][k]['diff']:+.4f})" for k in keys]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    pick = "base model kept" if sel.scale is None else f"s_on = {sel.scale:g}"
+    lines += ["", f"**Selected: {pick}** — {sel.reason}.", ""]
+    return "\n".join(lines)
+
+
+def plot_sweep(result: dict, png: Path) -> None:
+    """In-domain composite and the OOD metric against s_on, base values as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [float(s) for s in result["rows"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, key in ((a, "composite"), (b, result["ood_metric"])):
+        ax.plot(xs, [r["means"][key] for r in result["rows"].values()], "o-")
+        ax.axhline(result["base"][key], ls="--", color="gray", label="base")
+        if result["selected_scale"] is not None:
+            ax.axvline(result["selected_scale"], color="green", lw=0.8, label="selected")
+        ax.set_xlabel("s_on")
+        ax.set_ylabel(key)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

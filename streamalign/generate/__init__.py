@@ -1,0 +1,1 @@
+"""Text to video with base / adapter / merged weights: batches, long videos, multi-scene prompts."""

@@ -1,0 +1,95 @@
+"""`streamalign generate`: one MP4 per prompt line (each line may hold several scenes), seeds seed + i."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..collect.policy import Policy
+from ..evaluate.media import save_mp4
+from ..models.kv_cache import KVCache
+from ..models.sampler import Segment
+from .scenes import chunk_seconds, parse_scenes, scene_chunks
+
+
+def plan(lines: Sequence[str], policy: Policy, fps: float, frames: int | None) -> list[list[tuple[str, int, bool]]]:
+    """(prompt, chunks, hard_cut) per scene of every line; errors name the line. `frames`: total latent
+    frames per video (rounded up to whole chunks) or None (scenes default to the training length)."""
+    cfg = policy.config
+    c = cfg.sampler.chunk_frames
+    secs = chunk_seconds(c, getattr(policy.codec, "temporal", 1), fps)
+    total = None if frames is None else -(-frames // c)
+    out = []
+    for i, line in enumerate(lines, 1):
+        try:
+            scenes = parse_scenes(line)
+            chunks = scene_chunks(scenes, secs, cfg.num_chunks, total)
+        except ValueError as e:
+            raise ValueError(f"prompt line {i}: {e}") from None
+        out.append([(s.prompt, n, s.hard_cut) for s, n in zip(scenes, chunks, strict=True)])
+    return out
+
+
+def rolling_cache(policy: Policy, longest_run: int, sink: int | None, window: int | None) -> KVCache | None:
+    """A rolling cache when asked for (window) or when a run of chunks without a hard cut is longer than
+    the training length and the config has no window (then: the training length, in frames)."""
+    cfg = policy.config
+    c = cfg.sampler.chunk_frames
+    if window is None and cfg.cache.window is None and longest_run <= cfg.num_chunks:
+        return None
+    win = window or cfg.cache.window or cfg.num_chunks * c
+    if win < c:
+        raise ValueError(f"--window {win} frames is shorter than one chunk ({c} frames)")
+    return KVCache.for_model(policy.model, 1, cfg.tokens_per_frame, sink=cfg.cache.sink if sink is None else sink,
+                             window=win)  # fmt: skip
+
+
+@torch.no_grad()
+def generate_video(
+    policy: Policy,
+    scenes: Sequence[tuple[str, int, bool]],
+    seed: int,
+    sink: int | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """One video [F, 3, H, W] in [0, 1] from a scene plan (prompt, chunks, hard_cut); noise from `seed`,
+    addressed by the global chunk index."""
+    policy.model.eval()
+    segments = [Segment(policy.text.encode([p]), n, cut) for p, n, cut in scenes]
+    runs, run = [], 0
+    for _, n, cut in scenes:
+        run = n if cut else run + n
+        runs.append(run)
+    cache = rolling_cache(policy, max(runs), sink, window)
+    sampler = policy.sampler
+    return policy.decode(sampler.generate(segments, sampler.noise_bank([seed]), cache))[0]
+
+
+def generate(
+    policy: Policy,
+    lines: Sequence[str],
+    out: str | Path,
+    seed: int = 0,
+    fps: float = 16.0,
+    frames: int | None = None,
+    sink: int | None = None,
+    window: int | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Write ``out/NNNN.mp4`` per line and ``out/generate.json`` (lines, seeds, scene plans)."""
+    plans = plan(lines, policy, fps, frames)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, record = [], []
+    for i, (line, scenes) in enumerate(zip(lines, plans, strict=True)):
+        video = generate_video(policy, scenes, seed + i, sink, window)
+        paths.append(save_mp4(video, out / f"{i:04d}.mp4", fps=fps))
+        record.append({"line": line, "seed": seed + i, "scenes": [list(s) for s in scenes], "frames": video.shape[0],
+                       "file": paths[-1].name})  # fmt: skip
+        if progress:
+            print(f"{paths[-1]}: {video.shape[0]} frames, {len(scenes)} scene(s)", flush=True)
+    (out / "generate.json").write_text(json.dumps({"policy": policy.policy_id, "fps": fps, "videos": record}, indent=1))
+    return paths
