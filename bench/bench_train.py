@@ -3,6 +3,8 @@
 - seconds per semi-on-policy update (replay of `--batch` stored groups) vs per on-policy iteration
   (collect `--batch` fresh groups with the current policy + 2 updates), shipped shapes generator, G=12,
   LoRA r64/a128, CoPO with 4 anchors x 4 steps;
+- streaming long tuning: activation memory of a pivot update at the end of ever longer videos with the
+  rolling KV window vs a global cache (bounded by the window vs growing with the history);
 - activation memory of one pivot-chunk update vs backprop through the whole sequence: bytes of the
   tensors autograd saves for backward (exact, counted with saved_tensors_hooks), for K anchor videos x T
   steps at the pivot vs the same K videos x T steps in every one of the L chunks. The design promises
@@ -28,32 +30,8 @@ from streamalign.schemas.config import ModelConfig
 from streamalign.train.config import TrainConfig
 from streamalign.train.loop import train
 from streamalign.train.lora import LoraSettings, attach_lora
+from streamalign.train.memory import SavedBytes
 from streamalign.train.replay import PivotReplay
-
-
-class SavedBytes:
-    """Sum of the bytes of tensors autograd saves for backward inside the context (each storage counted
-    once; the model's own weights, held either way, excluded)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def __enter__(self):
-        self.total, self.seen = 0, set(self.weights)
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in self.seen:
-                self.seen.add(ptr)
-                self.total += t.untyped_storage().nbytes()
-            return t
-
-        self.ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
 
 
 def memory(config: str, anchors: int = 4) -> tuple[list[int], int, int]:
@@ -96,6 +74,34 @@ def memory(config: str, anchors: int = 4) -> tuple[list[int], int, int]:
     return per_pivot, full_mem.total, n
 
 
+def streaming_memory(lengths=(4, 8, 16, 32), anchors: int = 4) -> list[tuple[int, int, int]]:
+    """Streaming long tuning: (chunks, saved bytes with the rolling 12-frame window, with a global cache)
+    of one pivot update at the LAST chunk of a video of that many chunks (shapes arch, random weights)."""
+    rows = []
+    for n in lengths:
+        out = []
+        for window in (12, None):
+            cfg = ModelConfig.load("shapes").with_overrides(latent={"frames": 3 * n}, cache={"window": window})
+            torch.manual_seed(0)
+            from streamalign.models.wan import CausalWanModel
+
+            model = attach_lora(CausalWanModel(cfg.arch), LoraSettings()).base_model.model
+            s = Sampler(model, cfg)
+            text = torch.randn(1, cfg.arch.text_len, cfg.arch.text_dim)
+
+            class E:
+                pivot, context = n - 1, torch.randn((n - 1) * 3, *s.chunk_shape[1:])
+
+            t = len(s.schedule)
+            with SavedBytes(model) as m:
+                PivotReplay(s).predict(
+                    E, text, torch.randn(anchors * t, *s.chunk_shape), torch.arange(t).repeat(anchors)
+                )
+            out.append(m.total)
+        rows.append((n, *out))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -131,6 +137,10 @@ def main() -> None:
         print(f"activation memory ({config}, L={n}, 4 anchors x 4 steps): whole sequence {f / 2**20:.1f} MiB; "
               f"pivot update by pivot {', '.join(f'{p / 2**20:.1f}' for p in ps)} MiB; ratio mean over pivots "
               f"{mean / f:.3f}, last pivot {ps[-1] / f:.3f} (1/L = {1 / n:.3f})")  # fmt: skip
+    print("streaming long tuning, pivot update at the last chunk (shapes arch, 4 anchors x 4 steps):")
+    for n, rolling, full in streaming_memory():
+        print(f"  {n:3d} chunks: rolling window 12 frames {rolling / 2**20:6.1f} MiB | global cache "
+              f"{full / 2**20:6.1f} MiB  ({full / rolling:.1f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

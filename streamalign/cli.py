@@ -24,6 +24,8 @@ shapes_app = typer.Typer(
 app.add_typer(shapes_app, name="shapes")
 buffer_app = typer.Typer(help="Inspect and verify replay buffers.", no_args_is_help=True)
 app.add_typer(buffer_app, name="buffer")
+experiment_app = typer.Typer(help="The AR-CoPO analyses: noise sources, objectives.", no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
 
 
 def clear_errors(fn: Callable) -> Callable:
@@ -242,6 +244,12 @@ def collect_cmd(
     format: Annotated[str, typer.Option("--format", help="webdataset | zarr")] = "webdataset",
     entries_per_shard: Annotated[int, typer.Option(help="Groups per shard.")] = 16,
     store_kv: Annotated[bool, typer.Option("--store-kv", help="Also store the prefix KV of each group.")] = False,
+    fork: Annotated[
+        str, typer.Option(help="initial: branches differ in the pivot's initial noise; solver: in its re-noising.")
+    ] = "initial",
+    clip_chunks: Annotated[
+        int | None, typer.Option(help="Streaming: score only this many chunks from the pivot (long configs).")
+    ] = None,
     rewards: Annotated[str, typer.Option(help="Composite: name[:topNN][:gray]=weight,...")] = "",
     metrics: Annotated[str, typer.Option(help="OOD metrics stored alongside (comma-separated).")] = "",
     config: ConfigOpt = "shapes",
@@ -269,6 +277,8 @@ def collect_cmd(
         format=format,
         entries_per_shard=entries_per_shard,
         store_kv=store_kv,
+        fork=fork,
+        clip_chunks=clip_chunks,
         rewards=rewards or SHAPES_REWARDS,
         metrics=metrics if rewards else (metrics or SHAPES_METRICS),
     )
@@ -306,8 +316,17 @@ def train_cmd(
     pivot_steps: Annotated[int | None, typer.Option(help="Pivot denoising steps per group (default all).")] = None,
     tau: Annotated[float | None, typer.Option(help="CoPO temperature (default adaptive).")] = None,
     tau_scale: Annotated[float, typer.Option(help="Adaptive tau = scale x median old distance.")] = 1.0,
-    clip_eps: Annotated[float, typer.Option(help="Ratio clip epsilon.")] = 1e-4,
+    objective: Annotated[str, typer.Option(help="copo | nft | sde-grpo.")] = "copo",
+    clip_eps: Annotated[float, typer.Option(help="Ratio clip epsilon (copo, sde-grpo).")] = 1e-4,
     no_clip: Annotated[bool, typer.Option("--no-clip", help="Off-policy ablation: no ratio clip.")] = False,
+    nft_beta: Annotated[float, typer.Option(help="NFT v+/v- mixing beta.")] = 0.1,
+    kl_w: Annotated[float, typer.Option(help="NFT selective-KL weight.")] = 1e-4,
+    kappa: Annotated[float, typer.Option(help="NFT initial selective-KL fraction (adapts in [0.02, 0.2]).")] = 0.1,
+    kl_target: Annotated[float, typer.Option(help="NFT: kappa grows while the KL is above this.")] = 1e-3,
+    ref_reset_kl: Annotated[float, typer.Option(help="NFT: reset the reference when the KL exceeds this.")] = 1.0,
+    old_decay_rate: Annotated[float, typer.Option(help="NFT old policy: d = min(rate x step, max).")] = 1e-3,
+    old_decay_max: Annotated[float, typer.Option(help="NFT old policy: the cap of d.")] = 0.5,
+    primary_reward: Annotated[str | None, typer.Option(help="NFT: primary reward (default: largest weight).")] = None,
     context: Annotated[str, typer.Option(help="Prefix KV: recompute | stored.")] = "recompute",
     filter: Annotated[str | None, typer.Option(help="SQL over `manifest` returning entry_id (semi).")] = None,
     reward_weights: Annotated[str | None, typer.Option(help="Re-weight rewards at read time: a=1,b=0.5.")] = None,
@@ -315,6 +334,7 @@ def train_cmd(
     group_size: Annotated[int, typer.Option("--group-size", "-G", help="Branches per fresh group (on).")] = 12,
     sigma: Annotated[float, typer.Option(help="Pivot noise perturbation strength (on).")] = 0.5,
     updates_per_iter: Annotated[int, typer.Option(help="Updates per fresh batch (on).")] = 2,
+    clip_chunks: Annotated[int | None, typer.Option(help="Streaming (on): score the clip from the pivot.")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N updates (semi) / iterations (on).")] = 50,
     eval_every: Annotated[int, typer.Option(help="Score fresh videos every N updates (0: never).")] = 0,
     eval_prompts: Annotated[int, typer.Option(help="Training prompts scored at each evaluation.")] = 16,
@@ -340,9 +360,12 @@ def train_cmd(
         lora_rank=lora_rank, lora_alpha=lora_alpha, steps=steps, batch_groups=batch_groups, accum=accum, lr=lr,
         weight_decay=weight_decay, grad_clip=grad_clip, warmup=warmup, seed=seed, anchors=anchors,
         pivot_steps=pivot_steps, tau=tau, tau_scale=tau_scale, clip_eps=clip_eps, clip=not no_clip, context=context,
+        objective=objective, nft_beta=nft_beta, kl_w=kl_w, kappa=kappa, kl_target=kl_target,
+        ref_reset_kl=ref_reset_kl, old_decay_rate=old_decay_rate, old_decay_max=old_decay_max,
+        primary_reward=primary_reward,
         buffer=str(buffer) if buffer else None, filter=filter, reward_weights=parse_weights(reward_weights),
         prompts=texts if mode == "on" else (), group_size=group_size, strength=sigma,
-        updates_per_iter=updates_per_iter, save_every=save_every, eval_every=eval_every,
+        updates_per_iter=updates_per_iter, clip_chunks=clip_chunks, save_every=save_every, eval_every=eval_every,
         eval_prompts=texts[:: max(1, len(texts) // eval_prompts)][:eval_prompts] if eval_every else (),
         threads=threads, wandb=wandb, device=device, autocast=autocast,
     )  # fmt: skip
@@ -491,6 +514,76 @@ def generate_cmd(
     policy = Policy.load(config, checkpoint, lora, wan_dir=wan_dir)
     paths = generate(policy, lines, out, seed=seed, fps=fps, frames=frames, sink=sink, window=window)
     print(f"wrote {len(paths)} video(s) to {out}")
+
+
+@experiment_app.command("noise-sources")
+@clear_errors
+def experiment_noise_sources(
+    out: Annotated[Path, typer.Option(help="Folder: noise_sources.md/json/png.")] = Path("runs/noise-sources"),
+    prompts: PromptsOpt = None,
+    which_set: PromptSetOpt = "held-in",
+    n_prompts: Annotated[int, typer.Option("--n-prompts", help="Prompts used (spread over the set).")] = 4,
+    seeds: Annotated[int, typer.Option(help="Fork groups per prompt and pivot.")] = 4,
+    group_size: Annotated[int, typer.Option("--group-size", "-G", help="Branches per group.")] = 8,
+    rewards: RewardsOpt = "",
+    metrics: MetricsOpt = "",
+    lora: Annotated[Path | None, typer.Option(help="Adapter merged into the model.")] = None,
+    config: ConfigOpt = "shapes",
+    checkpoint: BaseOpt = None,
+    wan_dir: WanDirOpt = None,
+) -> None:
+    """Output variance when only the pivot's initial noise changes vs only one solver noise (AR-CoPO Fig. 6)."""
+    from .collect.policy import Policy
+    from .evaluate.experiments import run_noise_sources
+    from .evaluate.report import spread
+    from .rewards import SHAPES_METRICS, SHAPES_REWARDS, CompositeReward
+
+    texts = spread(list(prompt_set(prompts, config, which_set)), n_prompts)
+    reward = CompositeReward.parse(rewards or SHAPES_REWARDS, metrics if rewards else (metrics or SHAPES_METRICS))
+    policy = Policy.load(config, checkpoint, lora, wan_dir=wan_dir)
+    run_noise_sources(policy, texts, reward, out, seeds, group_size)
+    print((out / "noise_sources.md").read_text())
+
+
+@experiment_app.command("objectives")
+@clear_errors
+def experiment_objectives(
+    out: Annotated[Path, typer.Option(help="Folder: objectives.md/json/png and one run per objective.")] = Path(
+        "runs/objectives"
+    ),
+    runs: Annotated[str, typer.Option(help="Comma-separated: copo, copo-offpolicy, nft, sde-grpo.")] = (
+        "copo,copo-offpolicy,nft,sde-grpo"
+    ),
+    prompts: PromptsOpt = None,
+    which_set: PromptSetOpt = "held-in",
+    n_prompts: Annotated[int, typer.Option("--n-prompts", help="Training prompts (spread over the set).")] = 8,
+    iterations: Annotated[int, typer.Option(help="On-policy iterations per objective (equal budget).")] = 15,
+    batch_groups: Annotated[int, typer.Option(help="Fresh groups per iteration.")] = 8,
+    group_size: Annotated[int, typer.Option("--group-size", "-G", help="Branches per group.")] = 8,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (all objectives).")] = 1e-4,
+    eval_every: Annotated[int, typer.Option(help="Updates between curve points.")] = 6,
+    eval_seeds: Annotated[int, typer.Option(help="Fresh seeds per prompt for the curves and the table.")] = 4,
+    seed: SeedOpt = 0,
+    config: ConfigOpt = "shapes",
+    checkpoint: BaseOpt = None,
+    wan_dir: WanDirOpt = None,
+) -> None:
+    """Equal-budget on-policy comparison of the objectives on the same prompts and seeds (AR-CoPO Fig. 2)."""
+    from .evaluate.experiments import compare_objectives
+    from .evaluate.report import spread
+    from .rewards import SHAPES_METRICS, SHAPES_REWARDS, CompositeReward
+    from .train.config import TrainConfig
+
+    texts = tuple(spread(list(prompt_set(prompts, config, which_set)), n_prompts))
+    base = TrainConfig(
+        mode="on", model=config, checkpoint=str(checkpoint) if checkpoint else None,
+        wan_dir=str(wan_dir) if wan_dir else None, prompts=texts, steps=iterations, batch_groups=batch_groups,
+        group_size=group_size, lr=lr, eval_every=eval_every, seed=seed, save_every=10**6,
+    )  # fmt: skip
+    names = [x.strip() for x in runs.split(",") if x.strip()]
+    reward = CompositeReward.parse(SHAPES_REWARDS, SHAPES_METRICS)
+    compare_objectives(base, names, texts, reward, out, eval_seeds)
+    print((out / "objectives.md").read_text())
 
 
 @app.command("demo")

@@ -77,6 +77,28 @@ def test_semi_resume_equals_uninterrupted_bitwise(tmp_path, base, buffer):
     assert any((before[k] - after[k]).abs().max() > 0 for k in after)  # it trained
 
 
+@pytest.mark.parametrize("objective", ["nft", "sde-grpo"])
+def test_other_objectives_train_and_resume_bitwise(tmp_path, base, buffer, objective):
+    """Same buffer, same loop: NFT (with its old / reference copies and kappa checkpointed) and SDE-GRPO."""
+    kw = {"objective": objective, "kl_w": 1.0} if objective == "nft" else {"objective": objective}
+    train(_cfg(base, buffer, **kw), tmp_path / "full", progress=False)
+    rows = _rows(tmp_path / "full")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    if objective == "nft":
+        assert [r["old_decay"] for r in rows] == [0.0, 0.001, 0.002, 0.003]  # d = min(0.001 step, 0.5)
+        assert all(0.02 <= r["kappa"] <= 0.2 for r in rows) and all(r["kl_mask_rate"] > 0 for r in rows)
+    else:
+        assert rows[0]["ratio_dev_max"] < 1e-4  # policy == old at the first update
+    train(_cfg(base, buffer, steps=2, **kw), tmp_path / "part", progress=False)
+    train(_cfg(base, buffer, **kw), tmp_path / "part", resume=True, progress=False)
+    for f in (
+        "adapter/adapter_model.safetensors",
+        *(["checkpoints/step-0000004/objective.safetensors"] if objective == "nft" else []),
+    ):
+        assert (tmp_path / "full" / f).read_bytes() == (tmp_path / "part" / f).read_bytes(), f
+    assert _rows(tmp_path / "part") == rows
+
+
 def test_bf16_autocast_trains_close_to_fp32(tmp_path, base, buffer):
     """--autocast bf16 (on CUDA by default; forced here on the CPU): the forward runs in bf16, the LoRA
     weights and AdamW stay fp32; 'auto' on a CPU is exactly fp32."""

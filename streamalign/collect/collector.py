@@ -45,6 +45,10 @@ class CollectConfig:
     store_kv: bool = False
     rewards: str = SHAPES_REWARDS
     metrics: str = SHAPES_METRICS
+    fork: str = "initial"  # initial: branches differ in the pivot's initial noise; solver: in its solver noise
+    # streaming long tuning: score only the clip of this many chunks that starts at the pivot (pivots drawn
+    # so the clip fits); None scores the whole video
+    clip_chunks: int | None = None
 
     def check(self, num_chunks: int) -> None:
         if not self.prompts:
@@ -58,11 +62,23 @@ class CollectConfig:
         if self.pivot != "uniform" and not (self.pivot.isdigit() and int(self.pivot) < num_chunks):
             raise ValueError(f"--pivot must be 'uniform' or a chunk index 0..{num_chunks - 1}, got {self.pivot!r}")
         get_format(self.format)
+        if self.fork not in ("initial", "solver"):
+            raise ValueError(f"--fork must be 'initial' or 'solver', got {self.fork!r}")
+        if self.clip_chunks is not None and not 1 <= self.clip_chunks <= num_chunks:
+            raise ValueError(f"--clip-chunks {self.clip_chunks} must lie in 1..{num_chunks} (the video's chunks)")
+        if self.clip_chunks is not None and self.pivot != "uniform" and int(self.pivot) + self.clip_chunks > num_chunks:
+            raise ValueError(
+                f"--pivot {self.pivot} + --clip-chunks {self.clip_chunks} runs past the {num_chunks} chunks"
+            )
 
     @property
     def run_id(self) -> str:
         """Stable id of the collection's arguments (entry ids derive from it)."""
-        return "r" + hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        args = asdict(self)
+        for key, default in (("fork", "initial"), ("clip_chunks", None)):  # later fields: earlier ids stay valid
+            if args[key] == default:
+                del args[key]
+        return "r" + hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
 
     @property
     def num_shards(self) -> int:
@@ -71,7 +87,7 @@ class CollectConfig:
     def pivot_of(self, i: int, num_chunks: int) -> int:
         if self.pivot != "uniform":
             return int(self.pivot)
-        return derive_seed(self.seed, 4, i) % num_chunks
+        return derive_seed(self.seed, 4, i) % (num_chunks - (self.clip_chunks or 1) + 1)
 
 
 @dataclass
@@ -108,8 +124,12 @@ def collect_group(policy: Policy, cfg: CollectConfig, reward: CompositeReward, i
     pivot = cfg.pivot_of(i, n)
     sampler = policy.sampler
     text = policy.text.encode([prompt])
-    group = sampler.fork_group(text, sampler.noise_bank(seed), pivot, cfg.group_size, cfg.strength)
-    videos = policy.decode(group.videos())
+    group = sampler.fork_group(text, sampler.noise_bank(seed), pivot, cfg.group_size, cfg.strength, fork=cfg.fork)
+    latents = group.videos()
+    if cfg.clip_chunks is not None:  # streaming: the local clip that starts at the pivot
+        c = sampler.chunk_frames
+        latents = latents[:, pivot * c : (pivot + cfg.clip_chunks) * c]
+    videos = policy.decode(latents)
     scores = reward(videos, [prompt] * cfg.group_size)
     scores.pop("composite")
     entry = Entry.from_fork_group(

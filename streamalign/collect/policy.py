@@ -51,7 +51,7 @@ class Policy:
 
         cfg = ModelConfig.load(config) if isinstance(config, str) else config
         shapes = cfg.arch.text_dim == 384 and wan_dir is None
-        if checkpoint is None and shapes and cfg.name == "shapes":
+        if checkpoint is None and shapes and cfg.arch == ModelConfig.load("shapes").arch:  # shapes, shapes-long
             checkpoint = SHIPPED_WEIGHTS
         if checkpoint is None:
             raise ValueError(f"config {cfg.name!r} needs --checkpoint (local generator weights)")

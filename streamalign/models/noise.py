@@ -88,24 +88,40 @@ class ExplicitNoise:
 class ForkNoise:
     """Noise of a fork group of G branches from a batch-1 source.
 
-    At the pivot chunk branch i starts from ``sqrt(1 - s^2) eps* + s delta_i`` (eps* = the source's
-    initial noise); every other noise (other chunks' initial noise, all solver noise) is shared.
-    `deltas` [G, c, C, H, W].
+    Initial forks (``deltas`` [G, c, C, H, W]): at the pivot chunk branch i starts from
+    ``sqrt(1 - s^2) eps* + s delta_i`` (eps* = the source's initial noise). Solver forks (``solver_deltas``:
+    step -> [G, c, C, H, W]): the pivot's solver noise at those steps is ``sqrt(1 - s^2) eps + s delta_i``
+    instead (the Flow-GRPO setting: same initial noise, different re-noising). Every other noise is shared.
     """
 
-    def __init__(self, source: NoiseSource, pivot: int, deltas: torch.Tensor, strength: float) -> None:
+    def __init__(
+        self,
+        source: NoiseSource,
+        pivot: int,
+        deltas: torch.Tensor | None,
+        strength: float,
+        solver_deltas: dict[int, torch.Tensor] | None = None,
+    ) -> None:
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"fork strength sigma must be in [0, 1], got {strength}")
+        if (deltas is None) == (not solver_deltas):
+            raise ValueError("a fork perturbs either the initial noise (deltas) or solver noise (solver_deltas)")
         self.source, self.pivot, self.deltas, self.strength = source, pivot, deltas, strength
-        self.group = deltas.shape[0]
+        self.solver_deltas = solver_deltas or {}
+        self.group = (deltas if deltas is not None else next(iter(self.solver_deltas.values()))).shape[0]
+
+    def _mix(self, eps: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        s = self.strength
+        return math.sqrt(1.0 - s * s) * eps + s * delta
 
     def initial(self, chunk: int) -> torch.Tensor:
         eps = self.source.initial(chunk)
-        if chunk != self.pivot:
+        if chunk != self.pivot or self.deltas is None:
             return eps.expand(self.group, *eps.shape[1:])
-        s = self.strength
-        return math.sqrt(1.0 - s * s) * eps + s * self.deltas
+        return self._mix(eps, self.deltas)
 
     def solver(self, chunk: int, step: int) -> torch.Tensor:
         eps = self.source.solver(chunk, step)
+        if chunk == self.pivot and step in self.solver_deltas:
+            return self._mix(eps, self.solver_deltas[step])
         return eps.expand(self.group, *eps.shape[1:])

@@ -222,9 +222,13 @@ class Sampler:
         group_size: int,
         strength: float = 0.5,
         num_chunks: int | None = None,
+        fork: str = "initial",
+        solver_steps: Sequence[int] | None = None,
     ) -> ForkGroup:
         """Roll out chunks < pivot once (batch 1), then G branches that differ only in the pivot chunk's
-        initial noise, batched through the remaining chunks. `bank` has one seed; context [1, L, D]."""
+        initial noise (``fork="initial"``), or only in its solver noise at `solver_steps` (``"solver"``;
+        default every step 1..T-1), batched through the remaining chunks. `bank` has one seed; context
+        [1, L, D]."""
         n = num_chunks or self.config.num_chunks
         if len(bank.seeds) != 1:
             raise ValueError("fork_group takes a NoiseBank with exactly one seed")
@@ -232,13 +236,21 @@ class Sampler:
             raise ValueError(f"pivot {pivot} is outside chunks 0..{n - 1}")
         if group_size < 1:
             raise ValueError(f"group size must be >= 1, got {group_size}")
-        deltas = torch.cat([bank.delta(pivot, i) for i in range(group_size)])
-        fork = ForkNoise(bank, pivot, deltas, strength)
+        if fork == "initial":
+            noise = ForkNoise(bank, pivot, torch.cat([bank.delta(pivot, i) for i in range(group_size)]), strength)
+        elif fork == "solver":
+            steps = list(solver_steps) if solver_steps is not None else list(range(1, len(self.schedule)))
+            if not steps or not all(1 <= k < len(self.schedule) for k in steps):
+                raise ValueError(f"solver fork steps must lie in 1..{len(self.schedule) - 1}, got {steps}")
+            deltas = {k: torch.cat([bank.draw(pivot, k, i) for i in range(group_size)]) for k in steps}
+            noise = ForkNoise(bank, pivot, None, strength, solver_deltas=deltas)
+        else:
+            raise ValueError(f"fork must be 'initial' or 'solver', got {fork!r}")
         cache = self.new_cache(1, n)
         prefix = [self.denoise_chunk(cache, j, bank, context).x0 for j in range(pivot)]
         branches = cache.expand(group_size)
-        trace = self.denoise_chunk(branches, pivot, fork, context, record=True)
-        rest = [trace.x0] + [self.denoise_chunk(branches, j, fork, context).x0 for j in range(pivot + 1, n)]
+        trace = self.denoise_chunk(branches, pivot, noise, context, record=True)
+        rest = [trace.x0] + [self.denoise_chunk(branches, j, noise, context).x0 for j in range(pivot + 1, n)]
         t = len(self.schedule)
         ctx = torch.cat(prefix, dim=1)[0] if prefix else torch.zeros(0, *self.chunk_shape[1:])
         return ForkGroup(

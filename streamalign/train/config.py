@@ -7,7 +7,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..rewards.shapes import SHAPES_METRICS, SHAPES_REWARDS
 from .lora import LoraSettings
 from .objectives.copo import CoPO
+from .objectives.nft import NFT
 from .replay import CONTEXT_MODES
+
+OBJECTIVES = ("copo", "nft", "sde-grpo")
 
 
 class TrainConfig(BaseModel):
@@ -39,6 +42,15 @@ class TrainConfig(BaseModel):
     clip_eps: float = 1e-4
     clip: bool = True  # False: the off-policy ablation
     context: str = "recompute"  # recompute | stored prefix KV
+    # NFT (--objective nft)
+    nft_beta: float = 0.1
+    kl_w: float = 1e-4
+    kappa: float = 0.1  # initial selective-KL fraction, adapted within [0.02, 0.2]
+    kl_target: float = 1e-3
+    ref_reset_kl: float = 1.0
+    old_decay_rate: float = 1e-3
+    old_decay_max: float = 0.5
+    primary_reward: str | None = None
     # semi-on-policy data
     buffer: str | None = None
     shuffle: int = 64
@@ -52,6 +64,7 @@ class TrainConfig(BaseModel):
     rewards: str = SHAPES_REWARDS
     metrics: str = SHAPES_METRICS
     format: str = "webdataset"
+    clip_chunks: int | None = None  # on-policy streaming long tuning: score the clip of this many chunks
     # bookkeeping
     save_every: int = Field(50, gt=0)
     eval_every: int = Field(0, ge=0)  # 0: no evaluation during training
@@ -68,8 +81,8 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if self.mode not in ("semi", "on"):
             raise ValueError(f"--mode must be 'semi' or 'on', got {self.mode!r}")
-        if self.objective != "copo":
-            raise ValueError(f"--objective {self.objective!r} is not available (copo)")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not 0 < self.lr <= 1:
             raise ValueError(f"--lr {self.lr} is out of range (0, 1]")
         if self.mode == "semi" and self.buffer is None:
@@ -86,4 +99,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"--context must be one of {', '.join(CONTEXT_MODES)}, got {self.context!r}")
         LoraSettings(self.lora_rank, self.lora_alpha).check()
         CoPO(self.anchors, self.pivot_steps, self.tau, self.tau_scale, self.clip_eps, self.clip).check()
+        self.nft().check()
         return self
+
+    def nft(self) -> NFT:
+        return NFT(
+            beta=self.nft_beta, kl_w=self.kl_w, kappa=self.kappa, kl_target=self.kl_target,
+            ref_reset_kl=self.ref_reset_kl, decay_rate=self.old_decay_rate, decay_max=self.old_decay_max,
+            primary=self.primary_reward,
+        )  # fmt: skip

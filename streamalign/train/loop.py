@@ -35,6 +35,7 @@ from .lora import LoraSettings, attach_lora, load_lora, lora_parameters, save_lo
 from .metrics import MetricsLog, plot_metrics
 from .objectives.base import GroupInput, Objective
 from .objectives.copo import CoPO
+from .objectives.sde_grpo import SDEGRPO
 from .replay import PivotReplay
 from .state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -42,7 +43,12 @@ log = logging.getLogger("streamalign.train")
 
 
 def make_objective(cfg: TrainConfig) -> Objective:
-    return CoPO(cfg.anchors, cfg.pivot_steps, cfg.tau, cfg.tau_scale, cfg.clip_eps, cfg.clip)  # checked by TrainConfig
+    """The configured objective (its settings are checked by TrainConfig)."""
+    if cfg.objective == "nft":
+        return cfg.nft()
+    if cfg.objective == "sde-grpo":
+        return SDEGRPO(cfg.anchors, cfg.clip_eps, cfg.clip)
+    return CoPO(cfg.anchors, cfg.pivot_steps, cfg.tau, cfg.tau_scale, cfg.clip_eps, cfg.clip)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -93,6 +99,8 @@ class Trainer:
         self.objective = make_objective(cfg)
         self.params = [p for _, p in lora_parameters(self.peft)]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if hasattr(self.objective, "bind"):  # objectives with policy copies (NFT: old and reference)
+            self.objective.bind(self.params)
         self._text: dict[str, torch.Tensor] = {}
 
     def text(self, prompt: str) -> torch.Tensor:
@@ -148,6 +156,8 @@ class Trainer:
                 group["lr"] = lr_at(self.cfg, step)
             self.opt.step()
             stats["lr"] = lr_at(self.cfg, step)
+            if hasattr(self.objective, "after_step"):  # same global stats on every rank: same updates
+                self.objective.after_step(step + 1, stats)
         return stats
 
     @torch.no_grad()
@@ -203,7 +213,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         state = Progress()
         ckpt = latest_checkpoint(out) if resume else None
         if ckpt is not None:
-            state = load_checkpoint(ckpt, trainer.peft, trainer.opt)
+            state = load_checkpoint(ckpt, trainer.peft, trainer.opt, trainer.objective)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             saved.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -261,6 +271,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                     prompts=tuple(cfg.prompts), groups=cfg.batch_groups, group_size=cfg.group_size,
                     strength=cfg.strength, seed=derive_seed(cfg.seed, 7, it), format=cfg.format,
                     entries_per_shard=max(1, cfg.batch_groups // world), rewards=cfg.rewards, metrics=cfg.metrics,
+                    fork="solver" if cfg.objective == "sde-grpo" else "initial", clip_chunks=cfg.clip_chunks,
                 )  # fmt: skip
                 trainer.model.eval()
                 version = f"{trainer.policy.policy_id}+it{it:05d}"
@@ -291,6 +302,6 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
 
 def _save(out: Path, trainer: Trainer, state: Progress, rank: int, world: int) -> None:
     if rank == 0:
-        save_checkpoint(out, trainer.peft, trainer.opt, state)
+        save_checkpoint(out, trainer.peft, trainer.opt, state, trainer.objective)
     if world > 1:
         dist.barrier()

@@ -35,9 +35,10 @@ def checkpoint_dir(out: Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    out: Path, peft_model: PeftModel, opt: torch.optim.Optimizer, progress: Progress, keep: int = 2
+    out: Path, peft_model: PeftModel, opt: torch.optim.Optimizer, progress: Progress, objective=None, keep: int = 2
 ) -> Path:
-    """Write checkpoint `progress.step` (rank 0 only); keep the newest `keep` checkpoints."""
+    """Write checkpoint `progress.step` (rank 0 only); keep the newest `keep` checkpoints. An objective with
+    a ``state_dict()`` (NFT: old / reference weights, kappa) is saved beside it."""
     final = checkpoint_dir(out, progress.step)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -46,6 +47,10 @@ def save_checkpoint(
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
+    if hasattr(objective, "state_dict"):
+        tensors, meta = objective.state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "objective.safetensors"))
+        (tmp / "objective.json").write_text(json.dumps(meta))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -60,8 +65,9 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, peft_model: PeftModel, opt: torch.optim.Optimizer) -> Progress:
-    """Restore adapter weights, optimizer and RNG state from a checkpoint folder; returns its progress."""
+def load_checkpoint(path: Path, peft_model: PeftModel, opt: torch.optim.Optimizer, objective=None) -> Progress:
+    """Restore adapter weights, optimizer, RNG state (and the objective's state) from a checkpoint folder;
+    returns its progress."""
     weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(peft_model, weights)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
@@ -69,4 +75,10 @@ def load_checkpoint(path: Path, peft_model: PeftModel, opt: torch.optim.Optimize
         raise ValueError(f"checkpoint {path} has LoRA weights this run's adapter lacks: {unexpected[:3]}")
     opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    if hasattr(objective, "load_state_dict"):
+        if not (path / "objective.safetensors").exists():
+            raise ValueError(f"checkpoint {path} has no objective state: it was written by another objective")
+        dev = next(iter(peft_model.parameters())).device
+        tensors = {k: v.to(dev) for k, v in load_file(str(path / "objective.safetensors")).items()}
+        objective.load_state_dict(tensors, json.loads((path / "objective.json").read_text()))
     return Progress(**json.loads((path / "progress.json").read_text()))

@@ -1,0 +1,177 @@
+"""`streamalign experiment`: the AR-CoPO analyses, runnable on any model.
+
+- ``noise-sources`` (AR-CoPO Fig. 6): how much the finished video varies when ONLY the pivot chunk's
+  initial noise changes vs when only ONE of its solver (re-noising) noises changes, per pivot position.
+- ``objectives`` (AR-CoPO Fig. 2 / Table 2): copo, copo without the clip (off-policy), nft and sde-grpo
+  trained on-policy with the same prompts, seeds and budget; reward curves on fixed fresh seeds, the OOD
+  metric, and each final adapter's paired difference vs the base.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..collect.policy import Policy
+from ..rewards import CompositeReward
+from ..train.config import TrainConfig
+from ..train.loop import train
+from .report import ModelSpec, staged_folder
+from .scoring import paired_differences, score_policy
+
+
+@torch.no_grad()
+def noise_sources(
+    policy: Policy, prompts: Sequence[str], reward: CompositeReward, seeds: int = 4, group_size: int = 8,
+    strength: float = 0.5,
+) -> list[dict]:  # fmt: skip
+    """Rows per (pivot, source): mean over prompts x seeds of the per-pixel variance of the decoded videos
+    across the G branches, and of the composite's within-group std. Sources: 'initial' and 'solver k'."""
+    sampler = policy.sampler
+    n, t = policy.config.num_chunks, len(sampler.schedule)
+    sources = [("initial", None)] + [(f"solver {k}", k) for k in range(1, t)]
+    rows = []
+    for pivot in range(n):
+        for name, k in sources:
+            var, std = [], []
+            for i, prompt in enumerate(prompts):
+                text = policy.text.encode([prompt])
+                for j in range(seeds):
+                    bank = sampler.noise_bank(10_000 * i + j)
+                    fork = "initial" if k is None else "solver"
+                    grp = sampler.fork_group(text, bank, pivot, group_size, strength, fork=fork,
+                                             solver_steps=None if k is None else [k])  # fmt: skip
+                    videos = policy.decode(grp.videos()).float()
+                    var.append(float(videos.var(0, unbiased=False).mean()))
+                    std.append(float(reward(videos, [prompt] * group_size)["composite"].std(unbiased=False)))
+            rows.append({"pivot": pivot, "source": name, "pixel_variance": sum(var) / len(var),
+                         "composite_std": sum(std) / len(std), "groups": len(var)})  # fmt: skip
+    return rows
+
+
+def noise_sources_report(rows: list[dict], out: Path) -> None:
+    """``noise_sources.md`` (table), ``.json`` and ``.png`` (variance per pivot, one line per source)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    pivots = sorted({r["pivot"] for r in rows})
+    cell = {(r["pivot"], r["source"]): r for r in rows}
+    lines = ["# Noise sources (AR-CoPO Fig. 6): per-pixel variance of the video across branches", "",
+             "| pivot | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]  # fmt: skip
+    for p in pivots:
+        lines.append(f"| {p} | " + " | ".join(f"{cell[p, s]['pixel_variance']:.2e}" for s in sources) + " |")
+    lines += ["", "Within-group std of the composite reward:", "", "| pivot | " + " | ".join(sources) + " |",
+              "|---|" + "---|" * len(sources)]  # fmt: skip
+    for p in pivots:
+        lines.append(f"| {p} | " + " | ".join(f"{cell[p, s]['composite_std']:.4f}" for s in sources) + " |")
+    (out / "noise_sources.md").write_text("\n".join(lines) + "\n")
+    (out / "noise_sources.json").write_text(json.dumps(rows, indent=1))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.3))
+    for s in sources:
+        a.plot(pivots, [max(cell[p, s]["pixel_variance"], 1e-12) for p in pivots], "o-", label=s)
+        b.plot(pivots, [cell[p, s]["composite_std"] for p in pivots], "o-", label=s)
+    a.set_yscale("log")
+    a.set_ylabel("pixel variance across branches")
+    b.set_ylabel("composite std within group")
+    for ax in (a, b):
+        ax.set_xlabel("pivot chunk")
+        ax.set_xticks(pivots)
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "noise_sources.png", dpi=110)
+    plt.close(fig)
+
+
+def run_noise_sources(policy: Policy, prompts: Sequence[str], reward: CompositeReward, out: str | Path,
+                      seeds: int = 4, group_size: int = 8) -> list[dict]:  # fmt: skip
+    with staged_folder(out) as tmp:
+        rows = noise_sources(policy, prompts, reward, seeds, group_size)
+        noise_sources_report(rows, tmp)
+    return rows
+
+
+@dataclass(frozen=True)
+class ObjectiveRun:
+    name: str
+    overrides: dict
+
+
+OBJECTIVE_RUNS = (
+    ObjectiveRun("copo", {"objective": "copo"}),
+    ObjectiveRun("copo-offpolicy", {"objective": "copo", "clip": False}),
+    ObjectiveRun("nft", {"objective": "nft"}),
+    ObjectiveRun("sde-grpo", {"objective": "sde-grpo"}),
+)
+
+
+def compare_objectives(
+    base: TrainConfig, names: Sequence[str], prompts: Sequence[str], reward: CompositeReward, out: str | Path,
+    eval_seeds: int = 8, progress: bool = True,
+) -> dict:  # fmt: skip
+    """Train every objective on-policy from `base` (same prompts, seeds, iterations, groups); write
+    ``objectives.md/json/png`` and each run's folder. Evaluation: paired vs the base model on fixed fresh
+    seeds (`eval_seeds` per prompt)."""
+    runs = [r for r in OBJECTIVE_RUNS if r.name in names]
+    unknown = set(names) - {r.name for r in OBJECTIVE_RUNS}
+    if unknown:
+        raise ValueError(f"unknown objective runs {sorted(unknown)}: choose from {[r.name for r in OBJECTIVE_RUNS]}")
+    ps = [p for p in prompts for _ in range(eval_seeds)]
+    seeds = [4_000_000 + i for i in range(len(ps))]
+    with staged_folder(out) as tmp:
+        base_scores = score_policy(ModelSpec("base").load(base.model, base.checkpoint, base.wan_dir), ps, seeds, reward)
+        result: dict = {"prompts": list(prompts), "eval_pairs": len(ps), "runs": {}}
+        for r in runs:
+            cfg = TrainConfig(**{**base.model_dump(), **r.overrides, "eval_prompts": tuple(ps)})  # validated
+            summary = train(cfg, tmp / r.name, progress=progress)
+            spec = ModelSpec(r.name, lora=str(summary.adapter))
+            sc = score_policy(spec.load(base.model, base.checkpoint, base.wan_dir), ps, seeds, reward)
+            curve = [json.loads(x) for x in (tmp / r.name / "metrics.jsonl").read_text().splitlines()]
+            result["runs"][r.name] = {
+                "seconds": round(summary.seconds, 1),
+                "vs_base": paired_differences(base_scores, sc),
+                "curve": [
+                    {k: v for k, v in row.items() if k == "step" or k.startswith("eval_")}
+                    for row in curve
+                    if "eval_composite" in row
+                ],
+            }
+        _objectives_report(result, tmp)
+    return result
+
+
+def _objectives_report(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(next(iter(result["runs"].values()))["vs_base"]) if result["runs"] else []
+    lines = [f"# Objectives at equal budget ({result['eval_pairs']} paired fresh videos per row)", "",
+             "| objective | seconds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]  # fmt: skip
+    for name, r in result["runs"].items():
+        cells = [f"{r['vs_base'][k]['diff']:+.4f} [{r['vs_base'][k]['ci_low']:+.3f}, {r['vs_base'][k]['ci_high']:+.3f}]"
+                 for k in keys]  # fmt: skip
+        lines.append(f"| {name} | {r['seconds']:.0f} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: paired difference vs the base model with its 95% bootstrap interval.", ""]
+    (out / "objectives.md").write_text("\n".join(lines))
+    (out / "objectives.json").write_text(json.dumps(result, indent=1))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.3))
+    for name, r in result["runs"].items():
+        steps = [c["step"] for c in r["curve"]]
+        a.plot(steps, [c["eval_composite"] for c in r["curve"]], "o-", label=name)
+        b.plot(steps, [c.get("eval_background_cleanliness", float("nan")) for c in r["curve"]], "o-", label=name)
+    a.set_ylabel("composite (fresh seeds)")
+    b.set_ylabel("background_cleanliness (OOD)")
+    for ax in (a, b):
+        ax.set_xlabel("update")
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "objectives.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,82 @@
+"""SDE-GRPO baseline (Flow-GRPO / DanceGRPO style) on the same few-step sampler.
+
+Each re-noise of the pivot chunk is read as a Gaussian policy ``x_{k+1} ~ N((1 - s_{k+1}) x0_theta(x_k),
+s_{k+1}^2 I)``; its log-prob under the current and the old (stored ``x0_old``) prediction gives the ratio,
+and the loss is PPO-clip with group-normalised advantages, averaged over anchors and transitions. Groups
+for it are best collected with ``--fork solver`` (same initial noise, different re-noising). The AR-CoPO
+paper expects it to fail on near-deterministic few-step samplers: the log-ratio over ~10^4 dimensions is
+huge for any visible change of x0 -- a measurement here, not an assumption.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..replay import PivotReplay
+from .base import ZERO_STD, GroupInput, GroupLoss, composite_rewards, group_advantages
+from .copo import LOG_RATIO_MAX
+
+
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2 I) summed over all dims but the first: x, mean [N, ...], std [N] -> [N]."""
+    dims = tuple(range(1, x.dim()))
+    d = math.prod(x.shape[1:])
+    var = std.double().pow(2).view(-1, *([1] * (x.dim() - 1)))
+    sq = ((x.double() - mean.double()).pow(2) / var).sum(dims)
+    return -0.5 * sq - d * std.double().log() - 0.5 * d * math.log(2 * math.pi)
+
+
+@dataclass
+class SDEGRPO:
+    anchors: int = 4  # branches replayed per group
+    eps: float = 1e-4  # PPO ratio clip (Flow-GRPO's default clip range)
+    clip: bool = True
+    name: str = "sde-grpo"
+    stat_keys: tuple[str, ...] = (
+        "log_ratio_abs_mean", "ratio_dev_max", "clip_frac", "reward", "reward_std", "zero_variance",
+    )  # fmt: skip
+
+    def check(self) -> None:
+        if self.anchors < 1 or not 0 < self.eps < 1:
+            raise ValueError("--anchors must be >= 1 and --clip-eps in (0, 1)")
+
+    def group_loss(self, group: GroupInput, policy: PivotReplay) -> GroupLoss:
+        e = group.entry
+        rewards = composite_rewards(e)
+        std = float(rewards.std(unbiased=False))
+        info = {"reward": float(rewards.mean()), "reward_std": std, "zero_variance": float(std < ZERO_STD)}
+        if std < ZERO_STD:
+            return GroupLoss(torch.zeros(()), info)
+        g, t = e.x_t.shape[:2]
+        if t < 2:
+            raise ValueError("SDE-GRPO needs a sampler with >= 2 denoising steps (it scores the re-noising)")
+        k = min(self.anchors, g)
+        branches = torch.randperm(g, generator=group.generator)[:k].sort().values
+        steps = torch.arange(t - 1)
+        x_in = e.x_t[branches][:, :-1].float()  # [K, T-1, c, C, H, W]
+        x_next = e.x_t[branches][:, 1:].float()
+        x0 = policy.predict(e, group.text, x_in.flatten(0, 1), steps.repeat(k)).float()
+        dev = x0.device
+        s_next = torch.tensor(policy.sampler.schedule.sigmas, dtype=torch.float64)[1:].repeat(k).to(dev)
+        nxt = x_next.flatten(0, 1).to(dev)
+        mean = (1 - s_next).view(-1, *([1] * (x0.dim() - 1))).float()
+        logp = gaussian_logprob(nxt, mean * x0, s_next)
+        logp_old = gaussian_logprob(nxt, mean * e.x0_old[branches][:, :-1].flatten(0, 1).float().to(dev), s_next)
+        log_ratio = (logp - logp_old).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
+        rho = torch.exp(log_ratio).float()
+        adv = group_advantages(rewards)[branches].repeat_interleave(t - 1).to(dev)
+        surrogate = adv * rho
+        if self.clip:
+            surrogate = torch.minimum(surrogate, adv * rho.clamp(1 - self.eps, 1 + self.eps))
+        loss = -surrogate.mean()
+        with torch.no_grad():
+            dev_ = (rho - 1).abs()
+            stats = {
+                "log_ratio_abs_mean": float((logp - logp_old).abs().mean()),
+                "ratio_dev_max": float(dev_.max()),
+                "clip_frac": float((dev_ > self.eps).float().mean()) if self.clip else 0.0,
+            }
+        return GroupLoss(loss, {**stats, **info})
