@@ -1,4 +1,4 @@
-"""Command-line interface (thin: parse, load config, call one function). Commands appear as they land."""
+"""Command-line interface (thin: parse, load config, call one function)."""
 
 from __future__ import annotations
 
@@ -348,7 +348,7 @@ def train_cmd(
     checkpoint: Annotated[Path | None, typer.Option(help="Base generator weights (shapes: shipped).")] = None,
     wan_dir: Annotated[Path | None, typer.Option(help="Local Diffusers Wan2.1 folder (UMT5 + VAE).")] = None,
 ) -> None:
-    """Train a LoRA on the pivot chunk with CoPO: semi-on-policy from a buffer, or on-policy.
+    """Train a LoRA on the pivot chunk (CoPO, NFT or SDE-GRPO): semi-on-policy from a buffer, or on-policy.
     Under `torchrun --nproc_per_node N` gradients are averaged over ranks."""
     from .train.config import TrainConfig
     from .train.loop import train
