@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..collect.policy import Policy
-from ..rewards import CompositeReward
+from ..rewards import SHAPES_METRICS, SHAPES_REWARDS, CompositeReward
 from .media import frame_grid, save_gif, save_mp4
 from .scoring import generate_videos, paired_differences, score_policy
 
@@ -38,8 +38,8 @@ class EvalSettings:
     config: str = "shapes"
     checkpoint: str | None = None
     wan_dir: str | None = None
-    rewards: str = ""
-    metrics: str = ""
+    rewards: str = SHAPES_REWARDS  # composite spec (see rewards.registry)
+    metrics: str = SHAPES_METRICS
     seeds_per_prompt: int = 8
     seed: int = 2_000_000  # pair i uses seed + i: identical noise for every model
     samples: int = 4  # (prompt, seed) pairs written as GIFs and frame grids
@@ -68,6 +68,9 @@ def evaluate(models: Sequence[ModelSpec], prompts: Sequence[str], settings: Eval
         raise ValueError(f"model names must be unique, got {names}")
     if not prompts:
         raise ValueError("no prompts to evaluate")
+    if len(set(prompts)) != len(prompts):
+        dup = next(p for p in prompts if list(prompts).count(p) > 1)
+        raise ValueError(f"prompt {dup!r} is listed twice: list each once and raise --seeds for more samples")
     with staged_folder(out) as tmp:
         return _evaluate(models, list(prompts), settings, tmp)
 
