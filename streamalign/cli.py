@@ -54,6 +54,20 @@ ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Model config: pr
 WhichOpt = Annotated[str, typer.Option(help="Entry of a Self-Forcing style .pt: auto | generator | generator_ema.")]
 
 
+def require_paths(*given: tuple[Path | None, str]) -> None:
+    """One clear error for the first given (path, what) whose path does not exist; None is skipped."""
+    for p, what in given:
+        if p is not None and not p.exists():
+            raise FileNotFoundError(f"{what} {p} does not exist")
+
+
+def reward_spec(rewards: str, metrics: str) -> tuple[str, str]:
+    """--rewards / --metrics with the shapes world's defaults (metrics default only without --rewards)."""
+    from .rewards import SHAPES_METRICS, SHAPES_REWARDS
+
+    return rewards or SHAPES_REWARDS, metrics if rewards else (metrics or SHAPES_METRICS)
+
+
 @model_app.command("configs")
 def model_configs() -> None:
     """List the shipped model config presets."""
@@ -264,9 +278,9 @@ def collect_cmd(
     from .collect.collector import CollectConfig, collect
     from .collect.distributed import rank_and_world
     from .collect.policy import Policy
-    from .rewards import SHAPES_METRICS, SHAPES_REWARDS
 
     texts = prompt_set(prompts, config)
+    rewards, metrics = reward_spec(rewards, metrics)
     cfg = CollectConfig(
         prompts=texts,
         groups=groups,
@@ -279,8 +293,8 @@ def collect_cmd(
         store_kv=store_kv,
         fork=fork,
         clip_chunks=clip_chunks,
-        rewards=rewards or SHAPES_REWARDS,
-        metrics=metrics if rewards else (metrics or SHAPES_METRICS),
+        rewards=rewards,
+        metrics=metrics,
     )
     policy = Policy.load(config, checkpoint, lora, lora_alpha, wan_dir)
     with rank_and_world() as (rank, world):
@@ -369,9 +383,7 @@ def train_cmd(
         eval_prompts=texts[:: max(1, len(texts) // eval_prompts)][:eval_prompts] if eval_every else (),
         threads=threads, wandb=wandb, device=device, autocast=autocast,
     )  # fmt: skip
-    for p, what in ((buffer, "buffer"), (init_adapter, "adapter"), (checkpoint, "checkpoint")):
-        if p is not None and not p.exists():
-            raise FileNotFoundError(f"{what} {p} does not exist")
+    require_paths((buffer, "buffer"), (init_adapter, "adapter"), (checkpoint, "checkpoint"))
     s = train(cfg, out, resume=resume)
     f = s.final
     ev = f" eval composite {f['eval_composite']:.4f};" if "eval_composite" in f else ""
@@ -393,12 +405,11 @@ WanDirOpt = Annotated[Path | None, typer.Option(help="Local Diffusers Wan2.1 fol
 
 def _eval_settings(config, checkpoint, wan_dir, rewards, metrics, seeds, seed, samples=4):
     from .evaluate.report import EvalSettings
-    from .rewards import SHAPES_METRICS, SHAPES_REWARDS
 
+    rewards, metrics = reward_spec(rewards, metrics)
     return EvalSettings(
         config=config, checkpoint=str(checkpoint) if checkpoint else None, wan_dir=str(wan_dir) if wan_dir else None,
-        rewards=rewards or SHAPES_REWARDS, metrics=metrics if rewards else (metrics or SHAPES_METRICS),
-        seeds_per_prompt=seeds, seed=seed, samples=samples,
+        rewards=rewards, metrics=metrics, seeds_per_prompt=seeds, seed=seed, samples=samples,
     )  # fmt: skip
 
 
@@ -425,9 +436,8 @@ def evaluate_cmd(
 
     if which_set not in ("held-in", "held-out"):
         raise ValueError(f"--prompt-set must be held-in or held-out, got {which_set!r}")
-    for p in [*(lora or []), *(weights or []), *([checkpoint] if checkpoint else [])]:
-        if not p.exists():
-            raise FileNotFoundError(f"{p} does not exist")
+    require_paths(*((p, "adapter") for p in lora or []), *((p, "weights") for p in weights or []),
+                  (checkpoint, "checkpoint"))  # fmt: skip
     models = [ModelSpec("base")]
     models += [ModelSpec(f"lora-{i}-{p.name}" if p.name == "adapter" else p.name, lora=str(p))
                for i, p in enumerate(lora or [])]  # fmt: skip
@@ -470,9 +480,7 @@ def merge_cmd(
         values = [float(x) for x in scales.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--scales {scales!r} is not a comma-separated list of numbers") from None
-    for p in (on, semi, checkpoint):
-        if p is not None and not p.exists():
-            raise FileNotFoundError(f"{p} does not exist")
+    require_paths((on, "on-policy adapter"), (semi, "semi-on-policy adapter"), (checkpoint, "checkpoint"))
     st = _eval_settings(config, checkpoint, wan_dir, rewards, metrics, seeds, seed)
     r = merge_sweep(on, semi, values, prompt_set(prompts, config, which_set), st, out, s_semi, ood_metric,
                     ood_tolerance, full_weights)  # fmt: skip
@@ -506,9 +514,7 @@ def generate_cmd(
     if (prompt is None) == (prompts is None):
         raise ValueError("give a PROMPT argument or --prompts FILE (one of them)")
     lines = [prompt] if prompt is not None else list(prompt_set(prompts, config))
-    for p, what in ((lora, "adapter"), (checkpoint, "checkpoint"), (wan_dir, "Wan folder")):
-        if p is not None and not p.exists():
-            raise FileNotFoundError(f"{what} {p} does not exist")
+    require_paths((lora, "adapter"), (checkpoint, "checkpoint"), (wan_dir, "Wan folder"))
     if frames is not None and frames < 1:
         raise ValueError(f"--frames {frames} must be >= 1")
     policy = Policy.load(config, checkpoint, lora, wan_dir=wan_dir)
@@ -536,10 +542,10 @@ def experiment_noise_sources(
     from .collect.policy import Policy
     from .evaluate.experiments import run_noise_sources
     from .evaluate.report import spread
-    from .rewards import SHAPES_METRICS, SHAPES_REWARDS, CompositeReward
+    from .rewards import CompositeReward
 
     texts = spread(list(prompt_set(prompts, config, which_set)), n_prompts)
-    reward = CompositeReward.parse(rewards or SHAPES_REWARDS, metrics if rewards else (metrics or SHAPES_METRICS))
+    reward = CompositeReward.parse(*reward_spec(rewards, metrics))
     policy = Policy.load(config, checkpoint, lora, wan_dir=wan_dir)
     run_noise_sources(policy, texts, reward, out, seeds, group_size)
     print((out / "noise_sources.md").read_text())

@@ -47,14 +47,11 @@ class Policy:
         wan_dir: str | Path | None = None,
         device: str = "cpu",
     ) -> Policy:
-        from ..models.shapes.pipeline import SHIPPED_WEIGHTS, codec_for, minilm
+        from ..models.shapes.pipeline import codec_for, minilm
 
         cfg = ModelConfig.load(config) if isinstance(config, str) else config
         shapes = cfg.arch.text_dim == 384 and wan_dir is None
-        if checkpoint is None and shapes and cfg.arch == ModelConfig.load("shapes").arch:  # shapes, shapes-long
-            checkpoint = SHIPPED_WEIGHTS
-        if checkpoint is None:
-            raise ValueError(f"config {cfg.name!r} needs --checkpoint (local generator weights)")
+        checkpoint = base_checkpoint(cfg, checkpoint, wan_dir)
         for p, what in ((checkpoint, "checkpoint"), (lora, "LoRA adapter"), (wan_dir, "Wan folder")):
             if p is not None and not Path(p).exists():
                 raise FileNotFoundError(f"{what} {p} does not exist")
@@ -67,6 +64,18 @@ class Policy:
         else:
             raise ValueError(f"config {cfg.name!r} needs --wan-dir (local Diffusers Wan2.1 folder: UMT5 + VAE)")
         return cls(cfg, model, text, codec, policy_id(checkpoint, lora, lora_alpha))
+
+
+def base_checkpoint(cfg: ModelConfig, checkpoint: str | Path | None, wan_dir: str | Path | None = None) -> str | Path:
+    """The generator weights to load: `checkpoint`, else the shipped weights for a shapes-arch config
+    (shapes, shapes-long) without a Wan folder; a clear error otherwise."""
+    from ..models.shapes.pipeline import SHIPPED_WEIGHTS
+
+    if checkpoint is not None:
+        return checkpoint
+    if cfg.arch.text_dim == 384 and wan_dir is None and cfg.arch == ModelConfig.load("shapes").arch:
+        return SHIPPED_WEIGHTS
+    raise ValueError(f"config {cfg.name!r} needs --checkpoint (local generator weights)")
 
 
 def policy_id(checkpoint: str | Path, lora: str | Path | None = None, lora_alpha: float | None = None) -> str:

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from ..collect.policy import Policy
+from ..files import staged_folder
 from ..rewards import CompositeReward
 from ..train.config import TrainConfig
 from ..train.loop import train
-from .report import ModelSpec, staged_folder
+from .report import ModelSpec
 from .scoring import paired_differences, score_policy
 
 

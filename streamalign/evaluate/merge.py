@@ -9,8 +9,6 @@ alpha = r (scaling 1), whose product is exactly the sum.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..models.checkpoint import CheckpointError, load_generator, merge_lora, read_lora, save_safetensors
+from ..files import staged_folder
+from ..models.checkpoint import (
+    CheckpointError,
+    load_generator,
+    lora_alpha_from_folder,
+    merge_lora,
+    read_lora,
+    save_safetensors,
+)
 from ..schemas.config import ModelConfig
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -62,15 +68,10 @@ def combine_adapters(adapters: Sequence[tuple[str | Path, float]], out: str | Pa
     cfg = dict(loaded[0][0])
     targets = sorted({t for c, _, _ in loaded for t in (c.get("target_modules") or [])})
     cfg.update(r=total, lora_alpha=float(total), target_modules=targets, rank_pattern={}, alpha_pattern={})
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(sd, str(tmp / "adapter_model.safetensors"))
-    (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    with staged_folder(out) as tmp:
+        save_file(sd, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    return Path(out)
 
 
 def merged_generator(
@@ -79,8 +80,7 @@ def merged_generator(
     """The base generator with every (adapter folder, scale) merged into its weights (float64 sums)."""
     model = load_generator(config, checkpoint)
     for folder, s in adapters:
-        cfg, _ = _adapter(folder)
-        merge_lora(model, read_lora(folder), alpha=float(cfg["lora_alpha"]), scale=float(s))
+        merge_lora(model, read_lora(folder), alpha=lora_alpha_from_folder(folder), scale=float(s))
     return model
 
 

@@ -3,18 +3,16 @@ and a report: ``report.json``, ``report.md``, ``diffs.png`` and ``samples/`` (GI
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..collect.policy import Policy
+from ..files import staged_folder
 from ..rewards import SHAPES_METRICS, SHAPES_REWARDS, CompositeReward
 from .media import frame_grid, save_gif, save_mp4
 from .scoring import generate_videos, paired_differences, score_policy
@@ -73,22 +71,6 @@ def evaluate(models: Sequence[ModelSpec], prompts: Sequence[str], settings: Eval
         raise ValueError(f"prompt {dup!r} is listed twice: list each once and raise --seeds for more samples")
     with staged_folder(out) as tmp:
         return _evaluate(models, list(prompts), settings, tmp)
-
-
-@contextlib.contextmanager
-def staged_folder(out: str | Path) -> Iterator[Path]:
-    """Yield a temp folder beside `out`; on success it replaces `out`, on error it is removed (nothing
-    half-written is left behind)."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _evaluate(models: Sequence[ModelSpec], prompts: list[str], st: EvalSettings, out: Path) -> dict:

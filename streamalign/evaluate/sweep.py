@@ -8,9 +8,12 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..collect.policy import base_checkpoint
+from ..files import staged_folder
 from ..rewards import CompositeReward
+from ..schemas.config import ModelConfig
 from .merge import Selection, combine_adapters, save_merged_weights, select_scale
-from .report import EvalSettings, ModelSpec, pairs, staged_folder
+from .report import EvalSettings, ModelSpec, pairs
 from .scoring import paired_differences, score_policy
 
 
@@ -73,20 +76,13 @@ def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_
         shutil.copytree(folders[sel.scale], tmp / "adapter")
         result["adapter"] = str(out / "adapter")
         if full_weights:
-            save_merged_weights(settings.config, _base_ckpt(settings), parts(sel.scale), tmp / "merged.safetensors")
+            w0 = base_checkpoint(ModelConfig.load(settings.config), settings.checkpoint, settings.wan_dir)
+            save_merged_weights(settings.config, w0, parts(sel.scale), tmp / "merged.safetensors")
             result["merged_weights"] = str(out / "merged.safetensors")
     (tmp / "sweep.json").write_text(json.dumps(result, indent=1))
     (tmp / "sweep.md").write_text(sweep_markdown(result, sel))
     plot_sweep(result, tmp / "sweep.png")
     return result
-
-
-def _base_ckpt(settings: EvalSettings) -> str | None:
-    if settings.checkpoint is not None:
-        return settings.checkpoint
-    from ..models.shapes.pipeline import SHIPPED_WEIGHTS
-
-    return str(SHIPPED_WEIGHTS) if settings.config == "shapes" else None
 
 
 def sweep_markdown(result: dict, sel: Selection) -> str:

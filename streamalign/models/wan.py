@@ -306,7 +306,7 @@ class CausalWanModel(nn.Module):
         e = e.unflatten(0, (b, nf))
 
         need_text = cache is None or cache.cross_k[0] is None
-        ctx = self.embed_text(context) if (need_text and context is not None) else None
+        ctx = self.embed_text(context.to(x.device)) if (need_text and context is not None) else None  # any device
         frames = torch.arange(start_frame, start_frame + nf, device=x.device) if positions is None else positions
         rope = rope_angles(self.arch.head_dim, frames, gh, gw)
         rope = (rope[0].to(x.device), rope[1].to(x.device))

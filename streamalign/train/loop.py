@@ -26,6 +26,7 @@ from ..buffer.reader import BufferReader
 from ..collect.collector import CollectConfig, collect
 from ..collect.distributed import rank_and_world
 from ..collect.policy import Policy
+from ..evaluate.scoring import score_policy
 from ..models.noise import derive_seed
 from ..models.sampler import Sampler
 from ..rewards import CompositeReward
@@ -106,7 +107,7 @@ class Trainer:
     def text(self, prompt: str) -> torch.Tensor:
         if prompt not in self._text:
             with torch.no_grad():
-                self._text[prompt] = self.policy.text.encode([prompt]).to(self.device)
+                self._text[prompt] = self.policy.text.encode([prompt])
         return self._text[prompt]
 
     def check_entry(self, e: Entry) -> None:
@@ -163,13 +164,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, prompts: tuple[str, ...], seed: int) -> dict[str, float]:
         """Mean composite and per-reward values of one fresh video per prompt (seeds seed, seed+1, ...)."""
-        self.model.eval()
         reward = CompositeReward.parse(self.cfg.rewards, self.cfg.metrics)
-        ctx = torch.cat([self.text(p) for p in prompts])
-        lat = self.sampler.rollout(ctx, self.sampler.noise_bank([seed + i for i in range(len(prompts))]))
-        scores = reward(self.policy.decode(lat).float().cpu(), list(prompts))
-        self.model.train()
-        return {f"eval_{k}": float(v.float().mean()) for k, v in scores.items()}
+        scores = score_policy(self.policy, prompts, [seed + i for i in range(len(prompts))], reward)
+        return {f"eval_{k}": float(v.mean()) for k, v in scores.items()}
 
 
 def _entries(reader: BufferReader, epoch: int, skip: int):

@@ -8,14 +8,13 @@ ffn.2`` of every block. Saved adapters are peft folders (``adapter_config.json``
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from ..files import staged_folder
 from ..models.checkpoint import CheckpointError, lora_pairs, read_lora
 from ..models.wan import CausalWanModel
 
@@ -62,20 +61,9 @@ def load_lora(model: CausalWanModel, folder: str | Path, trainable: bool = True)
 
 def save_lora(peft_model: PeftModel, folder: str | Path) -> Path:
     """Save the adapter in peft format atomically: written to a temp folder, then renamed into place."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_folder(folder) as tmp:
         peft_model.save_pretrained(str(tmp))
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return Path(folder)
 
 
 def lora_parameters(peft_model: PeftModel) -> list[tuple[str, torch.nn.Parameter]]:

@@ -5,7 +5,6 @@ Nothing is unpickled: the optimizer state is read with ``torch.load(weights_only
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from ..files import staged_folder
 from .lora import save_lora
 
 CHECKPOINTS = "checkpoints"
@@ -40,20 +40,16 @@ def save_checkpoint(
     """Write checkpoint `progress.step` (rank 0 only); keep the newest `keep` checkpoints. An objective with
     a ``state_dict()`` (NFT: old / reference weights, kappa) is saved beside it."""
     final = checkpoint_dir(out, progress.step)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_lora(peft_model, tmp / "adapter")
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
-    if hasattr(objective, "state_dict"):
-        tensors, meta = objective.state_dict()
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "objective.safetensors"))
-        (tmp / "objective.json").write_text(json.dumps(meta))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with staged_folder(final) as tmp:
+        save_lora(peft_model, tmp / "adapter")
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
+        if hasattr(objective, "state_dict"):
+            tensors, meta = objective.state_dict()
+            tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+            save_file(tensors, str(tmp / "objective.safetensors"))
+            (tmp / "objective.json").write_text(json.dumps(meta))
     done = sorted((out / CHECKPOINTS).glob("step-*"))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

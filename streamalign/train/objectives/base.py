@@ -52,6 +52,33 @@ def composite_rewards(entry: Entry) -> torch.Tensor:
     return total
 
 
+def group_rewards(entry: Entry) -> tuple[torch.Tensor, dict[str, float]]:
+    """Composite rewards [G] and their logged statistics: reward (mean), reward_std (population) and
+    zero_variance (1.0 when the std is below ZERO_STD: a group with no signal)."""
+    rewards = composite_rewards(entry)
+    std = float(rewards.std(unbiased=False))
+    return rewards, {"reward": float(rewards.mean()), "reward_std": std, "zero_variance": float(std < ZERO_STD)}
+
+
+def clipped_surrogate(
+    rho: torch.Tensor, adv: torch.Tensor, eps: float, clip: bool = True
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO loss ``-mean min(A rho, A clip(rho, 1 - eps, 1 + eps))`` (``-mean A rho`` without the clip) for
+    ratios rho and advantages adv broadcastable to them; stats: ratio_dev_mean / _max (|rho - 1|) and
+    clip_frac (share of ratios outside the clip range; 0 without the clip)."""
+    surrogate = adv * rho
+    if clip:
+        surrogate = torch.minimum(surrogate, adv * rho.clamp(1 - eps, 1 + eps))
+    with torch.no_grad():
+        dev = (rho - 1).abs()
+        stats = {
+            "ratio_dev_mean": float(dev.mean()),
+            "ratio_dev_max": float(dev.max()),
+            "clip_frac": float((dev > eps).float().mean()) if clip else 0.0,
+        }
+    return -surrogate.mean(), stats
+
+
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """``A_i = (r_i - mean) / (std + 1e-6)`` over the group [G] (population std), float32."""
     r = rewards.double()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..replay import PivotReplay
-from .base import ZERO_STD, GroupInput, GroupLoss, composite_rewards, group_advantages
+from .base import GroupInput, GroupLoss, clipped_surrogate, group_advantages, group_rewards
 
 LOG_RATIO_MAX = 20.0  # |log rho| is clamped here before exp (far outside any clip range)
 TAU_MIN = 1e-6  # floor of the adaptive temperature (mean squared latent distance)
@@ -56,21 +56,8 @@ def copo_terms(
     logp = torch.log_softmax(-d / t, dim=-1)
     logp_old = torch.log_softmax(-d_old / t, dim=-1)
     rho = torch.exp((logp - logp_old).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX))  # no inf * 0 = NaN
-    adv_ = adv.to(rho).view(1, 1, -1)
-    surrogate = adv_ * rho
-    if clip:
-        surrogate = torch.minimum(surrogate, adv_ * rho.clamp(1 - eps, 1 + eps))
-    loss = -surrogate.mean()
-    with torch.no_grad():
-        dev = (rho - 1).abs()
-        stats = {
-            "tau": float(t),
-            "d_over_tau": float((d_old / t).median()),
-            "ratio_dev_mean": float(dev.mean()),
-            "ratio_dev_max": float(dev.max()),
-            "clip_frac": float((dev > eps).float().mean()) if clip else 0.0,
-        }
-    return loss, stats
+    loss, ratio_stats = clipped_surrogate(rho, adv.to(rho).view(1, 1, -1), eps, clip)
+    return loss, {"tau": float(t), "d_over_tau": float((d_old / t).median()), **ratio_stats}
 
 
 @dataclass
@@ -99,10 +86,8 @@ class CoPO:
 
     def group_loss(self, group: GroupInput, policy: PivotReplay) -> GroupLoss:
         e = group.entry
-        rewards = composite_rewards(e)
-        std = float(rewards.std(unbiased=False))
-        info = {"reward": float(rewards.mean()), "reward_std": std, "zero_variance": float(std < ZERO_STD)}
-        if std < ZERO_STD:  # no signal: skip the replay, contribute nothing
+        rewards, info = group_rewards(e)
+        if info["zero_variance"]:  # no signal: skip the replay, contribute nothing
             return GroupLoss(torch.zeros(()), info)
         g, t = e.x_t.shape[:2]
         k = min(self.anchors, g)

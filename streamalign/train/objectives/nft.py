@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..replay import PivotReplay
-from .base import ZERO_STD, GroupInput, GroupLoss, composite_rewards, group_advantages
+from .base import GroupInput, GroupLoss, group_advantages, group_rewards
 
 KAPPA_STEP = 1.25
 
@@ -154,9 +154,7 @@ class NFT:
 
     def group_loss(self, group: GroupInput, policy: PivotReplay) -> GroupLoss:
         e = group.entry
-        rewards = composite_rewards(e)
-        std = float(rewards.std(unbiased=False))
-        info = {"reward": float(rewards.mean()), "reward_std": std, "zero_variance": float(std < ZERO_STD)}
+        rewards, info = group_rewards(e)
         r = nft_weights(group_advantages(rewards), self.a_max)
         sigmas = torch.tensor(policy.sampler.schedule.sigmas, dtype=torch.float32)
         x0 = e.branch_latents[:, : e.chunk_frames].float()  # [G, c, C, H, W] the clean pivot chunks
@@ -165,9 +163,7 @@ class NFT:
         x_t, v_star, s, r = x_t.to(dev), v_star.to(dev), s.to(dev), r.to(dev)
 
         def velocity(values: list[torch.Tensor] | None) -> torch.Tensor:
-            if values is None:
-                return (x_t - policy.predict(e, group.text, x_t, steps).float()) / s
-            with self.weights(values):
+            with self.weights(values) if values is not None else contextlib.nullcontext():
                 return (x_t - policy.predict(e, group.text, x_t, steps).float()) / s
 
         # old and reference first: swapping weights in place after the graph is built would corrupt it

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..replay import PivotReplay
-from .base import ZERO_STD, GroupInput, GroupLoss, composite_rewards, group_advantages
+from .base import GroupInput, GroupLoss, clipped_surrogate, group_advantages, group_rewards
 from .copo import LOG_RATIO_MAX
 
 
@@ -36,7 +36,7 @@ class SDEGRPO:
     clip: bool = True
     name: str = "sde-grpo"
     stat_keys: tuple[str, ...] = (
-        "log_ratio_abs_mean", "ratio_dev_max", "clip_frac", "reward", "reward_std", "zero_variance",
+        "log_ratio_abs_mean", "ratio_dev_mean", "ratio_dev_max", "clip_frac", "reward", "reward_std", "zero_variance",
     )  # fmt: skip
 
     def check(self) -> None:
@@ -45,10 +45,8 @@ class SDEGRPO:
 
     def group_loss(self, group: GroupInput, policy: PivotReplay) -> GroupLoss:
         e = group.entry
-        rewards = composite_rewards(e)
-        std = float(rewards.std(unbiased=False))
-        info = {"reward": float(rewards.mean()), "reward_std": std, "zero_variance": float(std < ZERO_STD)}
-        if std < ZERO_STD:
+        rewards, info = group_rewards(e)
+        if info["zero_variance"]:
             return GroupLoss(torch.zeros(()), info)
         g, t = e.x_t.shape[:2]
         if t < 2:
@@ -68,15 +66,6 @@ class SDEGRPO:
         log_ratio = (logp - logp_old).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
         rho = torch.exp(log_ratio).float()
         adv = group_advantages(rewards)[branches].repeat_interleave(t - 1).to(dev)
-        surrogate = adv * rho
-        if self.clip:
-            surrogate = torch.minimum(surrogate, adv * rho.clamp(1 - self.eps, 1 + self.eps))
-        loss = -surrogate.mean()
-        with torch.no_grad():
-            dev_ = (rho - 1).abs()
-            stats = {
-                "log_ratio_abs_mean": float((logp - logp_old).abs().mean()),
-                "ratio_dev_max": float(dev_.max()),
-                "clip_frac": float((dev_ > self.eps).float().mean()) if self.clip else 0.0,
-            }
+        loss, ratio_stats = clipped_surrogate(rho, adv, self.eps, self.clip)
+        stats = {"log_ratio_abs_mean": float((logp - logp_old).detach().abs().mean()), **ratio_stats}
         return GroupLoss(loss, {**stats, **info})
