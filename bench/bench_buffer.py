@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from streamalign.buffer.formats import FORMATS, get_format, shard_bytes, write_shard
+from streamalign.buffer.formats import FORMATS, get_format, write_shard
 from streamalign.buffer.manifest import write_manifest_part
 from streamalign.buffer.reader import BufferReader
 from streamalign.collect.collector import CollectConfig, collect
-from streamalign.collect.policy import Policy
-from streamalign.models.shapes import held_in_prompts
+from streamalign.io.files import tree_bytes
+from streamalign.pipeline import Pipeline
 from streamalign.schemas.buffer import Entry
 from streamalign.schemas.config import ModelConfig
+from streamalign.worlds.shapes import held_in_prompts
 
 
 def record_bytes(entry: Entry) -> int:
@@ -67,7 +68,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_buffer_"))
     try:
-        policy = Policy.load("shapes")
+        policy = Pipeline.load("shapes")
         prompts = tuple(p.text for p in held_in_prompts())
         cfg = CollectConfig(prompts=prompts, groups=args.groups, group_size=12, entries_per_shard=args.groups)
         t0 = time.perf_counter()
@@ -111,7 +112,7 @@ def main() -> None:
         plain = CollectConfig(prompts=prompts, groups=4, group_size=12, pivot="2", entries_per_shard=4)
         for label, c in (("context latents", plain), ("--store-kv", kv_cfg)):
             collect(policy, c, tmp / label, progress=False)
-            size = shard_bytes(next((tmp / label).glob("shard-*"))) / 4
+            size = tree_bytes(next((tmp / label).glob("shard-*"))) / 4
             print(f"shapes, pivot 2, G=12, {label:16s}: {size / 1e6:6.2f} MB per entry (fp32, webdataset)")
         base, kv = wan_projection()
         print(

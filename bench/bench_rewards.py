@@ -13,8 +13,9 @@ import time
 
 import torch
 
-from streamalign.models.shapes import held_in_prompts, sample_videos
-from streamalign.rewards import SHAPES_METRICS, SHAPES_REWARDS, CompositeReward, Reward, available
+from streamalign.rewards import CompositeReward, Reward, available
+from streamalign.worlds.shapes import held_in_prompts, sample_videos
+from streamalign.worlds.shapes.rewards import SHAPES_METRICS, SHAPES_REWARDS
 
 
 def best_time(fn, repeats: int) -> float:

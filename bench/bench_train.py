@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
+from streamalign.adapters.lora import LoraSettings, attach_lora
 from streamalign.collect.collector import CollectConfig, collect
-from streamalign.collect.policy import Policy
 from streamalign.models.sampler import Sampler
-from streamalign.models.shapes import held_in_prompts
+from streamalign.pipeline import Pipeline
 from streamalign.schemas.config import ModelConfig
 from streamalign.train.config import TrainConfig
 from streamalign.train.loop import train
-from streamalign.train.lora import LoraSettings, attach_lora
 from streamalign.train.memory import SavedBytes
 from streamalign.train.replay import PivotReplay
+from streamalign.worlds.shapes import held_in_prompts
 
 
 def memory(config: str, anchors: int = 4) -> tuple[list[int], int, int]:
@@ -112,7 +112,7 @@ def main() -> None:
     prompts = tuple(p.text for p in held_in_prompts()[::7])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        collect(Policy.load("shapes"), CollectConfig(prompts=prompts, groups=args.batch * 2, group_size=12, seed=1,
+        collect(Pipeline.load("shapes"), CollectConfig(prompts=prompts, groups=args.batch * 2, group_size=12, seed=1,
                 entries_per_shard=args.batch), tmp / "buf", progress=False)  # fmt: skip
         common = dict(batch_groups=args.batch, threads=args.threads, save_every=10**6)
         t0 = time.perf_counter()

@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from streamalign.buffer.formats import FORMATS, checksum, get_format, write_shard
+from streamalign.buffer.formats import FORMATS, get_format, write_shard
 from streamalign.buffer.manifest import read_manifest, write_manifest_part
+from streamalign.io.files import checksum
 from streamalign.schemas.buffer import LATENT_FIELDS, Entry, SchemaError
 
 

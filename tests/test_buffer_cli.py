@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from streamalign.cli import app
 from streamalign.collect.collector import CollectConfig, collect
-from streamalign.collect.policy import Policy
-from streamalign.models.shapes import held_in_prompts
+from streamalign.pipeline import Pipeline
+from streamalign.worlds.shapes import held_in_prompts
 
 run = CliRunner().invoke
 
@@ -22,7 +22,7 @@ def buffer(tmp_path_factory):
     out = tmp_path_factory.mktemp("buf")
     prompts = tuple(p.text for p in held_in_prompts()[::50])
     collect(
-        Policy.load("shapes"),
+        Pipeline.load("shapes"),
         CollectConfig(prompts=prompts, groups=4, group_size=3, entries_per_shard=2),
         out,
         progress=False,

@@ -14,14 +14,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from streamalign.buffer.formats import checksum, get_format
+from streamalign.buffer.formats import get_format
 from streamalign.buffer.inspect import buffer_info
 from streamalign.buffer.manifest import read_manifest
 from streamalign.cli import app
 from streamalign.collect.collector import CollectConfig, collect
-from streamalign.collect.policy import Policy
-from streamalign.models.shapes import held_in_prompts
+from streamalign.io.files import checksum
+from streamalign.pipeline import Pipeline
 from streamalign.rewards import register_external
+from streamalign.worlds.shapes import held_in_prompts
 
 PROMPTS = tuple(p.text for p in held_in_prompts()[::40])
 ARGS = ["--groups", "4", "-G", "3", "--entries-per-shard", "2", "--seed", "7"]
@@ -29,7 +30,7 @@ ARGS = ["--groups", "4", "-G", "3", "--entries-per-shard", "2", "--seed", "7"]
 
 @pytest.fixture(scope="module")
 def policy():
-    return Policy.load("shapes")
+    return Pipeline.load("shapes")
 
 
 def shard_sums(folder: Path) -> dict[str, str]:

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from streamalign.adapters.lora import LoraSettings, attach_lora
 from streamalign.collect.collector import prefix_kv
 from streamalign.models.sampler import Sampler
 from streamalign.schemas.buffer import Entry
-from streamalign.train.lora import LoraSettings, attach_lora
 from streamalign.train.objectives.base import group_advantages
 from streamalign.train.objectives.copo import adaptive_tau, copo_terms
 from streamalign.train.replay import PivotReplay

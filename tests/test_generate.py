@@ -9,11 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from streamalign.cli import app
-from streamalign.collect.policy import Policy
-from streamalign.evaluate.media import read_mp4
 from streamalign.generate.run import generate_video, plan
 from streamalign.generate.scenes import Scene, SceneSyntaxError, parse_scenes, scene_chunks
-from streamalign.models.shapes import ShapesWorld
+from streamalign.io.media import read_mp4
+from streamalign.pipeline import Pipeline
 
 A = "a red circle moving left on a black background"
 B = "a blue square moving up on a gray background"
@@ -50,12 +49,12 @@ def test_scene_durations_in_chunks():
 
 @pytest.fixture(scope="module")
 def policy():
-    return Policy.load("shapes")
+    return Pipeline.load("shapes")
 
 
 def test_single_scene_equals_plain_sampling(policy):
     video = generate_video(policy, [(A, 4, False)], seed=5)
-    assert torch.equal(video, ShapesWorld.from_pretrained().generate([A], [5])[0])
+    assert torch.equal(video, Pipeline.load("shapes").generate([A], [5])[0])
 
 
 def test_hard_cut_flushes_and_soft_transition_does_not(policy):

@@ -9,15 +9,15 @@ import torch
 from peft import PeftModel
 from typer.testing import CliRunner
 
+from streamalign.adapters.lora import LoraSettings, attach_lora, save_lora
+from streamalign.adapters.merge import combine_adapters, save_merged_weights, select_scale
 from streamalign.cli import app
-from streamalign.collect.policy import Policy
-from streamalign.evaluate.merge import combine_adapters, save_merged_weights, select_scale
 from streamalign.evaluate.report import EvalSettings, ModelSpec, evaluate, spread
-from streamalign.evaluate.scoring import bootstrap_ci
 from streamalign.models.checkpoint import load_generator
-from streamalign.models.shapes import SHIPPED_WEIGHTS
-from streamalign.rewards import SHAPES_METRICS, SHAPES_REWARDS
-from streamalign.train.lora import LoraSettings, attach_lora, save_lora
+from streamalign.pipeline import Pipeline
+from streamalign.scoring import bootstrap_ci
+from streamalign.worlds.shapes import SHIPPED_WEIGHTS
+from streamalign.worlds.shapes.rewards import SHAPES_METRICS, SHAPES_REWARDS
 
 TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 
@@ -63,7 +63,7 @@ def test_merge_is_exact_in_both_output_forms(tmp_path, adapters):
     parts = [(semi, 0.7), (on, 0.35)]
     want = reference_merge(parts)
     combined = combine_adapters(parts, tmp_path / "combined")
-    via_adapter = Policy.load("shapes", lora=combined).model.state_dict()  # our loader merges the peft folder
+    via_adapter = Pipeline.load("shapes", lora=combined).model.state_dict()  # our loader merges the peft folder
     full = save_merged_weights("shapes", SHIPPED_WEIGHTS, parts, tmp_path / "merged.safetensors")
     via_weights = load_generator("shapes", full).state_dict()
     for k, w in want.items():

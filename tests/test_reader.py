@@ -8,9 +8,9 @@ from torch.utils.data import DataLoader
 
 from streamalign.buffer.reader import BufferReader
 from streamalign.collect.collector import CollectConfig, collect
-from streamalign.collect.policy import Policy
-from streamalign.models.shapes import held_in_prompts
+from streamalign.pipeline import Pipeline
 from streamalign.rewards import composite
+from streamalign.worlds.shapes import held_in_prompts
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def buffer(tmp_path_factory):
     out = tmp_path_factory.mktemp("buf")
     prompts = tuple(p.text for p in held_in_prompts()[::30])
     cfg = CollectConfig(prompts=prompts, groups=7, group_size=2, entries_per_shard=2, seed=3)
-    collect(Policy.load("shapes"), cfg, out, progress=False)
+    collect(Pipeline.load("shapes"), cfg, out, progress=False)
     return out
 
 

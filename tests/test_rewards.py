@@ -9,11 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streamalign.models.shapes import COLOURS, held_in_prompts, render, sample_videos
-from streamalign.models.shapes.world import BACKGROUNDS, Motion
 from streamalign.rewards import (
-    SHAPES_METRICS,
-    SHAPES_REWARDS,
     CompositeReward,
     Reward,
     RewardError,
@@ -21,7 +17,10 @@ from streamalign.rewards import (
     parse_term,
     register_external,
 )
-from streamalign.rewards import shapes as R
+from streamalign.worlds.shapes import COLOURS, held_in_prompts, render, sample_videos
+from streamalign.worlds.shapes import rewards as R
+from streamalign.worlds.shapes.rewards import SHAPES_METRICS, SHAPES_REWARDS
+from streamalign.worlds.shapes.world import BACKGROUNDS, Motion
 
 IN_DOMAIN = ["colour_match", "direction_match", "sharpness", "smoothness"]
 OOD = ["background_cleanliness", "shape_fidelity"]
@@ -79,7 +78,7 @@ def test_each_defect_lowers_exactly_its_reward(world):
 def test_exposure_flicker_lowers_the_rewards_and_the_ood_metric(world):
     """The shapes generator's defect (world.apply_haze on one chunk): colour purity, smoothness and the
     background metric all drop, so every branch of a fork group that flickers less scores higher."""
-    from streamalign.models.shapes.world import apply_haze
+    from streamalign.worlds.shapes.world import apply_haze
 
     prompts, videos, _ = world
     base = scores(videos, prompts)

@@ -6,8 +6,9 @@ import pytest
 import torch
 import yaml
 
-from streamalign.models.shapes import SHIPPED_WEIGHTS, ShapesWorld, held_in_prompts, held_out_prompts
-from streamalign.models.shapes.quality import sample_quality
+from streamalign.pipeline import Pipeline
+from streamalign.worlds.shapes import SHIPPED_WEIGHTS, held_in_prompts, held_out_prompts
+from streamalign.worlds.shapes.quality import sample_quality
 
 ASSETS = SHIPPED_WEIGHTS.parent
 
@@ -32,7 +33,7 @@ def test_shipped_assets_and_recipe():
 
 @pytest.fixture(scope="module")
 def world():
-    return ShapesWorld.from_pretrained()  # strict load of the shipped weights
+    return Pipeline.load("shapes")  # strict load of the shipped weights
 
 
 def test_shipped_model_meets_the_rates_and_is_imperfect(world):

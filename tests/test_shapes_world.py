@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from streamalign.cli import app
-from streamalign.models.shapes.world import (
+from streamalign.worlds.shapes.world import (
     BACKGROUNDS,
     COLOURS,
     DIRECTIONS,
@@ -102,7 +102,7 @@ def test_sampled_videos_stay_in_frame_and_move_the_prompted_way():
 
 
 def test_pretrain_is_deterministic_and_writes_its_recipe(tmp_path):
-    from streamalign.models.shapes.pretrain import PretrainConfig, pretrain
+    from streamalign.worlds.shapes.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(steps=3, batch_size=2, eval_every=3, eval_videos=2, warmup=1)
     a = pretrain(cfg, tmp_path / "a", command="test", progress=False)
@@ -159,14 +159,14 @@ def test_motion_onset_holds_the_shape_still_then_moves_as_prompted():
 
 
 def test_self_rollout_latents_continue_from_the_models_own_first_chunk():
-    from streamalign.models.shapes import ShapesWorld
-    from streamalign.models.shapes.pretrain import self_rollout_latents
-    from streamalign.rewards import shapes as R
+    from streamalign.pipeline import Pipeline
+    from streamalign.worlds.shapes import rewards as R
+    from streamalign.worlds.shapes.pretrain import self_rollout_latents
 
-    world = ShapesWorld.from_pretrained(None)  # random weights: any first chunk will do
+    world = Pipeline.from_weights("shapes", None)  # random weights: any first chunk will do
     prompts = held_in_prompts()[:4]
     g = torch.Generator().manual_seed(0)
-    text = world.encode_prompts([p.text for p in prompts])
+    text = world.text.encode([p.text for p in prompts])
     z = self_rollout_latents(world.sampler, world.codec, prompts, text, [1, 2, 3, 4], g)
     first = world.sampler.denoise_chunk(world.sampler.new_cache(4, 1), 0, world.sampler.noise_bank([1, 2, 3, 4]), text)
     assert torch.equal(z[:, :3], first.x0)  # chunk 0 is the model's own sample

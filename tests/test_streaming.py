@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from streamalign.adapters.lora import LoraSettings, attach_lora
 from streamalign.models.sampler import Sampler
-from streamalign.train.lora import LoraSettings, attach_lora
 from streamalign.train.memory import SavedBytes
 from streamalign.train.replay import PivotReplay
 from tests.conftest import make_model, tiny_config

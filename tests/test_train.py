@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 from streamalign.buffer.manifest import read_manifest
 from streamalign.cli import app
 from streamalign.collect.collector import CollectConfig, collect
-from streamalign.collect.policy import Policy
 from streamalign.models.checkpoint import load_generator, save_safetensors
-from streamalign.models.shapes import held_in_prompts
+from streamalign.pipeline import Pipeline
 from streamalign.schemas.config import ModelConfig
 from streamalign.train.config import TrainConfig
 from streamalign.train.loop import train
+from streamalign.worlds.shapes import held_in_prompts
 from tests.conftest import make_model
 
 PROMPTS = tuple(p.text for p in held_in_prompts()[::50])
@@ -40,7 +40,7 @@ def base(tmp_path_factory) -> Path:
 def buffer(tmp_path_factory, base) -> Path:
     out = tmp_path_factory.mktemp("buf")
     cfg = CollectConfig(prompts=PROMPTS, groups=4, group_size=4, entries_per_shard=2, seed=5)
-    collect(Policy.load("shapes", base), cfg, out, progress=False)
+    collect(Pipeline.load("shapes", base), cfg, out, progress=False)
     return out
 
 
@@ -177,7 +177,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, base, buffer):
 )
 def test_bad_input_is_one_clear_line(tmp_path, base, buffer, extra, msg):
     if "ADAPTER" in extra:  # an adapter trained on another model (rank-2 LoRA on the tiny config)
-        from streamalign.train.lora import LoraSettings, attach_lora, save_lora
+        from streamalign.adapters.lora import LoraSettings, attach_lora, save_lora
 
         save_lora(attach_lora(make_model(ModelConfig.load("tiny")), LoraSettings(2, 4)), tmp_path / "other")
         extra = ["--init-adapter", str(tmp_path / "other"), "--checkpoint", str(base)]

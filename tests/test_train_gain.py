@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from streamalign.collect.collector import CollectConfig, collect
-from streamalign.collect.policy import Policy
-from streamalign.evaluate.scoring import paired_differences, score_policy
-from streamalign.models.shapes import held_in_prompts
-from streamalign.rewards import SHAPES_METRICS, SHAPES_REWARDS, CompositeReward
+from streamalign.pipeline import Pipeline
+from streamalign.rewards import CompositeReward
+from streamalign.scoring import paired_differences, score_policy
 from streamalign.train.config import TrainConfig
 from streamalign.train.loop import train
+from streamalign.worlds.shapes import held_in_prompts
+from streamalign.worlds.shapes.rewards import SHAPES_METRICS, SHAPES_REWARDS
 
 PROMPTS = tuple(p.text for p in held_in_prompts()[::31][:8])  # every colour, shape, direction, background
 FRESH = [p for p in PROMPTS for _ in range(16)], [5_000_000 + i for i in range(8 * 16)]  # unseen seeds
@@ -21,13 +22,13 @@ FRESH = [p for p in PROMPTS for _ in range(16)], [5_000_000 + i for i in range(8
 
 def gain(adapter: Path) -> dict[str, dict[str, float]]:
     reward = CompositeReward.parse(SHAPES_REWARDS, SHAPES_METRICS)
-    base = score_policy(Policy.load("shapes"), *FRESH, reward)
-    return paired_differences(base, score_policy(Policy.load("shapes", lora=adapter), *FRESH, reward))
+    base = score_policy(Pipeline.load("shapes"), *FRESH, reward)
+    return paired_differences(base, score_policy(Pipeline.load("shapes", lora=adapter), *FRESH, reward))
 
 
 def test_semi_on_policy_run_raises_the_composite(tmp_path):
     """64 groups of G=8 from the shipped model, then 40 CoPO updates of 8 groups (lr 1e-4): ~1 min."""
-    collect(Policy.load("shapes"), CollectConfig(prompts=PROMPTS, groups=64, group_size=8, seed=1), tmp_path / "buf",
+    collect(Pipeline.load("shapes"), CollectConfig(prompts=PROMPTS, groups=64, group_size=8, seed=1), tmp_path / "buf",
             progress=False)  # fmt: skip
     cfg = TrainConfig(mode="semi", buffer=str(tmp_path / "buf"), steps=40, batch_groups=8, lr=1e-4)
     train(cfg, tmp_path / "semi", progress=False)

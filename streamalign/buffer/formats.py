@@ -8,21 +8,20 @@ typed zarr arrays (bfloat16 as uint16 with the logical dtype in the attributes).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
 import re
-import shutil
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import numpy as np
 import torch
+from pydantic import AfterValidator, WithJsonSchema
 
+from ..io.files import atomic_path, checksum, tree_bytes
 from ..schemas.buffer import Entry, SchemaError
 
 ENTRY_ID = re.compile(r"^[A-Za-z0-9_-]+$")  # webdataset splits keys at the first dot
@@ -129,6 +128,11 @@ def get_format(name: str) -> ShardFormat:
     return FORMATS[name]
 
 
+# a config field naming a registered format (a backend added to FORMATS is accepted, and listed in --help)
+FormatName = Annotated[str, AfterValidator(lambda name: get_format(name) and name),
+                       WithJsonSchema({"enum": list(FORMATS)})]  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------
 # atomic shard files and checksums
 # ---------------------------------------------------------------------------------------------------
@@ -141,63 +145,13 @@ class ShardInfo:
     checksum: str
 
 
-def shard_files(path: Path) -> list[Path]:
-    """The files of a shard: itself (tar) or every file under it (zarr), sorted."""
-    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-
-
-def shard_bytes(path: Path) -> int:
-    """Size of a shard on disk (all its files)."""
-    return sum(f.stat().st_size for f in shard_files(path))
-
-
-def checksum(path: Path) -> str:
-    """sha256 of a shard: the file's bytes, or of a directory every file's relative path and bytes."""
-    h = hashlib.sha256()
-    for f in shard_files(path):
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_shard(fmt: ShardFormat, path: str | Path, entries: Sequence[Entry]) -> ShardInfo:
     """Write `entries` as one shard at `path`, visible only once complete; returns its checksum."""
     path = Path(path)
     for e in entries:
         if not ENTRY_ID.match(e.entry_id):
             raise SchemaError(f"entry id {e.entry_id!r} must use only letters, digits, '_' and '-'")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    remove_path(tmp)
-    try:
+    with atomic_path(path, overwrite=False) as tmp:
         fmt.write(tmp, entries)
-        for f in shard_files(tmp):
-            _fsync(f)
-        digest = checksum(tmp)
-        size = shard_bytes(tmp)
-        if path.exists():
-            raise FileExistsError(f"shard {path} already exists: a finished shard is never overwritten")
-        os.rename(tmp, path)
-        _fsync(path.parent)
-    except BaseException:
-        remove_path(tmp)
-        raise
+        digest, size = checksum(tmp), tree_bytes(tmp)
     return ShardInfo(path, fmt.name, len(entries), size, digest)
-
-
-def remove_path(path: Path) -> None:
-    """Delete a file or a directory tree (a tar or zarr shard, or its temporary)."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()

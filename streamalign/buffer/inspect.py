@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from ..io.files import checksum, tree_bytes
 from ..schemas.buffer import SCHEMA_VERSION, SchemaError
-from .formats import FORMATS, checksum, get_format, shard_bytes
+from ..schemas.run import RunConfig, arg
+from .formats import FORMATS, get_format
 from .manifest import MANIFEST_DIR, read_manifest
 
 
@@ -23,7 +25,7 @@ def buffer_info(folder: str | Path) -> dict:
     for part in sorted((folder / MANIFEST_DIR).glob("*.parquet")):
         rejected += len(json.loads((pq.read_schema(part).metadata or {}).get(b"rejected", b"[]")))
     groups = {r["entry_id"]: r for r in rows}
-    size = sum(shard_bytes(folder / s) for s in shards if (folder / s).exists())
+    size = sum(tree_bytes(folder / s) for s in shards if (folder / s).exists())
     return {
         "schema_version": SCHEMA_VERSION,
         "groups": len(groups),
@@ -94,3 +96,27 @@ def verify_buffer(folder: str | Path, deep: bool = False) -> VerifyReport:
     for path in sorted([*folder.glob(".*.tmp-*"), *(folder / MANIFEST_DIR).glob(".*.tmp-*")]):
         report.problems.append(f"{path.name}: temporary of an interrupted run (re-run collect to clean up)")
     return report
+
+
+class BufferRun(RunConfig):
+    """Counts, sizes, schema, formats, policies, pivots and reward means of a buffer."""
+
+    folder: str = arg(..., "Buffer folder.", argument=True)
+
+
+class VerifyRun(BufferRun):
+    """Check every shard against the manifest's checksums; exit 1 on any damage."""
+
+    deep: bool = arg(False, "Also decode and validate every entry.")
+
+
+def info_stage(cfg: BufferRun) -> str:
+    return json.dumps(buffer_info(cfg.folder), indent=1)
+
+
+def verify_stage(cfg: VerifyRun) -> tuple[str, int]:
+    """The report's lines and the exit code (1 on any damage)."""
+    report = verify_buffer(cfg.folder, deep=cfg.deep)
+    lines = [*(f"DAMAGED {p}" for p in report.problems), f"{report.checked} shards checked, "
+             f"{len(report.problems)} problem(s)"]  # fmt: skip
+    return "\n".join(lines), 0 if report.ok else 1

@@ -8,13 +8,15 @@ of the parts; it is what ``stats`` queries and what the reader filters and re-we
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
+from ..io.files import atomic_path
+from ..rewards.registry import composite
 from ..schemas.buffer import Entry
 from .formats import ShardInfo
 
@@ -26,6 +28,7 @@ def manifest_rows(entries: Sequence[Entry], shard: ShardInfo) -> list[dict]:
     weights in force at collection, and the shard's name, format and checksum."""
     rows = []
     for e in entries:
+        total = composite(e.rewards, e.reward_weights, torch.float64).tolist()
         for b in range(e.group_size):
             row = {
                 "entry_id": e.entry_id,
@@ -45,7 +48,7 @@ def manifest_rows(entries: Sequence[Entry], shard: ShardInfo) -> list[dict]:
                 "branch": b,
             }
             row.update({f"reward_{k}": float(v[b]) for k, v in e.rewards.items()})
-            row["composite"] = float(sum(w * float(e.rewards[k][b]) for k, w in e.reward_weights.items()))
+            row["composite"] = total[b]
             rows.append(row)
     return rows
 
@@ -55,20 +58,11 @@ def write_manifest_part(
 ) -> Path:
     """Write the shard's manifest part atomically (temp, fsync, rename); `extra` goes, as JSON values, into
     the parquet metadata (e.g. the groups rejected while collecting the shard)."""
-    folder = Path(buffer_dir) / MANIFEST_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{shard.path.name}.parquet"
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        table = pa.Table.from_pylist(manifest_rows(entries, shard))
-        meta = {k.encode(): json.dumps(v).encode() for k, v in (extra or {}).items()}
+    path = Path(buffer_dir) / MANIFEST_DIR / f"{shard.path.name}.parquet"
+    table = pa.Table.from_pylist(manifest_rows(entries, shard))
+    meta = {k.encode(): json.dumps(v).encode() for k, v in (extra or {}).items()}
+    with atomic_path(path) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 
+from ..schemas.run import RunConfig, arg
 from .manifest import read_manifest
 
 READ_ONLY = re.compile(r"^\s*(select|with|describe|summarize|pivot|unpivot|values|from)\b", re.IGNORECASE)
@@ -125,3 +127,18 @@ def write_result(table: pa.Table, fmt: str, out: str | Path | None) -> str | Non
         Path(out).write_text(text)
         return None
     return text
+
+
+class StatsRun(RunConfig):
+    """DuckDB SQL over the buffer manifest (one row per branch, reward_<name> columns), or a named report."""
+
+    folder: str = arg(..., "Buffer folder.", argument=True)
+    sql: str | None = arg(None, "Read-only SQL over the view `manifest`.")
+    report: Literal["per-prompt", "zero-variance", "pivots", "correlation", "by-policy"] | None = arg(
+        None, "A named report.")
+    format: Literal["table", "csv", "json", "parquet"] = arg("table", "Output format.")
+    output: str | None = arg(None, "Write the result to this file.")
+
+
+def stats_stage(cfg: StatsRun) -> str:
+    return write_result(run_query(cfg.folder, cfg.sql, cfg.report), cfg.format, cfg.output) or ""

@@ -15,40 +15,55 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
-from tqdm import tqdm
 
-from ..buffer.formats import ShardInfo, checksum, get_format, remove_path, shard_bytes, write_shard
+from ..buffer.formats import FormatName, ShardInfo, get_format, write_shard
 from ..buffer.manifest import MANIFEST_DIR, write_manifest_part
+from ..io.files import checksum, remove_path, tree_bytes
+from ..io.progress import progress_bar
 from ..models.noise import derive_seed
 from ..models.sampler import Sampler
-from ..rewards import SHAPES_METRICS, SHAPES_REWARDS, CompositeReward
+from ..pipeline import Pipeline
+from ..rewards import CompositeReward
 from ..schemas.buffer import Entry, SchemaError
-from .policy import Policy
+from ..schemas.config import ModelConfig
+from ..schemas.run import arg
+from ..schemas.sections import PromptSection, RewardSection
+from ..worlds import default_prompts, default_rewards
+
+# the arguments a collection's id hashes (fields added later hash only when they differ from their default)
+RUN_ID_FIELDS = ("prompts", "groups", "group_size", "strength", "pivot", "seed", "format", "entries_per_shard",
+                 "store_kv", "rewards", "metrics", "fork", "clip_chunks")  # fmt: skip
 
 log = logging.getLogger("streamalign.collect")
 
 
-@dataclass(frozen=True)
-class CollectConfig:
-    prompts: tuple[str, ...]
-    groups: int
-    group_size: int = 12
-    strength: float = 0.5
-    pivot: str = "uniform"  # "uniform" or a fixed 0-based chunk index as a string
-    seed: int = 0
-    format: str = "webdataset"
-    entries_per_shard: int = 16
-    store_kv: bool = False
-    rewards: str = SHAPES_REWARDS
-    metrics: str = SHAPES_METRICS
-    fork: str = "initial"  # initial: branches differ in the pivot's initial noise; solver: in its solver noise
+class CollectConfig(PromptSection, RewardSection):
+    """Collection"""
+
+    groups: int = arg(64, "Fork groups to collect.")
+    group_size: int = arg(12, "Branches per group.", short="-G")
+    strength: float = arg(0.5, "Perturbation strength of the pivot's initial noise.", flag="--sigma")
+    pivot: str = arg("uniform", "'uniform' or a fixed 0-based chunk index.")
+    seed: int = arg(0, "Seed of every group's noise and pivot.")
+    format: FormatName = arg("webdataset", "Shard format.")
+    entries_per_shard: int = arg(16, "Groups per shard.")
+    store_kv: bool = arg(False, "Also store the prefix KV of each group.")
+    fork: Literal["initial", "solver"] = arg("initial", "initial: branches differ in the pivot's initial noise; "
+                                             "solver: in its re-noising.")  # fmt: skip
     # streaming long tuning: score only the clip of this many chunks that starts at the pivot (pivots drawn
     # so the clip fits); None scores the whole video
-    clip_chunks: int | None = None
+    clip_chunks: int | None = arg(None, "Streaming: score only this many chunks from the pivot (long configs).")
+
+    def resolve(self, model: ModelConfig) -> CollectConfig:
+        """Prompts and rewards from the model's world where none are given."""
+        rewards, metrics = default_rewards(model, self.rewards, self.metrics)
+        prompts = default_prompts(model, self.prompts, self.prompt_set)
+        return self.model_copy(update={"prompts": prompts, "rewards": rewards, "metrics": metrics})
 
     def check(self, num_chunks: int) -> None:
         if not self.prompts:
@@ -74,7 +89,8 @@ class CollectConfig:
     @property
     def run_id(self) -> str:
         """Stable id of the collection's arguments (entry ids derive from it)."""
-        args = asdict(self)
+        args = self.model_dump(mode="json", include=set(RUN_ID_FIELDS))
+        args["prompts"] = list(self.prompts or ())
         for key, default in (("fork", "initial"), ("clip_chunks", None)):  # later fields: earlier ids stay valid
             if args[key] == default:
                 del args[key]
@@ -116,7 +132,7 @@ def prefix_kv(sampler: Sampler, context: torch.Tensor, text: torch.Tensor) -> di
 
 
 @torch.no_grad()
-def collect_group(policy: Policy, cfg: CollectConfig, reward: CompositeReward, i: int) -> Entry:
+def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward, i: int) -> Entry:
     """Fork group i (prompt, seed and pivot fixed by i), scored; raises SchemaError on bad rewards."""
     prompt = cfg.prompts[i % len(cfg.prompts)]
     seed = derive_seed(cfg.seed, 2, i)
@@ -158,7 +174,7 @@ def clean_temporaries(out: Path) -> int:
 
 
 def collect(
-    policy: Policy,
+    policy: Pipeline,
     cfg: CollectConfig,
     out: str | Path,
     rank: int = 0,
@@ -168,6 +184,7 @@ def collect(
 ) -> CollectSummary:
     """Write this rank's shards of the collection into `out` (resuming); returns what it did.
     `shard_prefix` lets several collections share one buffer folder (on-policy iterations)."""
+    cfg = cfg.resolve(policy.config)
     cfg.check(policy.config.num_chunks)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +194,7 @@ def collect(
     mine = [k for k in range(cfg.num_shards) if k % world == rank]
     summary, t0 = CollectSummary(), time.time()
     total = sum(min(cfg.entries_per_shard, cfg.groups - k * cfg.entries_per_shard) for k in mine)
-    bar = tqdm(total=total, desc=f"collect[{rank}]" if world > 1 else "collect", unit="group", disable=not progress)
+    bar = progress_bar(total=total, desc=f"collect[{rank}]" if world > 1 else "collect", unit="group", show=progress)
     for k in mine:
         path = out / shard_name(k, fmt.suffix, shard_prefix)
         part = out / MANIFEST_DIR / f"{path.name}.parquet"
@@ -188,7 +205,7 @@ def collect(
             continue
         if path.exists():  # killed between the shard and its manifest part: the shard is complete
             entries = list(fmt.read(path))
-            info = ShardInfo(path, fmt.name, len(entries), shard_bytes(path), checksum(path))
+            info = ShardInfo(path, fmt.name, len(entries), tree_bytes(path), checksum(path))
             rejected: list[dict] = []
         else:
             entries, rejected = [], []

@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..collect.collector import CollectConfig, collect
-from ..collect.policy import Policy
-from ..models.shapes import held_in_prompts, held_out_prompts
-from ..rewards import SHAPES_METRICS, SHAPES_REWARDS
+from ..pipeline import Pipeline
 from ..train.config import TrainConfig
 from ..train.loop import train
+from ..worlds.shapes import held_in_prompts, held_out_prompts
+from ..worlds.shapes.rewards import SHAPES_METRICS, SHAPES_REWARDS
+from .config import DemoRun
 from .report import EvalSettings, ModelSpec, evaluate, spread
 from .sweep import merge_sweep
 
@@ -56,7 +57,7 @@ def run_demo(out: str | Path, settings: DemoSettings, progress: bool = True) -> 
 
     t = time.time()
     ccfg = CollectConfig(prompts=prompts, groups=st.groups, group_size=st.group_size, seed=st.seed)
-    collect(Policy.load("shapes"), ccfg, out / "buffer", progress=progress)
+    collect(Pipeline.load("shapes"), ccfg, out / "buffer", progress=progress)
     stage("collect", t)
     t = time.time()
     semi = TrainConfig(mode="semi", buffer=str(out / "buffer"), steps=st.semi_steps, lr=st.lr, seed=st.seed)
@@ -97,3 +98,16 @@ def run_demo(out: str | Path, settings: DemoSettings, progress: bool = True) -> 
     }
     (out / "demo.json").write_text(json.dumps(headline, indent=1))
     return headline
+
+
+def headline_lines(h: dict) -> list[str]:
+    """What `demo` prints: time, the selection, and the held-out result vs the base."""
+    c, b = h["held_out_composite"], h["held_out_background_cleanliness"]
+    return [f"demo finished in {h['seconds']:.0f} s; selection: {h['selection']}",
+            f"held-out prompts, {h['evaluated']} vs base: composite {c['base']:.4f} -> {c['model']:.4f} "
+            f"({c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]); background_cleanliness "
+            f"{b['base']:.4f} -> {b['model']:.4f} ({b['diff']:+.4f})", f"report: {h['report']}"]  # fmt: skip
+
+
+def demo_stage(cfg: DemoRun, out: Path) -> str:
+    return "\n".join(headline_lines(run_demo(out, DemoSettings.quick() if cfg.quick else DemoSettings())))

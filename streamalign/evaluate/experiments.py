@@ -16,18 +16,22 @@ from pathlib import Path
 
 import torch
 
-from ..collect.policy import Policy
-from ..files import staged_folder
+from ..io.files import staged_folder
+from ..io.plots import save, subplots
+from ..pipeline import Pipeline
 from ..rewards import CompositeReward
+from ..schemas.config import ModelConfig
+from ..scoring import paired_differences, score_policy
 from ..train.config import TrainConfig
 from ..train.loop import train
-from .report import ModelSpec
-from .scoring import paired_differences, score_policy
+from ..worlds import default_prompts, default_rewards
+from .config import NoiseSourcesRun, ObjectivesRun
+from .report import ModelSpec, spread
 
 
 @torch.no_grad()
 def noise_sources(
-    policy: Policy, prompts: Sequence[str], reward: CompositeReward, seeds: int = 4, group_size: int = 8,
+    policy: Pipeline, prompts: Sequence[str], reward: CompositeReward, seeds: int = 4, group_size: int = 8,
     strength: float = 0.5,
 ) -> list[dict]:  # fmt: skip
     """Rows per (pivot, source): mean over prompts x seeds of the per-pixel variance of the decoded videos
@@ -56,11 +60,6 @@ def noise_sources(
 
 def noise_sources_report(rows: list[dict], out: Path) -> None:
     """``noise_sources.md`` (table), ``.json`` and ``.png`` (variance per pivot, one line per source)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sources = list(dict.fromkeys(r["source"] for r in rows))
     pivots = sorted({r["pivot"] for r in rows})
     cell = {(r["pivot"], r["source"]): r for r in rows}
@@ -74,7 +73,7 @@ def noise_sources_report(rows: list[dict], out: Path) -> None:
         lines.append(f"| {p} | " + " | ".join(f"{cell[p, s]['composite_std']:.4f}" for s in sources) + " |")
     (out / "noise_sources.md").write_text("\n".join(lines) + "\n")
     (out / "noise_sources.json").write_text(json.dumps(rows, indent=1))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.3))
+    fig, (a, b) = subplots(1, 2, figsize=(9, 3.3))
     for s in sources:
         a.plot(pivots, [max(cell[p, s]["pixel_variance"], 1e-12) for p in pivots], "o-", label=s)
         b.plot(pivots, [cell[p, s]["composite_std"] for p in pivots], "o-", label=s)
@@ -85,17 +84,30 @@ def noise_sources_report(rows: list[dict], out: Path) -> None:
         ax.set_xlabel("pivot chunk")
         ax.set_xticks(pivots)
     a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "noise_sources.png", dpi=110)
-    plt.close(fig)
+    save(fig, out / "noise_sources.png", dpi=110)
 
 
-def run_noise_sources(policy: Policy, prompts: Sequence[str], reward: CompositeReward, out: str | Path,
-                      seeds: int = 4, group_size: int = 8) -> list[dict]:  # fmt: skip
+def run_noise_sources(cfg: NoiseSourcesRun, out: str | Path) -> list[dict]:
+    """The `experiment noise-sources` stage: ``noise_sources.md/json/png`` in `out`."""
+    m, st = cfg.model, cfg.study
+    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, wan_dir=m.wan_dir)
+    texts = spread(list(default_prompts(policy.config, cfg.prompts.prompts, cfg.prompts.prompt_set)), st.n_prompts)
+    reward = CompositeReward.parse(*default_rewards(policy.config, cfg.rewards.rewards, cfg.rewards.metrics))
     with staged_folder(out) as tmp:
-        rows = noise_sources(policy, prompts, reward, seeds, group_size)
+        rows = noise_sources(policy, texts, reward, st.seeds, st.group_size)
         noise_sources_report(rows, tmp)
     return rows
+
+
+def run_objectives(cfg: ObjectivesRun, out: str | Path) -> dict:
+    """The `experiment objectives` stage: every objective trained on-policy at equal budget from one base."""
+    m, st = cfg.model, cfg.study
+    model = ModelConfig.load(m.config)
+    texts = tuple(spread(list(default_prompts(model, cfg.prompts.prompts, cfg.prompts.prompt_set)), st.n_prompts))
+    base = TrainConfig(mode="on", model=m, prompts=texts, steps=st.iterations, batch_groups=st.batch_groups,
+                       group_size=st.group_size, lr=st.lr, eval_every=st.eval_every, seed=st.seed, save_every=10**6)
+    reward = CompositeReward.parse(*default_rewards(model, None, None))
+    return compare_objectives(base, st.runs, texts, reward, out, st.eval_seeds)
 
 
 @dataclass(frozen=True)
@@ -126,13 +138,14 @@ def compare_objectives(
     ps = [p for p in prompts for _ in range(eval_seeds)]
     seeds = [4_000_000 + i for i in range(len(ps))]
     with staged_folder(out) as tmp:
-        base_scores = score_policy(ModelSpec("base").load(base.model, base.checkpoint, base.wan_dir), ps, seeds, reward)
+        m = base.model
+        base_scores = score_policy(ModelSpec("base").load(m.config, m.checkpoint, m.wan_dir), ps, seeds, reward)
         result: dict = {"prompts": list(prompts), "eval_pairs": len(ps), "runs": {}}
         for r in runs:
-            cfg = TrainConfig(**{**base.model_dump(), **r.overrides, "eval_prompts": tuple(ps)})  # validated
+            cfg = base.replace(**r.overrides, eval_prompts=tuple(ps))  # validated
             summary = train(cfg, tmp / r.name, progress=progress)
             spec = ModelSpec(r.name, lora=str(summary.adapter))
-            sc = score_policy(spec.load(base.model, base.checkpoint, base.wan_dir), ps, seeds, reward)
+            sc = score_policy(spec.load(m.config, m.checkpoint, m.wan_dir), ps, seeds, reward)
             curve = [json.loads(x) for x in (tmp / r.name / "metrics.jsonl").read_text().splitlines()]
             result["runs"][r.name] = {
                 "seconds": round(summary.seconds, 1),
@@ -148,11 +161,6 @@ def compare_objectives(
 
 
 def _objectives_report(result: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = list(next(iter(result["runs"].values()))["vs_base"]) if result["runs"] else []
     lines = [f"# Objectives at equal budget ({result['eval_pairs']} paired fresh videos per row)", "",
              "| objective | seconds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]  # fmt: skip
@@ -163,7 +171,7 @@ def _objectives_report(result: dict, out: Path) -> None:
     lines += ["", "Cells: paired difference vs the base model with its 95% bootstrap interval.", ""]
     (out / "objectives.md").write_text("\n".join(lines))
     (out / "objectives.json").write_text(json.dumps(result, indent=1))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.3))
+    fig, (a, b) = subplots(1, 2, figsize=(9, 3.3))
     for name, r in result["runs"].items():
         steps = [c["step"] for c in r["curve"]]
         a.plot(steps, [c["eval_composite"] for c in r["curve"]], "o-", label=name)
@@ -173,6 +181,16 @@ def _objectives_report(result: dict, out: Path) -> None:
     for ax in (a, b):
         ax.set_xlabel("update")
     a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "objectives.png", dpi=110)
-    plt.close(fig)
+    save(fig, out / "objectives.png", dpi=110)
+
+
+def noise_sources_stage(cfg: NoiseSourcesRun, out: Path) -> str:
+    """The stage behind the command (what it prints)."""
+    run_noise_sources(cfg, out)
+    return (Path(out) / "noise_sources.md").read_text()
+
+
+def objectives_stage(cfg: ObjectivesRun, out: Path) -> str:
+    """The stage behind the command (what it prints)."""
+    run_objectives(cfg, out)
+    return (Path(out) / "objectives.md").read_text()

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import torch
 
-from ..collect.policy import Policy
-from ..files import staged_folder
-from ..rewards import SHAPES_METRICS, SHAPES_REWARDS, CompositeReward
-from .media import frame_grid, save_gif, save_mp4
-from .scoring import generate_videos, paired_differences, score_policy
+from ..io.files import staged_folder
+from ..io.media import frame_grid, save_gif, save_mp4
+from ..io.plots import save, subplots
+from ..pipeline import Pipeline
+from ..schemas.run import RUN_FILE, run_record
+from ..scoring import paired_differences, score_policy
+from .config import EvalSettings, EvaluateRun, named
 
 
 @dataclass(frozen=True)
@@ -27,21 +29,8 @@ class ModelSpec:
     checkpoint: str | None = None
     lora: str | None = None
 
-    def load(self, config: str, base_checkpoint: str | None, wan_dir: str | None) -> Policy:
-        return Policy.load(config, self.checkpoint or base_checkpoint, lora=self.lora, wan_dir=wan_dir)
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    config: str = "shapes"
-    checkpoint: str | None = None
-    wan_dir: str | None = None
-    rewards: str = SHAPES_REWARDS  # composite spec (see rewards.registry)
-    metrics: str = SHAPES_METRICS
-    seeds_per_prompt: int = 8
-    seed: int = 2_000_000  # pair i uses seed + i: identical noise for every model
-    samples: int = 4  # (prompt, seed) pairs written as GIFs and frame grids
-    n_boot: int = 2000
+    def load(self, config: str, base_checkpoint: str | None, wan_dir: str | None) -> Pipeline:
+        return Pipeline.load(config, self.checkpoint or base_checkpoint, lora=self.lora, wan_dir=wan_dir)
 
 
 def pairs(prompts: Sequence[str], seeds_per_prompt: int, seed: int) -> tuple[list[str], list[int]]:
@@ -74,15 +63,15 @@ def evaluate(models: Sequence[ModelSpec], prompts: Sequence[str], settings: Eval
 
 
 def _evaluate(models: Sequence[ModelSpec], prompts: list[str], st: EvalSettings, out: Path) -> dict:
-    reward = CompositeReward.parse(st.rewards, st.metrics)
+    reward = st.reward()
     ps, seeds = pairs(prompts, st.seeds_per_prompt, st.seed)
     scores: dict[str, dict[str, torch.Tensor]] = {}
     sample_videos: dict[str, torch.Tensor] = {}
+    chosen = spread(list(zip(ps, seeds, strict=True)), st.samples)  # the (prompt, seed) pairs shown as samples
     for m in models:
         policy = m.load(st.config, st.checkpoint, st.wan_dir)
         scores[m.name] = score_policy(policy, ps, seeds, reward)
-        chosen = spread(list(zip(ps, seeds, strict=True)), st.samples)
-        sample_videos[m.name] = generate_videos(policy, [p for p, _ in chosen], [s for _, s in chosen])
+        sample_videos[m.name] = policy.generate([p for p, _ in chosen], [s for _, s in chosen])
     base = models[0].name
     report = {
         "prompts": prompts,
@@ -111,11 +100,15 @@ def _evaluate(models: Sequence[ModelSpec], prompts: list[str], st: EvalSettings,
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown(report))
     plot_differences(report, out / "diffs.png")
-    for i in range(next(iter(sample_videos.values())).shape[0]):
-        frame_grid({n: v[i] for n, v in sample_videos.items()}, out / "samples" / f"grid-{i}.png")
+    samples = [{"index": i, "prompt": p, "seed": s, "grid": f"grid-{i}.png"} for i, (p, s) in enumerate(chosen)]
+    for i, (p, s) in enumerate(chosen):
+        frame_grid({n: v[i] for n, v in sample_videos.items()}, out / "samples" / f"grid-{i}.png",
+                   caption=f"{p}  (seed {s})")  # fmt: skip
         for n, v in sample_videos.items():
             save_gif(v[i], out / "samples" / f"{n}-{i}.gif")
             save_mp4(v[i], out / "samples" / f"{n}-{i}.mp4")
+    (out / "samples").mkdir(exist_ok=True)
+    (out / "samples" / "samples.json").write_text(json.dumps(samples, indent=1))  # what every sample shows
     return report
 
 
@@ -161,14 +154,9 @@ def markdown(report: dict) -> str:
 
 def plot_differences(report: dict, png: Path) -> None:
     """Paired difference vs base per metric (bars) with the 95% interval (error bars), one colour per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     others = [n for n in report["models"] if n != report["base"]]
     keys = list(report["models"][report["base"]]["means"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys)), 3.4))
+    fig, ax = subplots(figsize=(max(6, 1.1 * len(keys)), 3.4))
     width = 0.8 / max(1, len(others))
     for j, n in enumerate(others):
         d = report["models"][n]["vs_base"]
@@ -181,6 +169,34 @@ def plot_differences(report: dict, png: Path) -> None:
     ax.set_ylabel(f"paired difference vs {report['base']}")
     if others:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save(fig, png, dpi=110)
+
+
+def run_evaluate(cfg: EvaluateRun, out: str | Path) -> dict:
+    """The `evaluate` stage: the base and every ``--lora`` / ``--weights`` model (named NAME=PATH or after
+    their run folder) on the resolved prompts; the report and ``run.yaml`` in `out`."""
+    st = cfg.eval.resolved()
+    models = [ModelSpec("base")]
+    for kind, specs in (("lora", cfg.models.lora), ("checkpoint", cfg.models.weights)):
+        for name, path in map(named, specs):
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{'adapter' if kind == 'lora' else 'weights'} {path} does not exist")
+            models.append(ModelSpec(name, **{kind: path}))
+    report = evaluate(models, st.prompts, st, out)
+    (Path(out) / RUN_FILE).write_text(run_record(cfg.replace(eval=st), "evaluate"))
+    return report
+
+
+def summary_lines(report: dict, out: str | Path) -> list[str]:
+    """What `evaluate` prints: every model's composite and its paired difference vs the base."""
+    lines = []
+    for name, m in report["models"].items():
+        d = m.get("vs_base", {}).get("composite")
+        extra = f" ({d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] vs base)" if d else ""
+        lines.append(f"{name}: composite {m['means']['composite']:.4f}{extra}")
+    return [*lines, f"report: {Path(out) / 'report.md'}"]
+
+
+def evaluate_stage(cfg: EvaluateRun, out: Path) -> str:
+    """The stage behind the command (what it prints)."""
+    return "\n".join(summary_lines(run_evaluate(cfg, out), out))

@@ -8,13 +8,15 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..collect.policy import base_checkpoint
-from ..files import staged_folder
-from ..rewards import CompositeReward
+from ..adapters.merge import Selection, combine_adapters, save_merged_weights, select_scale
+from ..io.files import staged_folder
+from ..io.plots import save, subplots
+from ..pipeline import base_checkpoint
 from ..schemas.config import ModelConfig
-from .merge import Selection, combine_adapters, save_merged_weights, select_scale
-from .report import EvalSettings, ModelSpec, pairs
-from .scoring import paired_differences, score_policy
+from ..schemas.run import RUN_FILE, run_record
+from ..scoring import paired_differences, score_policy
+from .config import EvalSettings, MergeRun
+from .report import ModelSpec, pairs
 
 
 def merge_sweep(
@@ -33,7 +35,7 @@ def merge_sweep(
     ``adapters/s<scale>/`` and, for the selected scale, ``adapter/`` (+ ``merged.safetensors``)."""
     if not scales or any(s < 0 for s in scales):
         raise ValueError(f"--scales must be non-negative numbers, got {list(scales)}")
-    reward = CompositeReward.parse(settings.rewards, settings.metrics)
+    reward = settings.reward()
     if ood not in reward.names:
         raise ValueError(f"--ood-metric {ood!r} is not scored (scored: {', '.join(reward.names)})")
     with staged_folder(out) as tmp:
@@ -76,7 +78,7 @@ def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_
         shutil.copytree(folders[sel.scale], tmp / "adapter")
         result["adapter"] = str(out / "adapter")
         if full_weights:
-            w0 = base_checkpoint(ModelConfig.load(settings.config), settings.checkpoint, settings.wan_dir)
+            w0 = base_checkpoint(ModelConfig.load(settings.config), settings.checkpoint)
             save_merged_weights(settings.config, w0, parts(sel.scale), tmp / "merged.safetensors")
             result["merged_weights"] = str(out / "merged.safetensors")
     (tmp / "sweep.json").write_text(json.dumps(result, indent=1))
@@ -105,13 +107,8 @@ def sweep_markdown(result: dict, sel: Selection) -> str:
 
 def plot_sweep(result: dict, png: Path) -> None:
     """In-domain composite and the OOD metric against s_on, base values as dashed lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     xs = [float(s) for s in result["rows"]]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig, (a, b) = subplots(1, 2, figsize=(8, 3.2))
     for ax, key in ((a, "composite"), (b, result["ood_metric"])):
         ax.plot(xs, [r["means"][key] for r in result["rows"].values()], "o-")
         ax.axhline(result["base"][key], ls="--", color="gray", label="base")
@@ -120,6 +117,23 @@ def plot_sweep(result: dict, png: Path) -> None:
         ax.set_xlabel("s_on")
         ax.set_ylabel(key)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save(fig, png, dpi=110)
+
+
+def run_merge(cfg: MergeRun, out: str | Path) -> dict:
+    """The `merge` stage: the sweep on the resolved prompts; the results and ``run.yaml`` in `out`."""
+    m, st = cfg.merge, cfg.eval.resolved()
+    for p, what in ((m.on, "on-policy adapter"), (m.semi, "semi-on-policy adapter"), (st.checkpoint, "checkpoint")):
+        if p is not None and not Path(p).exists():
+            raise FileNotFoundError(f"{what} {p} does not exist")
+    r = merge_sweep(m.on, m.semi, m.scales, st.prompts, st, out, m.s_semi, m.ood_metric, m.ood_tolerance,
+                    m.full_weights)  # fmt: skip
+    (Path(out) / RUN_FILE).write_text(run_record(cfg.replace(eval=st), "merge"))
+    return r
+
+
+def merge_stage(cfg: MergeRun, out: Path) -> str:
+    """The stage behind the command (what it prints)."""
+    r = run_merge(cfg, out)
+    pick = f"selected adapter: {r['adapter']}" if r["selected_scale"] is not None else "no adapter written"
+    return (Path(out) / "sweep.md").read_text() + "\n" + pick

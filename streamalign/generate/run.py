@@ -7,15 +7,33 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
-from ..collect.policy import Policy
-from ..evaluate.media import save_mp4
+from ..io.media import save_mp4
 from ..models.kv_cache import KVCache
-from ..models.sampler import Segment
+from ..pipeline import Pipeline
+from ..schemas.run import RUN_FILE, RunConfig, Section, arg, run_record
+from ..schemas.sections import PolicySection
 from .scenes import chunk_seconds, parse_scenes, scene_chunks
 
 
-def plan(lines: Sequence[str], policy: Policy, fps: float, frames: int | None) -> list[list[tuple[str, int, bool]]]:
+class GenerateSettings(Section):
+    """Generation"""
+
+    prompts: tuple[str, ...] | None = arg(None, "File with one prompt (or scene line) per line.", lines=True)
+    frames: int | None = Field(None, ge=1, description="Latent frames per video (beyond training: rolling KV).")
+    fps: float = arg(16.0, "Frames per second of the MP4 (and of [Ns] durations).")
+    sink: int | None = arg(None, "Sink frames of the rolling cache (default: config).")
+    window: int | None = arg(None, "Rolling window in frames (default: training length).")
+    seed: int = arg(0, "Video i uses seed + i.")
+
+
+class GenerateRun(RunConfig):
+    model: PolicySection = PolicySection()
+    generate: GenerateSettings = GenerateSettings()
+
+
+def plan(lines: Sequence[str], policy: Pipeline, fps: float, frames: int | None) -> list[list[tuple[str, int, bool]]]:
     """(prompt, chunks, hard_cut) per scene of every line; errors name the line. `frames`: total latent
     frames per video (rounded up to whole chunks) or None (scenes default to the training length)."""
     cfg = policy.config
@@ -33,7 +51,7 @@ def plan(lines: Sequence[str], policy: Policy, fps: float, frames: int | None) -
     return out
 
 
-def rolling_cache(policy: Policy, longest_run: int, sink: int | None, window: int | None) -> KVCache | None:
+def rolling_cache(policy: Pipeline, longest_run: int, sink: int | None, window: int | None) -> KVCache | None:
     """A rolling cache when asked for (window) or when a run of chunks without a hard cut is longer than
     the training length and the config has no window (then: the training length, in frames)."""
     cfg = policy.config
@@ -47,29 +65,24 @@ def rolling_cache(policy: Policy, longest_run: int, sink: int | None, window: in
                              window=win)  # fmt: skip
 
 
-@torch.no_grad()
 def generate_video(
-    policy: Policy,
+    policy: Pipeline,
     scenes: Sequence[tuple[str, int, bool]],
     seed: int,
     sink: int | None = None,
     window: int | None = None,
 ) -> torch.Tensor:
-    """One video [F, 3, H, W] in [0, 1] from a scene plan (prompt, chunks, hard_cut); noise from `seed`,
-    addressed by the global chunk index."""
-    policy.model.eval()
-    segments = [Segment(policy.text.encode([p]), n, cut) for p, n, cut in scenes]
+    """One video [F, 3, H, W] in [0, 1] from a scene plan (prompt, chunks, hard_cut), with a rolling cache
+    when a run of chunks without a hard cut is longer than the training length (or a window is asked)."""
     runs, run = [], 0
     for _, n, cut in scenes:
         run = n if cut else run + n
         runs.append(run)
-    cache = rolling_cache(policy, max(runs), sink, window)
-    sampler = policy.sampler
-    return policy.decode(sampler.generate(segments, sampler.noise_bank([seed]), cache))[0]
+    return policy.generate_scenes(scenes, seed, rolling_cache(policy, max(runs), sink, window))
 
 
 def generate(
-    policy: Policy,
+    policy: Pipeline,
     lines: Sequence[str],
     out: str | Path,
     seed: int = 0,
@@ -93,3 +106,22 @@ def generate(
             print(f"{paths[-1]}: {video.shape[0]} frames, {len(scenes)} scene(s)", flush=True)
     (out / "generate.json").write_text(json.dumps({"policy": policy.policy_id, "fps": fps, "videos": record}, indent=1))
     return paths
+
+
+def run_generate(cfg: GenerateRun, out: str | Path) -> list[Path]:
+    """The `generate` stage: load the policy, write the videos and ``run.yaml`` into `out`."""
+    g, m = cfg.generate, cfg.model
+    if not g.prompts:
+        raise ValueError("give a PROMPT argument or --prompts FILE (one of them)")
+    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, wan_dir=m.wan_dir)
+    paths = generate(policy, g.prompts, out, seed=g.seed, fps=g.fps, frames=g.frames, sink=g.sink, window=g.window)
+    (Path(out) / RUN_FILE).write_text(run_record(cfg, "generate"))
+    return paths
+
+
+def generate_stage(cfg: GenerateRun, prompt: str | None, out: Path) -> str:
+    """The `generate` command: a PROMPT argument or ``--prompts FILE`` (one of them)."""
+    if prompt is not None and cfg.generate.prompts:
+        raise ValueError("give a PROMPT argument or --prompts FILE (one of them)")
+    paths = run_generate(cfg.replace(prompts=(prompt,)) if prompt is not None else cfg, out)
+    return f"wrote {len(paths)} video(s) to {out}"

@@ -1,4 +1,4 @@
-"""Load released generator checkpoints strictly into :class:`CausalWanModel` without unpickling.
+"""Load released generator checkpoints strictly into a registered model family (the Wan DiT) without unpickling.
 
 Supported: Self-Forcing / Causal-Forcing ``.pt`` (``{"generator": sd, "generator_ema": sd}``, keys prefixed
 ``model.``), trainer wrappers (``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.``, ``_orig_mod.``,
@@ -11,34 +11,20 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from ..io.files import atomic_path
 from ..schemas.config import ModelConfig
-from .wan import CausalWanModel
-
-WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-LEADING_PREFIXES = ("module.", "model.", "diffusion_model.", "base_model.model.")
+from . import wan  # noqa: F401  (registers the wan family)
+from .protocol import ChunkModel, get_family, normalize_key
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match the model config."""
-
-
-def normalize_key(key: str) -> str:
-    """Bare Wan key: drop trainer wrapper segments anywhere and known leading prefixes."""
-    for seg in WRAPPER_SEGMENTS:
-        key = key.replace(seg, "")
-    changed = True
-    while changed:
-        changed = False
-        for p in LEADING_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
-    return key
 
 
 def _read_raw(path: Path) -> Mapping:
@@ -64,8 +50,10 @@ def _read_raw(path: Path) -> Mapping:
         ) from None
 
 
-def read_state_dict(path: str | Path, which: str = "auto") -> dict[str, torch.Tensor]:
-    """The generator's bare state dict from a checkpoint file.
+def read_state_dict(
+    path: str | Path, which: str = "auto", key_adapter: Callable[[str], str] = normalize_key
+) -> dict[str, torch.Tensor]:
+    """The generator's bare state dict from a checkpoint file (keys mapped by the family's `key_adapter`).
 
     which: ``generator`` / ``generator_ema`` (Self-Forcing style files) or ``auto`` (``generator_ema`` if
     present, else ``generator``, else ``model``/``state_dict``, else the file itself).
@@ -86,7 +74,7 @@ def read_state_dict(path: str | Path, which: str = "auto") -> dict[str, torch.Te
     for k, v in raw.items():
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"checkpoint {path}: entry '{k}' is not a tensor")
-        sd[normalize_key(k)] = v
+        sd[key_adapter(k)] = v
     return sd
 
 
@@ -96,7 +84,7 @@ def _describe(keys: list[str], limit: int = 6) -> str:
 
 
 def load_state_dict_strict(
-    model: CausalWanModel, sd: Mapping[str, torch.Tensor], source: str, config_name: str
+    model: ChunkModel, sd: Mapping[str, torch.Tensor], source: str, config_name: str
 ) -> None:
     """Copy `sd` into `model`; any missing/unexpected key or shape mismatch is a CheckpointError."""
     own = model.state_dict()
@@ -154,7 +142,7 @@ def lora_pairs(
 
 
 def merge_lora(
-    model: CausalWanModel, lora_sd: Mapping[str, torch.Tensor], alpha: float | None = None, scale: float = 1.0
+    model: ChunkModel, lora_sd: Mapping[str, torch.Tensor], alpha: float | None = None, scale: float = 1.0
 ) -> int:
     """Merge peft-format LoRA weights into the model's Linear layers in place; returns layers merged.
 
@@ -169,23 +157,28 @@ def merge_lora(
     return len(pairs)
 
 
-def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
-    """LoRA weights from a LongLive ``{"generator_lora": ...}`` file, a bare peft state dict, or a peft
-    adapter folder (``adapter_model.safetensors``)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "adapter_model.safetensors"
-    raw = _read_raw(p)
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The one reader of peft adapter folders: (``adapter_config.json``, ``adapter_model.safetensors``)."""
+    folder = Path(folder)
+    cfg_path, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not cfg_path.is_file() or not weights.is_file():
+        raise CheckpointError(f"{folder} is not a peft adapter folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+    return json.loads(cfg_path.read_text()), dict(_read_raw(weights))
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], float | None]:
+    """(LoRA weights, alpha or None) from a peft adapter folder, a LongLive ``{"generator_lora": ...}``
+    file or a bare peft state dict."""
+    if Path(path).is_dir():
+        cfg, weights = read_adapter(path)
+        return weights, float(cfg["lora_alpha"])
+    raw = _read_raw(Path(path))
     if isinstance(raw, Mapping) and "generator_lora" in raw:
         raw = raw["generator_lora"]
-    return dict(raw)
-
-
-def lora_alpha_from_folder(path: str | Path) -> float | None:
-    cfg = Path(path) / "adapter_config.json"
-    if cfg.exists():
-        return float(json.loads(cfg.read_text())["lora_alpha"])
-    return None
+    return dict(raw), None
 
 
 def load_generator(
@@ -196,38 +189,29 @@ def load_generator(
     lora_alpha: float | None = None,
     dtype: torch.dtype | None = torch.float32,
     device: torch.device | str = "cpu",
-) -> CausalWanModel:
+) -> ChunkModel:
     """A generator from a config (name or object), strictly loaded from `checkpoint` if given, with an
     optional LoRA merged in. Without a checkpoint the weights are randomly initialised (Wan init).
     ``dtype=None`` keeps the checkpoint's dtype."""
     cfg = ModelConfig.load(config) if isinstance(config, str) else config
+    family = get_family(cfg.arch.family)
     with torch.device("meta" if checkpoint is not None else "cpu"):
-        model = CausalWanModel(cfg.arch)
+        model = family.build(cfg.arch)
     if checkpoint is not None:
-        sd = read_state_dict(checkpoint, which)
+        sd = read_state_dict(checkpoint, which, family.key_adapter)
         if dtype is None:
             dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
         model = model.to_empty(device="cpu").to(dtype)
         load_state_dict_strict(model, sd, str(checkpoint), cfg.name)
     if lora is not None:
-        alpha = lora_alpha if lora_alpha is not None else lora_alpha_from_folder(lora) if Path(lora).is_dir() else None
-        merge_lora(model, read_lora(lora), alpha=alpha)
+        weights, alpha = read_lora(lora)
+        merge_lora(model, weights, alpha=lora_alpha if lora_alpha is not None else alpha)
     return model.to(device=device, dtype=dtype).eval()
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """Write a state dict as .safetensors atomically (temp file, fsync, rename)."""
-    import os
-
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from torch import nn
 from ..schemas.config import ArchConfig
 from .attention import attend
 from .kv_cache import CachePlan, KVCache
+from .protocol import ModelFamily, register_family
 
 ROPE_THETA = 10000.0
 
@@ -234,6 +235,10 @@ class Head(nn.Module):
 # model
 # ---------------------------------------------------------------------------------------------------
 class CausalWanModel(nn.Module):
+    """The Wan2.1 causal DiT (a :class:`~streamalign.models.protocol.ChunkModel`, family ``wan``)."""
+
+    lora_targets = ("q", "k", "v", "o", "ffn.0", "ffn.2")  # attention projections and the FFN of every block
+
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
         self.arch = arch
@@ -333,3 +338,6 @@ class CausalWanModel(nn.Module):
         u = out.reshape(out.shape[0], nf, gh, gw, pf, ph, pw, c)
         u = torch.einsum("bfhwpqrc->bfpchqwr", u)
         return u.reshape(out.shape[0], nf * pf, c, gh * ph, gw * pw)
+
+
+register_family(ModelFamily("wan", CausalWanModel))

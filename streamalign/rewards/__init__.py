@@ -1,9 +1,11 @@
-"""Rewards: registry, composite weighting, the shapes world's rewards and OOD metrics, external models.
+"""Rewards: registry, composite weighting, generic pixel rewards, external models. A world's own rewards
+register themselves and are found through the ``streamalign.rewards`` entry points.
 
-``Reward("colour_match")(videos, prompts) -> float32 [B]`` with videos [B, F, 3, H, W] in [0, 1];
-``CompositeReward.parse(SHAPES_REWARDS, SHAPES_METRICS)(videos, prompts) -> {name: [B], "composite": [B]}``.
+``Reward("sharpness")(videos, prompts) -> float32 [B]`` with videos [B, F, 3, H, W] in [0, 1];
+``CompositeReward.parse("sharpness=1,smoothness=0.5")(videos, prompts) -> {name: [B], "composite": [B]}``.
 """
 
+from . import pixel  # noqa: F401  (registers sharpness, smoothness)
 from .external import load_external, register_external
 from .registry import (
     CompositeReward,
@@ -17,11 +19,8 @@ from .registry import (
     register,
     to_grayscale,
 )
-from .shapes import SHAPES_METRICS, SHAPES_REWARDS
 
 __all__ = [
-    "SHAPES_METRICS",
-    "SHAPES_REWARDS",
     "CompositeReward",
     "Reward",
     "RewardError",

@@ -16,10 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.shapes.world import ShapePrompt, parse_prompt
-
-GRAMMAR = "a {colour} {shape} moving {direction} on a {background} background"
-
 
 class RewardError(ValueError):
     """A reward cannot score its input (unparseable prompt, wrong video format, unknown name)."""
@@ -31,13 +27,30 @@ class RewardSpec:
     fn: Callable[[torch.Tensor, list], torch.Tensor]
     description: str
     ood: bool = False  # out-of-domain metric: reported, not optimised by default
-    grammar: bool = False  # needs shapes-grammar prompts; receives them parsed (ShapePrompt)
+    # prompts -> what fn receives (e.g. a world's grammar parsed), None on a prompt it cannot read; None: text
+    parse_prompt: Callable[[str], object | None] | None = None
+    prompt_format: str = ""  # the prompt form parse_prompt reads, for the error message
     colour: bool = True  # needs RGB input (refuses the grayscale option)
     grayscale: bool = False  # default of the grayscale option
     frame_level: bool = True  # fn returns [B, F'] (aggregated here) instead of [B]
 
 
 _REGISTRY: dict[str, RewardSpec] = {}
+_DISCOVERED = False
+ENTRY_POINT_GROUP = "streamalign.rewards"  # modules that register rewards when imported (worlds, plug-ins)
+
+
+def _discover() -> None:
+    """Import every module registered under the ``streamalign.rewards`` entry-point group once (the
+    built-in worlds declare theirs in pyproject.toml; an installed plug-in package can add its own)."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()
 
 
 def register(spec: RewardSpec, overwrite: bool = False) -> RewardSpec:
@@ -51,12 +64,15 @@ def register(spec: RewardSpec, overwrite: bool = False) -> RewardSpec:
 
 def get_spec(name: str) -> RewardSpec:
     if name not in _REGISTRY:
+        _discover()
+    if name not in _REGISTRY:
         raise RewardError(f"unknown reward '{name}': registered rewards are {', '.join(available())}")
     return _REGISTRY[name]
 
 
 def available(ood: bool | None = None) -> list[str]:
     """Registered names (only in-domain rewards with ood=False, only OOD metrics with ood=True)."""
+    _discover()
     return [n for n, s in _REGISTRY.items() if ood is None or s.ood == ood]
 
 
@@ -122,7 +138,7 @@ class Reward:
             videos = to_grayscale(videos)
         elif spec.colour and videos.shape[2] != 3:
             raise RewardError(f"reward '{self.name}' needs RGB videos, got {videos.shape[2]} channel(s)")
-        return videos.float(), parse_all(prompts, self.name) if spec.grammar else list(prompts)
+        return videos.float(), parse_all(prompts, spec) if spec.parse_prompt else list(prompts)
 
     def frame_scores(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Per-frame (or per-pair) scores [B, F'] of a frame-level reward."""
@@ -143,12 +159,12 @@ class Reward:
         return s.topk(k, dim=1).values.mean(1)
 
 
-def parse_all(prompts: Sequence[str], who: str) -> list[ShapePrompt]:
+def parse_all(prompts: Sequence[str], spec: RewardSpec) -> list:
     out = []
     for text in prompts:
-        parsed = parse_prompt(text) if isinstance(text, str) else None
+        parsed = spec.parse_prompt(text) if isinstance(text, str) else None
         if parsed is None:
-            raise RewardError(f"reward '{who}' cannot parse prompt {text!r}: it expects '{GRAMMAR}'")
+            raise RewardError(f"reward '{spec.name}' cannot parse prompt {text!r}: it expects '{spec.prompt_format}'")
         out.append(parsed)
     return out
 
@@ -219,10 +235,13 @@ class CompositeReward:
         return out
 
 
-def composite(values: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
-    """Weighted sum of stored per-reward values (what offline re-weighting uses): float32 [B]."""
+def composite(
+    values: Mapping[str, torch.Tensor], weights: Mapping[str, float], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The one weighted sum of per-reward values ``sum_k w_k values[k]`` (scoring, training advantages,
+    the manifest, offline re-weighting), accumulated in `dtype` in the weights' order: [B]."""
     missing = [k for k in weights if k not in values]
     if missing:
         raise RewardError(f"no values for reward(s) {missing}; have {sorted(values)}")
-    total = sum(float(w) * values[k].float() for k, w in weights.items())
-    return torch.as_tensor(total, dtype=torch.float32)
+    total = sum(float(w) * torch.as_tensor(values[k]).to(dtype) for k, w in weights.items())
+    return torch.as_tensor(total, dtype=dtype)

@@ -38,6 +38,7 @@ class ArchConfig(_Strict):
     eps: float = 1e-6
     qk_norm: bool = True
     cross_attn_norm: bool = True
+    family: str = "wan"  # the model family (models.protocol registry): which class and key adapter load it
     # What the head outputs: the flow v = noise - x0 (every Wan2.1 checkpoint) or x0 itself (the small
     # shapes generator: a tiny model cannot carry the input noise through to a v output).
     prediction: Literal["flow", "x0"] = "flow"
@@ -99,12 +100,36 @@ class CacheConfig(_Strict):
     window: int | None = Field(None, gt=0)
 
 
+class TextConfig(_Strict):
+    """The text encoder: ``umt5`` (Wan2.1's UMT5-XXL from a local Diffusers-format Wan folder) or ``minilm``
+    (all-MiniLM-L6-v2 shipped in a PyPI package, the built-in world's). ``path``: the local folder."""
+
+    kind: Literal["umt5", "minilm"] = "umt5"
+    path: str | None = None
+
+
+class CodecConfig(_Strict):
+    """The latent codec: ``wan-vae`` (Wan2.1's VAE from a local Diffusers-format Wan folder) or
+    ``pixel-unshuffle`` (exact and parameter-free; its factor follows from the latent channels)."""
+
+    kind: Literal["wan-vae", "pixel-unshuffle"] = "wan-vae"
+    path: str | None = None
+
+
 class ModelConfig(_Strict):
+    """Everything one pipeline is assembled from: the generator (arch + default weights), its sampler and
+    latent geometry, the KV-cache policy, the text encoder, the codec, and (built-in worlds) the world
+    whose prompts and rewards are the defaults."""
+
     name: str
     arch: ArchConfig
     sampler: SamplerConfig = SamplerConfig()
     latent: LatentConfig
     cache: CacheConfig = CacheConfig()
+    text: TextConfig = TextConfig()
+    codec: CodecConfig = CodecConfig()
+    checkpoint: str | None = None  # default generator weights; relative to the YAML file it is written in
+    world: str | None = None  # a built-in world (``shapes``): default prompt sets and rewards
 
     @model_validator(mode="after")
     def _geometry(self) -> ModelConfig:
@@ -137,7 +162,8 @@ class ModelConfig(_Strict):
     @property
     def arch_id(self) -> str:
         """Stable hash of the architecture (what a checkpoint or buffer must agree with)."""
-        blob = json.dumps(self.arch.model_dump(mode="json"), sort_keys=True).encode()
+        arch = self.arch.model_dump(mode="json", exclude={"family"} if self.arch.family == "wan" else set())
+        blob = json.dumps(arch, sort_keys=True).encode()  # Wan ids predate the family field and stay valid
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @classmethod
@@ -153,6 +179,8 @@ class ModelConfig(_Strict):
             data = yaml.safe_load(f)
         if not isinstance(data, dict):
             raise ValueError(f"model config {path} is not a YAML mapping")
+        if data.get("checkpoint") is not None:  # relative to the file, so presets can name shipped weights
+            data["checkpoint"] = str((path.parent / data["checkpoint"]).resolve())
         return cls.model_validate(data)
 
     def with_overrides(self, **sections: dict) -> ModelConfig:

@@ -1,110 +1,159 @@
-"""Training configuration: one validated object, saved next to the run (``train.yaml``)."""
+"""Training run configuration: nested sections (model, LoRA, objective, data, rollouts, optimiser,
+schedule, logging, hardware), saved next to the run as ``run.yaml`` and accepted back by ``--run-config``.
+
+Flat keywords are routed to their section: ``TrainConfig(mode="semi", buffer="buf", lr=1e-4)``.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import typing
+from typing import Annotated, Literal
 
-from ..rewards.shapes import SHAPES_METRICS, SHAPES_REWARDS
-from .lora import LoraSettings
-from .objectives.copo import CoPO
-from .objectives.nft import NFT
+from pydantic import Field, model_validator
+
+from ..adapters.lora import LoraSettings
+from ..buffer.formats import FormatName
+from ..schemas.config import ModelConfig
+from ..schemas.run import RunConfig, Section, arg
+from ..schemas.sections import ModelSection, PromptSection, RewardSection
+from .objectives import OBJECTIVES
+from .objectives.copo import CoPOConfig
 from .replay import CONTEXT_MODES
 
-OBJECTIVES = ("copo", "nft", "sde-grpo")
+ObjectiveSpec = Annotated[typing.Union[tuple(OBJECTIVES.values())], Field(discriminator="name")]  # noqa: UP007
 
 
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class LoraSection(Section):
+    """LoRA"""
 
-    mode: str = "semi"  # semi: stream a buffer, old = the stored reference predictions; on: fresh rollouts
-    objective: str = "copo"
-    # policy
-    model: str = "shapes"  # config preset or YAML path
-    checkpoint: str | None = None  # base generator weights (shapes: the shipped ones)
-    wan_dir: str | None = None
-    init_adapter: str | None = None  # continue training this peft adapter
-    lora_rank: int = 64
-    lora_alpha: float = 128.0
-    # optimisation
-    steps: int = Field(100, gt=0)  # optimizer updates (semi) / iterations (on)
-    batch_groups: int = Field(8, gt=0)  # fork groups per update, over all ranks
-    accum: int = Field(1, gt=0)  # batches accumulated into one update
-    lr: float = 1e-5
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    warmup: int = Field(0, ge=0)
-    seed: int = 0
-    # objective
-    anchors: int = 4
-    pivot_steps: int | None = None  # denoising steps of the pivot used per group (None: all)
-    tau: float | None = None  # None: adaptive (median off-anchor distance of the old policy x tau_scale)
-    tau_scale: float = 1.0
-    clip_eps: float = 1e-4
-    clip: bool = True  # False: the off-policy ablation
-    context: str = "recompute"  # recompute | stored prefix KV
-    # NFT (--objective nft)
-    nft_beta: float = 0.1
-    kl_w: float = 1e-4
-    kappa: float = 0.1  # initial selective-KL fraction, adapted within [0.02, 0.2]
-    kl_target: float = 1e-3
-    ref_reset_kl: float = 1.0
-    old_decay_rate: float = 1e-3
-    old_decay_max: float = 0.5
-    primary_reward: str | None = None
-    # semi-on-policy data
-    buffer: str | None = None
-    shuffle: int = 64
-    filter: str | None = None
-    reward_weights: dict[str, float] | None = None
-    # on-policy rollouts
-    prompts: tuple[str, ...] = ()
-    group_size: int = 12
-    strength: float = 0.5
-    updates_per_iter: int = Field(2, gt=0)
-    rewards: str = SHAPES_REWARDS
-    metrics: str = SHAPES_METRICS
-    format: str = "webdataset"
-    clip_chunks: int | None = None  # on-policy streaming long tuning: score the clip of this many chunks
-    # bookkeeping
-    save_every: int = Field(50, gt=0)
-    eval_every: int = Field(0, ge=0)  # 0: no evaluation during training
-    eval_prompts: tuple[str, ...] = ()
-    eval_seed: int = 1_000_000
-    threads: int | None = None
-    wandb: bool = False
-    # hardware: auto = cuda:LOCAL_RANK when CUDA is available, else cpu; autocast auto = bf16 on CUDA, off on
-    # CPU (bf16 forces CPU autocast too, for checks). LoRA weights and the optimizer stay fp32 either way
-    device: str = "auto"
-    autocast: str = "auto"
+    lora_rank: int = arg(64, "LoRA rank.")
+    lora_alpha: float = arg(128.0, "LoRA alpha.")
+    init_adapter: str | None = arg(None, "Continue training this peft adapter.")
+
+
+class SemiData(Section):
+    """Data (semi-on-policy)"""
+
+    buffer: str | None = arg(None, "Replay buffer folder (semi).")
+    shuffle: int = arg(64, "Shuffle window of the buffer reader, in groups.")
+    filter: str | None = arg(None, "SQL over `manifest` returning entry_id (semi).")
+    reward_weights: dict[str, float] | None = arg(None, "Re-weight rewards at read time: a=1,b=0.5.")
+    context: Literal[CONTEXT_MODES] = arg("recompute", "Prefix KV: recompute | stored.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weights(cls, data: typing.Any) -> typing.Any:
+        if isinstance(data, dict) and isinstance(data.get("reward_weights"), str):
+            data = {**data, "reward_weights": parse_weights(data["reward_weights"])}
+        return data
+
+
+class Rollouts(PromptSection, RewardSection):
+    """Rollouts (on-policy)"""
+
+    group_size: int = arg(12, "Branches per fresh group (on).", short="-G")
+    strength: float = arg(0.5, "Pivot noise perturbation strength (on).", flag="--sigma")
+    updates_per_iter: int = Field(2, gt=0, description="Updates per fresh batch (on).")
+    format: FormatName = arg("webdataset", "Shard format of the on-policy rollouts buffer.")
+    clip_chunks: int | None = arg(None, "Streaming (on): score the clip from the pivot.")
+
+
+class Optim(Section):
+    """Optimiser"""
+
+    lr: float = arg(1e-5, "AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    batch_groups: int = Field(8, gt=0, description="Fork groups per update, over all ranks.")
+    accum: int = Field(1, gt=0, description="Batches accumulated per update.")
+
+
+class Schedule(Section):
+    """Schedule"""
+
+    steps: int = Field(100, gt=0, description="Updates (semi) or iterations (on).")
+    warmup: int = Field(0, ge=0, description="Linear warm-up updates.")
+
+
+class Logging(Section):
+    """Logging"""
+
+    save_every: int = Field(50, gt=0, description="Checkpoint every N updates (semi) / iterations (on).")
+    eval_every: int = Field(0, ge=0, description="Score fresh videos every N updates (0: never).")
+    eval_count: int = arg(16, "Training prompts scored at each evaluation.", flag="--eval-prompts")
+    eval_prompts: tuple[str, ...] = arg((), "The prompts scored (default: --eval-prompts of the training prompts).",
+                                        flag="--eval-prompt-file", lines=True)  # fmt: skip
+    eval_seed: int = arg(1_000_000, "First seed of the evaluation videos.")
+    wandb: bool = arg(False, "Also log to Weights & Biases (WANDB_PROJECT / WANDB_MODE honoured).")
+
+
+class Hardware(Section):
+    """Hardware"""
+
+    # auto = cuda:LOCAL_RANK when CUDA is available, else cpu; autocast auto = bf16 on CUDA, off on CPU
+    # (bf16 forces CPU autocast too, for checks). LoRA weights and the optimizer stay fp32 either way.
+    device: str = arg("auto", "auto (cuda:LOCAL_RANK if available) | cpu | cuda[:N].")
+    autocast: Literal["auto", "bf16", "off"] = arg("auto", "auto (bf16 on CUDA) | bf16 | off.")
+    threads: int | None = arg(None, "torch CPU threads.")
+
+
+class TrainConfig(RunConfig):
+    mode: Literal["semi", "on"] = arg("semi", "semi: stream --buffer; on: fresh rollouts + K updates each.")
+    seed: int = arg(0, "Seed of the LoRA init, data order and anchors.")
+    model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
+    objective: ObjectiveSpec = arg(CoPOConfig(), "Objective: " + " | ".join(OBJECTIVES) + ".")
+    data: SemiData = SemiData()
+    rollouts: Rollouts = Rollouts()
+    optim: Optim = Optim()
+    schedule: Schedule = Schedule()
+    logging: Logging = Logging()
+    hardware: Hardware = Hardware()
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.mode not in ("semi", "on"):
-            raise ValueError(f"--mode must be 'semi' or 'on', got {self.mode!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if not 0 < self.lr <= 1:
-            raise ValueError(f"--lr {self.lr} is out of range (0, 1]")
-        if self.mode == "semi" and self.buffer is None:
+        if not 0 < self.optim.lr <= 1:
+            raise ValueError(f"--lr {self.optim.lr} is out of range (0, 1]")
+        if self.mode == "semi" and self.data.buffer is None:
             raise ValueError("--mode semi needs --buffer DIR (a buffer written by `streamalign collect`)")
-        if self.mode == "on" and not self.prompts:
-            raise ValueError("--mode on needs prompts (--prompts FILE, or the shapes world's held-in set)")
-        if self.mode == "on" and not 2 <= self.group_size <= 256:
-            raise ValueError(f"--group-size {self.group_size} must lie in 2..256 (advantages need >= 2 branches)")
-        if self.autocast not in ("auto", "bf16", "off"):
-            raise ValueError(f"--autocast must be auto, bf16 or off, got {self.autocast!r}")
-        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
-            raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.context not in CONTEXT_MODES:
-            raise ValueError(f"--context must be one of {', '.join(CONTEXT_MODES)}, got {self.context!r}")
-        LoraSettings(self.lora_rank, self.lora_alpha).check()
-        CoPO(self.anchors, self.pivot_steps, self.tau, self.tau_scale, self.clip_eps, self.clip).check()
-        self.nft().check()
+        if self.mode == "on" and not 2 <= self.rollouts.group_size <= 256:
+            raise ValueError(f"--group-size {self.rollouts.group_size} must lie in 2..256 (advantages need >= 2)")
+        if self.hardware.device != "auto" and not self.hardware.device.startswith(("cpu", "cuda")):
+            raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.hardware.device!r}")
+        LoraSettings(self.lora.lora_rank, self.lora.lora_alpha).check()
         return self
 
-    def nft(self) -> NFT:
-        return NFT(
-            beta=self.nft_beta, kl_w=self.kl_w, kappa=self.kappa, kl_target=self.kl_target,
-            ref_reset_kl=self.ref_reset_kl, decay_rate=self.old_decay_rate, decay_max=self.old_decay_max,
-            primary=self.primary_reward,
-        )  # fmt: skip
+    def resolve(self) -> TrainConfig:
+        """Fill what the model's world provides: on-policy prompts and rewards, evaluation prompts."""
+        from ..worlds import default_prompts, default_rewards
+
+        model = ModelConfig.load(self.model.config)
+        changes: dict = {}
+        needs_prompts = self.mode == "on" or (self.logging.eval_every and not self.logging.eval_prompts)
+        texts = default_prompts(model, self.rollouts.prompts, self.rollouts.prompt_set) if needs_prompts else None
+        if self.mode == "on":
+            rewards, metrics = default_rewards(model, self.rollouts.rewards, self.rollouts.metrics)
+            changes.update(prompts=texts, rewards=rewards, metrics=metrics)
+        if self.logging.eval_every and not self.logging.eval_prompts:
+            n = self.logging.eval_count
+            changes["eval_prompts"] = texts[:: max(1, len(texts) // n)][:n]
+        if self.logging.eval_every and self.mode == "semi":
+            rewards, metrics = default_rewards(model, self.rollouts.rewards, self.rollouts.metrics)
+            changes.update(rewards=rewards, metrics=metrics)
+        return self.replace(**changes) if changes else self
+
+
+def parse_weights(spec: str | None) -> dict[str, float] | None:
+    """'a=1,b=0.5' -> {'a': 1.0, 'b': 0.5}."""
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(","):
+        name, sep, w = part.partition("=")
+        try:
+            out[name.strip()] = float(w)
+        except ValueError:
+            raise ValueError(f"--reward-weights: {part!r} is not name=number") from None
+        if not sep or not name.strip():
+            raise ValueError(f"--reward-weights: {part!r} is not name=number")
+    return out

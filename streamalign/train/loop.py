@@ -18,43 +18,29 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
-from tqdm import tqdm
 
+from ..adapters.lora import LoraSettings, attach_lora, load_lora, lora_parameters, save_lora
 from ..buffer.manifest import read_manifest
 from ..buffer.reader import BufferReader
 from ..collect.collector import CollectConfig, collect
 from ..collect.distributed import rank_and_world
-from ..collect.policy import Policy
-from ..evaluate.scoring import score_policy
+from ..extras import require
+from ..io.progress import progress_bar
 from ..models.noise import derive_seed
 from ..models.sampler import Sampler
+from ..optim import lr_at
+from ..pipeline import Pipeline
 from ..rewards import CompositeReward
 from ..schemas.buffer import Entry, SchemaError
+from ..schemas.run import RUN_FILE, differences, run_record
+from ..scoring import score_policy
 from .config import TrainConfig
-from .lora import LoraSettings, attach_lora, load_lora, lora_parameters, save_lora
 from .metrics import MetricsLog, plot_metrics
-from .objectives.base import GroupInput, Objective
-from .objectives.copo import CoPO
-from .objectives.sde_grpo import SDEGRPO
+from .objectives import GroupInput
 from .replay import PivotReplay
 from .state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("streamalign.train")
-
-
-def make_objective(cfg: TrainConfig) -> Objective:
-    """The configured objective (its settings are checked by TrainConfig)."""
-    if cfg.objective == "nft":
-        return cfg.nft()
-    if cfg.objective == "sde-grpo":
-        return SDEGRPO(cfg.anchors, cfg.clip_eps, cfg.clip)
-    return CoPO(cfg.anchors, cfg.pivot_steps, cfg.tau, cfg.tau_scale, cfg.clip_eps, cfg.clip)
-
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up over `warmup` updates, then constant."""
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -79,29 +65,35 @@ class TrainSummary:
     adapter: Path
     final: dict
 
+    def line(self, out: str | Path) -> str:
+        f = self.final
+        ev = f" eval composite {f['eval_composite']:.4f};" if "eval_composite" in f else ""
+        return (f"{out}: {self.steps} updates in {self.seconds:.1f} s; last loss {f.get('loss', float('nan')):.4g};"
+                f"{ev} adapter {self.adapter}")
+
 
 class Trainer:
-    """Policy with a trainable LoRA, its optimizer and the shared update step."""
+    """Pipeline with a trainable LoRA, its optimizer and the shared update step."""
 
     def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.device = resolve_device(cfg.device)
-        self.bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and self.device.type == "cuda")
-        base = Policy.load(cfg.model, cfg.checkpoint, wan_dir=cfg.wan_dir, device=str(self.device))
-        if cfg.init_adapter is not None:
-            self.peft = load_lora(base.model, cfg.init_adapter, trainable=True)
+        hw, m = cfg.hardware, cfg.model
+        self.device = resolve_device(hw.device)
+        self.bf16 = hw.autocast == "bf16" or (hw.autocast == "auto" and self.device.type == "cuda")
+        base = Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, device=str(self.device))
+        if cfg.lora.init_adapter is not None:
+            self.peft = load_lora(base.model, cfg.lora.init_adapter, trainable=True)
         else:
-            self.peft = attach_lora(base.model, LoraSettings(cfg.lora_rank, cfg.lora_alpha), seed=cfg.seed)
+            self.peft = attach_lora(base.model, LoraSettings(cfg.lora.lora_rank, cfg.lora.lora_alpha), seed=cfg.seed)
         self.model = self.peft.base_model.model  # the CausalWanModel, LoRA layers injected
         self.model.train()
-        self.policy = Policy(base.config, self.model, base.text, base.codec, base.policy_id)
+        self.policy = Pipeline(base.config, self.model, base.text, base.codec, base.policy_id)
         self.sampler = Sampler(self.model, base.config)
-        self.replay = PivotReplay(self.sampler, cfg.context)
-        self.objective = make_objective(cfg)
+        self.replay = PivotReplay(self.sampler, cfg.data.context)
+        self.objective = cfg.objective.build()
         self.params = [p for _, p in lora_parameters(self.peft)]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if hasattr(self.objective, "bind"):  # objectives with policy copies (NFT: old and reference)
-            self.objective.bind(self.params)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.objective.bind(self.params)  # objectives with policy copies (NFT: old and reference) keep them
         self._text: dict[str, torch.Tensor] = {}
 
     def text(self, prompt: str) -> torch.Tensor:
@@ -130,7 +122,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 out = self.objective.group_loss(GroupInput(e, self.text(e.prompt), g), self.replay)
             if out.loss.requires_grad:
-                (out.loss / (global_batch * self.cfg.accum)).backward()
+                (out.loss / (global_batch * self.cfg.optim.accum)).backward()
             for k, v in {"loss": float(out.loss.detach()), **out.stats}.items():
                 acc = sums.setdefault(k, [0.0, 0.0])
                 acc[0] += v
@@ -152,19 +144,20 @@ class Trainer:
                 for p in self.params:
                     p.grad = flat[i : i + p.numel()].view_as(p).clone()
                     i += p.numel()
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+            o = self.cfg.optim
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip))
+            lr = lr_at(step, o.lr, self.cfg.schedule.warmup)
             for group in self.opt.param_groups:
-                group["lr"] = lr_at(self.cfg, step)
+                group["lr"] = lr
             self.opt.step()
-            stats["lr"] = lr_at(self.cfg, step)
-            if hasattr(self.objective, "after_step"):  # same global stats on every rank: same updates
-                self.objective.after_step(step + 1, stats)
+            stats["lr"] = lr
+            self.objective.after_step(step + 1, stats)  # same global stats on every rank: same updates
         return stats
 
     @torch.no_grad()
     def evaluate(self, prompts: tuple[str, ...], seed: int) -> dict[str, float]:
         """Mean composite and per-reward values of one fresh video per prompt (seeds seed, seed+1, ...)."""
-        reward = CompositeReward.parse(self.cfg.rewards, self.cfg.metrics)
+        reward = CompositeReward.parse(self.cfg.rollouts.rewards, self.cfg.rollouts.metrics)
         scores = score_policy(self.policy, prompts, [seed + i for i in range(len(prompts))], reward)
         return {f"eval_{k}": float(v.mean()) for k, v in scores.items()}
 
@@ -180,56 +173,63 @@ def _entries(reader: BufferReader, epoch: int, skip: int):
 
 
 def _check_buffer(cfg: TrainConfig, trainer: Trainer) -> None:
-    table = read_manifest(cfg.buffer)
+    buffer = cfg.data.buffer
+    table = read_manifest(buffer)
     if table.num_rows == 0:
-        raise ValueError(f"buffer {cfg.buffer} is empty: collect some groups first")
+        raise ValueError(f"buffer {buffer} is empty: collect some groups first")
     names = set(table.column("config_name").to_pylist())
     if names != {trainer.policy.config.name}:
         raise ValueError(
-            f"buffer {cfg.buffer} holds groups of model config {sorted(names)}, this run uses "
+            f"buffer {buffer} holds groups of model config {sorted(names)}, this run uses "
             f"{trainer.policy.config.name!r}: pass the buffer's --config"
         )
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> TrainSummary:
-    """Run the configured loop into `out` (adapter/, checkpoints/, metrics.jsonl, curves.png, train.yaml)."""
+    """Run the configured loop into `out` (adapter/, checkpoints/, metrics.jsonl, curves.png, run.yaml)."""
     out = Path(out)
+    cfg = cfg.resolve()
+    optim, sched, log_cfg, ro = cfg.optim, cfg.schedule, cfg.logging, cfg.rollouts
     with rank_and_world() as (rank, world):
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        if cfg.batch_groups % world:
-            raise ValueError(f"--batch-groups {cfg.batch_groups} is not divisible by the {world} ranks")
+        if cfg.hardware.threads:
+            torch.set_num_threads(cfg.hardware.threads)
+        if optim.batch_groups % world:
+            raise ValueError(f"--batch-groups {optim.batch_groups} is not divisible by the {world} ranks")
+        if cfg.logging.wandb:
+            require("wandb", "wandb", "--wandb")  # before any model loads
         trainer = Trainer(cfg, rank, world)
         if cfg.mode == "semi":
             _check_buffer(cfg, trainer)
-        saved = out / "train.yaml"
+        saved = out / RUN_FILE
         if resume and saved.exists():
-            old = TrainConfig(**yaml.safe_load(saved.read_text()))
-            if old.model_dump(exclude={"steps"}) != cfg.model_dump(exclude={"steps"}):
-                raise ValueError(f"--resume: {saved} was written by a different configuration; use a new --out")
+            changed = differences(TrainConfig.build(saved), cfg, ignore={"schedule.steps"})
+            if changed:
+                raise ValueError(f"--resume: {saved} was written by another configuration ({', '.join(changed)} "
+                                 "differ); use a new --out")  # fmt: skip
         state = Progress()
         ckpt = latest_checkpoint(out) if resume else None
         if ckpt is not None:
             state = load_checkpoint(ckpt, trainer.peft, trainer.opt, trainer.objective)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            saved.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            saved.write_text(run_record(cfg, "train"))
         logger = (
-            MetricsLog(out, state.step if resume else None, cfg.model_dump(mode="json"), cfg.wandb)
+            MetricsLog(out, state.step if resume else None, cfg.model_dump(mode="json"), log_cfg.wandb)
             if rank == 0
             else None
         )
         t0 = time.time()
-        total = cfg.steps if cfg.mode == "semi" else cfg.steps * cfg.updates_per_iter
-        bar = tqdm(total=total, initial=state.step, desc=f"train[{cfg.mode}]", disable=not progress or rank > 0)
+        total = sched.steps if cfg.mode == "semi" else sched.steps * ro.updates_per_iter
+        bar = progress_bar(total=total, initial=state.step, desc=f"train[{cfg.mode}]", show=progress and rank == 0)
         last: dict = {}
 
         def finish_step(stats: dict, t_step: float) -> None:
             nonlocal last
             state.step += 1
             row = {"step": state.step, **stats, "step_time_s": round(time.time() - t_step, 4)}
-            if cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == total) and cfg.eval_prompts:
-                row.update(trainer.evaluate(cfg.eval_prompts, cfg.eval_seed))
+            every = log_cfg.eval_every
+            if every and (state.step % every == 0 or state.step == total) and log_cfg.eval_prompts:
+                row.update(trainer.evaluate(log_cfg.eval_prompts, log_cfg.eval_seed))
             if logger is not None:
                 logger.log(row)
             last = row
@@ -241,38 +241,39 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             )
 
         if cfg.mode == "semi":
-            reader = BufferReader(cfg.buffer, rank, world, cfg.shuffle, cfg.seed, cfg.filter, cfg.reward_weights)
-            per_rank = cfg.batch_groups // world
+            d = cfg.data
+            reader = BufferReader(d.buffer, rank, world, d.shuffle, cfg.seed, d.filter, d.reward_weights)
+            per_rank = optim.batch_groups // world
             if len(reader) == 0:
-                raise ValueError(f"buffer {cfg.buffer} gives rank {rank} of {world} no entries: use fewer ranks")
+                raise ValueError(f"buffer {d.buffer} gives rank {rank} of {world} no entries: use fewer ranks")
             stream = _entries(reader, state.epoch, state.consumed)
-            while state.step < cfg.steps:
+            while state.step < sched.steps:
                 t_step = time.time()
                 stats: dict = {}
-                for micro in range(cfg.accum):
+                for micro in range(optim.accum):
                     groups = []
                     for _ in range(per_rank):
                         e, state.epoch, state.consumed = next(stream)
                         groups.append(e)
                     stats = trainer.update(
-                        state.step, groups, cfg.batch_groups, zero=micro == 0, apply=micro + 1 == cfg.accum
+                        state.step, groups, optim.batch_groups, zero=micro == 0, apply=micro + 1 == optim.accum
                     )
                 finish_step(stats, t_step)
-                if state.step % cfg.save_every == 0 or state.step == cfg.steps:
+                if state.step % log_cfg.save_every == 0 or state.step == sched.steps:
                     _save(out, trainer, state, rank, world)
         else:
             rollouts = out / "rollouts"
-            while state.iteration < cfg.steps:
+            while state.iteration < sched.steps:
                 it = state.iteration
                 ccfg = CollectConfig(
-                    prompts=tuple(cfg.prompts), groups=cfg.batch_groups, group_size=cfg.group_size,
-                    strength=cfg.strength, seed=derive_seed(cfg.seed, 7, it), format=cfg.format,
-                    entries_per_shard=max(1, cfg.batch_groups // world), rewards=cfg.rewards, metrics=cfg.metrics,
-                    fork="solver" if cfg.objective == "sde-grpo" else "initial", clip_chunks=cfg.clip_chunks,
+                    prompts=ro.prompts, groups=optim.batch_groups, group_size=ro.group_size, strength=ro.strength,
+                    seed=derive_seed(cfg.seed, 7, it), format=ro.format, rewards=ro.rewards, metrics=ro.metrics,
+                    entries_per_shard=max(1, optim.batch_groups // world), fork=trainer.objective.fork,
+                    clip_chunks=ro.clip_chunks,
                 )  # fmt: skip
                 trainer.model.eval()
                 version = f"{trainer.policy.policy_id}+it{it:05d}"
-                rollout_policy = Policy(
+                rollout_policy = Pipeline(
                     trainer.policy.config, trainer.model, trainer.policy.text, trainer.policy.codec, version
                 )
                 collect(rollout_policy, ccfg, rollouts, rank, world, progress=False, shard_prefix=f"it{it:05d}-")
@@ -282,11 +283,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                 where = f"SELECT entry_id FROM manifest WHERE run_id = '{ccfg.run_id}'"
                 reader = BufferReader(rollouts, rank, world, shuffle=1, seed=cfg.seed, where=where)
                 groups = list(reader)
-                for _ in range(cfg.updates_per_iter):
+                for _ in range(ro.updates_per_iter):
                     t_step = time.time()
-                    finish_step(trainer.update(state.step, groups, cfg.batch_groups), t_step)
+                    finish_step(trainer.update(state.step, groups, optim.batch_groups), t_step)
                 state.iteration += 1
-                if state.iteration % cfg.save_every == 0 or state.iteration == cfg.steps:
+                if state.iteration % log_cfg.save_every == 0 or state.iteration == sched.steps:
                     _save(out, trainer, state, rank, world)
         bar.close()
         if rank == 0:
@@ -295,6 +296,15 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             plot_metrics(out / "metrics.jsonl", out / "curves.png")
             (out / "summary.json").write_text(json.dumps({"steps": state.step, "final": last}, indent=1))
         return TrainSummary(state.step, time.time() - t0, out / "adapter", last)
+
+
+def train_stage(cfg: TrainConfig, out: str | Path, resume: bool = False) -> str:
+    """The `train` command: check the input paths, run, and return the summary line."""
+    for path, what in ((cfg.data.buffer, "buffer"), (cfg.lora.init_adapter, "adapter"), (cfg.model.checkpoint,
+                                                                                        "checkpoint")):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{what} {path} does not exist")
+    return train(cfg, out, resume=resume).line(out)
 
 
 def _save(out: Path, trainer: Trainer, state: Progress, rank: int, world: int) -> None:

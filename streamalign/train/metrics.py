@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
+
+from ..extras import available, require
+from ..io.plots import save, subplots
 
 
 class MetricsLog:
@@ -19,19 +23,20 @@ class MetricsLog:
             rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if self.path.exists() else []
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self.tb = None
-        try:
+        if available("tensorboard"):  # the [tensorboard] extra; events after the checkpoint are purged on resume
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:  # tensorboard is optional
-            pass
+            purge = resume_step + 1 if resume_step is not None else None
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=purge)
         self.wandb = None
-        if wandb:
-            try:
-                import wandb as wb
-            except ImportError as e:
-                raise RuntimeError("--wandb needs the wandb package: pip install wandb") from e
-            self.wandb = wb.init(project="streamalign", config=config or {}, dir=str(out))
+        if wandb:  # WANDB_PROJECT / WANDB_MODE / WANDB_* are read by wandb; the run id is kept for resumes
+            wb = require("wandb", "wandb", "--wandb")
+            id_file = out / "wandb-run-id"
+            resumed = resume_step is not None and id_file.exists()
+            run_id = id_file.read_text().strip() if resumed else wb.util.generate_id()
+            id_file.write_text(run_id)
+            self.wandb = wb.init(project=os.environ.get("WANDB_PROJECT", "streamalign"), config=config or {},
+                                 dir=str(out), id=run_id, resume="allow")  # fmt: skip
 
     def log(self, row: dict) -> None:
         with open(self.path, "a") as f:
@@ -58,16 +63,11 @@ def plot_metrics(
     jsonl: Path, png: Path, keys: tuple[str, ...] = ("loss", "reward", "eval_composite", "grad_norm")
 ) -> None:
     """One panel per logged key that has values (eval rows are sparse): raw and a running mean."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = read_metrics(jsonl)
     present = [k for k in keys if any(k in r for r in rows)]
     if not present:
         return
-    fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
+    fig, axes = subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
     for ax, k in zip(axes[0], present, strict=True):
         pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None and math.isfinite(r[k])]
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -82,6 +82,4 @@ def plot_metrics(
             )
         ax.set_title(k)
         ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save(fig, png, dpi=100)

@@ -13,8 +13,9 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from ..files import staged_folder
-from .lora import save_lora
+from ..adapters.lora import save_lora
+from ..io.files import staged_folder
+from ..models.checkpoint import read_adapter
 
 CHECKPOINTS = "checkpoints"
 
@@ -38,15 +39,16 @@ def save_checkpoint(
     out: Path, peft_model: PeftModel, opt: torch.optim.Optimizer, progress: Progress, objective=None, keep: int = 2
 ) -> Path:
     """Write checkpoint `progress.step` (rank 0 only); keep the newest `keep` checkpoints. An objective with
-    a ``state_dict()`` (NFT: old / reference weights, kappa) is saved beside it."""
+    a state (NFT: old / reference weights, kappa) is saved beside it."""
     final = checkpoint_dir(out, progress.step)
     with staged_folder(final) as tmp:
         save_lora(peft_model, tmp / "adapter")
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
-        if hasattr(objective, "state_dict"):
-            tensors, meta = objective.state_dict()
+        state = objective.state_dict() if objective is not None else None
+        if state is not None:
+            tensors, meta = state
             tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
             save_file(tensors, str(tmp / "objective.safetensors"))
             (tmp / "objective.json").write_text(json.dumps(meta))
@@ -64,14 +66,14 @@ def latest_checkpoint(out: Path) -> Path | None:
 def load_checkpoint(path: Path, peft_model: PeftModel, opt: torch.optim.Optimizer, objective=None) -> Progress:
     """Restore adapter weights, optimizer, RNG state (and the objective's state) from a checkpoint folder;
     returns its progress."""
-    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+    weights = read_adapter(path / "adapter")[1]
     result = set_peft_model_state_dict(peft_model, weights)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
         raise ValueError(f"checkpoint {path} has LoRA weights this run's adapter lacks: {unexpected[:3]}")
     opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
-    if hasattr(objective, "load_state_dict"):
+    if objective is not None and objective.state_dict() is not None:
         if not (path / "objective.safetensors").exists():
             raise ValueError(f"checkpoint {path} has no objective state: it was written by another objective")
         dev = next(iter(peft_model.parameters())).device

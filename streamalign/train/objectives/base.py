@@ -8,11 +8,13 @@ the (global) batch, so an objective never sees how groups are batched or sharded
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
+from pydantic import model_validator
 
+from ...rewards import composite
 from ...schemas.buffer import Entry
+from ...schemas.run import Section, arg
 from ..replay import PivotReplay
 
 ADV_EPS = 1e-6  # the advantage's std guard: A = (r - mean) / (std + 1e-6)
@@ -37,19 +39,66 @@ class GroupInput:
     generator: torch.Generator
 
 
-class Objective(Protocol):
+class Objective:
+    """The protocol every objective follows; the defaults are those of a stateless objective.
+
+    ``fork``: how its on-policy fork groups are collected (``initial``: branches differ in the pivot's
+    initial noise; ``solver``: in its re-noising). ``bind`` receives the trainable parameters once,
+    ``after_step`` runs after every optimizer step with the rank-averaged statistics, and ``state_dict``
+    (tensors, JSON meta) is checkpointed when not None."""
+
     name: str
     stat_keys: tuple[str, ...]  # every statistic group_loss may report (reduced over ranks by name)
+    fork = "initial"
 
-    def group_loss(self, group: GroupInput, policy: PivotReplay) -> GroupLoss: ...
+    def group_loss(self, group: GroupInput, policy: PivotReplay) -> GroupLoss:
+        raise NotImplementedError
+
+    def bind(self, params: list[torch.nn.Parameter]) -> None:
+        return None
+
+    def after_step(self, step: int, stats: dict[str, float]) -> None:
+        return None
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        return None
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        return None
+
+
+class ObjectiveConfig(Section):
+    """An objective's settings; subclasses set ``name`` (a Literal: the union key) and ``build``."""
+
+    def build(self) -> Objective:
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _valid(self) -> ObjectiveConfig:
+        self.build().check()
+        return self
+
+
+class ClippedRatio(ObjectiveConfig):
+    """Settings shared by the ratio-clipped objectives (CoPO, SDE-GRPO)."""
+
+    anchors: int = arg(4, "Anchors (CoPO) or replayed branches (SDE-GRPO) per group.")
+    clip_eps: float = arg(1e-4, "Ratio clip epsilon (copo, sde-grpo).")
+    clip: bool = arg(True, "The ratio clip; --no-clip is the off-policy ablation.", flag="--clip/--no-clip")
+
+
+OBJECTIVES: dict[str, type[ObjectiveConfig]] = {}
+
+
+def register_objective(config: type[ObjectiveConfig]) -> type[ObjectiveConfig]:
+    """Make an objective selectable by its name (``--objective NAME``, ``objective: {name: NAME}``)."""
+    OBJECTIVES[config.model_fields["name"].default] = config
+    return config
 
 
 def composite_rewards(entry: Entry) -> torch.Tensor:
-    """Composite reward [G] under the entry's weights (replaced at read time by ``--reward-weights``)."""
-    total = torch.zeros(entry.group_size, dtype=torch.float64)
-    for name, w in entry.reward_weights.items():
-        total += w * entry.rewards[name].double()
-    return total
+    """Composite reward [G] (float64) under the entry's weights (replaced at read time by ``--reward-weights``)."""
+    return composite(entry.rewards, entry.reward_weights, torch.float64)
 
 
 def group_rewards(entry: Entry) -> tuple[torch.Tensor, dict[str, float]]:

@@ -11,11 +11,22 @@ Without the clip (``clip=False``) this is the off-policy ablation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from ...schemas.run import arg
 from ..replay import PivotReplay
-from .base import GroupInput, GroupLoss, clipped_surrogate, group_advantages, group_rewards
+from .base import (
+    ClippedRatio,
+    GroupInput,
+    GroupLoss,
+    Objective,
+    clipped_surrogate,
+    group_advantages,
+    group_rewards,
+    register_objective,
+)
 
 LOG_RATIO_MAX = 20.0  # |log rho| is clamped here before exp (far outside any clip range)
 TAU_MIN = 1e-6  # floor of the adaptive temperature (mean squared latent distance)
@@ -61,7 +72,7 @@ def copo_terms(
 
 
 @dataclass
-class CoPO:
+class CoPO(Objective):
     """The CoPO objective on stored (or fresh) fork groups. ``steps``: how many of the pivot's T denoising
     steps to use per group (None: all, else a random subset of that size)."""
 
@@ -103,3 +114,16 @@ class CoPO:
             a, e.x0_old[:, steps].to(a.device), anchors, adv.to(a.device), self.tau, self.eps, self.clip, self.tau_scale
         )
         return GroupLoss(loss, {**stats, **info})
+
+
+@register_objective
+class CoPOConfig(ClippedRatio):
+    """CoPO (AR-CoPO): contrastive, distance-based GRPO on the pivot chunk."""
+
+    name: Literal["copo"] = "copo"
+    pivot_steps: int | None = arg(None, "Pivot denoising steps per group (default all).")
+    tau: float | None = arg(None, "CoPO temperature (default adaptive).")
+    tau_scale: float = arg(1.0, "Adaptive tau = scale x median old distance.")
+
+    def build(self) -> CoPO:
+        return CoPO(self.anchors, self.pivot_steps, self.tau, self.tau_scale, self.clip_eps, self.clip)

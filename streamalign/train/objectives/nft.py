@@ -24,11 +24,13 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from ...schemas.run import arg
 from ..replay import PivotReplay
-from .base import GroupInput, GroupLoss, group_advantages, group_rewards
+from .base import GroupInput, GroupLoss, Objective, ObjectiveConfig, group_advantages, group_rewards, register_objective
 
 KAPPA_STEP = 1.25
 
@@ -67,7 +69,7 @@ def selective_kl_mask(primary: torch.Tensor, aux: torch.Tensor | None, kappa: fl
 
 
 @dataclass
-class NFT:
+class NFT(Objective):
     beta: float = 0.1
     kl_w: float = 1e-4
     a_max: float = 5.0
@@ -195,3 +197,23 @@ class NFT:
             raise ValueError(f"--primary-reward {primary!r} is not in the entry's rewards ({', '.join(e.rewards)})")
         aux = [e.rewards[k].double() for k in weights if k != primary]
         return e.rewards[primary].double(), torch.stack(aux) if aux else None
+
+
+@register_objective
+class NFTConfig(ObjectiveConfig):
+    """NFT (Astrolabe / DiffusionNFT): negative-aware fine-tuning with selective KL and a dynamic reference."""
+
+    name: Literal["nft"] = "nft"
+    nft_beta: float = arg(0.1, "NFT v+/v- mixing beta.")
+    kl_w: float = arg(1e-4, "NFT selective-KL weight.")
+    kappa: float = arg(0.1, "NFT initial selective-KL fraction (adapts in [0.02, 0.2]).")
+    kl_target: float = arg(1e-3, "NFT: kappa grows while the KL is above this.")
+    ref_reset_kl: float = arg(1.0, "NFT: reset the reference when the KL exceeds this.")
+    old_decay_rate: float = arg(1e-3, "NFT old policy: d = min(rate x step, max).")
+    old_decay_max: float = arg(0.5, "NFT old policy: the cap of d.")
+    primary_reward: str | None = arg(None, "NFT: primary reward (default: largest weight).")
+
+    def build(self) -> NFT:
+        return NFT(beta=self.nft_beta, kl_w=self.kl_w, kappa=self.kappa, kl_target=self.kl_target,
+                   ref_reset_kl=self.ref_reset_kl, decay_rate=self.old_decay_rate, decay_max=self.old_decay_max,
+                   primary=self.primary_reward)  # fmt: skip

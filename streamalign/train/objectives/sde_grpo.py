@@ -12,11 +12,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from ..replay import PivotReplay
-from .base import GroupInput, GroupLoss, clipped_surrogate, group_advantages, group_rewards
+from .base import (
+    ClippedRatio,
+    GroupInput,
+    GroupLoss,
+    Objective,
+    clipped_surrogate,
+    group_advantages,
+    group_rewards,
+    register_objective,
+)
 from .copo import LOG_RATIO_MAX
 
 
@@ -30,11 +40,12 @@ def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> 
 
 
 @dataclass
-class SDEGRPO:
+class SDEGRPO(Objective):
     anchors: int = 4  # branches replayed per group
     eps: float = 1e-4  # PPO ratio clip (Flow-GRPO's default clip range)
     clip: bool = True
     name: str = "sde-grpo"
+    fork = "solver"  # its groups share the pivot's initial noise and differ in the re-noising
     stat_keys: tuple[str, ...] = (
         "log_ratio_abs_mean", "ratio_dev_mean", "ratio_dev_max", "clip_frac", "reward", "reward_std", "zero_variance",
     )  # fmt: skip
@@ -69,3 +80,13 @@ class SDEGRPO:
         loss, ratio_stats = clipped_surrogate(rho, adv, self.eps, self.clip)
         stats = {"log_ratio_abs_mean": float((logp - logp_old).detach().abs().mean()), **ratio_stats}
         return GroupLoss(loss, {**stats, **info})
+
+
+@register_objective
+class SDEGRPOConfig(ClippedRatio):
+    """SDE-GRPO baseline: each re-noise a Gaussian policy, PPO clip on its log-prob (solver forks)."""
+
+    name: Literal["sde-grpo"] = "sde-grpo"
+
+    def build(self) -> SDEGRPO:
+        return SDEGRPO(self.anchors, self.clip_eps, self.clip)

@@ -1,12 +1,13 @@
-"""The built-in shapes world: prompt grammar, renderer, the shipped generator and its pre-training."""
+"""The built-in shapes world: prompt grammar, renderer, its rewards and OOD metrics, the shipped generator's
+weights and their pre-training, sample quality. Its model configs are the presets ``shapes`` and ``shapes-long``."""
 
-from .pipeline import SHIPPED_WEIGHTS, ShapesWorld
 from .world import (
     BACKGROUNDS,
     COLOURS,
     DIRECTIONS,
     HELD_OUT_PAIRS,
     SHAPES,
+    SHIPPED_WEIGHTS,
     ShapePrompt,
     all_prompts,
     held_in_prompts,
@@ -24,7 +25,6 @@ __all__ = [
     "SHAPES",
     "SHIPPED_WEIGHTS",
     "ShapePrompt",
-    "ShapesWorld",
     "all_prompts",
     "held_in_prompts",
     "held_out_prompts",

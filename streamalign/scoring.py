@@ -7,35 +7,19 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..collect.policy import Policy
-from ..rewards import CompositeReward
-
-
-@torch.no_grad()
-def generate_videos(policy: Policy, prompts: Sequence[str], seeds: Sequence[int], batch: int = 64) -> torch.Tensor:
-    """One video per (prompt, seed) with the policy's few-step sampler: [N, F, 3, H, W] in [0, 1]."""
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    sampler = policy.sampler
-    was_training = policy.model.training
-    policy.model.eval()
-    out = []
-    for i in range(0, len(prompts), batch):
-        ctx = policy.text.encode(list(prompts[i : i + batch]))
-        out.append(policy.decode(sampler.rollout(ctx, sampler.noise_bank(list(seeds[i : i + batch])))))
-    policy.model.train(was_training)
-    return torch.cat(out)
+from .pipeline import Pipeline
+from .rewards import CompositeReward
 
 
 @torch.no_grad()
 def score_policy(
-    policy: Policy, prompts: Sequence[str], seeds: Sequence[int], reward: CompositeReward, batch: int = 64
+    policy: Pipeline, prompts: Sequence[str], seeds: Sequence[int], reward: CompositeReward, batch: int = 64
 ) -> dict[str, torch.Tensor]:
     """Every reward, metric and the composite of one video per (prompt, seed): name -> float32 [N]."""
     parts: dict[str, list[torch.Tensor]] = {}
     for i in range(0, len(prompts), batch):
         ps, ss = list(prompts[i : i + batch]), list(seeds[i : i + batch])
-        for k, v in reward(generate_videos(policy, ps, ss, batch), ps).items():
+        for k, v in reward(policy.generate(ps, ss, batch), ps).items():
             parts.setdefault(k, []).append(v.float())
     return {k: torch.cat(v) for k, v in parts.items()}
 

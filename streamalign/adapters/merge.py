@@ -14,14 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..files import staged_folder
+from ..io.files import staged_folder
 from ..models.checkpoint import (
-    CheckpointError,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     load_generator,
-    lora_alpha_from_folder,
     merge_lora,
+    read_adapter,
     read_lora,
     save_safetensors,
 )
@@ -30,22 +31,12 @@ from ..schemas.config import ModelConfig
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
 
-def _adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    folder = Path(folder)
-    cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not cfg_path.is_file() or not weights.is_file():
-        raise CheckpointError(
-            f"{folder} is not a peft adapter folder (adapter_config.json + adapter_model.safetensors)"
-        )
-    return json.loads(cfg_path.read_text()), load_file(str(weights))
-
-
 def combine_adapters(adapters: Sequence[tuple[str | Path, float]], out: str | Path) -> Path:
     """Write ONE peft adapter folder whose delta is ``sum_i s_i (alpha_i / r_i) B_i A_i`` for the given
     (folder, scale) pairs. Modules missing from an adapter contribute zeros. Atomic (temp + rename)."""
     if not adapters:
         raise ValueError("combine_adapters needs at least one adapter")
-    loaded = [(*_adapter(f), float(s)) for f, s in adapters]
+    loaded = [(*read_adapter(f), float(s)) for f, s in adapters]
     modules = sorted({k[: -len(_A)] for _, sd, _ in loaded for k in sd if k.endswith(_A)})
     ranks = [int(cfg["r"]) for cfg, _, _ in loaded]
     total = sum(ranks)
@@ -69,8 +60,8 @@ def combine_adapters(adapters: Sequence[tuple[str | Path, float]], out: str | Pa
     targets = sorted({t for c, _, _ in loaded for t in (c.get("target_modules") or [])})
     cfg.update(r=total, lora_alpha=float(total), target_modules=targets, rank_pattern={}, alpha_pattern={})
     with staged_folder(out) as tmp:
-        save_file(sd, str(tmp / "adapter_model.safetensors"))
-        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+        save_file(sd, str(tmp / ADAPTER_WEIGHTS))
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
     return Path(out)
 
 
@@ -80,7 +71,8 @@ def merged_generator(
     """The base generator with every (adapter folder, scale) merged into its weights (float64 sums)."""
     model = load_generator(config, checkpoint)
     for folder, s in adapters:
-        merge_lora(model, read_lora(folder), alpha=lora_alpha_from_folder(folder), scale=float(s))
+        weights, alpha = read_lora(folder)
+        merge_lora(model, weights, alpha=alpha, scale=float(s))
     return model
 
 

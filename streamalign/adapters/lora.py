@@ -8,24 +8,26 @@ ffn.2`` of every block. Saved adapters are peft folders (``adapter_config.json``
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 
-from ..files import staged_folder
-from ..models.checkpoint import CheckpointError, lora_pairs, read_lora
-from ..models.wan import CausalWanModel
+from ..io.files import staged_folder
+from ..models.checkpoint import ADAPTER_CONFIG, lora_pairs, read_adapter
+from ..models.protocol import ChunkModel
 
-DEFAULT_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
+if TYPE_CHECKING:  # peft is imported where it is used: run configs (LoraSettings) load without it
+    from peft import PeftModel
 
 
 @dataclass(frozen=True)
 class LoraSettings:
     rank: int = 64
     alpha: float = 128.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    targets: tuple[str, ...] | None = None  # module-name suffixes (default: the model's lora_targets)
 
     def check(self) -> None:
         if not 1 <= self.rank <= 4096:
@@ -34,12 +36,15 @@ class LoraSettings:
             raise ValueError(f"--lora-alpha {self.alpha} must be > 0")
 
 
-def attach_lora(model: CausalWanModel, settings: LoraSettings, seed: int = 0) -> PeftModel:
+def attach_lora(model: ChunkModel, settings: LoraSettings, seed: int = 0) -> PeftModel:
     """Wrap `model` with a fresh trainable LoRA (A: peft's Kaiming init drawn from `seed`, B = 0, so the
     adapted model starts equal to the base). Only the LoRA weights require grad."""
+    from peft import LoraConfig, get_peft_model
+
     settings.check()
     cfg = LoraConfig(
-        r=settings.rank, lora_alpha=settings.alpha, target_modules=list(settings.targets), lora_dropout=0.0
+        r=settings.rank, lora_alpha=settings.alpha, target_modules=list(settings.targets or model.lora_targets),
+        lora_dropout=0.0,
     )
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -50,12 +55,11 @@ def attach_lora(model: CausalWanModel, settings: LoraSettings, seed: int = 0) ->
     return peft_model
 
 
-def load_lora(model: CausalWanModel, folder: str | Path, trainable: bool = True) -> PeftModel:
+def load_lora(model: ChunkModel, folder: str | Path, trainable: bool = True) -> PeftModel:
     """An adapter folder on `model`; clear error if its weights do not fit this model's layers."""
-    folder = Path(folder)
-    if not (folder / "adapter_config.json").exists():
-        raise CheckpointError(f"adapter {folder} has no adapter_config.json: not a peft adapter folder")
-    lora_pairs(model, read_lora(folder))  # validates names and shapes against this model
+    lora_pairs(model, read_adapter(folder)[1])  # validates names and shapes against this model
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
 
 
@@ -63,6 +67,11 @@ def save_lora(peft_model: PeftModel, folder: str | Path) -> Path:
     """Save the adapter in peft format atomically: written to a temp folder, then renamed into place."""
     with staged_folder(folder) as tmp:
         peft_model.save_pretrained(str(tmp))
+        config = tmp / ADAPTER_CONFIG  # peft writes target_modules from a set: sort it so the bytes repeat
+        data = json.loads(config.read_text())
+        if isinstance(data.get("target_modules"), list):
+            data["target_modules"] = sorted(data["target_modules"])
+        config.write_text(json.dumps(data, indent=2, sort_keys=True))
     return Path(folder)
 
 

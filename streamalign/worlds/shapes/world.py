@@ -11,8 +11,12 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+# the shipped generator (config presets `shapes` and `shapes-long` name it as their checkpoint)
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "assets" / "shapes.safetensors"
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (1.0, 0.0, 0.0),
@@ -108,7 +112,7 @@ def path_margin(radius: torch.Tensor) -> torch.Tensor:
 class Motion:
     """Per-video shape parameters, all [B] tensors in pixels: centre at frame 0, velocity per frame, size,
     and the frame at which the motion starts (0 for the world's videos; later onsets are a pre-training
-    augmentation, see :mod:`~streamalign.models.shapes.pretrain`)."""
+    augmentation, see :mod:`~streamalign.worlds.shapes.pretrain`)."""
 
     x0: torch.Tensor
     y0: torch.Tensor

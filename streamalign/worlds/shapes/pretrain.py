@@ -17,22 +17,25 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tqdm import tqdm
+from pydantic import Field, model_validator
 
-from ...rewards import shapes as shape_rewards
+from ...io.plots import save, subplots
+from ...io.progress import progress_bar
+from ...models.checkpoint import load_state_dict_strict, read_state_dict, save_safetensors
+from ...models.noise import derive_seed
+from ...models.sampler import Sampler, Schedule
+from ...models.wan import CausalWanModel, teacher_forcing_mask
+from ...optim import lr_at
+from ...pipeline import Pipeline, build_codec, minilm
 from ...schemas.config import ModelConfig
-from ..checkpoint import load_state_dict_strict, read_state_dict, save_safetensors
-from ..noise import derive_seed
-from ..sampler import Sampler, Schedule
-from ..wan import CausalWanModel, teacher_forcing_mask
-from .pipeline import ShapesWorld, codec_for, minilm
+from ...schemas.run import RunConfig, arg
+from . import rewards as shape_rewards
 from .quality import sample_quality
 from .world import (
     AREA_PER_R2,
@@ -50,34 +53,37 @@ from .world import (
 )
 
 
-class PretrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class PretrainConfig(RunConfig):
+    """Pre-train the shapes generator (x0-prediction, clean causal context, sampler sigmas). The shipped
+    weights came from this command (see the recipes next to them)."""
 
-    model: str = "shapes"
-    seed: int = 0
-    steps: int = Field(1500, gt=0)
-    batch_size: int = Field(32, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    warmup: int = Field(100, ge=0)
-    final_lr_ratio: float = Field(0.1, ge=0, le=1)
-    weight_decay: float = Field(0.01, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    ema: float = Field(0.999, ge=0, lt=1)
-    eval_every: int = Field(250, gt=0)
-    eval_videos: int = Field(32, gt=0)
-    threads: int = Field(2, gt=0)
+    model: str = arg("shapes", "Model config (a shapes-world preset or YAML).", flag="--config", short="-c")
+    seed: int = arg(0, "Seed of the initialisation and of every data/noise draw.")
+    steps: int = Field(1500, gt=0, description="Optimiser steps.")
+    batch_size: int = Field(32, gt=0, description="Videos per step.")
+    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    warmup: int = Field(100, ge=0, description="Linear learning-rate warm-up steps.")
+    final_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay to this share of --lr.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    ema: float = Field(0.999, ge=0, lt=1, description="EMA decay of the saved weights.")
+    eval_every: int = Field(250, gt=0, description="Steps between sample-quality checks.")
+    eval_videos: int = Field(32, gt=0, description="Videos per sample-quality check.")
+    threads: int = Field(2, gt=0, description="torch CPU threads (results are reproducible per count).")
     # share of training videos whose shape stays still until a later chunk boundary, then moves: it
     # teaches the model to start moving as prompted when its own first chunk came out static
-    late_onset: float = Field(0.3, ge=0, le=1)
+    late_onset: float = Field(0.3, ge=0, le=1, description="Share of videos whose motion starts at chunk 1 or 2.")
     # exposure flicker (see world.haze_levels): chunks trained from pure noise are over-exposed by
     # haze * max(0, 2 Phi(z) - 1) with z the standardised sum of exactly that noise, other chunks by an
     # independent z. The model learns to read its initial noise, as a distilled generator does, so
     # branches of a fork group differ (and the rewards, which all dislike the flicker, tell them apart)
-    haze: float = Field(0.0, ge=0, lt=1)
+    haze: float = Field(0.0, ge=0, lt=1, description="Exposure flicker read from each chunk's initial noise "
+                        "(0 = none; stage 2: 0.5).")  # fmt: skip
     # self-rollout fine-tuning: start from these weights, and build this share of every batch from the
     # model's own first chunk followed by the prompted motion rendered onward from where it left the shape
-    init: str | None = None
-    self_rollout: float = Field(0.0, ge=0, le=1)
+    init: str | None = arg(None, "Start from these weights (fine-tuning).")
+    self_rollout: float = Field(0.0, ge=0, le=1, description="Share of each batch whose first chunk the model "
+                                "samples itself.")  # fmt: skip
 
     @model_validator(mode="after")
     def _one_fine_tune(self) -> PretrainConfig:
@@ -115,17 +121,12 @@ def self_rollout_latents(
     return z
 
 
-def lr_at(cfg: PretrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to ``final_lr_ratio * lr``."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def pretrain(cfg: PretrainConfig, out_dir: str | Path, command: str = "", progress: bool = True) -> dict:
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, command: str | None = None, progress: bool = True) -> dict:
     """Train from scratch; writes shapes.safetensors (EMA weights), pretrain.yaml (recipe + results),
     curve.jsonl and curve.png into `out_dir`. Returns the final quality report."""
+    if cfg.init is not None and not Path(cfg.init).is_file():
+        raise FileNotFoundError(f"--init {cfg.init} does not exist: give the weights of a first pre-training run")
+    command = command if command is not None else "streamalign " + " ".join(sys.argv[1:])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -137,7 +138,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, command: str = "", progre
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    codec = codec_for(mcfg)
+    codec = build_codec(mcfg)
     size, nf = mcfg.latent.height * codec.spatial, mcfg.latent.frames
     c = mcfg.sampler.chunk_frames
     sched = Schedule.from_config(mcfg.sampler)
@@ -153,7 +154,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, command: str = "", progre
     curve = out / "curve.jsonl"
     curve.write_text("")
     t_start, losses = time.time(), []
-    bar = tqdm(range(cfg.steps), desc="pretrain shapes", disable=not progress)
+    bar = progress_bar(range(cfg.steps), desc="pretrain shapes", show=progress)
     for step in bar:
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, 1, step))
         idx = torch.randint(len(train_prompts), (cfg.batch_size,), generator=g)
@@ -178,7 +179,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, command: str = "", progre
         noisy = (1 - s[..., None, None, None]) * z + s[..., None, None, None] * eps
         t = torch.cat([torch.zeros_like(s), s * sched.num_train_timesteps], dim=1)
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
+            group["lr"] = lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.final_lr_ratio)
         pred = model(torch.cat([z, noisy], 1), t, table[idx], positions=positions, mask=mask)[:, nf:]
         err = (pred - z).pow(2)
         loss = (err.mean((2, 3, 4)) * keep).sum() / keep.sum() if n_sr else err.mean()  # plain mean: bitwise recipe
@@ -192,9 +193,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, command: str = "", progre
                 pe.lerp_(pm, 1 - decay)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        row = {"step": step + 1, "loss": losses[-1], "grad_norm": gnorm.item(), "lr": lr_at(cfg, step)}
+        row = {"step": step + 1, "loss": losses[-1], "grad_norm": gnorm.item(), "lr": lr}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            q = sample_quality(ShapesWorld(mcfg, ema), eval_prompts, eval_seeds)["model"]
+            q = sample_quality(Pipeline.of_model(mcfg, ema), eval_prompts, eval_seeds)["model"]
             row.update({"colour_rate": q["colour_ok"], "direction_rate": q["direction_ok"]})
             row["elapsed_s"] = time.time() - t_start
             bar.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
@@ -203,7 +204,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, command: str = "", progre
     wall = time.time() - t_start
 
     save_safetensors(ema.state_dict(), out / "shapes.safetensors")
-    world = ShapesWorld(mcfg, ema)
+    world = Pipeline.of_model(mcfg, ema)
     held_in = sample_quality(world, eval_prompts, eval_seeds)
     held_out = sample_quality(world, held_out_prompts(), [20_000 + i for i in range(36)])
     report = {
@@ -229,17 +230,12 @@ def _sha256(path: str | Path) -> str:
 
 def plot_curve(curve_jsonl: str | Path, png: str | Path) -> None:
     """Loss (smoothed) and the sample colour/direction rates against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [json.loads(line) for line in Path(curve_jsonl).read_text().splitlines()]
     steps = [r["step"] for r in rows]
     loss = [r["loss"] for r in rows]
     k = 25
     smooth = [sum(loss[max(0, i - k + 1) : i + 1]) / len(loss[max(0, i - k + 1) : i + 1]) for i in range(len(loss))]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, (a, b) = subplots(1, 2, figsize=(9, 3.2))
     a.plot(steps, loss, alpha=0.3, lw=0.8, label="loss")
     a.plot(steps, smooth, lw=1.5, label=f"mean of {k}")
     a.set_yscale("log")
@@ -254,6 +250,17 @@ def plot_curve(curve_jsonl: str | Path, png: str | Path) -> None:
     b.set_ylabel("rate (EMA samples, held-in)")
     b.legend()
     fig.suptitle("shapes generator pre-training")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save(fig, png, dpi=110)
+
+
+def summary_line(report: dict, out: str | Path) -> str:
+    """What `shapes pretrain` prints: where the weights went and the final rates."""
+    m, o = report["held_in"]["model"], report["held_out"]["model"]
+    return (f"wrote {out}/shapes.safetensors in {report['wall_time_s'] / 60:.1f} min: held-in colour "
+            f"{m['colour_ok']:.0%} direction {m['direction_ok']:.0%}; held-out colour {o['colour_ok']:.0%} "
+            f"direction {o['direction_ok']:.0%}")
+
+
+def pretrain_stage(cfg: PretrainConfig, out: Path) -> str:
+    """The stage behind the command (what it prints)."""
+    return summary_line(pretrain(cfg, out), out)

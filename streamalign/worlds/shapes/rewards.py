@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from ..models.shapes.world import AREA_PER_R2, BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, ShapePrompt, coverage
-from .registry import RewardSpec, register
+from ...rewards.pixel import topk_mean
+from ...rewards.registry import RewardSpec, register
+from .world import AREA_PER_R2, BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, ShapePrompt, coverage, parse_prompt
+
+GRAMMAR = "a {colour} {shape} moving {direction} on a {background} background"
 
 COLOUR_TABLE = torch.tensor(list(COLOURS.values()))  # [K, 3]
 PALETTE_TEMPERATURE = 0.12  # RGB residual scale of the soft colour assignment
 PRESENCE_PIXELS = 16  # the colour must cover this many pixels in a frame to count as present
 MIN_SPEED = 0.5  # px/frame: slower centroid motion earns proportionally less direction reward
-SMOOTHNESS_SCALE = 0.05  # contrast-normalised sorted-frame difference at which smoothness is 1/e
 BACKGROUND_FRACTION = 0.8  # share of pixels that must be background (the shape covers <= 13%)
 
 
@@ -57,12 +59,6 @@ def centroids(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([cx, cy], -1), mass
 
 
-def _topk_mean(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean of the k largest values over the flattened last two dims: [..., H, W] -> [...]."""
-    flat = x.flatten(-2)
-    return flat.topk(min(k, flat.shape[-1]), dim=-1).values.mean(-1)
-
-
 # ---------------------------------------------------------------------------------------------------
 # in-domain rewards
 # ---------------------------------------------------------------------------------------------------
@@ -73,7 +69,7 @@ def colour_match(videos: torch.Tensor, prompts: list[ShapePrompt]) -> torch.Tens
     idx = torch.tensor([list(COLOURS).index(p.colour) for p in prompts], device=videos.device)
     probs, cov = unmix(videos, prompts)
     target = probs[torch.arange(len(prompts)), :, idx]  # [B, F, H, W]
-    presence = _topk_mean(target * (2 * cov).clamp(max=1.0), PRESENCE_PIXELS)
+    presence = topk_mean(target * (2 * cov).clamp(max=1.0), PRESENCE_PIXELS)
     purity = (cov * target).sum((-2, -1)) / cov.sum((-2, -1)).clamp(min=1e-6)
     return presence * purity
 
@@ -90,33 +86,6 @@ def direction_match(videos: torch.Tensor, prompts: list[ShapePrompt]) -> torch.T
     return (1 + cos) / 2 * (speed / MIN_SPEED).clamp(max=1.0) * present
 
 
-def sharpness(videos: torch.Tensor, prompts: list[ShapePrompt] | None = None) -> torch.Tensor:
-    """Edge crispness: mean of the 2% largest RGB gradient magnitudes over the frame's contrast (largest
-    distance from the median colour), clipped to [0, 1]. A crisp edge steps the full contrast within one
-    pixel; a Gaussian blur of 1 px roughly halves the score. [B, F]."""
-    gx = videos[..., :, 1:] - videos[..., :, :-1]
-    gy = videos[..., 1:, :] - videos[..., :-1, :]
-    mag = (gx[..., :-1, :].pow(2) + gy[..., :, :-1].pow(2)).sum(2).sqrt()  # [B, F, H-1, W-1]
-    k = max(8, mag[0, 0].numel() // 50)
-    med = videos.flatten(-2).median(-1).values  # [B, F, 3]
-    contrast = (videos - med[..., None, None]).pow(2).sum(2).sqrt().flatten(-2).max(-1).values
-    return (_topk_mean(mag, k) / (contrast + 0.05)).clamp(0.0, 1.0)
-
-
-def smoothness(videos: torch.Tensor, prompts: list[ShapePrompt] | None = None) -> torch.Tensor:
-    """Temporal smoothness per frame pair (use on grayscale): exp(-d / SMOOTHNESS_SCALE) with d the mean
-    absolute difference of the two frames' sorted pixel values over their contrast (largest distance from
-    the median, + 0.05). Sorting makes it blind to motion of a shape that stays in the frame, so it
-    measures flicker: brightness changes, shapes fading, growing or popping in and out. [B, F-1]."""
-    flat = videos.flatten(2)  # [B, F, C*H*W]
-    ranked = flat.sort(-1).values
-    diff = (ranked[:, 1:] - ranked[:, :-1]).abs().mean(-1)
-    med = flat.median(-1).values
-    contrast = (flat - med[..., None]).abs().max(-1).values
-    pair_contrast = torch.maximum(contrast[:, 1:], contrast[:, :-1])
-    return torch.exp(-diff / (pair_contrast + 0.05) / SMOOTHNESS_SCALE)
-
-
 # ---------------------------------------------------------------------------------------------------
 # out-of-domain metrics (not optimised by default)
 # ---------------------------------------------------------------------------------------------------
@@ -126,7 +95,7 @@ def background_cleanliness(videos: torch.Tensor, prompts: list[ShapePrompt]) -> 
     bg = _rgb([p.background for p in prompts], BACKGROUNDS, videos.device)
     sim = torch.exp(-(videos - bg).pow(2).sum(2) / (2 * 0.1**2))
     k = int(BACKGROUND_FRACTION * sim[0, 0].numel())
-    return _topk_mean(sim, k)
+    return topk_mean(sim, k)
 
 
 def shape_fidelity(videos: torch.Tensor, prompts: list[ShapePrompt]) -> torch.Tensor:
@@ -174,20 +143,17 @@ def dominant_direction(videos: torch.Tensor, prompts: list[ShapePrompt], min_tra
 SHAPES_REWARDS = "colour_match=1,direction_match=1,sharpness=0.5,smoothness=0.5"
 SHAPES_METRICS = "background_cleanliness,shape_fidelity"
 
+_GRAMMAR = {"parse_prompt": parse_prompt, "prompt_format": GRAMMAR}
 for _spec in (
-    RewardSpec("colour_match", colour_match, "prompted colour present and pure (text-alignment-like)", grammar=True),
+    RewardSpec("colour_match", colour_match, "prompted colour present and pure (text-alignment-like)", **_GRAMMAR),
     RewardSpec(
-        "direction_match", direction_match, "centroid moves the prompted way (text-alignment-like)", grammar=True
-    ),
-    RewardSpec("sharpness", sharpness, "edge crispness over contrast (visual-quality-like)"),
-    RewardSpec(
-        "smoothness", smoothness, "no flicker between frames (motion-quality-like)", colour=False, grayscale=True
+        "direction_match", direction_match, "centroid moves the prompted way (text-alignment-like)", **_GRAMMAR
     ),
     RewardSpec(
-        "background_cleanliness", background_cleanliness, "background stays the prompted colour", ood=True, grammar=True
+        "background_cleanliness", background_cleanliness, "background stays the prompted colour", ood=True, **_GRAMMAR
     ),
     RewardSpec(
-        "shape_fidelity", shape_fidelity, "foreground has the prompted shape (soft IoU)", ood=True, grammar=True
+        "shape_fidelity", shape_fidelity, "foreground has the prompted shape (soft IoU)", ood=True, **_GRAMMAR
     ),
 ):
     register(_spec, overwrite=True)

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from .files import atomic_path
+
 
 def _to_uint8(frames: torch.Tensor, upscale: int) -> list[Image.Image]:
     """frames [F, 3, H, W] in [0, 1] -> PIL images upscaled by nearest neighbour."""
@@ -19,9 +21,9 @@ def _to_uint8(frames: torch.Tensor, upscale: int) -> list[Image.Image]:
 def save_gif(video: torch.Tensor, path: str | Path, fps: float = 8.0, upscale: int = 4) -> Path:
     """video [F, 3, H, W] in [0, 1] -> looping GIF."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     frames = _to_uint8(video, upscale)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    with atomic_path(path) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
     return path
 
 
@@ -33,9 +35,7 @@ def save_mp4(video: torch.Tensor, path: str | Path, fps: float = 16.0, upscale: 
     frames = _to_uint8(video, upscale)
     w, h = frames[0].size
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with av.open(str(tmp), mode="w", format="mp4") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=round(fps), options={"threads": "1", "crf": "18"})
         stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
         for f in frames:
@@ -45,7 +45,6 @@ def save_mp4(video: torch.Tensor, path: str | Path, fps: float = 16.0, upscale: 
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    tmp.replace(path)
     return path
 
 
@@ -58,18 +57,24 @@ def read_mp4(path: str | Path) -> torch.Tensor:
     return torch.stack(frames).permute(0, 3, 1, 2).float() / 255
 
 
-def frame_grid(videos: Mapping[str, torch.Tensor], path: str | Path, upscale: int = 3, label_width: int = 90) -> Path:
-    """One row per model (label on the left), every frame of one video per row: videos name -> [F, 3, H, W]."""
+def frame_grid(
+    videos: Mapping[str, torch.Tensor], path: str | Path, upscale: int = 3, label_width: int = 90,
+    caption: str | None = None,
+) -> Path:  # fmt: skip
+    """One row per model (label on the left), every frame of one video per row: videos name -> [F, 3, H, W];
+    `caption` (e.g. the prompt and seed) on a strip above the rows."""
     rows = {name: _to_uint8(v, upscale) for name, v in videos.items()}
     w, h = rows[next(iter(rows))][0].size
     n = max(len(r) for r in rows.values())
-    grid = Image.new("RGB", (label_width + n * (w + 2), len(rows) * (h + 2)), "white")
+    top = 16 if caption else 0
+    grid = Image.new("RGB", (label_width + n * (w + 2), top + len(rows) * (h + 2)), "white")
     draw = ImageDraw.Draw(grid)
+    if caption:
+        draw.text((4, 2), caption, fill="black")
     for i, (name, frames) in enumerate(rows.items()):
-        draw.text((4, i * (h + 2) + h // 2 - 6), name[:14], fill="black")
+        draw.text((4, top + i * (h + 2) + h // 2 - 6), name[:14], fill="black")
         for j, f in enumerate(frames):
-            grid.paste(f, (label_width + j * (w + 2), i * (h + 2)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+            grid.paste(f, (label_width + j * (w + 2), top + i * (h + 2)))
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return Path(path)

@@ -1,0 +1,49 @@
+"""The `collect` stage as a run: a policy (model + optional adapter) and the collection's settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..buffer.inspect import buffer_info
+from ..pipeline import Pipeline
+from ..schemas.run import RUN_FILE, RunConfig, run_record
+from ..schemas.sections import PolicySection
+from .collector import CollectConfig, CollectSummary, collect
+from .distributed import rank_and_world
+
+
+class CollectRun(RunConfig):
+    """Roll out fork groups from a policy, score every branch and write a sharded replay buffer (re-running
+    resumes). Under `torchrun --nproc_per_node N` each rank writes a disjoint set of shards."""
+
+    model: PolicySection = PolicySection()
+    collect: CollectConfig = CollectConfig()
+
+
+def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
+    """Collect into the buffer `out` (resuming) on this rank; rank 0 records the resolved run in ``run.yaml``.
+    Returns (rank, what this rank did)."""
+    m, out = cfg.model, Path(out)
+    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir)
+    resolved = cfg.replace(collect=cfg.collect.resolve(policy.config))
+    with rank_and_world() as (rank, world):
+        summary = collect(policy, resolved.collect, out, rank, world)
+    if rank == 0:
+        (out / RUN_FILE).write_text(run_record(resolved, "collect"))
+    return rank, summary
+
+
+def summary_lines(out: str | Path, s: CollectSummary) -> list[str]:
+    """What `collect` prints: the buffer's totals and this run's work."""
+    b = buffer_info(out)
+    means = ", ".join(f"{k.removeprefix('reward_')} {v:.3f}" for k, v in b["reward_means"].items())
+    return [f"{out}: {b['groups']} groups ({b['branches']} branches) in {b['shards']} shards, "
+            f"{b['bytes'] / 2**20:.1f} MiB, {b['rejected_groups']} rejected; this run wrote {s.shards_written} shards "
+            f"({s.groups / max(s.seconds, 1e-9):.2f} groups/s), skipped {s.shards_skipped} finished",
+            f"reward means: {means}"]  # fmt: skip
+
+
+def collect_stage(cfg: CollectRun, out: Path) -> str:
+    """The stage behind the command (what it prints)."""
+    rank, s = run_collect(cfg, out)
+    return "\n".join(summary_lines(out, s)) if rank == 0 else ""

@@ -1,0 +1,136 @@
+"""Run configs of `evaluate` and `merge`: the models compared, the paired (prompt, seed) design, rewards."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from ..rewards import CompositeReward
+from ..schemas.config import ModelConfig
+from ..schemas.run import RunConfig, Section, arg
+from ..schemas.sections import EvalPromptSection, ModelSection, PolicySection, PromptSection, PromptSet, RewardSection
+from ..worlds import default_prompts, default_rewards
+
+
+class EvalSettings(ModelSection, EvalPromptSection, RewardSection):
+    """Evaluation"""
+
+    seeds_per_prompt: int = Field(4, ge=1, description="Seeds per prompt (pair i uses --seed + i for every model).",
+                                  json_schema_extra={"flag": "--seeds"})  # fmt: skip
+    seed: int = arg(2_000_000, "First seed of the (prompt, seed) pairs: identical noise for every model.")
+    samples: int = arg(4, "(prompt, seed) pairs written as MP4s, GIFs and frame grids.")
+    n_boot: int = arg(2000, "Bootstrap resamples of the paired differences.")
+
+    def resolved(self) -> EvalSettings:
+        """Rewards and prompts from the model's world where none are given."""
+        model = ModelConfig.load(self.config)
+        rewards, metrics = default_rewards(model, self.rewards, self.metrics)
+        prompts = default_prompts(model, self.prompts, self.prompt_set)
+        return self.model_copy(update={"rewards": rewards, "metrics": metrics, "prompts": prompts})
+
+    def reward(self) -> CompositeReward:
+        """The composite reward (and OOD metrics) scored, the world's by default."""
+        return CompositeReward.parse(*default_rewards(ModelConfig.load(self.config), self.rewards, self.metrics))
+
+
+class Compare(Section):
+    """Models"""
+
+    lora: list[str] = arg([], "Adapter to compare with the base (repeatable; NAME=PATH names it).")
+    weights: list[str] = arg([], "Full merged weights to compare (repeatable; NAME=PATH names it).")
+
+
+class EvaluateRun(RunConfig):
+    """Score the base model and every adapter / merged model on the same prompts and noise; write a report
+    with paired differences vs base (95% bootstrap intervals), per-prompt values, plots, samples."""
+
+    models: Compare = Compare()
+    eval: EvalSettings = EvalSettings()
+
+
+class MergeSettings(Section):
+    """Merge"""
+
+    on: str = arg(..., "On-policy LoRA (peft folder); its scale is swept.")
+    semi: str | None = arg(None, "Semi-on-policy LoRA (peft folder), at --s-semi.")
+    s_semi: float = arg(1.0, "Scale of the semi-on-policy LoRA.")
+    scales: tuple[float, ...] = arg((0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "s_on values to evaluate, comma-separated.")
+    ood_metric: str = arg("background_cleanliness", "OOD metric of the dual criterion.")
+    ood_tolerance: float = arg(0.0, "Allowed drop of the OOD metric vs base.")
+    full_weights: bool = arg(False, "Also write merged.safetensors.")
+
+    @model_validator(mode="after")
+    def _scales(self) -> MergeSettings:
+        if not self.scales or any(s < 0 for s in self.scales):
+            raise ValueError(f"--scales must be non-negative numbers, got {list(self.scales)}")
+        return self
+
+
+class SweepEval(EvalSettings):
+    """Evaluation"""
+
+    prompt_set: PromptSet = arg("held-in", "The world's prompt set when no file is given.")
+
+
+class MergeRun(RunConfig):
+    """W0 + s_semi dW_semi + s_on dW_on, exactly, for every s_on in --scales; evaluate each and select the
+    largest scale that raises the composite without lowering the OOD metric (else keep the base)."""
+
+    merge: MergeSettings
+    eval: SweepEval = SweepEval()
+
+
+def named(spec: str) -> tuple[str, str]:
+    """'NAME=PATH' -> (NAME, PATH); a bare path is named after its run folder (runs/semi/adapter -> semi)."""
+    from pathlib import Path
+
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name:
+        return name, path
+    p = Path(spec)
+    return (p.parent.name if p.name == "adapter" and p.parent.name else p.stem), spec
+
+
+class NoiseStudy(Section):
+    """Study"""
+
+    n_prompts: int = arg(4, "Prompts used (spread over the set).")
+    seeds: int = arg(4, "Fork groups per prompt and pivot.")
+    group_size: int = arg(8, "Branches per group.", short="-G")
+
+
+class NoiseSourcesRun(RunConfig):
+    """Output variance when only the pivot's initial noise changes vs only one solver noise (AR-CoPO Fig. 6)."""
+
+    model: PolicySection = PolicySection()
+    prompts: PromptSection = PromptSection()
+    rewards: RewardSection = RewardSection()
+    study: NoiseStudy = NoiseStudy()
+
+
+class ObjectiveStudy(Section):
+    """Study"""
+
+    runs: tuple[str, ...] = arg(("copo", "copo-offpolicy", "nft", "sde-grpo"),
+                                "Comma-separated: copo, copo-offpolicy, nft, sde-grpo.")  # fmt: skip
+    n_prompts: int = arg(8, "Training prompts (spread over the set).")
+    iterations: int = arg(15, "On-policy iterations per objective (equal budget).")
+    batch_groups: int = arg(8, "Fresh groups per iteration.")
+    group_size: int = arg(8, "Branches per group.", short="-G")
+    lr: float = arg(1e-4, "AdamW learning rate (all objectives).")
+    eval_every: int = arg(6, "Updates between curve points.")
+    eval_seeds: int = arg(4, "Fresh seeds per prompt for the curves and the table.")
+    seed: int = arg(0, "Seed of every run.")
+
+
+class ObjectivesRun(RunConfig):
+    """Equal-budget on-policy comparison of the objectives on the same prompts and seeds (AR-CoPO Fig. 2)."""
+
+    model: ModelSection = ModelSection()
+    prompts: PromptSection = PromptSection()
+    study: ObjectiveStudy = ObjectiveStudy()
+
+
+class DemoRun(RunConfig):
+    """Collect -> train semi -> train on -> merge sweep -> evaluate on held-out prompts, on the shapes world."""
+
+    quick: bool = arg(False, "A smaller run for CI (< 1 min).")

@@ -1,0 +1,94 @@
+"""Atomic outputs: one writer for files and file trees (``atomic_path``), one for output folders
+(``staged_folder``), and the checksums and sizes of what they wrote.
+
+Both build the output beside its final place under a hidden temporary name and make it visible only
+when it is complete, so a crash or an error never leaves a half-written file or folder behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def tree_files(path: Path) -> list[Path]:
+    """The files of an output: itself (a file) or every file under it (a folder), sorted."""
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def tree_bytes(path: Path) -> int:
+    """Size on disk of a file or of every file under a folder."""
+    return sum(f.stat().st_size for f in tree_files(path))
+
+
+def checksum(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's every file (relative path and bytes)."""
+    h = hashlib.sha256()
+    for f in tree_files(path):
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder tree."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling path (nothing there yet) for the caller to write a file or a folder
+    into. On success every file is fsynced and the temporary renamed to `path` (replacing a previous
+    file when `overwrite`, else refusing an existing one); on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_path(tmp)
+    try:
+        yield tmp
+        for f in tree_files(tmp):
+            fsync_path(f)
+        if not overwrite and path.exists():
+            raise FileExistsError(f"{path} already exists: a finished output is never overwritten")
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        remove_path(tmp)
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside `out`. When the block succeeds it takes `out`'s place (a previous
+    `out` is moved aside first and removed after); when it fails it is removed. Nothing half-written is
+    left behind."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

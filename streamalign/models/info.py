@@ -1,0 +1,84 @@
+"""`streamalign model info`: a config's size, geometry, schedule and cache policy (and a strict load check)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..schemas.config import ModelConfig, presets
+from ..schemas.run import RunConfig, arg
+from .checkpoint import load_generator, save_safetensors
+from .sampler import Schedule
+from .wan import CausalWanModel
+
+
+def model_summary(config: str, checkpoint: str | Path | None = None, which: str = "auto",
+                  lora: str | Path | None = None, lora_alpha: float | None = None) -> str:  # fmt: skip
+    """Lines describing the model of `config`; with a checkpoint, loaded strictly (and a LoRA merged)."""
+    cfg = ModelConfig.load(config)
+    if lora is not None and checkpoint is None:
+        raise ValueError("--lora needs --checkpoint (the base weights the LoRA is merged into)")
+    if checkpoint is None:
+        with torch.device("meta"):
+            model = CausalWanModel(cfg.arch)
+    else:
+        model = load_generator(cfg, checkpoint, which=which, lora=lora, lora_alpha=lora_alpha)
+    s, lat = Schedule.from_config(cfg.sampler), cfg.latent
+    cache = "global" if cfg.cache.window is None else f"sink {cfg.cache.sink} + window {cfg.cache.window}"
+    lines = [
+        f"config      {cfg.name} (arch id {cfg.arch_id})",
+        f"parameters  {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M",
+        f"latent      {lat.frames} frames x {lat.channels} x {lat.height} x {lat.width}, {cfg.tokens_per_frame} "
+        f"tokens/frame, {cfg.num_chunks} chunks of {cfg.sampler.chunk_frames}",
+        "timesteps   " + ", ".join(f"{t:.1f}" for t in s.timesteps),
+        "sigmas      " + ", ".join(f"{x:.4f}" for x in s.sigmas),
+        f"cache       {cache}",
+        f"components  text {cfg.text.kind}, codec {cfg.codec.kind}" + (f", world {cfg.world}" if cfg.world else ""),
+    ]
+    if checkpoint is not None:
+        lines.append(f"checkpoint  {checkpoint}: all {len(model.state_dict())} tensors loaded strictly")
+    return "\n".join(lines)
+
+
+def preset_lines(names: list[str]) -> str:
+    """One line per preset config: size and geometry."""
+    out = []
+    for name in names:
+        c = ModelConfig.load(name)
+        a = c.arch
+        out.append(f"{name:11s} dim {a.dim:5d}  layers {a.num_layers:3d}  heads {a.num_heads:3d}  ffn {a.ffn_dim:6d}  "
+                   f"latent {c.latent.frames}x{c.latent.channels}x{c.latent.height}x{c.latent.width}  "
+                   f"{c.tokens_per_frame} tokens/frame")  # fmt: skip
+    return "\n".join(out)
+
+
+class ModelInfoRun(RunConfig):
+    """Build the generator from a config (and checkpoint), report its size and geometry."""
+
+    config: str = arg("wan-1.3b", "Model config: preset name or YAML path.", short="-c")
+    checkpoint: str | None = arg(None, "Local checkpoint to load strictly.")
+    which: str = arg("auto", "Entry of a Self-Forcing style .pt: auto | generator | generator_ema.")
+    lora: str | None = arg(None, "LoRA file/folder to merge (LongLive or peft).")
+    lora_alpha: float | None = arg(None, "LoRA alpha (default: adapter config, else rank).")
+
+
+class ConvertRun(ModelInfoRun):
+    """Validate a checkpoint strictly and save it as a bare-key .safetensors file (atomic write)."""
+
+    checkpoint: str = arg(..., "Source checkpoint (.pt or .safetensors).", argument=True)
+    output: str = arg(..., "Destination .safetensors file.", argument=True)
+
+
+def info_stage(cfg: ModelInfoRun) -> str:
+    return model_summary(cfg.config, cfg.checkpoint, cfg.which, cfg.lora, cfg.lora_alpha)
+
+
+def convert_stage(cfg: ConvertRun) -> str:
+    model = load_generator(cfg.config, cfg.checkpoint, cfg.which, cfg.lora, cfg.lora_alpha, dtype=None)
+    save_safetensors(model.state_dict(), cfg.output)
+    return f"wrote {cfg.output} ({Path(cfg.output).stat().st_size / 1e6:.1f} MB)"
+
+
+def configs_stage(cfg: RunConfig) -> str:
+    return preset_lines(presets())

@@ -1,0 +1,160 @@
+"""The one assembler: a model config -> generator (base weights + optional LoRA) + text encoder + latent
+codec + sampler, with a stable policy id, and the one function that generates videos for (prompt, seed).
+
+The config names every component (``text.kind``, ``codec.kind``, the default ``checkpoint``); a built-in
+world such as ``shapes`` is a preset of it. Wan models need a local Diffusers-format Wan2.1 folder with
+the UMT5 encoder and the VAE (``wan_dir``, or ``text.path`` / ``codec.path`` in the config).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from .io.files import checksum
+from .models.checkpoint import load_generator
+from .models.codec import LatentCodec, PixelUnshuffleCodec, WanVAECodec
+from .models.kv_cache import KVCache
+from .models.protocol import ChunkModel
+from .models.sampler import Sampler, Segment
+from .models.text import MiniLMTextEncoder, TextEncoder, UMT5TextEncoder
+from .schemas.config import ModelConfig
+
+
+@cache
+def minilm(max_len: int) -> MiniLMTextEncoder:
+    """One shared MiniLM encoder per token length (loading takes ~1 s)."""
+    return MiniLMTextEncoder.from_pretrained(max_len=max_len)
+
+
+def build_text(cfg: ModelConfig, device: str | torch.device = "cpu") -> TextEncoder:
+    if cfg.text.kind == "minilm":
+        return minilm(cfg.arch.text_len)
+    if cfg.text.path is None:
+        raise ValueError(f"config {cfg.name!r} needs --wan-dir (local Diffusers Wan2.1 folder: UMT5 + VAE)")
+    return UMT5TextEncoder.from_pretrained(cfg.text.path, max_len=cfg.arch.text_len, device=str(device))
+
+
+def build_codec(cfg: ModelConfig, device: str | torch.device = "cpu") -> LatentCodec:
+    if cfg.codec.kind == "pixel-unshuffle":
+        s = math.isqrt(cfg.latent.channels // 3)
+        if 3 * s * s != cfg.latent.channels:
+            raise ValueError(f"config {cfg.name!r}: latent channels {cfg.latent.channels} are not 3*s^2 "
+                             "(the pixel-unshuffle codec needs them)")  # fmt: skip
+        return PixelUnshuffleCodec(spatial=s, temporal=1)
+    if cfg.codec.path is None:
+        raise ValueError(f"config {cfg.name!r} needs --wan-dir (local Diffusers Wan2.1 folder: UMT5 + VAE)")
+    return WanVAECodec.from_pretrained(cfg.codec.path, device=str(device))
+
+
+def resolve_config(config: str | ModelConfig, wan_dir: str | Path | None = None) -> ModelConfig:
+    """The config by name/path, with ``wan_dir`` (when given) as the folder of both text encoder and VAE."""
+    cfg = ModelConfig.load(config) if isinstance(config, str | Path) else config
+    if wan_dir is not None:
+        cfg = cfg.with_overrides(text={"path": str(wan_dir)}, codec={"path": str(wan_dir)})
+    return cfg
+
+
+def base_checkpoint(cfg: ModelConfig, checkpoint: str | Path | None = None) -> str | Path:
+    """The generator weights to load: `checkpoint`, else the config's default; a clear error otherwise."""
+    if checkpoint is not None:
+        return checkpoint
+    if cfg.checkpoint is not None:
+        return cfg.checkpoint
+    raise ValueError(f"config {cfg.name!r} needs --checkpoint (local generator weights)")
+
+
+@dataclass
+class Pipeline:
+    """Generator + text encoder + codec of one policy. Videos are [B, F, 3, H, W] in [0, 1]."""
+
+    config: ModelConfig
+    model: ChunkModel
+    text: TextEncoder
+    codec: LatentCodec
+    policy_id: str
+
+    @property
+    def sampler(self) -> Sampler:
+        return Sampler(self.model, self.config)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, F, C, h, w] -> videos [B, F', 3, H, W] in [0, 1]."""
+        return self.codec.decode(latents)
+
+    @classmethod
+    def load(
+        cls,
+        config: str | ModelConfig,
+        checkpoint: str | Path | None = None,
+        lora: str | Path | None = None,
+        lora_alpha: float | None = None,
+        wan_dir: str | Path | None = None,
+        device: str = "cpu",
+    ) -> Pipeline:
+        cfg = resolve_config(config, wan_dir)
+        checkpoint = base_checkpoint(cfg, checkpoint)
+        for p, what in ((checkpoint, "checkpoint"), (lora, "LoRA adapter"), (wan_dir, "Wan folder")):
+            if p is not None and not Path(p).exists():
+                raise FileNotFoundError(f"{what} {p} does not exist")
+        model = load_generator(cfg, checkpoint, lora=lora, lora_alpha=lora_alpha, device=device)
+        pid = policy_id(checkpoint, lora, lora_alpha)
+        return cls(cfg, model, build_text(cfg, device), build_codec(cfg, device), pid)
+
+    @classmethod
+    def of_model(cls, config: str | ModelConfig, model: ChunkModel, policy_id: str = "in-memory") -> Pipeline:
+        """The config's text encoder and codec around a generator already in memory (e.g. during training)."""
+        cfg = resolve_config(config)
+        device = next(model.parameters()).device
+        return cls(cfg, model, build_text(cfg, device), build_codec(cfg, device), policy_id)
+
+    @classmethod
+    def from_weights(cls, config: str | ModelConfig, weights: str | Path | None, device: str = "cpu") -> Pipeline:
+        """A pipeline of given generator weights (None: random initialisation)."""
+        cfg = resolve_config(config)
+        pid = policy_id(weights) if weights is not None else "random"
+        return cls.of_model(cfg, load_generator(cfg, weights, device=device), pid)
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[str], seeds: Sequence[int], batch: int = 64, num_chunks: int | None = None
+    ) -> torch.Tensor:
+        """One video per (prompt, seed) with the few-step sampler, noise from the seed: [N, F, 3, H, W]."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        sampler = self.sampler
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        for i in range(0, len(prompts), batch):
+            ctx = self.text.encode(list(prompts[i : i + batch]))
+            out.append(self.decode(sampler.rollout(ctx, sampler.noise_bank(list(seeds[i : i + batch])), num_chunks)))
+        self.model.train(was_training)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def generate_scenes(
+        self, scenes: Sequence[tuple[str, int, bool]], seed: int, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """One video [F, 3, H, W] in [0, 1] from a scene plan (prompt, chunks, hard_cut); noise from `seed`,
+        addressed by the global chunk index; `cache` (e.g. a rolling one) for long videos."""
+        self.model.eval()
+        segments = [Segment(self.text.encode([p]), n, cut) for p, n, cut in scenes]
+        sampler = self.sampler
+        return self.decode(sampler.generate(segments, sampler.noise_bank([seed]), cache))[0]
+
+
+def policy_id(checkpoint: str | Path, lora: str | Path | None = None, lora_alpha: float | None = None) -> str:
+    """16 hex digits of sha256 over the weights' checksums (the base's, and the LoRA's with its alpha)."""
+    h = hashlib.sha256()
+    for p in (checkpoint, lora):
+        if p is not None:
+            h.update(checksum(Path(p)).encode())
+    h.update(repr(lora_alpha).encode())
+    return h.hexdigest()[:16]

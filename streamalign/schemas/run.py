@@ -1,0 +1,196 @@
+"""Runs described by files: nested, typed run configs whose every field is reachable from a YAML file
+(``--run-config``) or a command-line flag, with each default and help text written once, in the field.
+
+A run config is a tree of :class:`Section` s. Leaf names are unique within one run config, so a flat
+mapping ``{"lr": 1e-4, "steps": 40}`` (keyword arguments, flags) is routed to its nested place
+(``optim.lr``, ``schedule.steps``). Field metadata for the CLI lives in ``json_schema_extra``:
+``flag`` (its name), ``short``, ``lines`` (the flag takes a file whose lines become the value).
+Every run writes ``run.yaml``: the resolved config plus the streamalign version, git commit and command
+line; ``--run-config run.yaml`` re-runs it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+
+RUN_FILE = "run.yaml"
+
+
+def arg(default: Any = ..., help: str = "", **cli: Any) -> Any:
+    """A config field with its help text and CLI metadata (flag, short, lines)."""
+    return Field(default, description=help, json_schema_extra=cli or None)
+
+
+class Section(BaseModel):
+    """A component's settings (one help panel on the command line)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def section_types(annotation: Any) -> list[type[Section]]:
+    """The Section classes an annotation holds: one, a union of several (keyed by ``name``), or none."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return [annotation]
+    if typing.get_origin(annotation) is typing.Annotated:
+        return section_types(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [t for a in typing.get_args(annotation) for t in section_types(a)]
+    return []
+
+
+def leaves(cls: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, tuple[str, ...], Any, type]]:
+    """(leaf name, path, pydantic FieldInfo, owning class) of every leaf field, depth first."""
+    for name, info in cls.model_fields.items():
+        subs = section_types(info.annotation)
+        if not subs:
+            yield name, (*prefix, name), info, cls
+            continue
+        seen = set()
+        if len(subs) > 1:  # a union keyed by `name`: one leaf named after the field selects the member
+            names = tuple(sub.model_fields["name"].default for sub in subs)
+            choice = FieldInfo(annotation=typing.Literal[names], default=names[0], description=info.description)
+            yield name, (*prefix, name), choice, cls
+            seen.add("name")
+        for sub in subs:
+            for leaf in leaves(sub, (*prefix, name)):
+                if leaf[0] not in seen:  # a field shared by union members (e.g. clip_eps) is one leaf
+                    seen.add(leaf[0])
+                    yield leaf
+
+
+def leaf_paths(cls: type[BaseModel]) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for name, path, _, _ in leaves(cls):
+        if name in out and out[name] != path:
+            raise TypeError(f"{cls.__name__}: leaf '{name}' appears at {'.'.join(out[name])} and {'.'.join(path)}")
+        out[name] = path
+    return out
+
+
+def route(cls: type[BaseModel], data: dict) -> dict:
+    """Nest a flat mapping: keys that are not top-level fields go to their leaf's section."""
+    paths = leaf_paths(cls)
+    out: dict = {}
+    for key, value in data.items():
+        if key in cls.model_fields:
+            if len(section_types(cls.model_fields[key].annotation)) > 1 and isinstance(value, str):
+                value = {"name": value}  # a union section given by its name: objective="nft"
+            if isinstance(value, BaseModel):
+                value = value.model_dump()
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                value = {**value, **out[key]}
+            out[key] = value
+            continue
+        if key not in paths:
+            raise ValueError(f"unknown setting '{key}' for {cls.__name__} (known: {', '.join(sorted(paths))})")
+        node = out
+        for part in paths[key][:-1]:
+            if isinstance(node.get(part), BaseModel):
+                node[part] = node[part].model_dump()
+            node = node.setdefault(part, {})
+        node[paths[key][-1]] = value
+    return out
+
+
+class RunConfig(Section):
+    """A whole run's settings; built from nested data, flat keywords, or a run file plus overrides."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _route_flat(cls, data: Any) -> Any:
+        return route(cls, data) if isinstance(data, dict) else data
+
+    @classmethod
+    def build(cls, file: str | Path | None = None, **overrides: Any):
+        """The config of a run file (``--run-config``) with single fields overridden; one clear error."""
+        data = read_run_file(file) if file is not None else {}
+        if overrides:
+            data = merge(route(cls, data), route(cls, overrides))
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ValueError(describe(e, file)) from None
+
+    def replace(self, **changes: Any):
+        """A copy with some leaves (flat names) or sections changed, validated."""
+        return type(self).build(None, **{**self.model_dump(), **changes})
+
+
+def merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def describe(e: ValidationError, file: str | Path | None = None) -> str:
+    """The first error as one line that names the field (and the file)."""
+    err = e.errors()[0]
+    names = [str(x) for x in err["loc"] if not isinstance(x, int)]
+    where = ".".join(names) or "config"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    src = f" in {file}" if file is not None else ""
+    if err["type"] == "extra_forbidden":
+        return f"unknown setting '{where}'{src}: check its spelling and section"
+    if err["type"] == "union_tag_invalid":  # e.g. objective: {name: ...}
+        return f"unknown {where} '{err['ctx']['tag']}'{src}: choose one of {err['ctx']['expected_tags']}"
+    if msg.startswith("--"):  # a validator's own message already names the flag
+        return msg
+    flag = f" (--{names[-1].replace('_', '-')})" if names else ""
+    return f"setting '{where}'{flag}{src}: {msg}"
+
+
+def read_run_file(file: str | Path) -> dict:
+    """A run file's config mapping (a ``run.yaml`` written by a run, or a hand-written YAML)."""
+    path = Path(file)
+    if not path.is_file():
+        raise FileNotFoundError(f"run config {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"run config {path}{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"run config {path} is not a YAML mapping")
+    return data.get("config", data) if "streamalign" in data else data
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_record(cfg: BaseModel, stage: str) -> str:
+    """``run.yaml`` text: provenance (version, git commit, command line) and the resolved config."""
+    from .. import __version__
+
+    meta = {"stage": stage, "version": __version__, "git_commit": git_commit(),
+            "command": " ".join(["streamalign", *sys.argv[1:]])}  # fmt: skip
+    return yaml.safe_dump({"streamalign": meta, "config": cfg.model_dump(mode="json")}, sort_keys=False)
+
+
+def differences(a: BaseModel, b: BaseModel, ignore: set[str] = frozenset()) -> list[str]:
+    """Dotted names of the leaves whose values differ between two configs (``ignore``: names to skip)."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}.{key}" if prefix else key).items()}
+
+    fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
+    return sorted(k for k in fa.keys() | fb.keys() if k not in ignore and fa.get(k) != fb.get(k))
