@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from streamalign.rewards import CompositeReward, RewardError
+from streamalign.rewards import CompositeReward, Reward, RewardError
 from streamalign.rewards.models import load_reward_model, preprocess, register_model_reward
 from streamalign.rewards.models.qwen2vl import patchify, remap_keys
 
@@ -371,3 +371,147 @@ def test_videoalign_missing_files_are_one_clear_line(tmp_path):
         load_reward_model("videoalign", tmp_path)
     with pytest.raises(RewardError, match="unknown reward model 'nope'"):
         load_reward_model("nope", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- HPSv3
+@pytest.fixture(scope="module")
+def hpsv3(tmp_path_factory):
+    """MizzenAI/HPSv3's layout: HPSv3.safetensors (4.45 key names, embeddings resized for <|Reward|>, lm_head
+    kept) beside the base Qwen2-VL folder's config.json and tokenizer (without <|Reward|>)."""
+    from safetensors.torch import save_file
+
+    from streamalign.rewards.models.hpsv3 import ranknet_head
+
+    folder = tmp_path_factory.mktemp("hpsv3")
+    tok = tiny_qwen_tokenizer(folder, [])
+    ref = tiny_qwen(folder, tok, seed=4)
+    ref.resize_token_embeddings(len(tok) + 1)
+    torch.manual_seed(5)
+    head = ranknet_head(32).eval()
+    sd = old_layout(ref.state_dict())
+    sd.update({f"rm_head.{k}": v.clone() for k, v in head.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "HPSv3.safetensors"))
+    return folder, ref, head, load_reward_model("hpsv3", folder, device="cpu", batch_size=3)
+
+
+def test_hpsv3_frames_match_an_independent_forward_and_top30(hpsv3):
+    _, ref, head, model = hpsv3
+    v, prompts = videos(2, 4, 40, 60, seed=6), ["a red circle", "a blue square moving left"]
+    frames = model.frame_scores(v, prompts)["score"]
+    assert frames.shape == (2, 4)
+    tok = model.tokenizer
+    reward_id = tok.convert_tokens_to_ids("<|Reward|>")
+    assert reward_id == len(tok) - 1  # added at load, as the reference does
+    for b, f in [(0, 0), (1, 3)]:
+        size = preprocess.smart_resize(40, 60, 28, 200704, 200704)
+        assert size == (392, 560)  # the ceil branch (upscaling) may exceed max_pixels, as in the reference
+        pix, grid = patchify(preprocess.normalize(preprocess.resize(v[b, f][None], size, "pil")))
+        text = model.prompt(prompts[b]).replace("<|image_pad|>", "<|image_pad|>" * (math.prod(grid) // 4))
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        n = ids.shape[1]
+        with torch.no_grad():
+            hid = ref.model(
+                input_ids=ids,
+                pixel_values=pix,
+                image_grid_thw=torch.tensor([grid]),
+                position_ids=torch.arange(n).view(1, 1, n).expand(3, 1, n),
+            ).last_hidden_state
+            mu = head(hid[0, (ids[0] == reward_id).nonzero()[0, 0]].float())[0]
+        assert torch.allclose(frames[b, f], mu, atol=1e-4)
+    assert model.prompt("x").split("<|vision_end|>")[1].startswith("\nYou are tasked with evaluating a generated image")
+    assert (
+        "Textual prompt - x\n\n\n\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n"
+        in model.prompt("x")
+    )
+    assert torch.allclose(model(v, prompts)["score"], preprocess.topk_mean(frames, 0.3))
+    register_model_reward("hpsv3", model=model)
+    assert torch.allclose(Reward("hpsv3", aggregate="top", topk=0.3)(v, prompts), preprocess.topk_mean(frames, 0.3))
+    one = model.frame_scores(v[1:], prompts[1:])["score"]
+    assert torch.allclose(one, frames[1:], atol=1e-5)  # batch invariance (frames of 2 videos in batches of 3)
+
+
+def test_hpsv3_missing_weights_and_offload(hpsv3, tmp_path):
+    folder, *_, model = hpsv3
+    with pytest.raises(RewardError, match=r"hpsv3: weights file not found at .*HPSv3.safetensors.*MizzenAI/HPSv3"):
+        load_reward_model("hpsv3", tmp_path, base=folder)
+    v = videos(1, 2, 40, 60)
+    before = model(v, ["a red circle"])["score"]
+    model.offload()
+    assert torch.equal(model(v, ["a red circle"])["score"], before)
+
+
+# ---------------------------------------------------------------------------------------------- HPSv2, CLIP
+OPEN_CLIP_KEYS = [
+    "visual.class_embedding",
+    "visual.positional_embedding",
+    "visual.proj",
+    "visual.conv1.weight",
+    "visual.ln_pre.weight",
+    "visual.transformer.resblocks.0.attn.in_proj_weight",
+    "visual.transformer.resblocks.0.attn.out_proj.bias",
+    "visual.transformer.resblocks.0.mlp.c_fc.weight",
+    "visual.ln_post.bias",
+    "token_embedding.weight",
+    "positional_embedding",
+    "transformer.resblocks.0.ln_1.weight",
+    "transformer.resblocks.0.mlp.c_proj.bias",
+    "ln_final.weight",
+    "text_projection",
+    "logit_scale",
+]
+
+
+def save_hpsv2(folder, vocab_size):
+    from streamalign.rewards.models.hpsv2 import OpenCLIP
+
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": vocab_size, "width": 32, "heads": 2, "layers": 2},
+    }
+    torch.manual_seed(7)
+    net = OpenCLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
+    sd = {k: torch.randn_like(v) * 0.2 for k, v in net.state_dict().items()}
+    torch.save({"state_dict": sd, "epoch": 3}, folder / "HPS_v2.1_compressed.pt")
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+    return sd
+
+
+def test_hpsv2_open_clip_layout_scores_frames(tmp_path):
+    from tests.test_rewards import _tiny_clip
+
+    (tmp_path / "tokenizer").mkdir()
+    _tiny_clip(tmp_path / "tokenizer")  # its CLIP BPE files serve as the tokenizer folder
+    tok_size = len(json.loads((tmp_path / "tokenizer" / "vocab.json").read_text()))
+    sd = save_hpsv2(tmp_path, tok_size)
+    assert all(k in sd for k in OPEN_CLIP_KEYS)
+    model = load_reward_model("hpsv2", tmp_path, device="cpu", batch_size=5)
+    ids = model.tokenize(["a red circle"])
+    assert ids.shape == (1, 77) and ids[0, 0] == tok_size - 2 and ids.argmax() > 0 and ids[0, -1] == 0
+    v, prompts = videos(2, 4, 24, 40, seed=8), ["a red circle", "a blue square"]
+    frames = model.frame_scores(v, prompts)["score"]
+    assert frames.shape == (2, 4) and frames.abs().max() <= 1 + 1e-5
+    assert torch.allclose(model(v, prompts)["score"], frames.mean(1))
+    assert torch.allclose(model.frame_scores(v[1:], prompts[1:])["score"], frames[1:], atol=1e-5)
+    assert not torch.allclose(model.frame_scores(v, prompts[::-1])["score"], frames)
+    (tmp_path / "HPS_v2.1_compressed.pt").unlink()
+    with pytest.raises(RewardError, match=r"hpsv2: weights file not found at .*HPS_v2.1_compressed.pt"):
+        load_reward_model("hpsv2", tmp_path)
+
+
+def test_clip_scores_frames_and_registers(tmp_path):
+    from tests.test_rewards import _tiny_clip
+
+    _tiny_clip(tmp_path)
+    model = load_reward_model("clip", tmp_path, device="cpu", batch_size=3)
+    v, prompts = videos(2, 3, 30, 50, seed=9), ["a red circle", "a blue square"]
+    frames = model.frame_scores(v, prompts)["score"]
+    assert frames.shape == (2, 3) and frames.abs().max() <= 1 + 1e-5
+    assert torch.allclose(model.frame_scores(v[:1], prompts[:1])["score"], frames[:1], atol=1e-5)
+    scaled = load_reward_model("clip", tmp_path, device="cpu", logit_scale=True).frame_scores(v, prompts)["score"]
+    assert torch.allclose(scaled, frames * model.net.logit_scale.exp(), atol=1e-4)
+    assert register_model_reward("clip", tmp_path, prefix="clip_model", device="cpu") == ["clip_model"]
+    got = CompositeReward.parse("clip_model:top50=1")(v, prompts)
+    assert torch.allclose(got["clip_model:top50"], preprocess.topk_mean(frames, 0.5), atol=1e-6)
+    with pytest.raises(RewardError, match=r"clip: CLIP config.json not found at"):
+        load_reward_model("clip", tmp_path / "missing")

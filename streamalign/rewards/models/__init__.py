@@ -22,6 +22,9 @@ from .base import RewardModel, RewardModelError
 
 ADAPTERS = {
     "videoalign": ("videoalign", "VideoAlignReward"),
+    "hpsv3": ("hpsv3", "HPSv3Reward"),
+    "hpsv2": ("hpsv2", "HPSv2Reward"),
+    "clip": ("clip", "CLIPReward"),
 }
 
 

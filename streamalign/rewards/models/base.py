@@ -99,6 +99,13 @@ class RewardModel:
         self.net: torch.nn.Module | None = None
         self._offloaded = False
 
+    def check_resample(self, mode: str) -> str:
+        from .preprocess import RESIZE_MODES
+
+        if mode not in RESIZE_MODES:
+            raise RewardModelError(f"{self.name}: resample must be one of {RESIZE_MODES}, got '{mode}'")
+        return mode
+
     # -- placement -------------------------------------------------------------------------------
     def _place(self) -> None:
         self.net.to(self.device, self.dtype).eval().requires_grad_(False)

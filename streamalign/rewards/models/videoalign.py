@@ -84,9 +84,8 @@ class VideoAlignReward(RewardModel):
         }
         self.sample_fps = float(sample_fps or data.get("fps") or 2.0)
         self.max_pixels = int(max_pixels or data.get("max_frame_pixels") or 200704)
-        self.min_pixels, self.resample, self.grayscale = min_pixels, resample, grayscale
-        if resample not in P.RESIZE_MODES:
-            raise RewardModelError(f"videoalign: resample must be one of {P.RESIZE_MODES}, got '{resample}'")
+        self.min_pixels, self.grayscale = min_pixels, grayscale
+        self.resample = self.check_resample(resample)
 
         ckpt = latest_checkpoint(path, checkpoint_step)
         base_dir = self._base_dir(path, base, cfg)
