@@ -515,3 +515,17 @@ def test_clip_scores_frames_and_registers(tmp_path):
     assert torch.allclose(got["clip_model:top50"], preprocess.topk_mean(frames, 0.5), atol=1e-6)
     with pytest.raises(RewardError, match=r"clip: CLIP config.json not found at"):
         load_reward_model("clip", tmp_path / "missing")
+
+
+def test_readme_reward_models_snippet_runs():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    m = re.search(r"<!-- reward-models-snippet -->\s*```python\n(.*?)```", text, re.S)
+    assert m, "README lost its reward-models snippet"
+    r = subprocess.run([sys.executable, "-c", m.group(1)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "torch.Size([2]) torch.Size([2, 6])" in r.stdout
