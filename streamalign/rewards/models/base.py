@@ -157,6 +157,7 @@ class RewardModel:
                 out[k].append(chunk[k].float().cpu())
         return {k: torch.cat(v).view(b, f) for k, v in out.items()}
 
+    @torch.no_grad()
     def __call__(self, videos: torch.Tensor, prompts: Sequence[str], fps: float = 16.0) -> dict[str, torch.Tensor]:
         """{output: float32 [B]} for every output of the model."""
         if self.frame_level:
