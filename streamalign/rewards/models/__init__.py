@@ -1,0 +1,102 @@
+"""Real reward models from local folders: VideoAlign (VQ/MQ/TA), HPSv3, HPSv2.1, CLIP.
+
+``load_reward_model(name, path, **options)`` returns a :class:`~.base.RewardModel`:
+``model(videos [B, F, 3, H, W] float in [0, 1], prompts, fps) -> {output: float32 [B]}`` and, for the
+frame-based ones, ``model.frame_scores(videos, prompts) -> {output: float32 [B, F]}``; ``model.offload()``
+moves it off the accelerator between uses. ``register_model_reward(name, path, **options)`` puts every
+output into the reward registry (``videoalign_mq``, ``hpsv3``, ...) so composites use it like a built-in.
+Nothing is downloaded; see each module for its folder layout and options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..registry import RewardSpec, register
+from .base import RewardModel, RewardModelError
+
+ADAPTERS = {
+    "videoalign": ("videoalign", "VideoAlignReward"),
+    "hpsv3": ("hpsv3", "HPSv3Reward"),
+    "hpsv2": ("hpsv2", "HPSv2Reward"),
+    "clip": ("clip", "CLIPReward"),
+}
+
+
+def load_reward_model(name: str, path: str | Path, **options) -> RewardModel:
+    """Load reward model `name` (videoalign, hpsv3, hpsv2, clip) from the local `path`.
+
+    Common options: ``device`` (default cuda if available), ``dtype`` (bf16 on CUDA, fp32 on CPU),
+    ``batch_size`` (videos per forward for videoalign, frames per forward for the others)."""
+    if name not in ADAPTERS:
+        raise RewardModelError(f"unknown reward model '{name}': choose one of {', '.join(ADAPTERS)}")
+    module, cls = ADAPTERS[name]
+    adapter = getattr(importlib.import_module(f".{module}", __name__), cls)
+    return adapter(path, **options)
+
+
+class _LastCall:
+    """One-entry cache so the registry's one-term-at-a-time calls run a multi-output model once per batch."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.key, self.value = fn, None, None
+
+    def __call__(self, videos: torch.Tensor, prompts: Sequence[str]):
+        key = (videos._version, tuple(videos.shape), list(prompts))
+        ref = self.key[0]() if self.key is not None else None
+        if ref is not videos or self.key[1:] != key:
+            self.key, self.value = (weakref.ref(videos), *key), None
+            self.value = self.fn(videos, prompts)
+        return self.value
+
+
+def register_model_reward(
+    name: str,
+    path: str | Path | None = None,
+    *,
+    model: RewardModel | None = None,
+    prefix: str | None = None,
+    fps: float = 16.0,
+    ood: bool = False,
+    **options,
+) -> list[str]:
+    """Load reward model `name` from `path` (or reuse `model`) and register each output under
+    ``<prefix>_<output>`` in lower case (``videoalign_vq``, ..., ``videoalign_overall_raw``), or ``<prefix>``
+    alone for a single-output model (``hpsv3``, ``hpsv2``, ``clip``). `prefix` defaults to `name`; `fps` is
+    the frame rate of the videos the registry will pass (it has no fps argument). Frame-based models register
+    per-frame scores (``frame_level=True``), so ``hpsv3:top30`` gives the mean of the best 30% of frames.
+    Returns the registered names."""
+    if model is None:
+        if path is None:
+            raise RewardModelError(f"register_model_reward('{name}'): give a local path or a loaded model")
+        model = load_reward_model(name, path, **options)
+    elif options:
+        raise RewardModelError(f"register_model_reward('{name}'): options {sorted(options)} need a path, not a model")
+    prefix = prefix or name
+    if model.frame_level:
+        run = _LastCall(lambda v, p: model.frame_scores(v, p))
+    else:
+        run = _LastCall(lambda v, p: model(v, p, fps=fps))
+    names = []
+    for out in model.outputs:
+        reg = prefix if len(model.outputs) == 1 else f"{prefix}_{out.lower()}"
+        register(
+            RewardSpec(
+                reg,
+                lambda v, p, out=out: run(v, p)[out],
+                f"{model.name} {out} ({'per frame' if model.frame_level else 'per video'}) from {path or 'a model'}",
+                ood=ood,
+                frame_level=model.frame_level,
+            ),
+            overwrite=True,
+        )
+        names.append(reg)
+    return names
+
+
+__all__ = ["ADAPTERS", "RewardModel", "RewardModelError", "load_reward_model", "register_model_reward"]
