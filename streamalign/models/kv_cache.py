@@ -305,12 +305,6 @@ class KVCache:
         out.in_prefix = [f >= 0 for f in out.slot_frame]
         return out
 
-    def expansion_row_bytes(self, max_frames: int | None = None) -> int:
-        """Bytes one branch's own storage takes in ``expand(.., max_frames)`` (k and v, all layers)."""
-        cap = self.capacity if (self.window is not None or max_frames is None) else max_frames
-        base = self.end_frame if self.window is None else min(self.end_frame, self.sink)
-        return kv_bytes(self.num_layers, cap - base, self.tokens_per_frame, self.num_heads, self.head_dim, self.dtype)
-
     def clone(self) -> KVCache:
         """An independent copy (an expansion's prefix is copied once, still batch 1 and shared by rows)."""
 

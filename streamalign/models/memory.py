@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..schemas.config import ModelConfig
+from .sampler import Sampler
 from .wan import CausalWanModel
 
 GiB = 2**30
@@ -84,6 +85,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func.namespace == "prim":  # metadata queries (fake tensors ask for .device often): no storage
+            return out
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._add(t)
@@ -155,13 +158,20 @@ def measure(
 
 def fake_generator(cfg: ModelConfig, dtype: torch.dtype, mode: FakeTensorMode) -> CausalWanModel:
     """The generator of `cfg` with fake CPU parameters of `dtype`: built on the meta device (no init
-    cost), then given storage-less fake parameters under `mode`. Shapes and dtypes are the real ones."""
+    cost), then given storage-less fake parameters under `mode` (which must allow non-fake inputs: the
+    meta parameters are the templates). Shapes and dtypes are the real ones."""
     with torch.device("meta"):
         model = CausalWanModel(cfg.arch)
     model = model.to(dtype).eval().requires_grad_(False)
     with mode:
         model.to_empty(device="cpu")
     return model
+
+
+def fake_sampler(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> tuple[Sampler, FakeTensorMode]:
+    """A :class:`Sampler` over :func:`fake_generator`, and the fake mode to run it under."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    return Sampler(fake_generator(cfg, dtype, mode), cfg), mode
 
 
 def fork_group_memory(
@@ -179,11 +189,8 @@ def fork_group_memory(
     text_dim] (float32, as the text encoders return it) are inputs; everything the sampler allocates
     (KV caches, activations, noise, the returned group) is measured. `fork_kwargs` go to fork_group
     (e.g. ``branch_batch``, ``memory_budget``)."""
-    from .sampler import Sampler  # the sampler imports this package's model module; keep imports one-way
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    model = fake_generator(cfg, dtype, mode)
-    sampler = Sampler(model, cfg)
+    sampler, mode = fake_sampler(cfg, dtype)
+    model = sampler.model
     with mode:
         text = torch.zeros(1, text_tokens, cfg.arch.text_dim)
     weights = [*model.parameters(), *model.buffers()]
@@ -193,7 +200,11 @@ def fork_group_memory(
             track=[*weights, text],
             flops=flops,
         )
+    chosen = fork_kwargs.get("branch_batch") or sampler.auto_branch_batch(
+        group_size, pivot, fork_kwargs.get("num_chunks"), fork_kwargs.get("memory_budget")
+    )
     report.notes.update(
+        branch_batch=chosen,
         model=cfg.name,
         pivot=pivot,
         group_size=group_size,

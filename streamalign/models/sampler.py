@@ -268,7 +268,7 @@ class Sampler:
         # the batch-1 prefix cache holds only the prefix; each branch batch gets its own frames' storage
         prefix_cache = self.new_cache(1, pivot) if pivot > 0 else None
         prefix = [self.denoise_chunk(prefix_cache, j, bank, context).x0 for j in range(pivot)]
-        bb = branch_batch or self.auto_branch_batch(group_size, pivot, n, prefix_cache, memory_budget)
+        bb = branch_batch or self.auto_branch_batch(group_size, pivot, n, memory_budget)
         x_t, x0s, latents = [], [], []
         for lo in range(0, group_size, bb):
             hi = min(lo + bb, group_size)
@@ -300,37 +300,29 @@ class Sampler:
         )
 
     # -- memory of fork groups -----------------------------------------------------------------------
-    def branch_bytes(self, pivot: int, num_chunks: int | None = None, prefix: KVCache | None = None) -> int:
+    def branch_bytes(self, pivot: int, num_chunks: int | None = None) -> int:
         """Device bytes one more branch adds to a batch of a fork group at `pivot` (an upper estimate):
-        its own KV (the frames after the prefix, in the cache dtype) plus the activations of one chunk
-        forward and the chunk's recorded float32 step inputs / predictions.
+        its own KV (the frames after the prefix, in the cache dtype; a rolling cache's ring at most) plus
+        the activations of one chunk forward and the chunk's recorded float32 step inputs / predictions.
 
         Activations per branch, for n = chunk_frames * tokens_per_frame tokens, are bounded by
         ``n * (ACT_DIM_FLOATS * dim + ACT_FFN_FLOATS * ffn_dim) * 4`` bytes: the float32 q/k RMSNorm and
         RoPE temporaries, the float32 LSE-merge accumulator, the FFN hidden state. The constants are
         checked against the fake-tensor tracker at full size (tests/test_fullsize_memory.py)."""
         n = num_chunks or self.config.num_chunks
-        arch, c = self.model.arch, self.chunk_frames
-        if prefix is not None:
-            kv = prefix.expansion_row_bytes(n * c)
-        else:
-            cc = self.config.cache
-            frames = cc.sink + cc.window if cc.window is not None else n * c
-            dtype = compute_dtype(self.model)
-            kv = kv_bytes(arch.num_layers, frames, self.config.tokens_per_frame, arch.num_heads, arch.head_dim, dtype)
-        tokens = c * self.config.tokens_per_frame
-        act = tokens * (ACT_DIM_FLOATS * arch.dim + ACT_FFN_FLOATS * arch.ffn_dim) * 4
+        arch, c, cc = self.model.arch, self.chunk_frames, self.config.cache
+        prefix_frames = pivot * c
+        # global: the frames after the prefix; rolling: the ring, plus the sink frames the prefix lacks
+        own = n * c - prefix_frames if cc.window is None else cc.sink + cc.window - min(prefix_frames, cc.sink)
+        tpf = self.config.tokens_per_frame
+        kv = kv_bytes(arch.num_layers, own, tpf, arch.num_heads, arch.head_dim, compute_dtype(self.model))
+        act = c * tpf * (ACT_DIM_FLOATS * arch.dim + ACT_FFN_FLOATS * arch.ffn_dim) * 4
         chunk = math.prod(self.chunk_shape) * 4
         recorded = 2 * len(self.schedule) * chunk + (n - pivot) * chunk
         return kv + act + recorded
 
     def auto_branch_batch(
-        self,
-        group_size: int,
-        pivot: int,
-        num_chunks: int | None = None,
-        prefix: KVCache | None = None,
-        memory_budget: int | None = None,
+        self, group_size: int, pivot: int, num_chunks: int | None = None, memory_budget: int | None = None
     ) -> int:
         """How many branches of a fork group run at once: ``memory_budget // branch_bytes`` in 1..G.
 
@@ -338,8 +330,7 @@ class Sampler:
         (weights, the prefix KV). Default: on CUDA, 90% of the device memory not in use (free plus cached
         by PyTorch's allocator but unallocated); elsewhere (CPU, fake tensors) ``DEFAULT_BRANCH_MEMORY``."""
         budget = memory_budget if memory_budget is not None else self.free_memory()
-        per = self.branch_bytes(pivot, num_chunks, prefix)
-        return max(1, min(group_size, budget // per))
+        return max(1, min(group_size, budget // self.branch_bytes(pivot, num_chunks)))
 
     def free_memory(self) -> int:
         """Bytes the sampler may still allocate on the model's device (see :meth:`auto_branch_batch`)."""
