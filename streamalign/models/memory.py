@@ -126,9 +126,7 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * b * h * lq * lk * (d + dv)
 
 
-def measure(
-    fn: Callable[[], Any], track: Iterable[torch.Tensor] = (), flops: bool = False
-) -> tuple[Any, MemoryReport]:
+def measure(fn: Callable[[], Any], track: Iterable[torch.Tensor] = (), flops: bool = False) -> tuple[Any, MemoryReport]:
     """Run ``fn()`` under :class:`LiveBytes` (and ``FlopCounterMode`` if `flops`); `track` are tensors
     alive before the call (weights, inputs) that count towards the peak. Returns (result, report)."""
     tracker = LiveBytes()
