@@ -82,7 +82,8 @@ def test_fullsize_fork_group_peak(name, pivot, record_property):
     cfg = ModelConfig.load(name)
     report = fork_group_memory(cfg, pivot, group_size=12)
     a, c = cfg.arch, cfg.sampler.chunk_frames
-    tpf, n, bb = cfg.tokens_per_frame, cfg.num_chunks, report.notes["branch_batch"]
+    tpf, n = cfg.tokens_per_frame, cfg.num_chunks
+    bb = fake_sampler(cfg)[0].auto_branch_batch(12, pivot)  # what fork_group chose by default
 
     def kv(frames: int) -> int:
         return kv_bytes(a.num_layers, frames, tpf, a.num_heads, a.head_dim, torch.bfloat16)

@@ -198,11 +198,7 @@ def fork_group_memory(
             track=[*weights, text],
             flops=flops,
         )
-    chosen = fork_kwargs.get("branch_batch") or sampler.auto_branch_batch(
-        group_size, pivot, fork_kwargs.get("num_chunks"), fork_kwargs.get("memory_budget")
-    )
     report.notes.update(
-        branch_batch=chosen,
         model=cfg.name,
         pivot=pivot,
         group_size=group_size,
