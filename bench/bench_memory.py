@@ -39,12 +39,12 @@ SMALL = dict(
 
 
 # -- workers (run in a subprocess against one code version) -------------------------------------------
-def worker_memory(model: str, pivot: int, group: int) -> dict:
+def worker_memory(model: str, pivot: int, group: int, flops: bool) -> dict:
     from streamalign.models.memory import fork_group_memory
     from streamalign.schemas.config import ModelConfig
 
-    report = fork_group_memory(ModelConfig.load(model), pivot, group_size=group)
-    return {"peak": report.peak, "baseline": report.baseline, "seconds": report.seconds}
+    report = fork_group_memory(ModelConfig.load(model), pivot, group_size=group, flops=flops)
+    return {"peak": report.peak, "baseline": report.baseline, "seconds": report.seconds, "flops": report.flops}
 
 
 def worker_speed(group: int, repeats: int) -> dict:
@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the speed runs")
+    ap.add_argument("--flops", action="store_true", help="also count the after-run's FLOPs (slower)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -119,7 +120,7 @@ def main() -> None:
     if args.worker:
         kind, *rest = args.worker
         if kind == "memory":
-            print(json.dumps(worker_memory(rest[0], int(rest[1]), int(rest[2]))))
+            print(json.dumps(worker_memory(rest[0], int(rest[1]), int(rest[2]), rest[3] == "1")))
         else:
             import torch
 
@@ -139,11 +140,12 @@ def main() -> None:
             )
             for model in args.models:
                 for pivot in args.pivots:
-                    b = run_worker(before, 1, "memory", model, str(pivot), str(args.group))
-                    a = run_worker(ROOT, 1, "memory", model, str(pivot), str(args.group))
+                    b = run_worker(before, 1, "memory", model, str(pivot), str(args.group), "0")
+                    a = run_worker(ROOT, 1, "memory", model, str(pivot), str(args.group), str(int(args.flops)))
+                    fl = f"   {a['flops'] / 1e15:.2f} PFLOP" if a["flops"] is not None else ""
                     print(
                         f"{model:10s} {pivot:5d} {b['peak'] / GIB:8.2f} {a['peak'] / GIB:8.2f} "
-                        f"{b['peak'] / a['peak']:6.2f}   {b['seconds']:.0f} / {a['seconds']:.0f}",
+                        f"{b['peak'] / a['peak']:6.2f}   {b['seconds']:.0f} / {a['seconds']:.0f}{fl}",
                         flush=True,
                     )
         if not args.skip_speed:

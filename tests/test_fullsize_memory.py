@@ -48,7 +48,7 @@ def test_tracker_counts_each_storage_once_and_sees_frees():
 @pytest.mark.parametrize("branch_batch", [None, 1])
 def test_tracker_on_fake_tensors_equals_real_allocations(text, branch_batch):
     """Reduced width, the same fork_group code: the tracker's peak on fake tensors equals its peak on real
-    tensors, which equals the CPU allocator's own peak."""
+    tensors, which equals the CPU allocator's own peak; FLOPs counted on fake and real tensors agree."""
     cfg = reduced()
     model = make_model(cfg)
     sampler = Sampler(model, cfg)
@@ -57,9 +57,12 @@ def test_tracker_on_fake_tensors_equals_real_allocations(text, branch_batch):
     def run():
         return sampler.fork_group(ctx, sampler.noise_bank(0), 1, 4, branch_batch=branch_batch)
 
-    _, real = measure(run, track=[*model.parameters(), ctx])
-    fake = fork_group_memory(cfg, 1, group_size=4, dtype=torch.float32, text_tokens=7, branch_batch=branch_batch)
+    _, real = measure(run, track=[*model.parameters(), ctx], flops=True)
+    fake = fork_group_memory(
+        cfg, 1, group_size=4, dtype=torch.float32, text_tokens=7, flops=True, branch_batch=branch_batch
+    )
     assert fake.peak == real.peak and fake.final == real.final
+    assert fake.flops == real.flops > 0
     assert real.peak - real.baseline == pytest.approx(allocator_peak(run), rel=0.01)
 
 
