@@ -66,6 +66,23 @@ def test_tracker_on_fake_tensors_equals_real_allocations(text, branch_batch):
     assert real.peak - real.baseline == pytest.approx(allocator_peak(run), rel=0.01)
 
 
+def test_flops_of_a_forward_equal_the_matmul_arithmetic(tiny, text):
+    """One cached forward of chunk 0: every matmul, convolution and attention product, 2 FLOPs a MAC."""
+    cfg, model, sampler = tiny
+    a = cfg.arch
+    d, f, lt = a.dim, a.ffn_dim, a.text_len
+    x = torch.randn(1, *sampler.chunk_shape)
+    n = sampler.chunk_frames * cfg.tokens_per_frame
+    with torch.no_grad():
+        _, report = measure(lambda: model(x, torch.zeros(1, 3), text, sampler.new_cache(1)), flops=True)
+    layer = 4 * 2 * n * d * d + 4 * n * n * d  # self-attention: q, k, v, o and QK^T, PV
+    layer += 2 * 2 * n * d * d + 2 * 2 * lt * d * d + 4 * n * lt * d  # cross-attention
+    layer += 2 * 2 * n * d * f  # ffn
+    rest = 2 * n * d * a.in_dim * 4 + 2 * lt * (a.text_dim * d + d * d)  # patch conv, text MLP
+    rest += 2 * 3 * (a.freq_dim * d + d * d + d * 6 * d) + 2 * n * d * 4 * a.out_dim  # time MLPs, head
+    assert report.flops == a.num_layers * layer + rest
+
+
 FULL_LIMIT_GIB = {"wan-1.3b": 40, "wan-14b": 120}
 
 

@@ -135,7 +135,8 @@ def measure(fn: Callable[[], Any], track: Iterable[torch.Tensor] = (), flops: bo
     counter = None
     t0 = time.perf_counter()
     if flops:
-        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+        # FlopCounterMode looks formulas up by overload packet
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         counter = FlopCounterMode(display=False, custom_mapping={op: _sdpa_cpu_flops})
         with counter, tracker:
             out = fn()
