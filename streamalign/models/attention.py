@@ -4,8 +4,9 @@
 parts (a fork group's shared batch-1 prefix and each branch's own frames) WITHOUT concatenating them:
 each part's softmax output ``o_i`` and log-sum-exp ``lse_i`` come from a fused kernel (never a
 [Lq, Lk] probability matrix for all heads), and the parts are merged exactly,
-``o = sum_i exp(lse_i - lse) o_i`` with ``lse = logsumexp_i lse_i``, which is softmax attention over the
-union of the keys (attention is invariant to the order of keys).
+``o = sum_i exp(lse_i - lse) o_i`` with ``lse = logsumexp_i lse_i`` (two at a time:
+``o = lerp(o_2, o_1, sigmoid(lse_1 - lse_2))``), which is softmax attention over the union of the keys
+(attention is invariant to the order of keys).
 """
 
 from __future__ import annotations
@@ -94,9 +95,10 @@ def attend_parts(q: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tens
     """Attention of q [B, Lq, H, D] over the union of key/value parts, each (k, v) [B or 1, Lk_i, H, D].
 
     One part: plain :func:`attend`. Several: each part's output and LSE, merged exactly in float32
-    (``o = sum_i exp(lse_i - lse) o_i``), so a batch-1 part (the shared prefix) is never broadcast to B
-    rows. Under autograd the fused kernels do not differentiate the LSE, so the parts are concatenated
-    instead (the pivot replay's keys are one chunk; exact gradients matter more there than bytes).
+    (``o = sum_i exp(lse_i - lse) o_i``, folded pairwise), so a batch-1 part (the shared prefix) is never
+    broadcast to B rows. Under autograd the fused kernels do not differentiate the LSE, so the parts are
+    concatenated instead (training replays one pivot chunk: exact gradients matter more there than the
+    prefix copy).
     Returns [B, Lq, H, D] in q's dtype.
     """
     if len(parts) == 1:
@@ -106,11 +108,13 @@ def attend_parts(q: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tens
         k = torch.cat([pk.expand(b, *pk.shape[1:]) for pk, _ in parts], dim=1)
         v = torch.cat([pv.expand(b, *pv.shape[1:]) for _, pv in parts], dim=1)
         return attend(q, k, v)
-    outs, lses = zip(*(attend_lse(q, k, v) for k, v in parts), strict=True)
-    lse = torch.stack(lses).logsumexp(0)  # [B, Lq, H]
-    acc = None
-    for o, part_lse in zip(outs, lses, strict=True):
-        w = (part_lse - lse).exp_().unsqueeze(-1)  # [B, Lq, H, 1]: this part's share of the softmax mass
-        term = o.float().mul_(w) if o.dtype != torch.float32 else o * w
-        acc = term if acc is None else acc.add_(term)
-    return acc.to(q.dtype)
+    out, lse = attend_lse(q, *parts[0])
+    out = out.float()
+    for k, v in parts[1:]:
+        o, part_lse = attend_lse(q, k, v)
+        # the softmax mass of the keys merged so far vs this part's: out = w * out + (1 - w) * o, with
+        # w = e^lse / (e^lse + e^part_lse) = sigmoid(lse - part_lse), numerically stable in float32
+        w = torch.sigmoid(lse - part_lse).unsqueeze(-1)  # [B, Lq, H, 1]
+        out = torch.lerp(o.float(), out, w)
+        lse = torch.logaddexp(lse, part_lse)
+    return out.to(q.dtype)
