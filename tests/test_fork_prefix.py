@@ -48,7 +48,7 @@ def test_fused_lse_equals_blocked_reference(monkeypatch):
 
 
 @pytest.mark.parametrize("sink,window", [(0, None), (1, 5), (0, 6)])
-@pytest.mark.parametrize("pivot,branch_batch", [(0, 1), (2, 1), (2, 3), (3, None)])
+@pytest.mark.parametrize("pivot,branch_batch", [(0, 1), (2, 3), (3, None)])
 def test_branch_batches_equal_independent_rollouts(text, sink, window, pivot, branch_batch):
     cfg = tiny_config(sink=sink, window=window)
     sampler = Sampler(make_model(cfg), cfg)

@@ -22,7 +22,9 @@ from .noise import ForkNoise, NoiseBank, NoiseSource
 from .wan import CausalWanModel
 
 # Fork-group branch batching (see Sampler.auto_branch_batch / branch_bytes). Without a device to ask
-# (CPU, fake tensors) the branch batches may hold this many bytes beyond the weights and shared prefix.
+# (CPU, fake tensors) the branch batches may hold this many bytes beyond the weights and shared prefix:
+# at full size a wan-1.3b group then peaks near 20 GiB at any pivot (a 40/48 GB card, with room for the
+# text encoder or VAE), while a wan-14b branch alone needs ~26 GiB at pivot 0 (batches of 1).
 DEFAULT_BRANCH_MEMORY = 24 * 2**30
 # float32 activations per token of one branch's chunk forward, in units of dim and ffn_dim
 ACT_DIM_FLOATS = 8
