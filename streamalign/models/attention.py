@@ -1,6 +1,18 @@
-"""Attention kernels: PyTorch SDPA everywhere, flash-attn when importable on CUDA (never required)."""
+"""Attention kernels: PyTorch SDPA everywhere, flash-attn when importable on CUDA (never required).
+
+:func:`attend` is plain multi-head attention. :func:`attend_parts` attends to keys/values given in
+parts (a fork group's shared batch-1 prefix and each branch's own frames) WITHOUT concatenating them:
+each part's softmax output ``o_i`` and log-sum-exp ``lse_i`` come from a fused kernel (never a
+[Lq, Lk] probability matrix for all heads), and the parts are merged exactly,
+``o = sum_i exp(lse_i - lse) o_i`` with ``lse = logsumexp_i lse_i`` (two at a time:
+``o = lerp(o_2, o_1, sigmoid(lse_1 - lse_2))``), which is softmax attention over the union of the keys
+(attention is invariant to the order of keys).
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +21,9 @@ try:  # pragma: no cover - exercised only on CUDA machines with flash-attn insta
     from flash_attn import flash_attn_func as _flash_attn_func
 except Exception:  # ImportError, or a broken CUDA build
     _flash_attn_func = None
+
+# manual fallback: bytes of float32 scores one query block may hold (all heads of one batch row)
+_SCORE_BLOCK_BYTES = 256 * 2**20
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,3 +44,77 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return _flash_attn_func(q, k, v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
+
+
+def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention that also returns the softmax normaliser.
+
+    q: [B, Lq, H, D]; k, v: [Bk, Lk, H, D], Bk == B or 1 (shared keys: queries folded, no k/v copies).
+    Returns ``out`` [B, Lq, H, D] (q's dtype) and ``lse`` [B, Lq, H] float32, the natural-log
+    ``logsumexp_j(q.k_j / sqrt(D))``. The LSE is not differentiable through the fused kernels: callers
+    that need gradients use :func:`attend` on concatenated keys (see :func:`attend_parts`).
+    """
+    b, lq, h, d = q.shape
+    if k.shape[0] == 1 and b > 1:
+        out, lse = attend_lse(q.reshape(1, b * lq, h, d), k, v)
+        return out.reshape(q.shape), lse.reshape(b, lq, h)
+    if q.is_cuda and _flash_attn_func is not None and q.dtype in (torch.float16, torch.bfloat16):  # pragma: no cover
+        out, lse, _ = _flash_attn_func(q, k, v, return_attn_probs=True)  # lse [B, H, Lq]
+        return out, lse.transpose(1, 2).float()
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D] views
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)
+        return out.transpose(1, 2), lse.transpose(1, 2)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d <= 256:  # pragma: no cover
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
+        return out.transpose(1, 2), lse.transpose(1, 2)
+    if q.is_cuda:  # pragma: no cover - float32 on CUDA: memory-efficient kernel (its lse is padded on Lq)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
+        return out.transpose(1, 2), lse[..., :lq].transpose(1, 2)
+    return _attend_lse_blocked(q, k, v)
+
+
+def _attend_lse_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference computation in float32 for devices/dtypes without a fused kernel, in query blocks so
+    the scores held at once stay under ``_SCORE_BLOCK_BYTES`` per batch row."""
+    lq, h, d = q.shape[1:]
+    lk = k.shape[1]
+    block = max(1, _SCORE_BLOCK_BYTES // (4 * h * max(lk, 1)))
+    kf, vf = k.float().transpose(1, 2), v.float().transpose(1, 2)  # [B, H, Lk, D]
+    outs, lses = [], []
+    for s in range(0, lq, block):
+        qb = q[:, s : s + block].float().transpose(1, 2)  # [B, H, n, D]
+        scores = qb @ kf.transpose(-1, -2) / math.sqrt(d)
+        lse = scores.logsumexp(-1)  # [B, H, n]
+        outs.append(((scores - lse[..., None]).exp() @ vf).transpose(1, 2))
+        lses.append(lse.transpose(1, 2))
+    return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, 1)
+
+
+def attend_parts(q: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Attention of q [B, Lq, H, D] over the union of key/value parts, each (k, v) [B or 1, Lk_i, H, D].
+
+    One part: plain :func:`attend`. Several: each part's output and LSE, merged exactly in float32
+    (``o = sum_i exp(lse_i - lse) o_i``, folded pairwise), so a batch-1 part (the shared prefix) is never
+    broadcast to B rows. Under autograd the fused kernels do not differentiate the LSE, so the parts are
+    concatenated instead (training replays one pivot chunk: exact gradients matter more there than the
+    prefix copy).
+    Returns [B, Lq, H, D] in q's dtype.
+    """
+    if len(parts) == 1:
+        return attend(q, *parts[0])
+    b = q.shape[0]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, *(x for p in parts for x in p))):
+        k = torch.cat([pk.expand(b, *pk.shape[1:]) for pk, _ in parts], dim=1)
+        v = torch.cat([pv.expand(b, *pv.shape[1:]) for _, pv in parts], dim=1)
+        return attend(q, k, v)
+    out, lse = attend_lse(q, *parts[0])
+    out = out.float()
+    for k, v in parts[1:]:
+        o, part_lse = attend_lse(q, k, v)
+        # the softmax mass of the keys merged so far vs this part's: out = w * out + (1 - w) * o, with
+        # w = e^lse / (e^lse + e^part_lse) = sigmoid(lse - part_lse), numerically stable in float32
+        w = torch.sigmoid(lse - part_lse).unsqueeze(-1)  # [B, Lq, H, 1]
+        out = torch.lerp(o.float(), out, w)
+        lse = torch.logaddexp(lse, part_lse)
+    return out.to(q.dtype)

@@ -1,8 +1,9 @@
 """KV cache for chunk-autoregressive generation.
 
 Self-attention keys/values are stored per layer as ``[B, S, heads, head_dim]`` with keys already
-RoPE-rotated at their absolute frame position (never re-rotated when the cache rolls). Slots hold whole
-latent frames (``tokens_per_frame`` tokens each):
+RoPE-rotated at their absolute frame position (never re-rotated when the cache rolls), in the model's
+compute dtype (its parameter dtype: a bf16 model keeps a bf16 cache). Slots hold whole latent frames
+(``tokens_per_frame`` tokens each):
 
 - global cache (``window=None``): frame f lives in slot f; capacity ``max_frames``.
 - rolling cache: ``sink`` frames are kept forever in slots ``[0, sink)``; the other frames go to a ring of
@@ -13,8 +14,12 @@ Writing the chunk that starts at frame f overwrites that chunk's slots, so re-ru
 denoising step and the t=0 refresh) is idempotent. Cross-attention k/v are computed once per prompt and
 kept until :meth:`reset_cross` (prompt switch).
 
-:meth:`expand` shares a batch-1 prefix with G branches as stride-0 views; a layer's storage is copied
-to G rows only when a branch first writes to it (copy on divergence). :meth:`clone` is a deep copy.
+Fork groups: :meth:`expand` gives G branches a batch-1 prefix WITHOUT copying it. The expansion reads
+the prefix frames from the parent's storage (``prefix_k`` / ``prefix_v``, batch 1) and keeps only the
+frames the branches write themselves in its own storage (``k`` / ``v``, batch G, covering slots
+``own_base ..`` only: a global expansion holds just the frames after the prefix). Attention then runs
+over the two parts separately and merges them exactly by their log-sum-exp
+(:func:`~streamalign.models.attention.attend_parts`). :meth:`clone` is a deep copy.
 """
 
 from __future__ import annotations
@@ -27,10 +32,14 @@ import torch
 
 @dataclass(frozen=True)
 class CachePlan:
-    """Where one forward call writes its tokens and which token slots it attends to."""
+    """Where one forward call writes its tokens and which token slots it attends to.
+
+    `write` / `read` index the cache's own storage ``k[layer]`` along its token dim; for an expansion
+    `prefix_read` indexes the shared batch-1 prefix storage (None: no prefix frame is attended to)."""
 
     write: slice | torch.Tensor
     read: slice | torch.Tensor
+    prefix_read: slice | torch.Tensor | None = None
 
 
 def _as_index(slots: list[int], tokens_per_frame: int, device: torch.device) -> slice | torch.Tensor:
@@ -39,6 +48,26 @@ def _as_index(slots: list[int], tokens_per_frame: int, device: torch.device) -> 
         return slice(slots[0] * tokens_per_frame, (slots[0] + len(slots)) * tokens_per_frame)
     base = torch.tensor(slots, dtype=torch.long, device=device) * tokens_per_frame
     return (base[:, None] + torch.arange(tokens_per_frame, device=device)).flatten()
+
+
+def _take(t: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
+    return t[:, index] if isinstance(index, slice) else t.index_select(1, index)
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the model computes in: its patch embedding's (CausalWanModel casts inputs to it), else
+    its first floating-point parameter's (a float32 LoRA factor on a bf16 model does not change it)."""
+    embed = getattr(model, "patch_embedding", None)
+    if embed is not None:
+        return embed.weight.dtype
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def kv_bytes(
+    num_layers: int, frames: int, tokens_per_frame: int, num_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    """Bytes of self-attention k and v for `frames` frames of ONE batch row over all layers."""
+    return 2 * num_layers * frames * tokens_per_frame * num_heads * head_dim * dtype.itemsize
 
 
 class KVCache:
@@ -59,10 +88,13 @@ class KVCache:
             raise ValueError("a global KV cache needs max_frames (or give a rolling window)")
         self.num_layers = num_layers
         self.batch = batch
+        self.num_heads = num_heads
+        self.head_dim = head_dim
         self.tokens_per_frame = tokens_per_frame
         self.sink = sink
         self.window = window
         self.capacity = (sink + window) if window is not None else max_frames
+        self.dtype = dtype
         self.device = torch.device(device)
         shape = (batch, self.capacity * tokens_per_frame, num_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
@@ -71,6 +103,13 @@ class KVCache:
         self.cross_v: list[torch.Tensor | None] = [None] * num_layers
         self.slot_frame = [-1] * self.capacity  # absolute frame index held by each slot
         self.end_frame = 0  # one past the newest frame written
+        # expansions only (see expand()): the shared batch-1 prefix storage, which slots still hold a prefix
+        # frame, the first slot of the own storage, and whether each layer's own storage exists yet
+        self.prefix_k: list[torch.Tensor] | None = None
+        self.prefix_v: list[torch.Tensor] | None = None
+        self.in_prefix = [False] * self.capacity
+        self.own_base = 0
+        self.own_ready = [True] * num_layers
 
     @classmethod
     def for_model(
@@ -81,8 +120,10 @@ class KVCache:
         max_frames: int | None = None,
         sink: int = 0,
         window: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> KVCache:
-        p = next(model.parameters())
+        """A cache shaped for `model`, in `dtype` (default: the model's compute dtype, see
+        :func:`compute_dtype`) on the model's device."""
         arch = model.arch
         return cls(
             arch.num_layers,
@@ -93,9 +134,13 @@ class KVCache:
             max_frames=max_frames,
             sink=sink,
             window=window,
-            dtype=p.dtype,
-            device=p.device,
+            dtype=dtype or compute_dtype(model),
+            device=next(model.parameters()).device,
         )
+
+    @property
+    def is_expansion(self) -> bool:
+        return self.prefix_k is not None
 
     # -- slots ---------------------------------------------------------------------------------------
     def slot_of(self, frame: int) -> int:
@@ -125,44 +170,79 @@ class KVCache:
         for f, s in zip(range(start, end), write_slots, strict=True):
             if self.slot_frame[s] > f:
                 raise ValueError(f"KV cache: frame {f} was evicted (slot holds frame {self.slot_frame[s]})")
+            if s < self.own_base:  # cannot happen for frames after the prefix (see expand())
+                raise ValueError(f"KV cache: frame {f} belongs to the shared prefix of this expansion")
         for f, s in zip(range(start, end), write_slots, strict=True):
             self.slot_frame[s] = f
+            self.in_prefix[s] = False
         self.end_frame = max(self.end_frame, end)
         read_frames = self.frames_seen_by(end)
         read_slots = sorted(self.slot_of(f) for f in read_frames)
         for f in read_frames:
             if self.slot_frame[self.slot_of(f)] != f:
                 raise ValueError(f"KV cache: frame {f} is needed but no longer cached")
-        tpf = self.tokens_per_frame
+        tpf, dev, base = self.tokens_per_frame, self.device, self.own_base
         # attention is invariant to the order of keys (RoPE is already applied), so sorted slots suffice
-        return CachePlan(_as_index(write_slots, tpf, self.device), _as_index(read_slots, tpf, self.device))
+        own = [s - base for s in read_slots if not self.in_prefix[s]]  # never empty: the chunk reads itself
+        shared = [s for s in read_slots if self.in_prefix[s]]
+        return CachePlan(
+            _as_index([s - base for s in write_slots], tpf, dev),
+            _as_index(own, tpf, dev),
+            _as_index(shared, tpf, dev) if shared else None,
+        )
 
     # -- per-layer access ----------------------------------------------------------------------------
-    def write_and_read(
+    def _own(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This cache's writable storage of `layer`; an expansion allocates it at its first write, only for
+        slots ``own_base .. capacity`` (the prefix frames stay in the parent's batch-1 storage)."""
+        if not self.own_ready[layer]:
+            shape = (self.batch, (self.capacity - self.own_base) * self.tokens_per_frame, self.num_heads, self.head_dim)
+            self.k[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.v[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.own_ready[layer] = True
+        return self.k[layer], self.v[layer]
+
+    def write_and_read_parts(
         self, layer: int, plan: CachePlan, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this chunk's rotated k, v ``[B, n, H, D]`` and return the k, v it attends to."""
-        if k.shape[0] != self.k[layer].shape[0]:
-            raise ValueError(f"KV cache batch {self.k[layer].shape[0]} != input batch {k.shape[0]}")
-        if self.k[layer].stride(0) == 0 and self.k[layer].shape[0] > 1:  # first write after expand()
-            self.k[layer] = self.k[layer].contiguous()
-            self.v[layer] = self.v[layer].contiguous()
-        kc, vc = self.k[layer], self.v[layer]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Store this chunk's rotated k, v ``[B, n, H, D]``; return the k, v it attends to as parts:
+        ``[(k, v) [B, S, H, D]]``, or for an expansion that still attends to prefix frames
+        ``[(prefix k, v) [1, S_p, H, D], (own k, v) [B, S_o, H, D]]`` (to merge with
+        :func:`~streamalign.models.attention.attend_parts`; the prefix is never broadcast to B rows)."""
+        if k.shape[0] != self.batch:
+            raise ValueError(f"KV cache batch {self.batch} != input batch {k.shape[0]}")
+        kc, vc = self._own(layer)
         if isinstance(plan.write, slice):
             kc[:, plan.write] = k.to(kc.dtype)
             vc[:, plan.write] = v.to(vc.dtype)
         else:
             kc.index_copy_(1, plan.write, k.to(kc.dtype))
             vc.index_copy_(1, plan.write, v.to(vc.dtype))
-        if isinstance(plan.read, slice):
-            return kc[:, plan.read], vc[:, plan.read]
-        return kc.index_select(1, plan.read), vc.index_select(1, plan.read)
+        own = (_take(kc, plan.read), _take(vc, plan.read))
+        if plan.prefix_read is None:
+            return [own]
+        shared = (_take(self.prefix_k[layer], plan.prefix_read), _take(self.prefix_v[layer], plan.prefix_read))
+        return [shared, own]
+
+    def write_and_read(
+        self, layer: int, plan: CachePlan, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this chunk's rotated k, v ``[B, n, H, D]`` and return the k, v it attends to
+        ``[B, S, H, D]`` as one tensor each (an expansion's prefix is broadcast and concatenated here: a
+        copy; the model uses :meth:`write_and_read_parts`)."""
+        parts = self.write_and_read_parts(layer, plan, k, v)
+        if len(parts) == 1:
+            return parts[0]
+        b = self.batch
+        return tuple(torch.cat([p[i].expand(b, *p[i].shape[1:]) for p in parts], dim=1) for i in (0, 1))
 
     def load_prefix(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
         """Fill frames ``[0, n)`` of an empty global cache from stored per-layer k, v ``[n*T, heads, dim]``
         (T tokens per frame), broadcast over the batch, as if those frames had been written."""
         if self.window is not None:
             raise ValueError("stored prefix KV needs a global cache (cache.window: null)")
+        if self.is_expansion:
+            raise ValueError("load the stored prefix into the batch-1 cache, then expand it")
         if len(k) != self.num_layers or len(v) != self.num_layers:
             raise ValueError(f"stored KV has {len(k)} layers, the model {self.num_layers}")
         s = k[0].shape[0]
@@ -181,26 +261,52 @@ class KVCache:
         self.cross_v = [None] * self.num_layers
 
     def clear(self) -> None:
-        """Flush all self-attention frames (hard cut); storage and cross-attention k/v are kept."""
+        """Flush all self-attention frames (hard cut); storage and cross-attention k/v are kept. An
+        expansion lets go of its prefix (its own storage then covers every slot, allocated anew)."""
         self.slot_frame = [-1] * self.capacity
+        self.in_prefix = [False] * self.capacity
         self.end_frame = 0
+        if self.is_expansion:
+            self.prefix_k = self.prefix_v = None
+            if self.own_base:
+                self.own_base = 0
+                self.own_ready = [False] * self.num_layers
 
     # -- batch sharing -------------------------------------------------------------------------------
-    def expand(self, batch: int) -> KVCache:
-        """A cache for `batch` branches that share this batch-1 prefix (no copies until a write)."""
+    def expand(self, batch: int, max_frames: int | None = None) -> KVCache:
+        """A cache for `batch` branches that share this batch-1 prefix without copies of it.
+
+        The prefix frames (everything written so far) are read from this cache's storage; the branches'
+        own frames go to new storage allocated at their first write, for slots ``own_base ..`` only.
+        `max_frames`: capacity of a global expansion (default this cache's): the prefix cache need only
+        hold the prefix. This cache must not be written while the expansion is in use."""
         if self.batch != 1:
             raise ValueError(f"only a batch-1 cache can be expanded (this one has batch {self.batch})")
+        if self.is_expansion:
+            raise ValueError("expand the batch-1 cache the prefix lives in, not an expansion of it")
         out = copy.copy(self)
         out.batch = batch
+        if self.window is None:
+            out.capacity = self.capacity if max_frames is None else max_frames
+            if out.capacity < self.end_frame:
+                raise ValueError(f"an expansion of {out.capacity} frames cannot hold the {self.end_frame}-frame prefix")
+            out.own_base = self.end_frame  # global: frame f in slot f, branches write only f >= end_frame
+        else:
+            # rolling: a frame f >= end_frame goes to slot f (f < sink) or to the ring (slot >= sink)
+            out.own_base = min(self.end_frame, self.sink)
+        out.prefix_k, out.prefix_v = list(self.k), list(self.v)
+        # until a layer is first written its k/v are stride-0 views of the prefix (nothing allocated)
         out.k = [t.expand(batch, *t.shape[1:]) for t in self.k]
         out.v = [t.expand(batch, *t.shape[1:]) for t in self.v]
+        out.own_ready = [False] * self.num_layers
         out.cross_k = list(self.cross_k)  # batch-1 text k/v are shared as they are (see attend())
         out.cross_v = list(self.cross_v)
-        out.slot_frame = list(self.slot_frame)
+        out.slot_frame = list(self.slot_frame) + [-1] * (out.capacity - self.capacity)
+        out.in_prefix = [f >= 0 for f in out.slot_frame]
         return out
 
     def clone(self) -> KVCache:
-        """An independent copy (shared stride-0 views stay shared views of a copied batch-1 row)."""
+        """An independent copy (an expansion's prefix is copied once, still batch 1 and shared by rows)."""
 
         def dup(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
@@ -210,18 +316,29 @@ class KVCache:
             return t.clone()
 
         out = copy.copy(self)
-        out.k = [dup(t) for t in self.k]
-        out.v = [dup(t) for t in self.v]
+        if self.is_expansion:
+            out.prefix_k = [t.clone() for t in self.prefix_k]
+            out.prefix_v = [t.clone() for t in self.prefix_v]
+        out.k, out.v = [], []
+        for layer in range(self.num_layers):
+            if self.own_ready[layer]:
+                out.k.append(self.k[layer].clone())
+                out.v.append(self.v[layer].clone())
+            else:  # still the stride-0 prefix view: view the copied prefix the same way
+                out.k.append(out.prefix_k[layer].expand(self.k[layer].shape))
+                out.v.append(out.prefix_v[layer].expand(self.v[layer].shape))
         out.cross_k = [dup(t) for t in self.cross_k]
         out.cross_v = [dup(t) for t in self.cross_v]
         out.slot_frame = list(self.slot_frame)
+        out.in_prefix = list(self.in_prefix)
+        out.own_ready = list(self.own_ready)
         return out
 
     def nbytes(self) -> int:
         """Bytes held by self-attention and cross-attention storage (shared views counted once)."""
         seen: set[int] = set()
         total = 0
-        for t in [*self.k, *self.v, *self.cross_k, *self.cross_v]:
+        for t in [*self.k, *self.v, *(self.prefix_k or []), *(self.prefix_v or []), *self.cross_k, *self.cross_v]:
             if t is None or t.untyped_storage().data_ptr() in seen:
                 continue
             seen.add(t.untyped_storage().data_ptr())

@@ -110,6 +110,14 @@ class ForkNoise:
         self.solver_deltas = solver_deltas or {}
         self.group = (deltas if deltas is not None else next(iter(self.solver_deltas.values()))).shape[0]
 
+    def branches(self, start: int, stop: int) -> ForkNoise:
+        """The same fork restricted to branches ``start .. stop-1`` (a batch of a branch-batched group)."""
+        if not 0 <= start < stop <= self.group:
+            raise ValueError(f"branches {start}..{stop - 1} are outside the group of {self.group}")
+        deltas = None if self.deltas is None else self.deltas[start:stop]
+        solver = {k: d[start:stop] for k, d in self.solver_deltas.items()}
+        return ForkNoise(self.source, self.pivot, deltas, self.strength, solver_deltas=solver or None)
+
     def _mix(self, eps: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         s = self.strength
         return math.sqrt(1.0 - s * s) * eps + s * delta

@@ -10,15 +10,25 @@ the chunk. The schedule warps the step list onto the shift-s flow schedule: ``s 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..schemas.config import ModelConfig, SamplerConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, compute_dtype, kv_bytes
 from .noise import ForkNoise, NoiseBank, NoiseSource
 from .wan import CausalWanModel
+
+# Fork-group branch batching (see Sampler.auto_branch_batch / branch_bytes). Without a device to ask
+# (CPU, fake tensors) the branch batches may hold this many bytes beyond the weights and shared prefix:
+# at full size a wan-1.3b group then peaks near 20 GiB at any pivot (a 40/48 GB card, with room for the
+# text encoder or VAE), while a wan-14b branch alone needs ~26 GiB at pivot 0 (batches of 1).
+DEFAULT_BRANCH_MEMORY = 24 * 2**30
+# float32 activations per token of one branch's chunk forward, in units of dim and ffn_dim
+ACT_DIM_FLOATS = 8
+ACT_FFN_FLOATS = 1
 
 
 @dataclass(frozen=True)
@@ -112,8 +122,9 @@ class Sampler:
     def noise_bank(self, seeds: int | Sequence[int]) -> NoiseBank:
         return NoiseBank(seeds, self.chunk_shape)
 
-    def new_cache(self, batch: int, num_chunks: int | None = None) -> KVCache:
-        """A cache by the config's policy: rolling when a window is set, else global for `num_chunks`."""
+    def new_cache(self, batch: int, num_chunks: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """A cache by the config's policy: rolling when a window is set, else global for `num_chunks`; in
+        `dtype` (default the model's compute dtype: bf16 weights, bf16 cache)."""
         cc = self.config.cache
         frames = (num_chunks or self.config.num_chunks) * self.chunk_frames
         return KVCache.for_model(
@@ -123,6 +134,7 @@ class Sampler:
             max_frames=None if cc.window is not None else frames,
             sink=cc.sink,
             window=cc.window,
+            dtype=dtype,
         )
 
     def _device(self) -> torch.device:
@@ -224,11 +236,17 @@ class Sampler:
         num_chunks: int | None = None,
         fork: str = "initial",
         solver_steps: Sequence[int] | None = None,
+        branch_batch: int | None = None,
+        memory_budget: int | None = None,
     ) -> ForkGroup:
         """Roll out chunks < pivot once (batch 1), then G branches that differ only in the pivot chunk's
         initial noise (``fork="initial"``), or only in its solver noise at `solver_steps` (``"solver"``;
-        default every step 1..T-1), batched through the remaining chunks. `bank` has one seed; context
-        [1, L, D]."""
+        default every step 1..T-1), through the remaining chunks. `bank` has one seed; context [1, L, D].
+
+        The branches attend to the batch-1 prefix KV without copies of it (:meth:`KVCache.expand`) and
+        run in batches of `branch_batch` branches (default: as many as `memory_budget` bytes allow, see
+        :meth:`auto_branch_batch`); each batch's KV is freed before the next starts. Branch i's output does
+        not depend on the batching: it equals an independent rollout fed the same noises."""
         n = num_chunks or self.config.num_chunks
         if len(bank.seeds) != 1:
             raise ValueError("fork_group takes a NoiseBank with exactly one seed")
@@ -236,6 +254,8 @@ class Sampler:
             raise ValueError(f"pivot {pivot} is outside chunks 0..{n - 1}")
         if group_size < 1:
             raise ValueError(f"group size must be >= 1, got {group_size}")
+        if branch_batch is not None and branch_batch < 1:
+            raise ValueError(f"branch_batch must be >= 1, got {branch_batch}")
         if fork == "initial":
             noise = ForkNoise(bank, pivot, torch.cat([bank.delta(pivot, i) for i in range(group_size)]), strength)
         elif fork == "solver":
@@ -246,12 +266,24 @@ class Sampler:
             noise = ForkNoise(bank, pivot, None, strength, solver_deltas=deltas)
         else:
             raise ValueError(f"fork must be 'initial' or 'solver', got {fork!r}")
-        cache = self.new_cache(1, n)
-        prefix = [self.denoise_chunk(cache, j, bank, context).x0 for j in range(pivot)]
-        branches = cache.expand(group_size)
-        trace = self.denoise_chunk(branches, pivot, noise, context, record=True)
-        rest = [trace.x0] + [self.denoise_chunk(branches, j, noise, context).x0 for j in range(pivot + 1, n)]
+        c = self.chunk_frames
+        # the batch-1 prefix cache holds only the prefix; each branch batch gets its own frames' storage
+        prefix_cache = self.new_cache(1, pivot) if pivot > 0 else None
+        prefix = [self.denoise_chunk(prefix_cache, j, bank, context).x0 for j in range(pivot)]
+        bb = branch_batch or self.auto_branch_batch(group_size, pivot, n, memory_budget)
+        x_t, x0s, latents = [], [], []
+        for lo in range(0, group_size, bb):
+            hi = min(lo + bb, group_size)
+            sub = noise.branches(lo, hi)
+            cache = prefix_cache.expand(hi - lo, n * c) if prefix_cache is not None else self.new_cache(hi - lo, n)
+            trace = self.denoise_chunk(cache, pivot, sub, context, record=True)
+            rest = [trace.x0] + [self.denoise_chunk(cache, j, sub, context).x0 for j in range(pivot + 1, n)]
+            x_t.append(trace.x_t.cpu())
+            x0s.append(trace.x0s.cpu())
+            latents.append(torch.cat(rest, dim=1).cpu())
+            del cache, trace, rest  # this batch's KV and outputs leave the device before the next batch
         t = len(self.schedule)
+        x_t_all = torch.cat(x_t)
         ctx = torch.cat(prefix, dim=1)[0] if prefix else torch.zeros(0, *self.chunk_shape[1:])
         return ForkGroup(
             pivot=pivot,
@@ -259,15 +291,57 @@ class Sampler:
             seed=bank.seeds[0],
             context=ctx.cpu(),
             eps_star=bank.initial(pivot)[0],
-            branch_noise=trace.x_t[:, 0].cpu(),  # the pivot step-0 input is the branch noise
+            branch_noise=x_t_all[:, 0],  # the pivot step-0 input is the branch noise
             init_noise=torch.cat([bank.initial(j) for j in range(n)]),
             solver_noise=torch.stack([torch.cat([bank.solver(j, i) for i in range(1, t)]) for j in range(n)])
             if t > 1
             else torch.zeros(n, 0, *self.chunk_shape),
-            x_t=trace.x_t.cpu(),
-            x0=trace.x0s.cpu(),
-            branch_latents=torch.cat(rest, dim=1).cpu(),
+            x_t=x_t_all,
+            x0=torch.cat(x0s),
+            branch_latents=torch.cat(latents),
         )
+
+    # -- memory of fork groups -----------------------------------------------------------------------
+    def branch_bytes(self, pivot: int, num_chunks: int | None = None) -> int:
+        """Device bytes one more branch adds to a batch of a fork group at `pivot` (an upper estimate):
+        its own KV (the frames after the prefix, in the cache dtype; a rolling cache's ring at most) plus
+        the activations of one chunk forward and the chunk's recorded float32 step inputs / predictions.
+
+        Activations per branch, for n = chunk_frames * tokens_per_frame tokens, are bounded by
+        ``n * (ACT_DIM_FLOATS * dim + ACT_FFN_FLOATS * ffn_dim) * 4`` bytes: the float32 q/k RMSNorm and
+        RoPE temporaries, the float32 LSE-merge accumulator, the FFN hidden state. The constants are
+        checked against the fake-tensor tracker at full size (tests/test_fullsize_memory.py)."""
+        n = num_chunks or self.config.num_chunks
+        arch, c, cc = self.model.arch, self.chunk_frames, self.config.cache
+        prefix_frames = pivot * c
+        # global: the frames after the prefix; rolling: the ring, plus the sink frames the prefix lacks
+        own = n * c - prefix_frames if cc.window is None else cc.sink + cc.window - min(prefix_frames, cc.sink)
+        tpf = self.config.tokens_per_frame
+        kv = kv_bytes(arch.num_layers, own, tpf, arch.num_heads, arch.head_dim, compute_dtype(self.model))
+        act = c * tpf * (ACT_DIM_FLOATS * arch.dim + ACT_FFN_FLOATS * arch.ffn_dim) * 4
+        chunk = math.prod(self.chunk_shape) * 4
+        recorded = 2 * len(self.schedule) * chunk + (n - pivot) * chunk
+        return kv + act + recorded
+
+    def auto_branch_batch(
+        self, group_size: int, pivot: int, num_chunks: int | None = None, memory_budget: int | None = None
+    ) -> int:
+        """How many branches of a fork group run at once: ``memory_budget // branch_bytes`` in 1..G.
+
+        `memory_budget` is the bytes the branch batches may add on top of what is held when they start
+        (weights, the prefix KV). Default: on CUDA, 90% of the device memory not in use (free plus cached
+        by PyTorch's allocator but unallocated); elsewhere (CPU, fake tensors) ``DEFAULT_BRANCH_MEMORY``."""
+        budget = memory_budget if memory_budget is not None else self.free_memory()
+        return max(1, min(group_size, budget // self.branch_bytes(pivot, num_chunks)))
+
+    def free_memory(self) -> int:
+        """Bytes the sampler may still allocate on the model's device (see :meth:`auto_branch_batch`)."""
+        dev = self._device()
+        if dev.type == "cuda" and torch.cuda.is_available():  # pragma: no cover - needs a GPU
+            free, _total = torch.cuda.mem_get_info(dev)
+            idle = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+            return int(0.9 * (free + idle))
+        return DEFAULT_BRANCH_MEMORY
 
     @torch.no_grad()
     def generate(self, segments: Sequence[Segment], noise: NoiseSource, cache: KVCache | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..schemas.config import ArchConfig
-from .attention import attend
+from .attention import attend, attend_parts
 from .kv_cache import CachePlan, KVCache
 from .protocol import ModelFamily, register_family
 
@@ -165,8 +165,8 @@ class SelfAttention(Attention):
         q = apply_rope(self.norm_q(self.q(x)).view(heads), *rope)
         k = apply_rope(self.norm_k(self.k(x)).view(heads), *rope)
         v = self.v(x).view(heads)
-        if cache is not None:
-            k, v = cache.write_and_read(layer, plan, k, v)
+        if cache is not None:  # a fork group's shared prefix comes as its own batch-1 part (no copies)
+            return self.o(attend_parts(q, cache.write_and_read_parts(layer, plan, k, v)).flatten(2))
         return self.o(attend(q, k, v, mask).flatten(2))
 
 

@@ -1,0 +1,209 @@
+"""Memory (and FLOPs) of real stage code at full size, measured without the memory: fake tensors.
+
+A :class:`LiveBytes` dispatch mode sees every tensor an aten op returns and keeps a weak reference to
+its ``untyped_storage()``: the storage's bytes count as live from the op that created it until Python
+frees it (the weakref callback), so ``peak`` is the largest number of bytes held at once, at the
+granularity of one aten op (a fused kernel's internal scratch, e.g. flash attention's per-block
+buffers, is invisible; it is small by design). Views and in-place results share their storage and are
+counted once. The same mode works on real tensors, which is how it is validated
+(``tests/test_fullsize_memory.py``: fake vs real peak at reduced width, and vs the allocator).
+
+Full size without a GPU: :func:`fake_generator` builds :class:`~streamalign.models.wan.CausalWanModel`
+on the meta device and gives it fake CPU parameters under ``FakeTensorMode`` (no bytes allocated), so
+the REAL sampler code runs on it with shapes, dtypes and aliasing exactly as on a device.
+``torch.distributed._tools.mem_tracker.MemTracker`` is not used: it refuses modules called more than
+once, as every sampler step calls the model.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..schemas.config import ModelConfig
+from .sampler import Sampler
+from .wan import CausalWanModel
+
+GiB = 2**30
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live and peak storage bytes of the tensors created inside the mode (plus those given to
+    :meth:`track`, e.g. weights that exist before it is entered). Units: bytes.
+
+    ``current``: bytes of tracked storages alive now; ``peak``: the maximum of ``current`` after any op;
+    ``largest``: the largest single storage seen (bytes), for reports.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._refs: dict[int, tuple[weakref.ref, int]] = {}  # id(storage) -> (weakref, bytes counted)
+        self.current = 0
+        self.peak = 0
+        self.largest = 0
+
+    # -- book-keeping ----------------------------------------------------------------------------------
+    def _free(self, key: int, _ref: weakref.ref) -> None:
+        _, nbytes = self._refs.pop(key, (None, 0))
+        self.current -= nbytes
+
+    def _add(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = id(st)
+        nbytes = st.nbytes()
+        known = self._refs.get(key)
+        if known is not None and known[0]() is st:
+            if known[1] != nbytes:  # resize_ / set_ changed the storage in place
+                self.current += nbytes - known[1]
+                self._refs[key] = (known[0], nbytes)
+            return
+        # storage python objects are preserved while any tensor holds the storage, so the weakref dies
+        # exactly when the bytes are released
+        self._refs[key] = (weakref.ref(st, lambda r, k=key: self._free(k, r)), nbytes)
+        self.current += nbytes
+        self.largest = max(self.largest, nbytes)
+
+    def track(self, *tensors: torch.Tensor | Iterable[torch.Tensor]) -> LiveBytes:
+        """Count tensors created before the mode was entered (weights, inputs) as live."""
+        for t in tensors:
+            for x in [t] if isinstance(t, torch.Tensor) else t:
+                self._add(x)
+        self.peak = max(self.peak, self.current)
+        return self
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "prim":  # metadata queries (fake tensors ask for .device often): no storage
+            return out
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+@dataclass
+class MemoryReport:
+    """What one measured call held: bytes live before it (``baseline``), at most during it (``peak``),
+    after it (``final``); FLOPs if counted; wall seconds of the (simulated) call."""
+
+    peak: int
+    baseline: int
+    final: int
+    largest: int
+    seconds: float
+    flops: int | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def gib(self) -> float:
+        return self.peak / GiB
+
+    def __str__(self) -> str:
+        fl = f", {self.flops / 1e15:.2f} PFLOP" if self.flops is not None else ""
+        return (
+            f"peak {self.peak / GiB:.2f} GiB (baseline {self.baseline / GiB:.2f}, largest tensor "
+            f"{self.largest / GiB:.2f}){fl}, simulated in {self.seconds:.1f} s"
+        )
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU flash kernel (FlopCounterMode knows only the CUDA variants): 2 matmuls,
+    q [B, H, Lq, D] x k [B, H, Lk, D] and p [B, H, Lq, Lk] x v [B, H, Lk, Dv], 2 FLOPs per MAC."""
+    b, h, lq, d = query_shape
+    lk, dv = key_shape[2], value_shape[3]
+    return 2 * b * h * lq * lk * (d + dv)
+
+
+def measure(fn: Callable[[], Any], track: Iterable[torch.Tensor] = (), flops: bool = False) -> tuple[Any, MemoryReport]:
+    """Run ``fn()`` under :class:`LiveBytes` (and ``FlopCounterMode`` if `flops`); `track` are tensors
+    alive before the call (weights, inputs) that count towards the peak. Returns (result, report)."""
+    tracker = LiveBytes()
+    tracker.track(list(track))
+    baseline = tracker.current
+    counter = None
+    t0 = time.perf_counter()
+    if flops:
+        # FlopCounterMode looks formulas up by overload packet
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        counter = FlopCounterMode(display=False, custom_mapping={op: _sdpa_cpu_flops})
+        with counter, tracker:
+            out = fn()
+    else:
+        with tracker:
+            out = fn()
+    seconds = time.perf_counter() - t0
+    report = MemoryReport(
+        peak=tracker.peak,
+        baseline=baseline,
+        final=tracker.current,
+        largest=tracker.largest,
+        seconds=seconds,
+        flops=counter.get_total_flops() if counter is not None else None,
+    )
+    return out, report
+
+
+def fake_generator(cfg: ModelConfig, dtype: torch.dtype, mode: FakeTensorMode) -> CausalWanModel:
+    """The generator of `cfg` with fake CPU parameters of `dtype`: built on the meta device (no init
+    cost), then given storage-less fake parameters under `mode` (which must allow non-fake inputs: the
+    meta parameters are the templates). Shapes and dtypes are the real ones."""
+    with torch.device("meta"):
+        model = CausalWanModel(cfg.arch)
+    model = model.to(dtype).eval().requires_grad_(False)
+    with mode:
+        model.to_empty(device="cpu")
+    return model
+
+
+def fake_sampler(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> tuple[Sampler, FakeTensorMode]:
+    """A :class:`Sampler` over :func:`fake_generator`, and the fake mode to run it under."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    return Sampler(fake_generator(cfg, dtype, mode), cfg), mode
+
+
+def fork_group_memory(
+    cfg: ModelConfig,
+    pivot: int,
+    group_size: int = 12,
+    dtype: torch.dtype = torch.bfloat16,
+    text_tokens: int = 512,
+    flops: bool = False,
+    **fork_kwargs: Any,
+) -> MemoryReport:
+    """Peak bytes of one REAL :meth:`Sampler.fork_group` call at `cfg`'s full size, on fake tensors.
+
+    The weights ([`dtype`], counted as live from the start) and a text context [1, text_tokens,
+    text_dim] (float32, as the text encoders return it) are inputs; everything the sampler allocates
+    (KV caches, activations, noise, the returned group) is measured. `fork_kwargs` go to fork_group
+    (e.g. ``branch_batch``, ``memory_budget``)."""
+    sampler, mode = fake_sampler(cfg, dtype)
+    model = sampler.model
+    with mode:
+        text = torch.zeros(1, text_tokens, cfg.arch.text_dim)
+    weights = [*model.parameters(), *model.buffers()]
+    with mode:
+        _, report = measure(
+            lambda: sampler.fork_group(text, sampler.noise_bank(0), pivot, group_size, **fork_kwargs),
+            track=[*weights, text],
+            flops=flops,
+        )
+    report.notes.update(
+        model=cfg.name,
+        pivot=pivot,
+        group_size=group_size,
+        dtype=str(dtype).removeprefix("torch."),
+        weights_bytes=sum(t.untyped_storage().nbytes() for t in weights),
+    )
+    return report

@@ -1,0 +1,127 @@
+"""Memory of fork groups at full size (wan-1.3b / wan-14b, 480x832, 81 frames, bf16), measured on fake
+tensors with the live-storage tracker, and the tracker itself checked against real allocations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from streamalign.models.kv_cache import kv_bytes
+from streamalign.models.memory import GiB, LiveBytes, fake_sampler, fork_group_memory, measure
+from streamalign.models.sampler import Sampler
+from streamalign.schemas.config import ModelConfig
+
+from .conftest import make_model
+
+
+def reduced(dim: int = 128, heads: int = 4, hw: int = 16, layers: int = 2) -> ModelConfig:
+    base = ModelConfig.load("tiny")
+    arch = {**base.arch.model_dump(), "dim": dim, "ffn_dim": 2 * dim, "num_heads": heads, "num_layers": layers}
+    return base.with_overrides(arch=arch, latent={"height": hw, "width": hw, "frames": 12})
+
+
+def allocator_peak(fn) -> int:
+    """Peak bytes the CPU allocator held during fn() above what it held before: the profiler's
+    allocation events (independent of the tracker) summed in time order."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    cur = peak = 0
+    for _, n in events:
+        cur += n
+        peak = max(peak, cur)
+    return peak
+
+
+def test_tracker_counts_each_storage_once_and_sees_frees():
+    with LiveBytes() as m:
+        a = torch.zeros(1000, 250)  # 1 MB
+        view = a[:10].t()
+        a.add_(1)
+        b = a * 2
+        assert m.current == 2_000_000
+        del a, view, b
+    assert m.current == 0 and m.peak == 2_000_000
+
+
+@pytest.mark.parametrize("branch_batch", [None, 1])
+def test_tracker_on_fake_tensors_equals_real_allocations(text, branch_batch):
+    """Reduced width, the same fork_group code: the tracker's peak on fake tensors equals its peak on real
+    tensors, which equals the CPU allocator's own peak; FLOPs counted on fake and real tensors agree."""
+    cfg = reduced()
+    model = make_model(cfg)
+    sampler = Sampler(model, cfg)
+    ctx = torch.randn(1, 7, cfg.arch.text_dim)
+
+    def run():
+        return sampler.fork_group(ctx, sampler.noise_bank(0), 1, 4, branch_batch=branch_batch)
+
+    _, real = measure(run, track=[*model.parameters(), ctx], flops=True)
+    fake = fork_group_memory(
+        cfg, 1, group_size=4, dtype=torch.float32, text_tokens=7, flops=True, branch_batch=branch_batch
+    )
+    assert fake.peak == real.peak and fake.final == real.final
+    assert fake.flops == real.flops > 0
+    assert real.peak - real.baseline == pytest.approx(allocator_peak(run), rel=0.01)
+
+
+def test_flops_of_a_forward_equal_the_matmul_arithmetic(tiny, text):
+    """One cached forward of chunk 0: every matmul, convolution and attention product, 2 FLOPs a MAC."""
+    cfg, model, sampler = tiny
+    a = cfg.arch
+    d, f, lt = a.dim, a.ffn_dim, a.text_len
+    x = torch.randn(1, *sampler.chunk_shape)
+    n = sampler.chunk_frames * cfg.tokens_per_frame
+    with torch.no_grad():
+        _, report = measure(lambda: model(x, torch.zeros(1, 3), text, sampler.new_cache(1)), flops=True)
+    layer = 4 * 2 * n * d * d + 4 * n * n * d  # self-attention: q, k, v, o and QK^T, PV
+    layer += 2 * 2 * n * d * d + 2 * 2 * lt * d * d + 4 * n * lt * d  # cross-attention
+    layer += 2 * 2 * n * d * f  # ffn
+    rest = 2 * n * d * a.in_dim * 4 + 2 * lt * (a.text_dim * d + d * d)  # patch conv, text MLP
+    rest += 2 * 3 * (a.freq_dim * d + d * d + d * 6 * d) + 2 * n * d * 4 * a.out_dim  # time MLPs, head
+    assert report.flops == a.num_layers * layer + rest
+
+
+FULL_LIMIT_GIB = {"wan-1.3b": 40, "wan-14b": 120}
+
+
+@pytest.mark.parametrize(
+    "name,pivot",
+    [
+        ("wan-1.3b", 0),
+        ("wan-1.3b", 6),
+        ("wan-14b", 6),
+        pytest.param("wan-14b", 0, marks=pytest.mark.slow),  # 84 chunk generations of 40 fake layers: minutes
+    ],
+)
+def test_fullsize_fork_group_peak(name, pivot, record_property):
+    """G=12 at 480x832 / 81 frames (21 latents x 1560 tokens), bf16, text [1, 512, 4096], default
+    settings: the peak stays under the limit, and is at least the bytes that must be held (weights, prefix
+    KV, the branch batch's own KV)."""
+    cfg = ModelConfig.load(name)
+    report = fork_group_memory(cfg, pivot, group_size=12)
+    a, c = cfg.arch, cfg.sampler.chunk_frames
+    tpf, n = cfg.tokens_per_frame, cfg.num_chunks
+    bb = fake_sampler(cfg)[0].auto_branch_batch(12, pivot)  # what fork_group chose by default
+
+    def kv(frames: int) -> int:
+        return kv_bytes(a.num_layers, frames, tpf, a.num_heads, a.head_dim, torch.bfloat16)
+
+    must_hold = report.notes["weights_bytes"] + kv(pivot * c) + bb * kv((n - pivot) * c)
+    print(f"{name} pivot {pivot}: {report} branch batch {bb}")
+    record_property("peak_gib", round(report.gib(), 2))
+    assert must_hold <= report.peak <= FULL_LIMIT_GIB[name] * GiB
+
+
+@pytest.mark.parametrize("name", ["wan-1.3b", "wan-14b"])
+def test_branch_bytes_bounds_what_one_more_branch_costs(name):
+    """The auto branch batch rests on Sampler.branch_bytes: at full width and tokens per frame (2 chunks
+    of 480x832 latents, pivot 1), adding a branch to the batch must cost no more than it estimates."""
+    cfg = ModelConfig.load(name).with_overrides(latent={"frames": 6})
+    one = fork_group_memory(cfg, 1, group_size=2, branch_batch=1)
+    two = fork_group_memory(cfg, 1, group_size=2, branch_batch=2)
+    estimate = fake_sampler(cfg)[0].branch_bytes(1)
+    slope = two.peak - one.peak
+    print(f"{name}: one more branch costs {slope / GiB:.3f} GiB, estimated {estimate / GiB:.3f} GiB")
+    assert 0 < slope <= estimate
