@@ -39,7 +39,8 @@ def test_quiet_hides_every_bar(monkeypatch):
 
 
 def test_missing_extra_is_one_line():
-    with pytest.raises(ValueError, match=r"--wandb needs the 'no_such_pkg' package: pip install 'streamalign\[wandb\]'"):
+    msg = r"--wandb needs the 'no_such_pkg' package: pip install 'streamalign\[wandb\]'"
+    with pytest.raises(ValueError, match=msg):
         require("no_such_pkg", "wandb", "--wandb")
 
 

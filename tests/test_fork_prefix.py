@@ -59,7 +59,7 @@ def test_branch_batches_equal_independent_rollouts(text, sink, window, pivot, br
     for i in range(4):
         solo = sampler.rollout(text, fork_as_explicit(bank, fork, i, sampler, cfg.num_chunks))
         assert (videos[i] - solo[0]).abs().max().item() < 1e-5, i
-    assert grp.x_t.shape[:2] == (4, len(sampler.schedule)) and torch.equal(grp.x0[:, -1], grp.branch_latents[:, :3])
+    assert grp.x_t.shape[:2] == (4, len(sampler.schedule)) and torch.equal(grp.x0_old[:, -1], grp.branch_latents[:, :3])
 
 
 def test_expansion_keeps_only_the_branch_frames_and_reads_the_prefix_in_place(tiny, text):

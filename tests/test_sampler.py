@@ -145,7 +145,7 @@ def test_fork_branch_equals_independent_rollout(tiny, text, pivot):
     assert torch.equal(videos[:, : pivot * c], videos[:1, : pivot * c].expand(4, -1, -1, -1, -1))
     assert (videos[0, pivot * c :] - videos[1, pivot * c :]).abs().max() > 1e-3
     assert torch.equal(g.x_t[:, 0], g.branch_noise)
-    assert torch.equal(g.x0[:, -1], g.branch_latents[:, :c])
+    assert torch.equal(g.x0_old[:, -1], g.branch_latents[:, :c])
     s = 0.5
     assert torch.allclose(g.branch_noise, (1 - s * s) ** 0.5 * g.eps_star + s * deltas)
     assert g.solver_noise.shape == (cfg.num_chunks, 3, *sampler.chunk_shape)
@@ -197,7 +197,7 @@ def test_rollouts_and_forks_are_byte_deterministic(tiny, text):
     a = sampler.fork_group(text, sampler.noise_bank(77), pivot=1, group_size=3)
     b = sampler.fork_group(text, sampler.noise_bank(77), pivot=1, group_size=3)
     assert a.videos().numpy().tobytes() == b.videos().numpy().tobytes()
-    assert a.x0.numpy().tobytes() == b.x0.numpy().tobytes()
+    assert a.x0_old.numpy().tobytes() == b.x0_old.numpy().tobytes()
     c = sampler.fork_group(text, sampler.noise_bank(78), pivot=1, group_size=3)
     assert not torch.equal(a.videos(), c.videos())
 

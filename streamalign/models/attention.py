@@ -96,18 +96,20 @@ def attend_parts(q: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tens
 
     One part: plain :func:`attend`. Several: each part's output and LSE, merged exactly in float32
     (``o = sum_i exp(lse_i - lse) o_i``, folded pairwise), so a batch-1 part (the shared prefix) is never
-    broadcast to B rows. Under autograd the fused kernels do not differentiate the LSE, so the parts are
-    concatenated instead (training replays one pivot chunk: exact gradients matter more there than the
-    prefix copy).
-    Returns [B, Lq, H, D] in q's dtype.
+    broadcast to B rows. Under autograd the forward is the same merge (so a training replay reproduces
+    the rollout that recorded it to the last bit the kernels allow) and the backward recomputes attention
+    over the concatenated keys, whose gradient is the same function's (the fused kernels do not
+    differentiate their LSE). Returns [B, Lq, H, D] in q's dtype.
     """
     if len(parts) == 1:
         return attend(q, *parts[0])
-    b = q.shape[0]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, *(x for p in parts for x in p))):
-        k = torch.cat([pk.expand(b, *pk.shape[1:]) for pk, _ in parts], dim=1)
-        v = torch.cat([pv.expand(b, *pv.shape[1:]) for _, pv in parts], dim=1)
-        return attend(q, k, v)
+    flat = [t for kv in parts for t in kv]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, *flat)):
+        return _MergedParts.apply(q, *flat)
+    return _merge_parts(q, parts)
+
+
+def _merge_parts(q: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     out, lse = attend_lse(q, *parts[0])
     out = out.float()
     for k, v in parts[1:]:
@@ -118,3 +120,24 @@ def attend_parts(q: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tens
         out = torch.lerp(o.float(), out, w)
         lse = torch.logaddexp(lse, part_lse)
     return out.to(q.dtype)
+
+
+class _MergedParts(torch.autograd.Function):
+    """Forward: :func:`_merge_parts`. Backward: the gradient of attention over the concatenated parts."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, *flat)
+        return _merge_parts(q, list(zip(flat[::2], flat[1::2], strict=True)))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, *flat = (t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors)
+        b = q.shape[0]
+        with torch.enable_grad():
+            k = torch.cat([t.expand(b, *t.shape[1:]) for t in flat[::2]], dim=1)
+            v = torch.cat([t.expand(b, *t.shape[1:]) for t in flat[1::2]], dim=1)
+            out = attend(q, k, v)
+            inputs = [t for t in (q, *flat) if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, inputs, grad)) if inputs else iter(())
+        return tuple(next(grads) if t.requires_grad else None for t in (q, *flat))

@@ -30,8 +30,9 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..schemas.config import ModelConfig
+from . import wan  # noqa: F401  (registers the wan family)
+from .protocol import ChunkModel, get_family
 from .sampler import Sampler
-from .wan import CausalWanModel
 
 GiB = 2**30
 
@@ -155,12 +156,12 @@ def measure(fn: Callable[[], Any], track: Iterable[torch.Tensor] = (), flops: bo
     return out, report
 
 
-def fake_generator(cfg: ModelConfig, dtype: torch.dtype, mode: FakeTensorMode) -> CausalWanModel:
+def fake_generator(cfg: ModelConfig, dtype: torch.dtype, mode: FakeTensorMode) -> ChunkModel:
     """The generator of `cfg` with fake CPU parameters of `dtype`: built on the meta device (no init
     cost), then given storage-less fake parameters under `mode` (which must allow non-fake inputs: the
     meta parameters are the templates). Shapes and dtypes are the real ones."""
     with torch.device("meta"):
-        model = CausalWanModel(cfg.arch)
+        model = get_family(cfg.arch.family).build(cfg.arch)
     model = model.to(dtype).eval().requires_grad_(False)
     with mode:
         model.to_empty(device="cpu")

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..schemas.buffer import GroupTensors
 from ..schemas.config import ModelConfig, SamplerConfig
 from .kv_cache import KVCache, compute_dtype, kv_bytes
 from .noise import ForkNoise, NoiseBank, NoiseSource
-from .wan import CausalWanModel
+from .protocol import ChunkModel
 
 # Fork-group branch batching (see Sampler.auto_branch_batch / branch_bytes). Without a device to ask
 # (CPU, fake tensors) the branch batches may hold this many bytes beyond the weights and shared prefix:
@@ -63,36 +64,14 @@ class ChunkTrace:
 
 
 @dataclass
-class ForkGroup:
-    """A rollout forked at chunk `pivot` (0-based) into G branches. Shapes (c = chunk frames):
-
-    context [pivot*c, C, H, W] clean latents of the shared chunks; eps_star [c, C, H, W];
-    branch_noise [G, c, C, H, W] initial noise of each branch at the pivot; init_noise [L, c, C, H, W] and
-    solver_noise [L, T-1, c, C, H, W] the shared noise of every chunk; x_t, x0 [G, T, c, C, H, W] the
-    pivot chunk's step inputs and x0 predictions; branch_latents [G, (L-pivot)*c, C, H, W].
-    """
+class ForkGroup(GroupTensors):
+    """A rollout forked at chunk `pivot` (0-based) into G branches: the group's tensors (shapes in
+    :mod:`streamalign.schemas.buffer`; ``x0_old`` is this rollout's x0 prediction at every pivot step)
+    and the seed and perturbation strength that made them."""
 
     pivot: int
     strength: float
     seed: int | None
-    context: torch.Tensor
-    eps_star: torch.Tensor
-    branch_noise: torch.Tensor
-    init_noise: torch.Tensor
-    solver_noise: torch.Tensor
-    x_t: torch.Tensor
-    x0: torch.Tensor
-    branch_latents: torch.Tensor
-
-    @property
-    def group_size(self) -> int:
-        return self.branch_noise.shape[0]
-
-    def videos(self) -> torch.Tensor:
-        """Full latent videos of the branches [G, L*c, C, H, W]."""
-        g = self.group_size
-        ctx = self.context.unsqueeze(0).expand(g, *self.context.shape)
-        return torch.cat([ctx, self.branch_latents], dim=1)
 
 
 @dataclass(frozen=True)
@@ -106,7 +85,7 @@ class Segment:
 
 
 class Sampler:
-    def __init__(self, model: CausalWanModel, config: ModelConfig) -> None:
+    def __init__(self, model: ChunkModel, config: ModelConfig) -> None:
         self.model = model
         self.config = config
         self.schedule = Schedule.from_config(config.sampler)
@@ -297,7 +276,7 @@ class Sampler:
             if t > 1
             else torch.zeros(n, 0, *self.chunk_shape),
             x_t=x_t_all,
-            x0=torch.cat(x0s),
+            x0_old=torch.cat(x0s),
             branch_latents=torch.cat(latents),
         )
 

@@ -33,7 +33,38 @@ class SchemaError(ValueError):
 
 
 @dataclass
-class Entry:
+class GroupTensors:
+    """The tensors of one fork group (shapes above): what the sampler's ``ForkGroup`` returns and what
+    a buffer ``Entry`` stores, one definition for both."""
+
+    context: torch.Tensor
+    eps_star: torch.Tensor
+    branch_noise: torch.Tensor
+    init_noise: torch.Tensor
+    solver_noise: torch.Tensor
+    x_t: torch.Tensor
+    x0_old: torch.Tensor
+    branch_latents: torch.Tensor
+
+    @property
+    def group_size(self) -> int:
+        return self.branch_noise.shape[0]
+
+    @property
+    def chunk_frames(self) -> int:
+        return self.eps_star.shape[0]
+
+    def videos(self) -> torch.Tensor:
+        """Full latent videos of the branches [G, L*c, C, H, W]."""
+        ctx = self.context.unsqueeze(0).expand(self.group_size, *self.context.shape)
+        return torch.cat([ctx, self.branch_latents], dim=1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in LATENT_FIELDS}
+
+
+@dataclass(kw_only=True)
+class Entry(GroupTensors):
     # identity
     entry_id: str
     run_id: str
@@ -48,47 +79,17 @@ class Entry:
     pivot: int
     strength: float
     timesteps: list[float]
-    # tensors
-    context: torch.Tensor
-    eps_star: torch.Tensor
-    branch_noise: torch.Tensor
-    init_noise: torch.Tensor
-    solver_noise: torch.Tensor
-    x_t: torch.Tensor
-    x0_old: torch.Tensor
-    branch_latents: torch.Tensor
     rewards: dict[str, torch.Tensor]
     reward_weights: dict[str, float]
     kv: dict[str, torch.Tensor] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
-    @property
-    def group_size(self) -> int:
-        return self.branch_noise.shape[0]
-
-    @property
-    def chunk_frames(self) -> int:
-        return self.eps_star.shape[0]
-
     @classmethod
     def from_fork_group(cls, group, **identity) -> Entry:
         """An entry from a :class:`~streamalign.models.sampler.ForkGroup` (its seed, pivot, strength, number
         of chunks and every tensor) plus the identity, timesteps, rewards and weights given as keywords."""
-        return cls(
-            seed=group.seed,
-            num_chunks=group.init_noise.shape[0],
-            pivot=group.pivot,
-            strength=group.strength,
-            context=group.context,
-            eps_star=group.eps_star,
-            branch_noise=group.branch_noise,
-            init_noise=group.init_noise,
-            solver_noise=group.solver_noise,
-            x_t=group.x_t,
-            x0_old=group.x0,
-            branch_latents=group.branch_latents,
-            **identity,
-        )
+        return cls(seed=group.seed, num_chunks=group.init_noise.shape[0], pivot=group.pivot, strength=group.strength,
+                   **group.tensors(), **identity)  # fmt: skip
 
     # -- validation ----------------------------------------------------------------------------------
     def validate(self, where: str = "entry") -> Entry:
