@@ -214,7 +214,30 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg_path, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not cfg_path.is_file() or not weights.is_file():
         raise CheckpointError(f"{folder} is not a peft adapter folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
-    return json.loads(cfg_path.read_text()), dict(_read_raw(weights))
+    cfg, sd = json.loads(cfg_path.read_text()), dict(_read_raw(weights))
+    check_adapter_rank(folder, cfg, sd)
+    return cfg, sd
+
+
+def check_adapter_rank(folder: Path, cfg: Mapping, sd: Mapping[str, torch.Tensor]) -> None:
+    """Every lora_A / lora_B pair must have the rank its config gives (``r``, or a ``rank_pattern`` entry
+    matching the module, peft's rule): a disagreeing config would scale the delta by the wrong alpha / r."""
+    if "r" not in cfg:
+        raise CheckpointError(f"adapter {folder}: {ADAPTER_CONFIG} gives no rank 'r'")
+    patterns = cfg.get("rank_pattern") or {}
+    for k, v in sd.items():
+        m = _LORA_KEY.match(normalize_key(k))
+        if m is None or m["ab"] != "A":
+            continue
+        mod = m["mod"]
+        r = next((int(pr) for pat, pr in patterns.items() if re.fullmatch(rf"(.*\.)?(?:{pat})", mod)), int(cfg["r"]))
+        b = sd.get(k.replace(".lora_A", ".lora_B", 1))
+        ranks = {v.shape[0]} | ({b.shape[1]} if b is not None and b.ndim == 2 else set())
+        if ranks != {r}:
+            raise CheckpointError(
+                f"adapter {folder}: {ADAPTER_CONFIG} gives rank r={r} but its weights have rank "
+                f"{'/'.join(map(str, sorted(ranks)))} ({mod}.lora_A {tuple(v.shape)}); fix 'r' or re-save the adapter"
+            )
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], float | None]:
