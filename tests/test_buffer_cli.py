@@ -30,6 +30,20 @@ def buffer(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def labelled_buffer(tmp_path_factory):
+    """A tiny buffer whose reward labels carry options (``reward_direction_match:top30``)."""
+    out = tmp_path_factory.mktemp("labelled")
+    collect(
+        Pipeline.load("shapes"),
+        CollectConfig(prompts=(held_in_prompts()[0].text,), groups=2, group_size=2, entries_per_shard=2,
+                      rewards="colour_match=1,direction_match:top30=1"),
+        out,
+        progress=False,
+    )  # fmt: skip
+    return out
+
+
 def test_info(buffer):
     r = run(app, ["buffer", "info", str(buffer)])
     assert r.exit_code == 0, r.output
@@ -93,3 +107,47 @@ def test_stats_reports_sql_and_formats(buffer, tmp_path):
 def test_stats_refuses_writes_with_one_line(buffer, sql, msg):
     r = run(app, ["stats", str(buffer), "--sql", sql])
     assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+@pytest.mark.parametrize("report", ["per-prompt", "zero-variance", "pivots", "correlation", "by-policy"])
+def test_stats_reports_quote_reward_labels_with_options(labelled_buffer, report):
+    r = run(app, ["stats", str(labelled_buffer), "--report", report, "--format", "json"])
+    assert r.exit_code == 0, (report, r.output)
+    rows = json.loads(r.output)
+    if report == "per-prompt":
+        assert "mean_reward_direction_match:top30" in rows[0] and rows[0]["groups"] == 2
+    if report == "by-policy":
+        assert rows[0]["reward_direction_match:top30"] is not None
+    if report == "correlation":
+        assert {"reward_direction_match:top30"} <= {row["a"] for row in rows} | {row["b"] for row in rows}
+
+
+def test_report_identifiers_double_embedded_quotes():
+    import pyarrow as pa
+
+    from streamalign.buffer.stats import reports
+
+    table = pa.table({"reward_a\"b:top30": [1.0], "composite": [1.0]})
+    assert 'avg("reward_a""b:top30") AS "reward_a""b:top30"' in reports(table)["by-policy"]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ['SELECT 1 AS "update"', "SELECT $$a;b$$ AS s", "SELECT count(*) AS n FROM manifest; -- branches; all of them",
+     "WITH t AS (SELECT composite FROM manifest) SELECT avg(composite) AS m FROM t", "FROM manifest LIMIT 1"],
+)  # fmt: skip
+def test_stats_accepts_every_single_select(buffer, sql):
+    r = run(app, ["stats", str(buffer), "--sql", sql, "--format", "json"])
+    assert r.exit_code == 0, (sql, r.output)
+    assert json.loads(r.output)
+
+
+@pytest.mark.parametrize(
+    ("sql", "kind"),
+    [("SET threads = 1", "SET"), ("PRAGMA version", "PRAGMA"), ("ATTACH 'x.db'", "ATTACH"),
+     ("INSERT INTO manifest SELECT * FROM manifest", "INSERT"), ("EXPLAIN SELECT 1", "EXPLAIN")],
+)  # fmt: skip
+def test_stats_refusal_names_the_statement_type(buffer, sql, kind):
+    r = run(app, ["stats", str(buffer), "--sql", sql])
+    assert r.exit_code == 2 and f"read-only: {kind} statements are refused" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1

@@ -107,7 +107,7 @@ def test_missing_unexpected_and_shape_errors_name_keys(tmp_path, model_and_cfg):
 def test_pickled_or_truncated_files_are_refused(tmp_path, model_and_cfg):
     _, _cfg = model_and_cfg
     torch.save({"generator": {"x": torch.zeros(1)}, "obj": argparse.Namespace(lr=1)}, tmp_path / "p.pt")
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
         read_state_dict(tmp_path / "p.pt")
     (tmp_path / "t.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
     with pytest.raises(CheckpointError, match="cannot read"):
@@ -188,3 +188,32 @@ def test_cli_info_convert_and_clear_errors(tmp_path, model_and_cfg):
     assert r.returncode == 2 and "--lora needs --checkpoint" in r.stderr
     r = run_cli("model", "convert", str(tmp_path / "nope.pt"), str(tmp_path / "x.safetensors"), "-c", "tiny")
     assert r.returncode == 2 and not (tmp_path / "x.safetensors").exists()
+
+
+def test_non_floating_tensor_for_a_floating_parameter_is_refused(tmp_path, model_and_cfg):
+    model, cfg = model_and_cfg
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(k for k, v in sd.items() if v.is_floating_point() and v.ndim == 2)
+    sd[key] = sd[key].round().to(torch.int32)
+    save_file(sd, str(tmp_path / "int.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        load_generator(cfg, tmp_path / "int.safetensors")
+    msg = str(err.value)
+    assert f"{key} is int32, the model expects floating float32" in msg and "\n" not in msg
+
+
+def test_legacy_and_pickled_pt_give_clear_one_line_refusals(tmp_path, model_and_cfg):
+    model, _cfg = model_and_cfg
+    torch.save(model.state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"legacy \(pre-1\.6, non-zip\) format") as err:
+        read_state_dict(tmp_path / "legacy.pt")
+    assert "mmap" not in str(err.value).replace("memory-mapped", "")
+    torch.save({"generator": {"x": torch.zeros(1)}, "obj": argparse.Namespace(lr=1)}, tmp_path / "p.pt")
+    with pytest.raises(CheckpointError) as err:
+        read_state_dict(tmp_path / "p.pt")
+    msg = str(err.value)
+    assert "pickled Python objects (argparse.Namespace)" in msg and "never unpickles" in msg
+    assert "\x1b" not in msg and "weights_only=False" not in msg and "\n" not in msg
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x02not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"not a torch \(zip\) checkpoint or \.safetensors file"):
+        read_state_dict(tmp_path / "junk.pt")

@@ -156,3 +156,62 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path):
     assert set(h["stage_seconds"]) == {"collect", "train semi", "train on", "merge sweep", "evaluate"}
     for f in ("merge/sweep.md", "merge/sweep.png", "report/report.md", "report/diffs.png", "report/samples/grid-0.png"):
         assert (d / f).is_file(), f
+
+
+def edited_adapter(src, dst, config=None, rename=None):
+    """A copy of adapter folder `src` with config entries replaced and weight keys renamed."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
+    sd = load_file(str(src / "adapter_model.safetensors"))
+    sd = {(rename(k) if rename else k): v for k, v in sd.items()}
+    save_file(sd, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+def test_merge_refuses_config_rank_disagreeing_with_weights(tmp_path, adapters):
+    semi, on = adapters
+    bad = edited_adapter(semi, tmp_path / "bad-rank", config={"r": 8})  # weights have rank 4
+    with pytest.raises(ValueError) as err:
+        combine_adapters([(bad, 1.0), (on, 0.5)], tmp_path / "out")
+    msg = str(err.value)
+    assert f"adapter {bad}" in msg and "r=8" in msg and "rank 4" in msg and "\n" not in msg
+    assert not (tmp_path / "out").exists()
+    r = CliRunner().invoke(app, ["merge", "--semi", str(bad), "--on", str(on), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "r=8" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_refuses_modules_foreign_to_the_generator(tmp_path, adapters):
+    semi, on = adapters
+    foreign = edited_adapter(on, tmp_path / "foreign", rename=lambda k: k.replace(".q.lora_", ".q_proj.lora_"))
+    with pytest.raises(ValueError, match=rf"adapter {foreign} does not belong to this generator: .*q_proj"):
+        combine_adapters([(semi, 1.0), (foreign, 0.5)], tmp_path / "out", "shapes")
+    r = CliRunner().invoke(app, ["merge", "--semi", str(semi), "--on", str(foreign), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "q_proj" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    # without a model: a module two adapters share must have one shape (here: A of another width)
+    from safetensors.torch import load_file, save_file
+
+    wide = edited_adapter(on, tmp_path / "wide")
+    sd = load_file(str(wide / "adapter_model.safetensors"))
+    key = next(k for k in sd if k.endswith(".q.lora_A.weight"))
+    sd[key] = torch.zeros(sd[key].shape[0], sd[key].shape[1] + 1)
+    save_file(sd, str(wide / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=rf"adapter {wide}: module .* but {semi} has it"):
+        combine_adapters([(semi, 1.0), (wide, 0.5)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_rank_pattern_is_checked_and_merge_refuses_per_module_patterns(tmp_path, adapters):
+    from streamalign.models.checkpoint import read_adapter
+
+    semi, _ = adapters
+    wrong = edited_adapter(semi, tmp_path / "wrong", config={"rank_pattern": {"q": 2}})  # q's weights: rank 4
+    with pytest.raises(ValueError, match=r"r=2 but its weights have rank 4 \(.*\.q\.lora_A"):
+        read_adapter(wrong)
+    matching = edited_adapter(semi, tmp_path / "matching", config={"rank_pattern": {"q": 4}})
+    assert read_adapter(matching)[0]["rank_pattern"] == {"q": 4}
+    with pytest.raises(ValueError, match=rf"adapter {matching}: per-module rank_pattern"):
+        combine_adapters([(matching, 1.0)], tmp_path / "out")

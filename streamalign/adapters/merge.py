@@ -20,23 +20,38 @@ from ..io.files import staged_folder
 from ..models.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    CheckpointError,
     load_generator,
+    lora_pairs,
     merge_lora,
     read_adapter,
     read_lora,
     save_safetensors,
 )
+from ..models.protocol import get_family
 from ..schemas.config import ModelConfig
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
 
-def combine_adapters(adapters: Sequence[tuple[str | Path, float]], out: str | Path) -> Path:
+def combine_adapters(
+    adapters: Sequence[tuple[str | Path, float]],
+    out: str | Path,
+    model: torch.nn.Module | str | ModelConfig | None = None,
+) -> Path:
     """Write ONE peft adapter folder whose delta is ``sum_i s_i (alpha_i / r_i) B_i A_i`` for the given
-    (folder, scale) pairs. Modules missing from an adapter contribute zeros. Atomic (temp + rename)."""
+    (folder, scale) pairs. Modules missing from an adapter contribute zeros. Atomic (temp + rename).
+
+    Refused (one line naming the folder): a config rank ``r`` that disagrees with the weights' rank, per-module
+    rank / alpha patterns, and modules that are not Linear layers of `model` (a module, or a config whose
+    generator is built on the meta device) or, without one, whose shapes differ from another adapter's."""
     if not adapters:
         raise ValueError("combine_adapters needs at least one adapter")
     loaded = [(*read_adapter(f), float(s)) for f, s in adapters]
+    check_adapter_modules([f for f, _ in adapters], [w for _, w, _ in loaded], model)
+    for (f, _), (cfg, _, _) in zip(adapters, loaded, strict=True):
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+            raise ValueError(f"adapter {f}: per-module rank_pattern / alpha_pattern are not supported by merge")
     modules = sorted({k[: -len(_A)] for _, sd, _ in loaded for k in sd if k.endswith(_A)})
     ranks = [int(cfg["r"]) for cfg, _, _ in loaded]
     total = sum(ranks)
@@ -63,6 +78,40 @@ def combine_adapters(adapters: Sequence[tuple[str | Path, float]], out: str | Pa
         save_file(sd, str(tmp / ADAPTER_WEIGHTS))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
     return Path(out)
+
+
+def check_adapter_modules(
+    folders: Sequence[str | Path], weights: Sequence[Mapping[str, torch.Tensor]],
+    model: torch.nn.Module | str | ModelConfig | None,
+) -> None:  # fmt: skip
+    """Every adapter's modules must be Linear layers of the generator (`model`), with matching shapes; without
+    a model, a module two adapters share must have the same shape in both."""
+    if model is not None:
+        if not isinstance(model, torch.nn.Module):
+            cfg = ModelConfig.load(model) if isinstance(model, str) else model
+            with torch.device("meta"):  # names and shapes only: no memory, no init
+                model = get_family(cfg.arch.family).build(cfg.arch)
+        for folder, w in zip(folders, weights, strict=True):
+            try:
+                lora_pairs(model, w)
+            except CheckpointError as e:
+                raise CheckpointError(f"adapter {folder} does not belong to this generator: {e}") from None
+        return
+    seen: dict[str, tuple[tuple[int, int], str | Path]] = {}
+    for folder, w in zip(folders, weights, strict=True):
+        for k, a in w.items():
+            if not k.endswith(_A):
+                continue
+            m, b = k[: -len(_A)], w.get(k[: -len(_A)] + _B)
+            if b is None:
+                raise CheckpointError(f"adapter {folder}: '{m}' has lora_A but no lora_B")
+            shape = (a.shape[1], b.shape[0])
+            first = seen.setdefault(m, (shape, folder))
+            if first[0] != shape:
+                raise CheckpointError(
+                    f"adapter {folder}: module '{m}' is {shape[0]}->{shape[1]} but {first[1]} has it "
+                    f"{first[0][0]}->{first[0][1]}: adapters of different generators"
+                )
 
 
 def merged_generator(

@@ -1,13 +1,13 @@
 """`stats`: DuckDB SQL over a buffer's manifest (read-only), plus named reports.
 
 The manifest parts are exposed as the view ``manifest`` (one row per branch; reward columns
-``reward_<name>`` and ``composite``; ``pivot`` is an SQL keyword in DuckDB, so write ``"pivot"``).
-Only read statements run: anything else is refused, and queries cannot touch files.
+``reward_<name>`` and ``composite``; ``pivot`` is an SQL keyword in DuckDB, so write ``"pivot"``; a reward
+label with options such as ``reward_clip:top30`` must be quoted too). Only one SELECT statement (as DuckDB's
+own parser classifies it) runs: anything else is refused, and queries cannot touch files.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -16,24 +16,32 @@ import pyarrow as pa
 from ..schemas.run import RunConfig, arg
 from .manifest import read_manifest
 
-READ_ONLY = re.compile(r"^\s*(select|with|describe|summarize|pivot|unpivot|values|from)\b", re.IGNORECASE)
-WRITES = re.compile(
-    r"\b(insert|update|delete|create|drop|alter|copy|attach|detach|install|load|export|import|set|pragma|call)\b",
-    re.IGNORECASE,
-)
-
 
 def reward_columns(table: pa.Table) -> list[str]:
     return [c for c in table.column_names if c.startswith("reward_")] + ["composite"]
 
 
+def ident(name: str) -> str:
+    """`name` as a quoted SQL identifier (embedded double quotes doubled)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def literal(text: str) -> str:
+    """`text` as an SQL string literal (embedded single quotes doubled)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def reports(table: pa.Table) -> dict[str, str]:
-    """The named reports as SQL over the `manifest` view."""
+    """The named reports as SQL over the `manifest` view (every column name quoted: reward labels may hold
+    ``:`` or other characters an unquoted identifier cannot)."""
     cols = reward_columns(table)
-    per_prompt = ", ".join(f"avg({c}) AS mean_{c}, stddev_samp({c}) AS std_{c}" for c in cols)
-    by_policy = ", ".join(f"avg({c}) AS {c}" for c in cols)
+    q = ident
+    per_prompt = ", ".join(f"avg({q(c)}) AS {q('mean_' + c)}, stddev_samp({q(c)}) AS {q('std_' + c)}" for c in cols)
+    by_policy = ", ".join(f"avg({q(c)}) AS {q(c)}" for c in cols)
     pairs = [(a, b) for i, a in enumerate(cols) for b in cols[i + 1 :]]
-    corr = " UNION ALL ".join(f"SELECT '{a}' AS a, '{b}' AS b, corr({a}, {b}) AS corr FROM manifest" for a, b in pairs)
+    corr = " UNION ALL ".join(
+        f"SELECT {literal(a)} AS a, {literal(b)} AS b, corr({q(a)}, {q(b)}) AS corr FROM manifest" for a, b in pairs
+    )
     return {
         "per-prompt": f"SELECT prompt, count(DISTINCT entry_id) AS groups, {per_prompt} FROM manifest "
         "GROUP BY prompt ORDER BY prompt",
@@ -49,11 +57,22 @@ def reports(table: pa.Table) -> dict[str, str]:
 
 
 def check_read_only(sql: str) -> None:
-    stripped = re.sub(r"'([^']|'')*'", "''", sql)  # ignore string literals
-    if ";" in stripped.strip().rstrip(";"):
-        raise ValueError("stats runs one statement at a time: remove the ';' between statements")
-    if not READ_ONLY.match(stripped) or WRITES.search(stripped):
-        raise ValueError(f"stats is read-only: {sql.strip().split()[0].upper()} statements are refused; use SELECT")
+    """Accept exactly one statement that DuckDB's parser classifies as SELECT (this includes WITH, FROM-first,
+    VALUES, DESCRIBE and SUMMARIZE); refuse anything else with one line naming the statement type."""
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise ValueError(f"query failed: {str(e).splitlines()[0]}") from None
+    if not statements:
+        raise ValueError("--sql holds no statement: give one SELECT over the view `manifest`")
+    if len(statements) > 1:
+        kinds = ", ".join(st.type.name for st in statements)
+        raise ValueError(f"stats runs one statement at a time, got {len(statements)} ({kinds}): keep one SELECT")
+    kind = statements[0].type.name
+    if kind != "SELECT":
+        raise ValueError(f"stats is read-only: {kind} statements are refused; use one SELECT over the view `manifest`")
 
 
 def run_query(folder: str | Path, sql: str | None = None, report: str | None = None) -> pa.Table:

@@ -8,9 +8,10 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..adapters.merge import Selection, combine_adapters, save_merged_weights, select_scale
+from ..adapters.merge import Selection, check_adapter_modules, combine_adapters, save_merged_weights, select_scale
 from ..io.files import staged_folder
 from ..io.plots import save, subplots
+from ..models.checkpoint import read_adapter
 from ..pipeline import base_checkpoint
 from ..schemas.config import ModelConfig
 from ..schemas.run import RUN_FILE, run_record
@@ -38,6 +39,8 @@ def merge_sweep(
     reward = settings.reward()
     if ood not in reward.names:
         raise ValueError(f"--ood-metric {ood!r} is not scored (scored: {', '.join(reward.names)})")
+    given = [f for f in (semi, on) if f is not None]  # refuse a bad adapter before any scoring
+    check_adapter_modules(given, [read_adapter(f)[1] for f in given], settings.config)
     with staged_folder(out) as tmp:
         return _sweep(on, semi, scales, prompts, settings, reward, tmp, Path(out), s_semi, ood, ood_tolerance,
                       full_weights)  # fmt: skip
@@ -53,7 +56,7 @@ def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_
         return ([(semi, s_semi)] if semi is not None else []) + [(on, s_on)]
 
     for s in sorted(set(scales)):
-        folders[s] = combine_adapters(parts(s), tmp / "adapters" / f"s{s:g}")
+        folders[s] = combine_adapters(parts(s), tmp / "adapters" / f"s{s:g}", settings.config)
         spec = ModelSpec(f"s{s:g}", lora=str(folders[s]))
         sc = score_policy(spec.load(settings.config, settings.checkpoint, settings.wan_dir), ps, seeds, reward)
         rows[s] = {k: float(v.mean()) for k, v in sc.items()}

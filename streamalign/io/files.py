@@ -2,7 +2,9 @@
 (``staged_folder``), and the checksums and sizes of what they wrote.
 
 Both build the output beside its final place under a hidden temporary name and make it visible only
-when it is complete, so a crash or an error never leaves a half-written file or folder behind.
+when it is complete, so a crash or an error never leaves a half-written file or folder behind. A process
+killed mid-write (SIGKILL, OOM) does leave its hidden ``.NAME.tmp-PID`` / ``.NAME.old-PID``; the next
+write of the same target removes those whose PID is no longer running (``remove_stale_siblings``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +56,42 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+_SIBLING = re.compile(r"(?:tmp|old)-(?P<pid>[0-9]+)")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user counts as alive)."""
+    if pid <= 0:
+        return True  # 0 / negative address process groups: never treat such a name as stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:
+        return False  # no such pid can exist
+    return True
+
+
+def remove_stale_siblings(target: Path) -> list[Path]:
+    """Remove the hidden ``.NAME.tmp-PID`` / ``.NAME.old-PID`` siblings of `target` that processes no
+    longer running left behind (a live PID's, this process's included, are kept); returns those removed."""
+    prefix = f".{target.name}."
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for sib in target.parent.iterdir():
+        if not sib.name.startswith(prefix):
+            continue
+        m = _SIBLING.fullmatch(sib.name[len(prefix) :])
+        if m is None or pid_alive(int(m["pid"])):
+            continue
+        sib.unlink() if sib.is_symlink() else remove_path(sib)  # a link: remove it, never what it points to
+        removed.append(sib)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling path (nothing there yet) for the caller to write a file or a folder
@@ -60,6 +99,7 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     file when `overwrite`, else refusing an existing one); on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     remove_path(tmp)
     try:
@@ -78,8 +118,9 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
 def staged_folder(out: str | Path) -> Iterator[Path]:
     """Yield an empty temp folder beside `out`. When the block succeeds it takes `out`'s place (a previous
     `out` is moved aside first and removed after); when it fails it is removed. Nothing half-written is
-    left behind."""
+    left behind; stale temporaries of killed earlier runs for the same `out` are removed first."""
     out = Path(out)
+    remove_stale_siblings(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

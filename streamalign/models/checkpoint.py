@@ -10,7 +10,9 @@ merged exactly into the base weights: ``W += scale * (alpha / r) * B @ A``.
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -38,16 +40,49 @@ def _read_raw(path: Path) -> Mapping:
         for s in shards:
             out.update(load_file(str(s)))
         return out
+    if path.suffix != ".safetensors" and _is_legacy_torch_file(path):
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is in torch's legacy (pre-1.6, non-zip) format, which cannot be "
+            "memory-mapped; re-save its tensors as .safetensors or with a current torch.save (zip format)"
+        )
+    if path.suffix != ".safetensors" and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"cannot read checkpoint {path}: not a torch (zip) checkpoint or .safetensors file")
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # unreadable, truncated, or holds pickled objects
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: {_first_line(e)} (not a torch or safetensors file?)"
+            ) from None
+        found = _UNSUPPORTED_GLOBAL.search(str(e))  # holds Python objects besides tensors: never unpickled
+        what = f" ({found[1]})" if found else ""
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {msg} (need a tensors-only .pt readable with "
+            f"cannot read checkpoint {path}: it holds pickled Python objects{what} besides tensors, and "
+            "streamalign never unpickles; re-save only the tensors (the state dict) as .safetensors"
+        ) from None
+    except Exception as e:  # unreadable or truncated
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {_first_line(e)} (need a tensors-only .pt readable with "
             "weights_only=True, or .safetensors)"
         ) from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch.save's legacy format: a protocol-2 pickle whose first object is this magic number (torch/serialization.py)
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _first_line(e: Exception) -> str:
+    text = _ANSI.sub("", str(e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_legacy_torch_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
 
 
 def read_state_dict(
@@ -83,17 +118,28 @@ def _describe(keys: list[str], limit: int = 6) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def load_state_dict_strict(
     model: ChunkModel, sd: Mapping[str, torch.Tensor], source: str, config_name: str
 ) -> None:
-    """Copy `sd` into `model`; any missing/unexpected key or shape mismatch is a CheckpointError."""
+    """Copy `sd` into `model`; any missing/unexpected key, shape mismatch or non-floating tensor for a floating
+    parameter is a CheckpointError."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     bad_shape = [
         f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape
     ]
-    if missing or unexpected or bad_shape:
+    # a non-floating tensor (int32, bool, ...) would be cast silently into a floating parameter
+    bad_dtype = [
+        f"{k} is {_dtype_name(sd[k].dtype)}, the model expects floating {_dtype_name(own[k].dtype)}"
+        for k in own
+        if k in sd and own[k].is_floating_point() and not sd[k].is_floating_point()
+    ]
+    if missing or unexpected or bad_shape or bad_dtype:
         parts = []
         if missing:
             parts.append(f"missing {len(missing)}: {_describe(missing)}")
@@ -101,6 +147,8 @@ def load_state_dict_strict(
             parts.append(f"unexpected {len(unexpected)}: {_describe(unexpected)}")
         if bad_shape:
             parts.append(f"shape mismatch {len(bad_shape)}: {_describe(bad_shape, 3)}")
+        if bad_dtype:
+            parts.append(f"dtype mismatch {len(bad_dtype)}: {_describe(bad_dtype, 3)}")
         a = model.arch
         raise CheckpointError(
             f"checkpoint {source} does not match model config '{config_name}' (dim {a.dim}, {a.num_layers} layers, "
@@ -166,7 +214,30 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg_path, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not cfg_path.is_file() or not weights.is_file():
         raise CheckpointError(f"{folder} is not a peft adapter folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
-    return json.loads(cfg_path.read_text()), dict(_read_raw(weights))
+    cfg, sd = json.loads(cfg_path.read_text()), dict(_read_raw(weights))
+    check_adapter_rank(folder, cfg, sd)
+    return cfg, sd
+
+
+def check_adapter_rank(folder: Path, cfg: Mapping, sd: Mapping[str, torch.Tensor]) -> None:
+    """Every lora_A / lora_B pair must have the rank its config gives (``r``, or a ``rank_pattern`` entry
+    matching the module, peft's rule): a disagreeing config would scale the delta by the wrong alpha / r."""
+    if "r" not in cfg:
+        raise CheckpointError(f"adapter {folder}: {ADAPTER_CONFIG} gives no rank 'r'")
+    patterns = cfg.get("rank_pattern") or {}
+    for k, v in sd.items():
+        m = _LORA_KEY.match(normalize_key(k))
+        if m is None or m["ab"] != "A":
+            continue
+        mod = m["mod"]
+        r = next((int(pr) for pat, pr in patterns.items() if re.fullmatch(rf"(.*\.)?(?:{pat})", mod)), int(cfg["r"]))
+        b = sd.get(k.replace(".lora_A", ".lora_B", 1))
+        ranks = {v.shape[0]} | ({b.shape[1]} if b is not None and b.ndim == 2 else set())
+        if ranks != {r}:
+            raise CheckpointError(
+                f"adapter {folder}: {ADAPTER_CONFIG} gives rank r={r} but its weights have rank "
+                f"{'/'.join(map(str, sorted(ranks)))} ({mod}.lora_A {tuple(v.shape)}); fix 'r' or re-save the adapter"
+            )
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], float | None]:
