@@ -22,6 +22,10 @@ try:  # pragma: no cover - exercised only on CUDA machines with flash-attn insta
 except Exception:  # ImportError, or a broken CUDA build
     _flash_attn_func = None
 
+# below this many bytes of shared keys/values per row, joining the parts costs less than merging them, and
+# one kernel over the joined keys keeps small models' numbers exactly those of a single cache (the size
+# depends on the prefix only, so a rollout and its training replay always take the same path)
+MERGE_MIN_BYTES = 32 * 2**20
 # manual fallback: bytes of float32 scores one query block may hold (all heads of one batch row)
 _SCORE_BLOCK_BYTES = 256 * 2**20
 
@@ -94,7 +98,8 @@ def _attend_lse_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tu
 def attend_parts(q: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Attention of q [B, Lq, H, D] over the union of key/value parts, each (k, v) [B or 1, Lk_i, H, D].
 
-    One part: plain :func:`attend`. Several: each part's output and LSE, merged exactly in float32
+    One part: plain :func:`attend`. A shared prefix below ``MERGE_MIN_BYTES`` per row: joined to the own
+    keys (one kernel). Larger: each part's output and LSE, merged exactly in float32
     (``o = sum_i exp(lse_i - lse) o_i``, folded pairwise), so a batch-1 part (the shared prefix) is never
     broadcast to B rows. Under autograd the forward is the same merge (so a training replay reproduces
     the rollout that recorded it to the last bit the kernels allow) and the backward recomputes attention
@@ -104,9 +109,21 @@ def attend_parts(q: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tens
     if len(parts) == 1:
         return attend(q, *parts[0])
     flat = [t for kv in parts for t in kv]
+    if _shared_bytes_per_row(q, parts) < MERGE_MIN_BYTES:  # small prefix: one kernel over the joined keys
+        b = q.shape[0]
+        k = torch.cat([t.expand(b, *t.shape[1:]) for t in flat[::2]], dim=1)
+        v = torch.cat([t.expand(b, *t.shape[1:]) for t in flat[1::2]], dim=1)
+        return attend(q, k, v)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, *flat)):
         return _MergedParts.apply(q, *flat)
     return _merge_parts(q, parts)
+
+
+def _shared_bytes_per_row(q: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Bytes of k and v that joining the batch-1 (shared) parts would copy for each of q's rows."""
+    if q.shape[0] == 1:
+        return 0
+    return sum(2 * k.numel() * k.element_size() for k, _ in parts if k.shape[0] == 1)
 
 
 def _merge_parts(q: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -115,9 +115,6 @@ class Trainer:
         averaged over every rank's groups."""
         if zero:
             self.opt.zero_grad(set_to_none=True)
-            # gradients are summed group by group in float64: the sum then rounds to the same float32
-            # whatever the order, so one process and N ranks (or another batching) give the same update
-            self.grad_sum = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float64, device=self.device)
         sums: dict[str, list[float]] = {}  # key -> [sum, groups that reported it]
         for e in groups:
             self.check_entry(e)
@@ -125,10 +122,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 out = self.objective.group_loss(GroupInput(e, self.text(e.prompt), g), self.replay)
             if out.loss.requires_grad:
-                grads = torch.autograd.grad(out.loss / (global_batch * self.cfg.optim.accum), self.params,
-                                            allow_unused=True)  # fmt: skip
-                self.grad_sum += torch.cat([(gr if gr is not None else torch.zeros_like(p)).flatten().double()
-                                            for gr, p in zip(grads, self.params, strict=True)])  # fmt: skip
+                (out.loss / (global_batch * self.cfg.optim.accum)).backward()
             for k, v in {"loss": float(out.loss.detach()), **out.stats}.items():
                 acc = sums.setdefault(k, [0.0, 0.0])
                 acc[0] += v
@@ -142,11 +136,14 @@ class Trainer:
         del stats["zero_variance"]
         if apply:
             if self.world > 1:
-                dist.all_reduce(self.grad_sum)
-            i = 0
-            for p in self.params:
-                p.grad = self.grad_sum[i : i + p.numel()].view_as(p).to(p.dtype)
-                i += p.numel()
+                flat = torch.cat(
+                    [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params]
+                )
+                dist.all_reduce(flat)
+                i = 0
+                for p in self.params:
+                    p.grad = flat[i : i + p.numel()].view_as(p).clone()
+                    i += p.numel()
             o = self.cfg.optim
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip))
             lr = lr_at(step, o.lr, self.cfg.schedule.warmup)
