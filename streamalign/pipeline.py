@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .io.files import checksum
+from .io.files import checksum, require_paths
 from .models.checkpoint import load_generator
 from .models.codec import LatentCodec, PixelUnshuffleCodec, WanVAECodec
 from .models.kv_cache import KVCache
@@ -100,9 +100,7 @@ class Pipeline:
     ) -> Pipeline:
         cfg = resolve_config(config, wan_dir)
         checkpoint = base_checkpoint(cfg, checkpoint)
-        for p, what in ((checkpoint, "checkpoint"), (lora, "LoRA adapter"), (wan_dir, "Wan folder")):
-            if p is not None and not Path(p).exists():
-                raise FileNotFoundError(f"{what} {p} does not exist")
+        require_paths((checkpoint, "checkpoint"), (lora, "LoRA adapter"), (wan_dir, "Wan folder"))
         model = load_generator(cfg, checkpoint, lora=lora, lora_alpha=lora_alpha, device=device)
         pid = policy_id(checkpoint, lora, lora_alpha)
         return cls(cfg, model, build_text(cfg, device), build_codec(cfg, device), pid)

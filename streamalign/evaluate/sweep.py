@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..adapters.merge import Selection, check_adapter_modules, combine_adapters, save_merged_weights, select_scale
-from ..io.files import staged_folder
+from ..io.files import require_paths, staged_folder
 from ..io.plots import save, subplots
 from ..models.checkpoint import read_adapter
 from ..pipeline import base_checkpoint
@@ -126,9 +126,7 @@ def plot_sweep(result: dict, png: Path) -> None:
 def run_merge(cfg: MergeRun, out: str | Path) -> dict:
     """The `merge` stage: the sweep on the resolved prompts; the results and ``run.yaml`` in `out`."""
     m, st = cfg.merge, cfg.eval.resolved()
-    for p, what in ((m.on, "on-policy adapter"), (m.semi, "semi-on-policy adapter"), (st.checkpoint, "checkpoint")):
-        if p is not None and not Path(p).exists():
-            raise FileNotFoundError(f"{what} {p} does not exist")
+    require_paths((m.on, "on-policy adapter"), (m.semi, "semi-on-policy adapter"), (st.checkpoint, "checkpoint"))
     r = merge_sweep(m.on, m.semi, m.scales, st.prompts, st, out, m.s_semi, m.ood_metric, m.ood_tolerance,
                     m.full_weights)  # fmt: skip
     (Path(out) / RUN_FILE).write_text(run_record(cfg.replace(eval=st), "merge"))

@@ -40,6 +40,13 @@ def checksum(path: Path) -> str:
     return h.hexdigest()
 
 
+def require_paths(*given: tuple[str | Path | None, str]) -> None:
+    """One clear error for the first (path, what) whose path does not exist; None paths are skipped."""
+    for path, what in given:
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{what} {path} does not exist")
+
+
 def remove_path(path: Path) -> None:
     """Delete a file or a folder tree."""
     if path.is_dir():

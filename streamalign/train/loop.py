@@ -25,6 +25,7 @@ from ..buffer.reader import BufferReader
 from ..collect.collector import CollectConfig, collect
 from ..collect.distributed import rank_and_world
 from ..extras import require
+from ..io.files import require_paths
 from ..io.progress import progress_bar
 from ..models.noise import derive_seed
 from ..models.sampler import Sampler
@@ -300,10 +301,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
 
 def train_stage(cfg: TrainConfig, out: str | Path, resume: bool = False) -> str:
     """The `train` command: check the input paths, run, and return the summary line."""
-    for path, what in ((cfg.data.buffer, "buffer"), (cfg.lora.init_adapter, "adapter"), (cfg.model.checkpoint,
-                                                                                        "checkpoint")):
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"{what} {path} does not exist")
+    require_paths((cfg.data.buffer, "buffer"), (cfg.lora.init_adapter, "adapter"), (cfg.model.checkpoint, "checkpoint"))
     return train(cfg, out, resume=resume).line(out)
 
 
