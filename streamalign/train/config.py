@@ -95,6 +95,18 @@ class Hardware(Section):
     device: str = arg("auto", "auto (cuda:LOCAL_RANK if available) | cpu | cuda[:N].")
     autocast: Literal["auto", "bf16", "off"] = arg("auto", "auto (bf16 on CUDA) | bf16 | off.")
     threads: int | None = arg(None, "torch CPU threads.")
+    # memory of the update: replay rows in micro-batches (gradients accumulated: the same update to float
+    # rounding) and activation checkpointing per transformer block; both leave a CPU run's numbers as
+    # they were by default (every row of a small model in one batch, no checkpointing)
+    replay_batch: int | None = arg(None, "Replay rows per forward/backward (default: from the memory budget).")
+    checkpointing: Literal["auto", "on", "off"] = arg("auto", "Activation checkpointing per block: auto (on CUDA) "
+                                                      "| on | off.")  # fmt: skip
+
+    def resolved(self, device_type: str) -> tuple[bool, bool]:
+        """(bf16 autocast, activation checkpointing) on a device of `device_type` ('cuda', 'cpu')."""
+        cuda = device_type == "cuda"
+        auto = {"auto": cuda, "bf16": True, "on": True, "off": False}
+        return auto[self.autocast], auto[self.checkpointing]
 
 
 class TrainConfig(RunConfig):
@@ -120,6 +132,8 @@ class TrainConfig(RunConfig):
             raise ValueError(f"--group-size {self.rollouts.group_size} must lie in 2..256 (advantages need >= 2)")
         if self.hardware.device != "auto" and not self.hardware.device.startswith(("cpu", "cuda")):
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.hardware.device!r}")
+        if self.hardware.replay_batch is not None and self.hardware.replay_batch < 1:
+            raise ValueError(f"--replay-batch {self.hardware.replay_batch} must be >= 1 (or omit it: automatic)")
         LoraSettings(self.lora.lora_rank, self.lora.lora_alpha).check()
         return self
 

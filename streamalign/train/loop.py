@@ -74,28 +74,35 @@ class TrainSummary:
 
 
 class Trainer:
-    """Pipeline with a trainable LoRA, its optimizer and the shared update step."""
+    """Pipeline with a trainable LoRA, its optimizer and the shared update step. `pipeline`: the base
+    policy already in memory (default: loaded from the model section; the memory planner passes one
+    with simulated weights)."""
 
-    def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, pipeline: Pipeline | None = None) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
         hw, m = cfg.hardware, cfg.model
         self.device = resolve_device(hw.device)
-        self.bf16 = hw.autocast == "bf16" or (hw.autocast == "auto" and self.device.type == "cuda")
-        base = Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, device=str(self.device))
+        self.bf16, checkpointing = hw.resolved(self.device.type)
+        base = pipeline or Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, device=str(self.device))
         if cfg.lora.init_adapter is not None:
             self.peft = load_lora(base.model, cfg.lora.init_adapter, trainable=True)
         else:
             self.peft = attach_lora(base.model, LoraSettings(cfg.lora.lora_rank, cfg.lora.lora_alpha), seed=cfg.seed)
         self.model = self.peft.base_model.model  # the CausalWanModel, LoRA layers injected
         self.model.train()
+        self.model.gradient_checkpointing = checkpointing
         self.policy = Pipeline(base.config, self.model, base.text, base.codec, base.policy_id)
         self.sampler = Sampler(self.model, base.config)
-        self.replay = PivotReplay(self.sampler, cfg.data.context)
+        self.replay = PivotReplay(self.sampler, cfg.data.context, hw.replay_batch)
         self.objective = cfg.objective.build()
         self.params = [p for _, p in lora_parameters(self.peft)]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.objective.bind(self.params)  # objectives with policy copies (NFT: old and reference) keep them
         self._text: dict[str, torch.Tensor] = {}
+
+    def autocast(self) -> torch.autocast:
+        """The compute precision of this run's forwards (updates and on-policy rollouts alike)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def text(self, prompt: str) -> torch.Tensor:
         if prompt not in self._text:
@@ -120,7 +127,7 @@ class Trainer:
         for e in groups:
             self.check_entry(e)
             g = torch.Generator().manual_seed(entry_seed(self.cfg.seed, step, e.entry_id))
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            with self.autocast():
                 out = self.objective.group_loss(GroupInput(e, self.text(e.prompt), g), self.replay)
             if out.loss.requires_grad:
                 (out.loss / (global_batch * self.cfg.optim.accum)).backward()
@@ -277,7 +284,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                 rollout_policy = Pipeline(
                     trainer.policy.config, trainer.model, trainer.policy.text, trainer.policy.codec, version
                 )
-                collect(rollout_policy, ccfg, rollouts, rank, world, progress=False, shard_prefix=f"it{it:05d}-")
+                with trainer.autocast():  # the updates' precision; branch batches from the device's free memory
+                    collect(rollout_policy, ccfg, rollouts, rank, world, progress=False, shard_prefix=f"it{it:05d}-")
                 trainer.model.train()
                 if world > 1:
                     dist.barrier()
