@@ -17,6 +17,7 @@ once, as every sampler step calls the model.
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -24,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -35,6 +36,9 @@ from .protocol import ChunkModel, get_family
 from .sampler import Sampler
 
 GiB = 2**30
+# under HostLogic, a tensor made from nothing (a factory) with at most this many elements is real: indices,
+# masks, counters, small tables; anything larger (weights, caches, activations, noise) is simulated
+REAL_FACTORY_NUMEL = 4096
 
 
 class LiveBytes(TorchDispatchMode):
@@ -95,6 +99,51 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+class HostLogic(TorchDispatchMode):
+    """Entered on top of a :class:`FakeTensorMode`: the host-side logic of a stage runs on real values
+    while the device work stays simulated, so code that reads values (rewards and advantages, anchor
+    draws, boolean-mask indexing, an optimizer's step counter) runs unchanged on fake weights.
+
+    An op whose tensor arguments are all real runs for real; a factory (no tensor arguments) is real when
+    its result has at most ``REAL_FACTORY_NUMEL`` elements; every other op is fake. A number read from a
+    fake tensor (``float(loss)``) is NaN: its value is not computed (statistics of a simulated step are
+    NaN; control flow must not depend on them). An op that would write fake data into a real tensor is
+    refused (the simulation would lose the write)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "prim":  # metadata queries of fake tensors
+            return func(*args, **kwargs)
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        if len(tensors) < len(args) + len(kwargs):  # tensors inside lists (cat, foreach ops, indices)
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        fake = [isinstance(t, FakeTensor) for t in tensors]
+        if func is torch.ops.aten._local_scalar_dense.default and fake[0]:
+            if not tensors[0].is_floating_point():
+                raise RuntimeError(f"simulated run: control flow reads a {tensors[0].dtype} value of a fake tensor")
+            return math.nan
+        if any(fake):
+            if func._schema.is_mutable:
+                for a in func._schema.arguments:
+                    x = kwargs.get(a.name) if a.kwarg_only else None
+                    if not a.kwarg_only:
+                        i = func._schema.arguments.index(a)
+                        x = args[i] if i < len(args) else kwargs.get(a.name)
+                    written = a.alias_info is not None and a.alias_info.is_write
+                    if written and isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor):
+                        raise RuntimeError(f"simulated run: {func} would write simulated data into a real tensor")
+            return func(*args, **kwargs)
+        if tensors:
+            with _disable_current_modes():
+                return func(*args, **kwargs)
+        out = func(*args, **kwargs)  # a factory: shapes first (fake, free), then real if small
+        leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if leaves and sum(t.numel() for t in leaves) <= REAL_FACTORY_NUMEL:
+            with _disable_current_modes():
+                return func(*args, **kwargs)
+        return out
+
+
 @dataclass
 class MemoryReport:
     """What one measured call held: bytes live before it (``baseline``), at most during it (``peak``),
@@ -127,10 +176,13 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * b * h * lq * lk * (d + dv)
 
 
-def measure(fn: Callable[[], Any], track: Iterable[torch.Tensor] = (), flops: bool = False) -> tuple[Any, MemoryReport]:
-    """Run ``fn()`` under :class:`LiveBytes` (and ``FlopCounterMode`` if `flops`); `track` are tensors
-    alive before the call (weights, inputs) that count towards the peak. Returns (result, report)."""
-    tracker = LiveBytes()
+def measure(
+    fn: Callable[[], Any], track: Iterable[torch.Tensor] = (), flops: bool = False, tracker: LiveBytes | None = None
+) -> tuple[Any, MemoryReport]:
+    """Run ``fn()`` under :class:`LiveBytes` (`tracker`, default a new one; and ``FlopCounterMode`` if
+    `flops`); `track` are tensors alive before the call (weights, inputs) that count towards the peak.
+    Returns (result, report)."""
+    tracker = tracker or LiveBytes()
     tracker.track(list(track))
     baseline = tracker.current
     counter = None
@@ -156,16 +208,32 @@ def measure(fn: Callable[[], Any], track: Iterable[torch.Tensor] = (), flops: bo
     return out, report
 
 
-def fake_generator(cfg: ModelConfig, dtype: torch.dtype, mode: FakeTensorMode) -> ChunkModel:
-    """The generator of `cfg` with fake CPU parameters of `dtype`: built on the meta device (no init
-    cost), then given storage-less fake parameters under `mode` (which must allow non-fake inputs: the
-    meta parameters are the templates). Shapes and dtypes are the real ones."""
+def meta_generator(cfg: ModelConfig, dtype: torch.dtype) -> ChunkModel:
+    """The generator of `cfg` on the meta device (no storage, no init cost), parameters of `dtype`, frozen."""
     with torch.device("meta"):
         model = get_family(cfg.arch.family).build(cfg.arch)
-    model = model.to(dtype).eval().requires_grad_(False)
-    with mode:
-        model.to_empty(device="cpu")
-    return model
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def materialize_fake(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module:
+    """Give every parameter and buffer of a meta `module` fake CPU storage of `mode`, IN PLACE: the tensor
+    objects stay the same (``swap_tensors``), so an optimizer, a trainer or a list that already holds
+    them sees the fake tensors. Shapes, dtypes and ``requires_grad`` are kept."""
+    for t in [*module.parameters(), *module.buffers()]:
+        grad = t.requires_grad
+        with mode:  # a factory, not empty_like(t): the fake mode would keep a weak reference to t
+            fake = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+        torch.utils.swap_tensors(t, fake)
+        t.requires_grad_(grad)
+    return module
+
+
+def fake_generator(cfg: ModelConfig, dtype: torch.dtype, mode: FakeTensorMode) -> ChunkModel:
+    """The generator of `cfg` with fake CPU parameters of `dtype` (of `mode`), built on the meta device.
+    Shapes and dtypes are the real ones. (A module whose parameters are already fake cannot be moved with
+    ``.to()``: build anything that wraps it, e.g. LoRA, on the :func:`meta_generator` first, then
+    :func:`materialize_fake` the whole.)"""
+    return materialize_fake(meta_generator(cfg, dtype), mode)
 
 
 def fake_sampler(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> tuple[Sampler, FakeTensorMode]:

@@ -34,10 +34,11 @@ ACT_FFN_FLOATS = 1
 # may hold beyond the weights, optimizer and prefix when no device can be asked (CPU, fake tensors): the
 # same bound as the branch batches, so on a CPU every row of a small model runs in one batch.
 DEFAULT_REPLAY_MEMORY = DEFAULT_BRANCH_MEMORY
-# float32 bytes per token of one row's replay forward + backward, in units of dim and ffn_dim: all blocks'
-# saved activations (no checkpointing), or one block's recomputation and backward (checkpointing)
-REPLAY_DIM_FLOATS = 48
-REPLAY_FFN_FLOATS = 4
+# float32 values per token of one block of one replay row, in units of dim and ffn_dim: its recomputation
+# and backward under checkpointing (measured at full size: ~9 dim + 2.6 ffn), or what it saves for backward
+# without (~0.6 of that)
+REPLAY_DIM_FLOATS = 12
+REPLAY_FFN_FLOATS = 3
 
 
 class _RowBatches(torch.autograd.Function):
@@ -405,12 +406,14 @@ class Sampler:
         return acts + keys + 4 * math.prod(self.chunk_shape) * 4
 
     def auto_replay_batch(self, rows: int, pivot: int, memory_budget: int | None = None) -> int:
-        """Rows of a training replay per forward/backward: ``memory_budget // replay_row_bytes`` in 1..rows.
+        """Rows of a training replay per forward/backward: at most ``memory_budget // replay_row_bytes``,
+        in as few micro-batches as that allows, balanced (16 rows that fit 15 at once: 8 + 8).
         `memory_budget`: bytes the rows may hold on top of what is held when the replay starts (weights,
         optimizer, the prefix KV); default as :meth:`free_memory` (``DEFAULT_REPLAY_MEMORY`` without a
         device to ask)."""
         budget = memory_budget if memory_budget is not None else self.free_memory(DEFAULT_REPLAY_MEMORY)
-        return max(1, min(rows, budget // self.replay_row_bytes(pivot)))
+        most = max(1, min(rows, budget // self.replay_row_bytes(pivot)))
+        return math.ceil(rows / math.ceil(rows / most))
 
     def free_memory(self, default: int = DEFAULT_BRANCH_MEMORY) -> int:
         """Bytes the sampler may still allocate on the model's device (see :meth:`auto_branch_batch`);

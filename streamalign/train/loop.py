@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..adapters.lora import LoraSettings, attach_lora, load_lora, lora_parameters, save_lora
+from ..adapters.lora import LoraSettings, attach_lora, cast_lora_inputs, load_lora, lora_parameters, save_lora
 from ..buffer.manifest import read_manifest
 from ..buffer.reader import BufferReader
 from ..collect.collector import CollectConfig, collect
@@ -90,6 +90,7 @@ class Trainer:
             self.peft = attach_lora(base.model, LoraSettings(cfg.lora.lora_rank, cfg.lora.lora_alpha), seed=cfg.seed)
         self.model = self.peft.base_model.model  # the CausalWanModel, LoRA layers injected
         self.model.train()
+        cast_lora_inputs(self.peft, not self.bf16)
         self.model.gradient_checkpointing = checkpointing
         self.policy = Pipeline(base.config, self.model, base.text, base.codec, base.policy_id)
         self.sampler = Sampler(self.model, base.config)

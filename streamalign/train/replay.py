@@ -34,6 +34,7 @@ class PivotReplay:
         self.context = context
         self.batch = batch
         self.memory_budget = memory_budget
+        self.last_batch: int | None = None  # rows per forward of the last predict (reports)
 
     @torch.no_grad()
     def prefix(self, entry: Entry, text: torch.Tensor) -> KVCache:
@@ -65,7 +66,7 @@ class PivotReplay:
         sigma = torch.tensor(s.schedule.sigmas, dtype=torch.float64)[steps]
         dev = next(s.model.parameters()).device
         n = x_t.shape[0]
-        batch = self.batch or s.auto_replay_batch(n, entry.pivot, self.memory_budget)
+        batch = self.last_batch = self.batch or s.auto_replay_batch(n, entry.pivot, self.memory_budget)
         return s.predict_rows(
             x_t.to(dev, torch.float32), t.to(dev), sigma.to(dev), text, cache, entry.pivot * s.chunk_frames, batch
         )
