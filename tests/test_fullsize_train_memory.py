@@ -82,13 +82,25 @@ def test_simulated_update_equals_a_real_one(objective, replay_batch, merge, rows
         monkeypatch.setattr(attention, "MERGE_MIN_BYTES", 0)
     cfg = reduced()
     settings = TrainConfig(buffer=SIMULATED, objective=objective, replay_batch=replay_batch, lora_rank=8)
-    fake = train_update_memory(cfg, settings, pivot=2, group_size=6)
+    fake = train_update_memory(cfg, settings, pivot=2, group_size=6, flops=True)
     real_settings = settings.replace(device="cpu", autocast="bf16", checkpointing="on")
     text = torch.zeros(1, cfg.arch.text_len, cfg.arch.text_dim)
     model = make_model(cfg).to(torch.bfloat16).requires_grad_(False)
     trainer = Trainer(real_settings, pipeline=Pipeline(cfg, model, FixedText(text), None, SIMULATED))
     entry = simulated_entry(cfg, 2, 6, trainer.objective.fork, torch.bfloat16)
-    real = update_memory(trainer, entry, text)
+    real = update_memory(trainer, entry, text, flops=True)
     assert trainer.replay.last_batch == fake.notes["replay_batch"] == rows
     assert fake.peak == real.peak and fake.baseline == real.baseline
+    assert fake.flops == real.flops > 0  # forward, recomputation and backward alike
     assert all(p.grad is not None for p in trainer.params)  # the real update did update
+
+
+def test_a_simulated_device_sizes_the_replay_batch():
+    """With `device_memory`, the replay asks the simulated device for its free memory as it asks CUDA's:
+    a large device runs the 4 rows at once, one with nothing free runs them one by one."""
+    cfg = reduced()
+    settings = TrainConfig(buffer=SIMULATED, objective="copo", pivot_steps=1, lora_rank=8)
+    big = train_update_memory(cfg, settings, pivot=1, group_size=6, device_memory=2**40)
+    full = train_update_memory(cfg, settings, pivot=1, group_size=6, device_memory=0)
+    assert big.notes["replay_batch"] == 4 and full.notes["replay_batch"] == 1
+    assert full.peak < big.peak

@@ -28,7 +28,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
 
 from ..schemas.config import ModelConfig
 from . import wan  # noqa: F401  (registers the wan family)
@@ -176,6 +176,34 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * b * h * lq * lk * (d + dv)
 
 
+class _NoModules:
+    """Stands in for FlopCounterMode's ModuleTracker: every FLOP is counted under "Global" only."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _NoModules:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+class GlobalFlops(FlopCounterMode):
+    """``FlopCounterMode`` (its formulas, plus `custom_mapping`) without the per-module breakdown: the
+    module tracker hooks every module's outputs for the backward, which keeps activations alive that
+    activation checkpointing frees, so a memory measurement under it would be wrong."""
+
+    def __init__(self, custom_mapping: dict | None = None) -> None:
+        super().__init__(display=False, custom_mapping=custom_mapping)
+        self.mod_tracker = _NoModules()
+
+
+def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kw) -> int:
+    """FLOPs of the CPU flash kernel's backward (recomputed scores, then 4 products): the formula torch
+    uses for the CUDA kernels, [B, H, L, D] layouts."""
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 def measure(
     fn: Callable[[], Any], track: Iterable[torch.Tensor] = (), flops: bool = False, tracker: LiveBytes | None = None
 ) -> tuple[Any, MemoryReport]:
@@ -189,8 +217,9 @@ def measure(
     t0 = time.perf_counter()
     if flops:
         # FlopCounterMode looks formulas up by overload packet
-        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        counter = FlopCounterMode(display=False, custom_mapping={op: _sdpa_cpu_flops})
+        forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        counter = GlobalFlops({forward: _sdpa_cpu_flops, backward: _sdpa_cpu_backward_flops})
         with counter, tracker:
             out = fn()
     else:
