@@ -29,6 +29,7 @@ from ..models.noise import derive_seed
 from ..models.sampler import Sampler
 from ..pipeline import Pipeline
 from ..rewards import CompositeReward
+from ..rewards.sources import reward_of
 from ..schemas.buffer import Entry, SchemaError
 from ..schemas.config import ModelConfig
 from ..schemas.run import arg
@@ -190,7 +191,7 @@ def collect(
     out.mkdir(parents=True, exist_ok=True)
     clean_temporaries(out)
     fmt = get_format(cfg.format)
-    reward = CompositeReward.parse(cfg.rewards, cfg.metrics)
+    reward = reward_of(cfg)
     mine = [k for k in range(cfg.num_shards) if k % world == rank]
     summary, t0 = CollectSummary(), time.time()
     total = sum(min(cfg.entries_per_shard, cfg.groups - k * cfg.entries_per_shard) for k in mine)

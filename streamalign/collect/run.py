@@ -6,6 +6,8 @@ from pathlib import Path
 
 from ..buffer.inspect import buffer_info
 from ..pipeline import Pipeline
+from ..rewards.sources import reward_of
+from ..schemas.config import ModelConfig
 from ..schemas.run import RUN_FILE, RunConfig, run_record
 from ..schemas.sections import PolicySection
 from .collector import CollectConfig, CollectSummary, collect
@@ -24,8 +26,9 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     """Collect into the buffer `out` (resuming) on this rank; rank 0 records the resolved run in ``run.yaml``.
     Returns (rank, what this rank did)."""
     m, out = cfg.model, Path(out)
+    resolved = cfg.replace(collect=cfg.collect.resolve(ModelConfig.load(m.config)))
+    reward_of(resolved.collect)  # reward names, paths and plug-ins checked before any model loads
     policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir)
-    resolved = cfg.replace(collect=cfg.collect.resolve(policy.config))
     with rank_and_world() as (rank, world):
         summary = collect(policy, resolved.collect, out, rank, world)
     if rank == 0:

@@ -20,6 +20,7 @@ from ..io.files import staged_folder
 from ..io.plots import save, subplots
 from ..pipeline import Pipeline
 from ..rewards import CompositeReward
+from ..rewards.sources import reward_of
 from ..schemas.config import ModelConfig
 from ..scoring import paired_differences, score_policy
 from ..train.config import TrainConfig
@@ -92,7 +93,7 @@ def run_noise_sources(cfg: NoiseSourcesRun, out: str | Path) -> list[dict]:
     m, st = cfg.model, cfg.study
     policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, wan_dir=m.wan_dir)
     texts = spread(list(default_prompts(policy.config, cfg.prompts.prompts, cfg.prompts.prompt_set)), st.n_prompts)
-    reward = CompositeReward.parse(*default_rewards(policy.config, cfg.rewards.rewards, cfg.rewards.metrics))
+    reward = reward_of(cfg.rewards, *default_rewards(policy.config, cfg.rewards.rewards, cfg.rewards.metrics))
     with staged_folder(out) as tmp:
         rows = noise_sources(policy, texts, reward, st.seeds, st.group_size)
         noise_sources_report(rows, tmp)

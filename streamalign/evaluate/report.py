@@ -3,9 +3,10 @@ and a report: ``report.json``, ``report.md``, ``diffs.png`` and ``samples/`` (GI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ..pipeline import Pipeline
 from ..schemas.run import RUN_FILE, run_record
 from ..scoring import paired_differences, score_policy
 from .config import EvalSettings, EvaluateRun, named
+from .vbench import VBenchExport
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ def spread(items: Sequence, k: int) -> list:
     return [items[(i * step) % n] for i in range(min(k, n))]
 
 
-def evaluate(models: Sequence[ModelSpec], prompts: Sequence[str], settings: EvalSettings, out: str | Path) -> dict:
+def evaluate(models: Sequence[ModelSpec], prompts: Sequence[str], settings: EvalSettings, out: str | Path,
+             export: VBenchExport | None = None) -> dict:  # fmt: skip
     """Score every model on the same (prompt, seed) pairs; the first model is the base of the paired
     differences. Writes the report into `out` (atomically: a temp folder renamed at the end)."""
     names = [m.name for m in models]
@@ -58,11 +61,23 @@ def evaluate(models: Sequence[ModelSpec], prompts: Sequence[str], settings: Eval
     if len(set(prompts)) != len(prompts):
         dup = next(p for p in prompts if list(prompts).count(p) > 1)
         raise ValueError(f"prompt {dup!r} is listed twice: list each once and raise --seeds for more samples")
-    with staged_folder(out) as tmp:
-        return _evaluate(models, list(prompts), settings, tmp)
+    with staged_folder(out) as tmp, export_to(export) as etmp:
+        return _evaluate(models, list(prompts), settings, tmp, export, etmp)
 
 
-def _evaluate(models: Sequence[ModelSpec], prompts: list[str], st: EvalSettings, out: Path) -> dict:
+@contextlib.contextmanager
+def export_to(export: VBenchExport | None) -> Iterator[Path | None]:
+    """The staged folder of a VBench export (swapped in whole with its export.json and vbench.sh), or None."""
+    if export is None:
+        yield None
+        return
+    with staged_folder(export.out) as tmp:
+        yield tmp
+        export.finish(tmp)
+
+
+def _evaluate(models: Sequence[ModelSpec], prompts: list[str], st: EvalSettings, out: Path,
+              export: VBenchExport | None = None, export_dir: Path | None = None) -> dict:  # fmt: skip
     reward = st.reward()
     ps, seeds = pairs(prompts, st.seeds_per_prompt, st.seed)
     scores: dict[str, dict[str, torch.Tensor]] = {}
@@ -72,6 +87,8 @@ def _evaluate(models: Sequence[ModelSpec], prompts: list[str], st: EvalSettings,
         policy = m.load(st.config, st.checkpoint, st.wan_dir)
         scores[m.name] = score_policy(policy, ps, seeds, reward)
         sample_videos[m.name] = policy.generate([p for p, _ in chosen], [s for _, s in chosen])
+        if export is not None:
+            export.write(export_dir, m.name, policy.generate)
     base = models[0].name
     report = {
         "prompts": prompts,
@@ -182,7 +199,7 @@ def run_evaluate(cfg: EvaluateRun, out: str | Path) -> dict:
             if not Path(path).exists():
                 raise FileNotFoundError(f"{'adapter' if kind == 'lora' else 'weights'} {path} does not exist")
             models.append(ModelSpec(name, **{kind: path}))
-    report = evaluate(models, st.prompts, st, out)
+    report = evaluate(models, st.prompts, st, out, cfg.vbench.exporter(list(st.prompts)))
     (Path(out) / RUN_FILE).write_text(run_record(cfg.replace(eval=st), "evaluate"))
     return report
 

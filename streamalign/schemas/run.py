@@ -126,6 +126,24 @@ class RunConfig(Section):
         return type(self).build(None, **{**self.model_dump(), **changes})
 
 
+def parse_pairs(text: Any, flag: str, what: str = "NAME=VALUE") -> dict[str, str]:
+    """'a=x,b=y' (a flag's value) or a mapping (a run file's) -> {'a': 'x', 'b': 'y'}; a malformed part is
+    one line naming the flag."""
+    if text is None:
+        return {}
+    if isinstance(text, dict):
+        return {str(k): str(v) for k, v in text.items()}
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"{flag}: {part!r} is not {what}")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():

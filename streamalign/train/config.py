@@ -7,6 +7,7 @@ Flat keywords are routed to their section: ``TrainConfig(mode="semi", buffer="bu
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -14,7 +15,7 @@ from pydantic import Field, model_validator
 from ..adapters.lora import LoraSettings
 from ..buffer.formats import FormatName
 from ..schemas.config import ModelConfig
-from ..schemas.run import RunConfig, Section, arg
+from ..schemas.run import RUN_FILE, RunConfig, Section, arg
 from ..schemas.sections import ModelSection, PromptSection, RewardSection
 from .objectives import OBJECTIVES
 from .objectives.copo import CoPOConfig
@@ -128,6 +129,10 @@ class TrainConfig(RunConfig):
         from ..worlds import default_prompts, default_rewards
 
         model = ModelConfig.load(self.model.config)
+        ro = self.rollouts
+        recorded = self.mode == "semi" and (Path(self.data.buffer) / RUN_FILE).is_file()
+        if recorded and self.logging.eval_every and not (ro.rewards or ro.rewards_from):
+            return self.replace(rewards_from=self.data.buffer).resolve()  # the rewards the buffer was scored by
         changes: dict = {}
         needs_prompts = self.mode == "on" or (self.logging.eval_every and not self.logging.eval_prompts)
         texts = default_prompts(model, self.rollouts.prompts, self.rollouts.prompt_set) if needs_prompts else None

@@ -31,7 +31,7 @@ from ..models.noise import derive_seed
 from ..models.sampler import Sampler
 from ..optim import lr_at
 from ..pipeline import Pipeline
-from ..rewards import CompositeReward
+from ..rewards.sources import reward_of
 from ..schemas.buffer import Entry, SchemaError
 from ..schemas.run import RUN_FILE, differences, run_record
 from ..scoring import score_policy
@@ -158,7 +158,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, prompts: tuple[str, ...], seed: int) -> dict[str, float]:
         """Mean composite and per-reward values of one fresh video per prompt (seeds seed, seed+1, ...)."""
-        reward = CompositeReward.parse(self.cfg.rollouts.rewards, self.cfg.rollouts.metrics)
+        reward = reward_of(self.cfg.rollouts)
         scores = score_policy(self.policy, prompts, [seed + i for i in range(len(prompts))], reward)
         return {f"eval_{k}": float(v.mean()) for k, v in scores.items()}
 
@@ -198,6 +198,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             raise ValueError(f"--batch-groups {optim.batch_groups} is not divisible by the {world} ranks")
         if cfg.logging.wandb:
             require("wandb", "wandb", "--wandb")  # before any model loads
+        if cfg.mode == "on" or cfg.logging.eval_every:
+            reward_of(cfg.rollouts)  # reward names, paths and plug-ins checked before any model loads
         trainer = Trainer(cfg, rank, world)
         if cfg.mode == "semi":
             _check_buffer(cfg, trainer)
@@ -269,6 +271,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                 ccfg = CollectConfig(
                     prompts=ro.prompts, groups=optim.batch_groups, group_size=ro.group_size, strength=ro.strength,
                     seed=derive_seed(cfg.seed, 7, it), format=ro.format, rewards=ro.rewards, metrics=ro.metrics,
+                    reward_paths=ro.reward_paths, reward_options=ro.reward_options, reward_plugins=ro.reward_plugins,
+                    reward_device=ro.reward_device,
                     entries_per_shard=max(1, optim.batch_groups // world), fork=trainer.objective.fork,
                     clip_chunks=ro.clip_chunks,
                 )  # fmt: skip
