@@ -24,6 +24,7 @@ from ..generate.run import GenerateRun
 from ..models.info import ConvertRun, ModelInfoRun
 from ..schemas.run import RunConfig
 from ..train.config import TrainConfig
+from ..train.health import ReportRun
 from ..worlds.shapes.pretrain import PretrainConfig
 from ..worlds.shapes.quality import CheckRun, PromptsRun
 from .flags import stage_command
@@ -64,6 +65,7 @@ STAGES = (
     ("buffer", "info", BufferRun, "buffer.inspect:info_stage", None, None),
     ("buffer", "verify", VerifyRun, "buffer.inspect:verify_stage", None, None),
     (None, "stats", StatsRun, "buffer.stats:stats_stage", None, None),
+    (None, "report", ReportRun, "train.health:report_stage", None, None),
 )  # fmt: skip
 
 

@@ -34,9 +34,10 @@ from ..pipeline import Pipeline
 from ..rewards.sources import reward_of
 from ..schemas.buffer import Entry, SchemaError
 from ..schemas.run import RUN_FILE, differences, run_record
-from ..scoring import score_policy
+from ..scoring import bootstrap_ci, score_policy
 from .config import TrainConfig
-from .metrics import MetricsLog, plot_metrics
+from .health import CURVE_KEYS, health, plot_rows
+from .metrics import MetricsLog, read_metrics
 from .objectives import GroupInput
 from .replay import PivotReplay
 from .state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -160,7 +161,10 @@ class Trainer:
         """Mean composite and per-reward values of one fresh video per prompt (seeds seed, seed+1, ...)."""
         reward = reward_of(self.cfg.rollouts)
         scores = score_policy(self.policy, prompts, [seed + i for i in range(len(prompts))], reward)
-        return {f"eval_{k}": float(v.mean()) for k, v in scores.items()}
+        out = {f"eval_{k}": float(v.mean()) for k, v in scores.items()}
+        if len(prompts) > 1:  # the curve's 95% interval (bootstrap over the evaluated videos)
+            out["eval_composite_ci_low"], out["eval_composite_ci_high"] = bootstrap_ci(scores["composite"], 1000)
+        return out
 
 
 def _entries(reader: BufferReader, epoch: int, skip: int):
@@ -298,8 +302,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         if rank == 0:
             save_lora(trainer.peft, out / "adapter")
             logger.close()
-            plot_metrics(out / "metrics.jsonl", out / "curves.png")
-            (out / "summary.json").write_text(json.dumps({"steps": state.step, "final": last}, indent=1))
+            rows = read_metrics(out / "metrics.jsonl")
+            plot_rows(rows, out / "curves.png", CURVE_KEYS)
+            summary = {"steps": state.step, "final": last, "health": health(rows, cfg.model_dump(mode="json"))}
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
         return TrainSummary(state.step, time.time() - t0, out / "adapter", last)
 
 
