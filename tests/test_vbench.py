@@ -37,7 +37,7 @@ def test_results_are_read_per_row(tmp_path):
     assert read_results(tmp_path / "s0.5_eval_results.json") == {"dynamic_degree": 0.6, "color": 0.1}
     assert results_metric(tmp_path, "base", "vbench:dynamic_degree") == 0.4
     assert results_metric(tmp_path, "s0.5", "vbench:color") == 0.1
-    with pytest.raises(ValueError, match="no VBench 'scene' score for 's0.5'"):
+    with pytest.raises(ValueError, match=r"no VBench 'scene' score for 's0\.5'"):
         results_metric(tmp_path, "s0.5", "vbench:scene")
 
 
