@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..buffer.collection import check_collection
 from ..buffer.inspect import buffer_info
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, resolve_config
 from ..schemas.run import RUN_FILE, RunConfig, run_record
 from ..schemas.sections import PolicySection
 from .collector import CollectConfig, CollectSummary, collect
@@ -24,6 +25,9 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     """Collect into the buffer `out` (resuming) on this rank; rank 0 records the resolved run in ``run.yaml``.
     Returns (rank, what this rank did)."""
     m, out = cfg.model, Path(out)
+    model = resolve_config(m.config, m.wan_dir)
+    early = cfg.collect.resolve(model)  # other settings than the buffer's are refused before the weights load
+    check_collection(out, "", early.run_id, early.settings(model), early.groups)
     policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir)
     resolved = cfg.replace(collect=cfg.collect.resolve(policy.config))
     with rank_and_world() as (rank, world):
