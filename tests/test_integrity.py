@@ -405,3 +405,17 @@ def test_verify_reports_an_interrupted_collection_as_incomplete(tmp_path, monkey
     collect(policy, cfg, out, progress=False)
     code, lines = cli(monkeypatch, "buffer", "verify", str(out))
     assert code == 0 and record_path(out).exists(), lines
+
+
+def test_on_policy_rollouts_are_reused_only_by_the_same_run(tmp_path):
+    from streamalign.schemas.run import run_record
+    from streamalign.train.identity import check_run_folder
+
+    cfg = TrainConfig(mode="on", prompts=PROMPTS, steps=2, batch_groups=2, group_size=3).resolve()
+    out = tmp_path / "run"
+    (out / "rollouts" / "manifest").mkdir(parents=True)  # a run killed before its first checkpoint
+    (out / "run.yaml").write_text(run_record(cfg, "train"))
+    assert check_run_folder(out, cfg.replace(steps=5), "auto") is False  # the same run restarts, reusing them
+    with pytest.raises(ValueError, match=r"rollouts of another run \(optim.lr \(run.yaml 1e-05, now 0.001\)\)"):
+        check_run_folder(out, cfg.replace(lr=1e-3), False)
+    assert check_run_folder(out, cfg.replace(lr=1e-3), False, overwrite=True) is False

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ..buffer.collection import BufferLock, Collection, claim_collection, read_collection, record_path, shard_name
 from ..buffer.formats import FormatName, ShardInfo, get_format, write_shard
 from ..buffer.manifest import MANIFEST_DIR, write_manifest_part
-from ..io.files import checksum, remove_stale_siblings, tree_bytes
+from ..io.files import checksum, remove_stale_temporaries, tree_bytes
 from ..io.progress import progress_bar
 from ..models.noise import derive_seed
 from ..models.sampler import Sampler
@@ -180,11 +180,9 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
 
 
 def clean_temporaries(out: Path) -> int:
-    """Remove the hidden ``.NAME.tmp-PID`` temporaries that killed runs left behind (those of a running
-    process stay: ``io.files.remove_stale_siblings``); returns how many were removed."""
-    targets = {p.with_name(p.name[1:].rsplit(".tmp-", 1)[0])
-               for p in (*out.glob(".*.tmp-*"), *(out / MANIFEST_DIR).glob(".*.tmp-*"))}  # fmt: skip
-    return sum(len(remove_stale_siblings(t)) for t in sorted(targets))
+    """Remove the hidden temporaries that killed runs left in a buffer (a running process's stay); returns
+    how many were removed."""
+    return remove_stale_temporaries(out) + remove_stale_temporaries(out / MANIFEST_DIR)
 
 
 def claim(out: Path, policy: Pipeline, cfg: CollectConfig, rank: int, world: int, prefix: str) -> Collection:

@@ -118,6 +118,18 @@ def remove_stale_siblings(target: Path) -> list[Path]:
     return removed
 
 
+def remove_stale_temporaries(folder: Path) -> int:
+    """Remove every hidden ``.NAME.tmp-PID`` / ``.NAME.old-PID`` directly in `folder` whose process no longer
+    runs (see :func:`remove_stale_siblings`); returns how many were removed."""
+    if not folder.is_dir():
+        return 0
+    targets = {folder / m["name"] for p in folder.glob(".*") if (m := _HIDDEN.fullmatch(p.name)) is not None}
+    return sum(len(remove_stale_siblings(t)) for t in sorted(targets))
+
+
+_HIDDEN = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-[0-9]+")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling path (nothing there yet) for the caller to write a file or a folder

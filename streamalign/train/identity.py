@@ -1,7 +1,8 @@
 """Which run a training folder holds. ``--resume`` continues only the run whose resolved config
 ``run.yaml`` records (a refusal names every setting that differs); a fresh run never starts in a folder
-holding an earlier run's checkpoints or on-policy rollouts unless ``--overwrite`` replaces that run.
-Checked before any model loads."""
+holding an earlier run's checkpoints, nor another run's on-policy rollouts (the same run restarted
+before its first checkpoint reuses its own: a run is deterministic), unless ``--overwrite`` replaces
+that run. Checked before any model loads."""
 
 from __future__ import annotations
 
@@ -31,11 +32,19 @@ def check_run_folder(out: Path, cfg: TrainConfig, resume: Resume, overwrite: boo
     if resume == "auto":
         resume = bool(found)
     if not resume:
-        used = [p.name for p in (out / CHECKPOINTS, out / ROLLOUTS) if p.is_dir() and any(p.iterdir())]
-        if used and not overwrite:
-            newest = f" (newest {found[-1].name})" if found else ""
-            raise ValueError(f"{out} holds an earlier training run's {' and '.join(used)}{newest}: pass --resume "
-                             "to continue it, --overwrite to replace it, or use another --out")  # fmt: skip
+        if overwrite:
+            return False
+        if found:
+            raise ValueError(f"{out} holds an earlier training run's checkpoints (newest {found[-1].name}): pass "
+                             "--resume to continue it, --overwrite to replace it, or use another --out")  # fmt: skip
+        rollouts = out / ROLLOUTS
+        if rollouts.is_dir() and any(rollouts.iterdir()):  # reusable only by the same run, restarted
+            saved = out / RUN_FILE
+            changed = differences(saved_config(saved), cfg, RESUME_MAY_CHANGE, was="run.yaml") \
+                if saved.is_file() else [f"{saved} is missing"]  # fmt: skip
+            if changed:
+                raise ValueError(f"{out} holds the on-policy rollouts of another run ({'; '.join(changed)}): "
+                                 "--overwrite replaces that run, or use another --out")  # fmt: skip
         return False
     if overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")

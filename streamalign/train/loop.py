@@ -25,7 +25,7 @@ from ..buffer.reader import BufferReader
 from ..collect.collector import CollectConfig, collect
 from ..collect.distributed import rank_and_world
 from ..extras import require
-from ..io.files import atomic_path, require_paths
+from ..io.files import atomic_path, require_paths, staged_folder
 from ..io.progress import progress_bar
 from ..models.noise import derive_seed
 from ..models.sampler import Sampler
@@ -342,11 +342,13 @@ def train(
         bar.close()
         damaged = _all_damaged(reader, world) if cfg.mode == "semi" and cfg.data.skip_damaged else None
         if rank == 0:
-            save_lora(trainer.peft, out / "adapter")
+            with staged_folder(out / "adapter") as tmp:  # never a half-written final adapter
+                save_lora(trainer.peft, tmp)
             logger.close()
             plot_metrics(out / "metrics.jsonl", out / "curves.png")
             summary = {"steps": state.step, "final": last, **({} if damaged is None else {"damaged_shards": damaged})}
-            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            with atomic_path(out / "summary.json") as tmp:
+                tmp.write_text(json.dumps(summary, indent=1))
         return TrainSummary(state.step, time.time() - t0, out / "adapter", last, damaged)
 
 
