@@ -419,3 +419,14 @@ def test_on_policy_rollouts_are_reused_only_by_the_same_run(tmp_path):
     with pytest.raises(ValueError, match=r"rollouts of another run \(optim.lr \(run.yaml 1e-05, now 0.001\)\)"):
         check_run_folder(out, cfg.replace(lr=1e-3), False)
     assert check_run_folder(out, cfg.replace(lr=1e-3), False, overwrite=True) is False
+
+
+def test_zarr_writes_all_zero_chunks_so_a_missing_one_is_always_damage(tmp_path, zarr_buffer):
+    from streamalign.buffer.formats import write_shard
+
+    (entry,) = get_format("zarr").read(zarr_buffer / "shard-000000.zarr")
+    entry.rewards = {k: torch.zeros_like(v) for k, v in entry.rewards.items()}  # zarr's fill value
+    info = write_shard(get_format("zarr"), tmp_path / "s.zarr", [entry])
+    assert (info.path / entry.entry_id / "reward.colour_match" / "c" / "0").is_file()
+    (back,) = get_format("zarr").read(info.path)  # every chunk present: the strict read passes
+    assert all(torch.equal(back.rewards[k], v) for k, v in entry.rewards.items())
