@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -120,20 +121,17 @@ class Trainer:
                 f"not {c.name!r} (arch {c.arch_id}): train with the buffer's --config"
             )
 
-    def nonfinite(self, e: Entry, loss: torch.Tensor | None = None) -> str | None:
-        """What is not finite about group `e`: its composite reward, its loss, or (after its backward) the
-        accumulated gradient; None when all are."""
-        if loss is None:
-            bad = sorted(k for k, r in e.rewards.items() if not torch.isfinite(r).all())
-            if bad or not torch.isfinite(composite_rewards(e)).all():
-                return f"reward ({', '.join(bad) or 'composite under the weights in force'})"
-            return None
-        if not torch.isfinite(loss):
-            return f"loss ({float(loss)})"
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-            return "gradient"
+    @staticmethod
+    def bad_reward(e: Entry) -> str | None:
+        """The rewards of group `e` that are not finite (or its composite under the weights in force)."""
+        bad = sorted(k for k, r in e.rewards.items() if not torch.isfinite(r).all())
+        if bad or not torch.isfinite(composite_rewards(e)).all():
+            return ", ".join(bad) or "composite under the weights in force"
         return None
+
+    def grads_finite(self) -> bool:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
     def update(self, step: int, groups: list[Entry], global_batch: int, zero: bool = True, apply: bool = True) -> dict:
         """Accumulate the objective over this rank's `groups`; with `apply`, reduce and step. Returns stats
@@ -144,21 +142,19 @@ class Trainer:
         bad: str | None = None  # the first non-finite value of this rank: the step is not applied
         for e in groups:
             self.check_entry(e)
-            bad = self.nonfinite(e)
-            if bad is not None:
-                bad = f"non-finite {bad} in entry {e.entry_id}"
+            if (rewards := self.bad_reward(e)) is not None:
+                bad = f"non-finite reward ({rewards}) in entry {e.entry_id}"
                 break
             g = torch.Generator().manual_seed(entry_seed(self.cfg.seed, step, e.entry_id))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 out = self.objective.group_loss(GroupInput(e, self.text(e.prompt), g), self.replay)
             if not torch.isfinite(out.loss.detach()):
-                bad = f"non-finite {self.nonfinite(e, out.loss.detach())} in entry {e.entry_id}"
+                bad = f"non-finite loss ({float(out.loss.detach())}) in entry {e.entry_id}"
                 break
             if out.loss.requires_grad:
                 (out.loss / (global_batch * self.cfg.optim.accum)).backward()
-                problem = self.nonfinite(e, out.loss.detach())
-                if problem is not None:
-                    bad = f"non-finite {problem} from entry {e.entry_id}"
+                if not self.grads_finite():  # finite before this group's backward: this group's gradient
+                    bad = f"non-finite gradient from entry {e.entry_id}"
                     break
             for k, v in {"loss": float(out.loss.detach()), **out.stats}.items():
                 acc = sums.setdefault(k, [0.0, 0.0])
@@ -189,7 +185,7 @@ class Trainer:
                     i += p.numel()
             o = self.cfg.optim
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip))
-            if not torch.isfinite(torch.tensor(stats["grad_norm"])):  # the same on every rank (reduced)
+            if not math.isfinite(stats["grad_norm"]):  # the same on every rank (reduced)
                 names = ", ".join(e.entry_id for e in groups)
                 raise NonFiniteError(f"update {step + 1}: non-finite gradient norm of the batch ({names}): "
                                      "training stopped before this update; the checkpoints written so far are kept")
