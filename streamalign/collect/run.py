@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..buffer.collection import check_collection
 from ..buffer.inspect import buffer_info
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, resolve_config
 from ..rewards.sources import reward_of
-from ..schemas.config import ModelConfig
 from ..schemas.run import RUN_FILE, RunConfig, run_record
 from ..schemas.sections import PolicySection
 from .collector import CollectConfig, CollectSummary, collect
@@ -26,9 +26,12 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     """Collect into the buffer `out` (resuming) on this rank; rank 0 records the resolved run in ``run.yaml``.
     Returns (rank, what this rank did)."""
     m, out = cfg.model, Path(out)
-    resolved = cfg.replace(collect=cfg.collect.resolve(ModelConfig.load(m.config)))
-    reward_of(resolved.collect)  # reward names, paths and plug-ins checked before any model loads
+    model = resolve_config(m.config, m.wan_dir)
+    early = cfg.collect.resolve(model)  # other settings than the buffer's are refused before the weights load
+    reward_of(early)  # reward names, paths and plug-ins checked before any model loads
+    check_collection(out, "", early.run_id, early.settings(model), early.groups)
     policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir)
+    resolved = cfg.replace(collect=cfg.collect.resolve(policy.config))
     with rank_and_world() as (rank, world):
         summary = collect(policy, resolved.collect, out, rank, world)
     if rank == 0:

@@ -61,12 +61,12 @@ def run_demo(out: str | Path, settings: DemoSettings, progress: bool = True) -> 
     stage("collect", t)
     t = time.time()
     semi = TrainConfig(mode="semi", buffer=str(out / "buffer"), steps=st.semi_steps, lr=st.lr, seed=st.seed)
-    train(semi, out / "semi", resume=True, progress=progress)
+    train(semi, out / "semi", resume="auto", progress=progress)
     stage("train semi", t)
     t = time.time()
     on = TrainConfig(mode="on", prompts=prompts, steps=st.on_iterations, batch_groups=st.on_groups,
                      group_size=st.group_size, lr=st.lr, seed=st.seed)  # fmt: skip
-    train(on, out / "on", resume=True, progress=progress)
+    train(on, out / "on", resume="auto", progress=progress)
     stage("train on", t)
     t = time.time()
     sweep_settings = EvalSettings(rewards=SHAPES_REWARDS, metrics=SHAPES_METRICS, seeds_per_prompt=st.sweep_seeds)

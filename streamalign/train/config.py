@@ -40,6 +40,7 @@ class SemiData(Section):
     filter: str | None = arg(None, "SQL over `manifest` returning entry_id (semi).")
     reward_weights: dict[str, float] | None = arg(None, "Re-weight rewards at read time: a=1,b=0.5.")
     context: Literal[CONTEXT_MODES] = arg("recompute", "Prefix KV: recompute | stored.")
+    skip_damaged: bool = arg(False, "Skip (and count) shards failing their manifest checksum instead of stopping.")
 
     @model_validator(mode="before")
     @classmethod

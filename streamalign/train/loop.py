@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from ..buffer.reader import BufferReader
 from ..collect.collector import CollectConfig, collect
 from ..collect.distributed import rank_and_world
 from ..extras import require
-from ..io.files import require_paths
+from ..io.files import atomic_path, require_paths, staged_folder
 from ..io.progress import progress_bar
 from ..models.noise import derive_seed
 from ..models.sampler import Sampler
@@ -33,14 +34,16 @@ from ..optim import lr_at
 from ..pipeline import Pipeline
 from ..rewards.sources import reward_of
 from ..schemas.buffer import Entry, SchemaError
-from ..schemas.run import RUN_FILE, differences, run_record
+from ..schemas.run import RUN_FILE, run_record
 from ..scoring import bootstrap_ci, score_policy
 from .config import TrainConfig
 from .health import CURVE_KEYS, health, plot_rows
+from .identity import Resume, check_run_folder, clear_previous_run
 from .metrics import MetricsLog, read_metrics
 from .objectives import GroupInput
+from .objectives.base import composite_rewards
 from .replay import PivotReplay
-from .state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from .state import Progress, resume_checkpoint, save_checkpoint
 
 log = logging.getLogger("streamalign.train")
 
@@ -60,18 +63,25 @@ def entry_seed(seed: int, step: int, entry_id: str) -> int:
     return derive_seed(seed, 9, step, int(hashlib.sha256(entry_id.encode()).hexdigest()[:12], 16))
 
 
+class NonFiniteError(ValueError):
+    """A non-finite loss, reward or gradient: the run stops before the optimizer step, so every checkpoint
+    written so far (and the parameters) stay finite."""
+
+
 @dataclass
 class TrainSummary:
     steps: int
     seconds: float
     adapter: Path
     final: dict
+    damaged: list[str] | None = None  # shards skipped as damaged (--skip-damaged), over every rank
 
     def line(self, out: str | Path) -> str:
         f = self.final
         ev = f" eval composite {f['eval_composite']:.4f};" if "eval_composite" in f else ""
+        skipped = "" if self.damaged is None else f" {len(self.damaged)} damaged shard(s) skipped;"
         return (f"{out}: {self.steps} updates in {self.seconds:.1f} s; last loss {f.get('loss', float('nan')):.4g};"
-                f"{ev} adapter {self.adapter}")
+                f"{ev}{skipped} adapter {self.adapter}")
 
 
 class Trainer:
@@ -112,27 +122,55 @@ class Trainer:
                 f"not {c.name!r} (arch {c.arch_id}): train with the buffer's --config"
             )
 
+    @staticmethod
+    def bad_reward(e: Entry) -> str | None:
+        """The rewards of group `e` that are not finite (or its composite under the weights in force)."""
+        bad = sorted(k for k, r in e.rewards.items() if not torch.isfinite(r).all())
+        if bad or not torch.isfinite(composite_rewards(e)).all():
+            return ", ".join(bad) or "composite under the weights in force"
+        return None
+
+    def grads_finite(self) -> bool:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
     def update(self, step: int, groups: list[Entry], global_batch: int, zero: bool = True, apply: bool = True) -> dict:
         """Accumulate the objective over this rank's `groups`; with `apply`, reduce and step. Returns stats
         averaged over every rank's groups."""
         if zero:
             self.opt.zero_grad(set_to_none=True)
         sums: dict[str, list[float]] = {}  # key -> [sum, groups that reported it]
+        bad: str | None = None  # the first non-finite value of this rank: the step is not applied
         for e in groups:
             self.check_entry(e)
+            if (rewards := self.bad_reward(e)) is not None:
+                bad = f"non-finite reward ({rewards}) in entry {e.entry_id}"
+                break
             g = torch.Generator().manual_seed(entry_seed(self.cfg.seed, step, e.entry_id))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 out = self.objective.group_loss(GroupInput(e, self.text(e.prompt), g), self.replay)
+            if not torch.isfinite(out.loss.detach()):
+                bad = f"non-finite loss ({float(out.loss.detach())}) in entry {e.entry_id}"
+                break
             if out.loss.requires_grad:
                 (out.loss / (global_batch * self.cfg.optim.accum)).backward()
+                if not self.grads_finite():  # finite before this group's backward: this group's gradient
+                    bad = f"non-finite gradient from entry {e.entry_id}"
+                    break
             for k, v in {"loss": float(out.loss.detach()), **out.stats}.items():
                 acc = sums.setdefault(k, [0.0, 0.0])
                 acc[0] += v
                 acc[1] += 1
         keys = sorted({"loss", "zero_variance", *self.objective.stat_keys})  # the same on every rank
-        totals = torch.tensor([sums.get(k, [0.0, 0.0]) for k in keys], dtype=torch.float64)
+        totals = torch.tensor([sums.get(k, [0.0, 0.0]) for k in keys] + [[float(bad is not None), 0.0]],
+                              dtype=torch.float64)  # fmt: skip
         if self.world > 1:
-            dist.all_reduce(totals)
+            dist.all_reduce(totals)  # every rank learns of a non-finite value anywhere, and stops with it
+        if totals[-1, 0] > 0:
+            where = bad or f"non-finite values on {int(totals[-1, 0])} other rank(s)"
+            raise NonFiniteError(f"update {step + 1}: {where}: training stopped before this update; "
+                                 "the checkpoints written so far are kept (fix the data, then --resume)")  # fmt: skip
+        totals = totals[:-1]
         stats = {k: float(s_ / max(n, 1.0)) for k, (s_, n) in zip(keys, totals.tolist(), strict=True)}
         stats["zero_variance_groups"] = float(totals[keys.index("zero_variance"), 0])
         del stats["zero_variance"]
@@ -148,6 +186,10 @@ class Trainer:
                     i += p.numel()
             o = self.cfg.optim
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip))
+            if not math.isfinite(stats["grad_norm"]):  # the same on every rank (reduced)
+                names = ", ".join(e.entry_id for e in groups)
+                raise NonFiniteError(f"update {step + 1}: non-finite gradient norm of the batch ({names}): "
+                                     "training stopped before this update; the checkpoints written so far are kept")
             lr = lr_at(step, o.lr, self.cfg.schedule.warmup)
             for group in self.opt.param_groups:
                 group["lr"] = lr
@@ -190,8 +232,12 @@ def _check_buffer(cfg: TrainConfig, trainer: Trainer) -> None:
         )
 
 
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> TrainSummary:
-    """Run the configured loop into `out` (adapter/, checkpoints/, metrics.jsonl, curves.png, run.yaml)."""
+def train(
+    cfg: TrainConfig, out: str | Path, resume: Resume = False, progress: bool = True, overwrite: bool = False
+) -> TrainSummary:
+    """Run the configured loop into `out` (adapter/, checkpoints/, metrics.jsonl, curves.png, run.yaml).
+    `resume`: continue the run in `out` from its newest intact checkpoint ("auto": when it has one);
+    `overwrite`: start afresh in a folder that holds an earlier run (which is removed)."""
     out = Path(out)
     cfg = cfg.resolve()
     optim, sched, log_cfg, ro = cfg.optim, cfg.schedule, cfg.logging, cfg.rollouts
@@ -204,22 +250,20 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             require("wandb", "wandb", "--wandb")  # before any model loads
         if cfg.mode == "on" or cfg.logging.eval_every:
             reward_of(cfg.rollouts)  # reward names, paths and plug-ins checked before any model loads
+        resume = check_run_folder(out, cfg, resume, overwrite)
         trainer = Trainer(cfg, rank, world)
         if cfg.mode == "semi":
             _check_buffer(cfg, trainer)
-        saved = out / RUN_FILE
-        if resume and saved.exists():
-            changed = differences(TrainConfig.build(saved), cfg, ignore={"schedule.steps"})
-            if changed:
-                raise ValueError(f"--resume: {saved} was written by another configuration ({', '.join(changed)} "
-                                 "differ); use a new --out")  # fmt: skip
         state = Progress()
-        ckpt = latest_checkpoint(out) if resume else None
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, trainer.peft, trainer.opt, trainer.objective)
+        if resume:
+            state = resume_checkpoint(out, trainer.peft, trainer.opt, trainer.objective)
+        elif overwrite and rank == 0:
+            clear_previous_run(out)  # only now that the inputs are known good
+        if world > 1:
+            dist.barrier()  # nobody writes into `out` before it is cleared
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            saved.write_text(run_record(cfg, "train"))
+            with atomic_path(out / RUN_FILE) as tmp:
+                tmp.write_text(run_record(cfg, "train"))
         logger = (
             MetricsLog(out, state.step if resume else None, cfg.model_dump(mode="json"), log_cfg.wandb)
             if rank == 0
@@ -249,7 +293,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
 
         if cfg.mode == "semi":
             d = cfg.data
-            reader = BufferReader(d.buffer, rank, world, d.shuffle, cfg.seed, d.filter, d.reward_weights)
+            reader = BufferReader(d.buffer, rank, world, d.shuffle, cfg.seed, d.filter, d.reward_weights,
+                                  d.skip_damaged)  # fmt: skip
             per_rank = optim.batch_groups // world
             if len(reader) == 0:
                 raise ValueError(f"buffer {d.buffer} gives rank {rank} of {world} no entries: use fewer ranks")
@@ -299,20 +344,33 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                 if state.iteration % log_cfg.save_every == 0 or state.iteration == sched.steps:
                     _save(out, trainer, state, rank, world)
         bar.close()
+        damaged = _all_damaged(reader, world) if cfg.mode == "semi" and cfg.data.skip_damaged else None
         if rank == 0:
-            save_lora(trainer.peft, out / "adapter")
+            with staged_folder(out / "adapter") as tmp:  # never a half-written final adapter
+                save_lora(trainer.peft, tmp)
             logger.close()
             rows = read_metrics(out / "metrics.jsonl")
             plot_rows(rows, out / "curves.png", CURVE_KEYS)
-            summary = {"steps": state.step, "final": last, "health": health(rows, cfg.model_dump(mode="json"))}
-            (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        return TrainSummary(state.step, time.time() - t0, out / "adapter", last)
+            summary = {"steps": state.step, "final": last, "health": health(rows, cfg.model_dump(mode="json")),
+                       **({} if damaged is None else {"damaged_shards": damaged})}  # fmt: skip
+            with atomic_path(out / "summary.json") as tmp:
+                tmp.write_text(json.dumps(summary, indent=1))
+        return TrainSummary(state.step, time.time() - t0, out / "adapter", last, damaged)
 
 
-def train_stage(cfg: TrainConfig, out: str | Path, resume: bool = False) -> str:
+def train_stage(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> str:
     """The `train` command: check the input paths, run, and return the summary line."""
     require_paths((cfg.data.buffer, "buffer"), (cfg.lora.init_adapter, "adapter"), (cfg.model.checkpoint, "checkpoint"))
-    return train(cfg, out, resume=resume).line(out)
+    return train(cfg, out, resume=resume, overwrite=overwrite).line(out)
+
+
+def _all_damaged(reader: BufferReader, world: int) -> list[str]:
+    """The shards any rank skipped as damaged (a multi-hot vector over the shard names, max-reduced)."""
+    names = sorted(reader.shards)
+    hot = torch.tensor([float(n in reader.damaged) for n in names], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(hot, op=dist.ReduceOp.MAX)
+    return [n for n, h in zip(names, hot.tolist(), strict=True) if h]
 
 
 def _save(out: Path, trainer: Trainer, state: Progress, rank: int, world: int) -> None:
