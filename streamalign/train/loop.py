@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from ..extras import require
 from ..io.files import require_paths
 from ..io.progress import progress_bar
 from ..models.noise import derive_seed
+from ..models.placement import resolve_device
 from ..models.sampler import Sampler
 from ..optim import lr_at
 from ..pipeline import Pipeline
@@ -42,17 +42,6 @@ from .replay import PivotReplay
 from .state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("streamalign.train")
-
-
-def resolve_device(spec: str) -> torch.device:
-    """'auto': cuda:LOCAL_RANK when CUDA is available (one GPU per torchrun rank), else cpu."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec}: CUDA is not available on this machine (use cpu or auto)")
-    return torch.device(spec)
 
 
 def entry_seed(seed: int, step: int, entry_id: str) -> int:
