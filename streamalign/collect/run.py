@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..buffer.inspect import buffer_info
+from ..models.placement import Placement
 from ..pipeline import Pipeline
 from ..schemas.run import RUN_FILE, RunConfig, run_record
-from ..schemas.sections import PolicySection
+from ..schemas.sections import Hardware, PolicySection
 from .collector import CollectConfig, CollectSummary, collect
 from .distributed import rank_and_world
 
@@ -18,13 +19,14 @@ class CollectRun(RunConfig):
 
     model: PolicySection = PolicySection()
     collect: CollectConfig = CollectConfig()
+    hardware: Hardware = Hardware()
 
 
 def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     """Collect into the buffer `out` (resuming) on this rank; rank 0 records the resolved run in ``run.yaml``.
     Returns (rank, what this rank did)."""
     m, out = cfg.model, Path(out)
-    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir)
+    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir, Placement.of(cfg.hardware))
     resolved = cfg.replace(collect=cfg.collect.resolve(policy.config))
     with rank_and_world() as (rank, world):
         summary = collect(policy, resolved.collect, out, rank, world)

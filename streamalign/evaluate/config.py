@@ -7,7 +7,15 @@ from pydantic import Field, model_validator
 from ..rewards import CompositeReward
 from ..schemas.config import ModelConfig
 from ..schemas.run import RunConfig, Section, arg
-from ..schemas.sections import EvalPromptSection, ModelSection, PolicySection, PromptSection, PromptSet, RewardSection
+from ..schemas.sections import (
+    EvalPromptSection,
+    Hardware,
+    ModelSection,
+    PolicySection,
+    PromptSection,
+    PromptSet,
+    RewardSection,
+)
 from ..worlds import default_prompts, default_rewards
 
 
@@ -45,6 +53,7 @@ class EvaluateRun(RunConfig):
 
     models: Compare = Compare()
     eval: EvalSettings = EvalSettings()
+    hardware: Hardware = Hardware()
 
 
 class MergeSettings(Section):
@@ -77,6 +86,7 @@ class MergeRun(RunConfig):
 
     merge: MergeSettings
     eval: SweepEval = SweepEval()
+    hardware: Hardware = Hardware()
 
 
 def named(spec: str) -> tuple[str, str]:
@@ -105,6 +115,7 @@ class NoiseSourcesRun(RunConfig):
     prompts: PromptSection = PromptSection()
     rewards: RewardSection = RewardSection()
     study: NoiseStudy = NoiseStudy()
+    hardware: Hardware = Hardware()
 
 
 class ObjectiveStudy(Section):
@@ -128,9 +139,11 @@ class ObjectivesRun(RunConfig):
     model: ModelSection = ModelSection()
     prompts: PromptSection = PromptSection()
     study: ObjectiveStudy = ObjectiveStudy()
+    hardware: Hardware = Hardware()
 
 
 class DemoRun(RunConfig):
     """Collect -> train semi -> train on -> merge sweep -> evaluate on held-out prompts, on the shapes world."""
 
     quick: bool = arg(False, "A smaller run for CI (< 1 min).")
+    hardware: Hardware = Hardware()

@@ -61,3 +61,6 @@ class Placement:
             torch.set_num_threads(hw.threads)
         device = resolve_device(hw.device)
         return cls(device, resolve_dtype(hw.dtype, device), hw.text_offload)
+
+
+CPU_FP32 = Placement()  # what every stage ran on before --device / --dtype (and still does on a CPU)

@@ -27,7 +27,7 @@ from ..extras import require
 from ..io.files import require_paths
 from ..io.progress import progress_bar
 from ..models.noise import derive_seed
-from ..models.placement import resolve_device
+from ..models.placement import Placement
 from ..models.sampler import Sampler
 from ..optim import lr_at
 from ..pipeline import Pipeline
@@ -68,9 +68,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
         hw, m = cfg.hardware, cfg.model
-        self.device = resolve_device(hw.device)
+        place = Placement.of(hw, apply_threads=False)  # the frozen base in --dtype; LoRA and AdamW in fp32
+        self.device = place.device
         self.bf16 = hw.autocast == "bf16" or (hw.autocast == "auto" and self.device.type == "cuda")
-        base = Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, device=str(self.device))
+        base = Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, placement=place)
         if cfg.lora.init_adapter is not None:
             self.peft = load_lora(base.model, cfg.lora.init_adapter, trainable=True)
         else:
@@ -84,13 +85,11 @@ class Trainer:
         self.params = [p for _, p in lora_parameters(self.peft)]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.objective.bind(self.params)  # objectives with policy copies (NFT: old and reference) keep them
-        self._text: dict[str, torch.Tensor] = {}
+        self.text_mismatches = 0  # entries whose prompt embedding hash differs from this run's encoding
 
     def text(self, prompt: str) -> torch.Tensor:
-        if prompt not in self._text:
-            with torch.no_grad():
-                self._text[prompt] = self.policy.text.encode([prompt])
-        return self._text[prompt]
+        with torch.no_grad():
+            return self.policy.text.encode([prompt])  # cached per process by the text encoder
 
     def check_entry(self, e: Entry) -> None:
         c = self.policy.config
@@ -99,6 +98,12 @@ class Trainer:
                 f"entry {e.entry_id} was collected with model config {e.config_name!r} (arch {e.arch_id}), "
                 f"not {c.name!r} (arch {c.arch_id}): train with the buffer's --config"
             )
+        if e.text_hash is not None and e.text_hash != self.policy.text.embedding_hash(e.prompt):
+            if not self.text_mismatches:
+                log.warning("entry %s was rolled out with prompt embeddings (hash %s) that differ from this run's "
+                            "(%s): another text encoder, --dtype or --device than at collection", e.entry_id,
+                            e.text_hash, self.policy.text.embedding_hash(e.prompt))  # fmt: skip
+            self.text_mismatches += 1
 
     def update(self, step: int, groups: list[Entry], global_batch: int, zero: bool = True, apply: bool = True) -> dict:
         """Accumulate the objective over this rank's `groups`; with `apply`, reduce and step. Returns stats
@@ -108,6 +113,7 @@ class Trainer:
         sums: dict[str, list[float]] = {}  # key -> [sum, groups that reported it]
         for e in groups:
             self.check_entry(e)
+            e = e.cast(torch.float32)  # stored bf16/fp16 latents: the sampler works in float32
             g = torch.Generator().manual_seed(entry_seed(self.cfg.seed, step, e.entry_id))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 out = self.objective.group_loss(GroupInput(e, self.text(e.prompt), g), self.replay)
