@@ -39,8 +39,10 @@ def summary_lines(out: str | Path, s: CollectSummary) -> list[str]:
     """What `collect` prints: the buffer's totals and this run's work."""
     b = buffer_info(out)
     means = ", ".join(f"{k.removeprefix('reward_')} {v:.3f}" for k, v in b["reward_means"].items())
+    stored = ", ".join(b["store_dtypes"])
     return [f"{out}: {b['groups']} groups ({b['branches']} branches) in {b['shards']} shards, "
-            f"{b['bytes'] / 2**20:.1f} MiB, {b['rejected_groups']} rejected; this run wrote {s.shards_written} shards "
+            f"{b['bytes'] / 2**20:.1f} MiB ({b['bytes_per_group'] / 2**20:.2f} MiB per group, latents {stored}), "
+            f"{b['rejected_groups']} rejected; this run wrote {s.shards_written} shards "
             f"({s.groups / max(s.seconds, 1e-9):.2f} groups/s), skipped {s.shards_skipped} finished",
             f"reward means: {means}"]  # fmt: skip
 

@@ -110,16 +110,18 @@ class PromptCache:
 PROMPT_CACHE = PromptCache()
 
 
-def resolve_offload(offload: str, device: torch.device, model_bytes: int) -> str:
-    """'auto' -> 'cpu' on an accelerator when the encoder takes more than OFFLOAD_SHARE of its memory,
-    else 'keep'; other values as given. On the CPU nothing moves ('cpu' = 'keep')."""
+def resolve_offload(offload: str, device: torch.device, model_bytes: int, device_bytes: int | None = None) -> str:
+    """'auto' -> 'cpu' on an accelerator when the encoder's `model_bytes` exceed OFFLOAD_SHARE of its memory
+    (`device_bytes`, default: the CUDA device's total), else 'keep'; other values as given. On the CPU
+    nothing moves ('cpu' = 'keep'; 'free' still drops the weights)."""
     if offload not in ("auto", "keep", "cpu", "free"):
         raise ValueError(f"--text-offload must be auto, keep, cpu or free; got {offload!r}")
     if device.type == "cpu" and offload != "free":
         return "keep"
     if offload == "auto":
-        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
-        return "cpu" if total and model_bytes > OFFLOAD_SHARE * total else "keep"
+        if device_bytes is None:
+            device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+        return "cpu" if device_bytes and model_bytes > OFFLOAD_SHARE * device_bytes else "keep"
     return offload
 
 
