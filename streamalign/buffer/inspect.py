@@ -18,8 +18,20 @@ from .formats import FORMATS, checksum_mismatch, get_format
 from .manifest import MANIFEST_DIR, read_manifest
 
 
+def entry_bytes(folder: Path, shard: str, fmt: str) -> dict[str, int]:
+    """Tensor bytes of one entry (the first of `shard`) by field, and their total (``entry``)."""
+    first = next(iter(get_format(fmt).read(folder / shard)))
+    _, tensors = first.to_record()
+    out: dict[str, int] = {}
+    for name, t in tensors.items():
+        key = name.split(".")[0] if name.startswith(("reward.", "kv.")) else name
+        out[key] = out.get(key, 0) + t.numel() * t.element_size()
+    return {**out, "entry": sum(out.values())}
+
+
 def buffer_info(folder: str | Path) -> dict:
-    """Counts, sizes, formats, policies, configs, reward columns and rejected groups of a buffer."""
+    """Counts, sizes (on disk per group, and the tensor bytes of one entry by field), formats, the latents'
+    stored dtype, policies, configs, reward columns and rejected groups of a buffer."""
     folder = Path(folder)
     rows = read_manifest(folder).to_pylist()
     shards = sorted({r["shard"] for r in rows})
@@ -36,7 +48,9 @@ def buffer_info(folder: str | Path) -> dict:
         "bytes": size,
         "bytes_per_group": size / max(1, len(groups)),
         "rejected_groups": rejected,
+        "entry_bytes": entry_bytes(folder, rows[0]["shard"], rows[0]["format"]) if rows else {},
         "formats": dict(Counter(r["format"] for r in groups.values())),
+        "store_dtypes": dict(Counter(r.get("store_dtype") or "unrecorded" for r in groups.values())),
         "policies": dict(Counter(r["policy_id"] for r in groups.values())),
         "configs": dict(Counter(r["config_name"] for r in groups.values())),
         "group_sizes": dict(Counter(r["group_size"] for r in groups.values())),

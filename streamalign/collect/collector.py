@@ -31,7 +31,9 @@ from ..buffer.formats import FormatName, ShardInfo, get_format, write_shard
 from ..buffer.manifest import MANIFEST_DIR, write_manifest_part
 from ..io.files import checksum, remove_stale_temporaries, tree_bytes
 from ..io.progress import progress_bar
+from ..models.kv_cache import compute_dtype
 from ..models.noise import derive_seed
+from ..models.placement import DTYPES
 from ..models.sampler import Sampler
 from ..pipeline import Pipeline
 from ..rewards import CompositeReward
@@ -39,13 +41,14 @@ from ..rewards.sources import reward_of
 from ..schemas.buffer import Entry, SchemaError
 from ..schemas.config import ModelConfig
 from ..schemas.run import arg
-from ..schemas.sections import PromptSection, RewardSection
+from ..schemas.sections import DtypeName, PromptSection, RewardSection
 from ..worlds import default_prompts, default_rewards
 from .distributed import rank0_agrees
 
 # the arguments a collection's id hashes (fields added later hash only when they differ from their default)
 RUN_ID_FIELDS = ("prompts", "groups", "group_size", "strength", "pivot", "seed", "format", "entries_per_shard",
-                 "store_kv", "rewards", "metrics", "fork", "clip_chunks")  # fmt: skip
+                 "store_kv", "rewards", "metrics", "fork", "clip_chunks", "store_dtype")  # fmt: skip
+LATER_FIELDS = {"fork": "initial", "clip_chunks": None, "store_dtype": "auto"}  # hashed only when not these
 
 log = logging.getLogger("streamalign.collect")
 
@@ -66,6 +69,11 @@ class CollectConfig(PromptSection, RewardSection):
     # streaming long tuning: score only the clip of this many chunks that starts at the pivot (pivots drawn
     # so the clip fits); None scores the whole video
     clip_chunks: int | None = arg(None, "Streaming: score only this many chunks from the pivot (long configs).")
+    store_dtype: DtypeName = arg("auto", "Dtype of the stored latents: auto (the compute dtype) | fp32 | bf16 | fp16.")
+
+    def latent_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """The dtype entries store their latents in (auto: the generator's compute dtype)."""
+        return compute if self.store_dtype == "auto" else DTYPES[self.store_dtype]
 
     def resolve(self, model: ModelConfig) -> CollectConfig:
         """Prompts and rewards from the model's world where none are given."""
@@ -99,7 +107,7 @@ class CollectConfig(PromptSection, RewardSection):
         """Stable id of the collection's arguments (entry ids derive from it)."""
         args = self.model_dump(mode="json", include=set(RUN_ID_FIELDS))
         args["prompts"] = list(self.prompts or ())
-        for key, default in (("fork", "initial"), ("clip_chunks", None)):  # later fields: earlier ids stay valid
+        for key, default in LATER_FIELDS.items():  # later fields: earlier ids stay valid
             if args[key] == default:
                 del args[key]
         return "r" + hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
@@ -149,8 +157,9 @@ def prefix_kv(sampler: Sampler, context: torch.Tensor, text: torch.Tensor) -> di
 @torch.no_grad()
 def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward, i: int, run_id: str | None = None
                   ) -> Entry:  # fmt: skip
-    """Fork group i (prompt, seed and pivot fixed by i), scored; raises SchemaError on bad rewards.
-    `run_id`: the collection's (default: that of `cfg`; an extended collection keeps its first one)."""
+    """Fork group i (prompt, seed and pivot fixed by i), scored, its latents on the CPU in the store dtype;
+    raises SchemaError on bad rewards. `run_id`: the collection's (default: that of `cfg`; an extended
+    collection keeps its first one)."""
     run_id = run_id or cfg.run_id
     prompt = cfg.prompts[i % len(cfg.prompts)]
     seed = derive_seed(cfg.seed, 2, i)
@@ -176,11 +185,12 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
         config_name=policy.config.name,
         arch_id=policy.config.arch_id,
         timesteps=[float(t) for t in sampler.schedule.timesteps],
-        rewards={k: v.float() for k, v in scores.items()},
+        rewards={k: v.float().cpu() for k, v in scores.items()},
         reward_weights=reward.weights,
         kv=prefix_kv(sampler, group.context, text) if cfg.store_kv else {},
+        text_hash=policy.text.embedding_hash(prompt),
     )
-    return entry.validate("collected group")
+    return entry.cast(cfg.latent_dtype(compute_dtype(policy.model)), "cpu").validate("collected group")
 
 
 def clean_temporaries(out: Path) -> int:
@@ -235,6 +245,8 @@ def _collect_shards(policy: Pipeline, cfg: CollectConfig, out: Path, record: Col
     fmt = get_format(cfg.format)
     reward = reward_of(cfg)
     mine = [(k, lo, hi) for k, lo, hi in record.plan() if k % world == rank]
+    # every prompt of this rank's groups encoded once, up front (then the encoder may leave the device)
+    policy.text.prefetch([cfg.prompts[i % len(cfg.prompts)] for _, lo, hi in mine for i in range(lo, hi)])
     summary, t0 = CollectSummary(), time.time()
     total = sum(hi - lo for _, lo, hi in mine)
     bar = progress_bar(total=total, desc=f"collect[{rank}]" if world > 1 else "collect", unit="group", show=progress)

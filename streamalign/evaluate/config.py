@@ -8,7 +8,15 @@ from ..rewards import CompositeReward
 from ..rewards.sources import reward_of
 from ..schemas.config import ModelConfig
 from ..schemas.run import RunConfig, Section, arg
-from ..schemas.sections import EvalPromptSection, ModelSection, PolicySection, PromptSection, PromptSet, RewardSection
+from ..schemas.sections import (
+    EvalPromptSection,
+    Hardware,
+    ModelSection,
+    PolicySection,
+    PromptSection,
+    PromptSet,
+    RewardSection,
+)
 from ..worlds import default_prompts, default_rewards
 
 
@@ -68,6 +76,7 @@ class EvaluateRun(RunConfig):
     models: Compare = Compare()
     eval: EvalSettings = EvalSettings()
     vbench: VBenchSection = VBenchSection()
+    hardware: Hardware = Hardware()
 
 
 class MergeSettings(Section):
@@ -107,6 +116,7 @@ class MergeRun(RunConfig):
     merge: MergeSettings
     eval: SweepEval = SweepEval()
     vbench: VBenchSection = VBenchSection()
+    hardware: Hardware = Hardware()
 
 
 def named(spec: str) -> tuple[str, str]:
@@ -135,6 +145,7 @@ class NoiseSourcesRun(RunConfig):
     prompts: PromptSection = PromptSection()
     rewards: RewardSection = RewardSection()
     study: NoiseStudy = NoiseStudy()
+    hardware: Hardware = Hardware()
 
 
 class ObjectiveStudy(Section):
@@ -158,9 +169,11 @@ class ObjectivesRun(RunConfig):
     model: ModelSection = ModelSection()
     prompts: PromptSection = PromptSection()
     study: ObjectiveStudy = ObjectiveStudy()
+    hardware: Hardware = Hardware()
 
 
 class DemoRun(RunConfig):
     """Collect -> train semi -> train on -> merge sweep -> evaluate on held-out prompts, on the shapes world."""
 
     quick: bool = arg(False, "A smaller run for CI (< 1 min).")
+    hardware: Hardware = Hardware()

@@ -18,6 +18,7 @@ import torch
 
 from ..io.files import staged_folder
 from ..io.plots import save, subplots
+from ..models.placement import Placement
 from ..pipeline import Pipeline
 from ..rewards import CompositeReward
 from ..rewards.sources import reward_of
@@ -91,8 +92,9 @@ def noise_sources_report(rows: list[dict], out: Path) -> None:
 def run_noise_sources(cfg: NoiseSourcesRun, out: str | Path) -> list[dict]:
     """The `experiment noise-sources` stage: ``noise_sources.md/json/png`` in `out`."""
     m, st = cfg.model, cfg.study
-    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, wan_dir=m.wan_dir)
+    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir, Placement.of(cfg.hardware))
     texts = spread(list(default_prompts(policy.config, cfg.prompts.prompts, cfg.prompts.prompt_set)), st.n_prompts)
+    policy.text.prefetch(texts)
     reward = reward_of(cfg.rewards, *default_rewards(policy.config, cfg.rewards.rewards, cfg.rewards.metrics))
     with staged_folder(out) as tmp:
         rows = noise_sources(policy, texts, reward, st.seeds, st.group_size)
@@ -106,7 +108,8 @@ def run_objectives(cfg: ObjectivesRun, out: str | Path) -> dict:
     model = ModelConfig.load(m.config)
     texts = tuple(spread(list(default_prompts(model, cfg.prompts.prompts, cfg.prompts.prompt_set)), st.n_prompts))
     base = TrainConfig(mode="on", model=m, prompts=texts, steps=st.iterations, batch_groups=st.batch_groups,
-                       group_size=st.group_size, lr=st.lr, eval_every=st.eval_every, seed=st.seed, save_every=10**6)
+                       group_size=st.group_size, lr=st.lr, eval_every=st.eval_every, seed=st.seed, save_every=10**6,
+                       hardware=cfg.hardware.model_dump())  # fmt: skip
     reward = CompositeReward.parse(*default_rewards(model, None, None))
     return compare_objectives(base, st.runs, texts, reward, out, st.eval_seeds)
 
@@ -139,14 +142,15 @@ def compare_objectives(
     ps = [p for p in prompts for _ in range(eval_seeds)]
     seeds = [4_000_000 + i for i in range(len(ps))]
     with staged_folder(out) as tmp:
-        m = base.model
-        base_scores = score_policy(ModelSpec("base").load(m.config, m.checkpoint, m.wan_dir), ps, seeds, reward)
+        m, place = base.model, Placement.of(base.hardware)
+        base_scores = score_policy(ModelSpec("base").load(m.config, m.checkpoint, m.wan_dir, place), ps, seeds,
+                                   reward)  # fmt: skip
         result: dict = {"prompts": list(prompts), "eval_pairs": len(ps), "runs": {}}
         for r in runs:
             cfg = base.replace(**r.overrides, eval_prompts=tuple(ps))  # validated
             summary = train(cfg, tmp / r.name, progress=progress)
             spec = ModelSpec(r.name, lora=str(summary.adapter))
-            sc = score_policy(spec.load(m.config, m.checkpoint, m.wan_dir), ps, seeds, reward)
+            sc = score_policy(spec.load(m.config, m.checkpoint, m.wan_dir, place), ps, seeds, reward)
             curve = [json.loads(x) for x in (tmp / r.name / "metrics.jsonl").read_text().splitlines()]
             result["runs"][r.name] = {
                 "seconds": round(summary.seconds, 1),

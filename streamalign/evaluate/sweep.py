@@ -12,6 +12,7 @@ from ..adapters.merge import Selection, check_adapter_modules, combine_adapters,
 from ..io.files import require_paths, staged_folder
 from ..io.plots import save, subplots
 from ..models.checkpoint import read_adapter
+from ..models.placement import CPU_FP32, Placement
 from ..pipeline import base_checkpoint
 from ..schemas.config import ModelConfig
 from ..schemas.run import RUN_FILE, run_record
@@ -32,6 +33,7 @@ def merge_sweep(
     ood: str = "background_cleanliness",
     ood_tolerance: float = 0.0,
     full_weights: bool = False,
+    placement: Placement = CPU_FP32,
     ood_results: str | Path | None = None,
     export: VBenchExport | None = None,
 ) -> dict:
@@ -50,13 +52,14 @@ def merge_sweep(
     check_adapter_modules(given, [read_adapter(f)[1] for f in given], settings.config)
     with staged_folder(out) as tmp, export_to(export) as etmp:
         return _sweep(on, semi, scales, prompts, settings, reward, tmp, Path(out), s_semi, ood, ood_tolerance,
-                      full_weights, ood_results, export, etmp)  # fmt: skip
+                      full_weights, placement, ood_results, export, etmp)  # fmt: skip
 
 
 def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_semi, ood, ood_tolerance, full_weights,
-           ood_results=None, export=None, export_dir=None):  # fmt: skip
+           placement: Placement, ood_results=None, export=None, export_dir=None):  # fmt: skip
     ps, seeds = pairs(prompts, settings.seeds_per_prompt, settings.seed)
-    base_policy = ModelSpec("base").load(settings.config, settings.checkpoint, settings.wan_dir)
+    base_policy = ModelSpec("base").load(settings.config, settings.checkpoint, settings.wan_dir, placement)
+    base_policy.text.prefetch(prompts)  # once per process: every scale's pipeline finds them cached
     base = score_policy(base_policy, ps, seeds, reward)
     if export is not None:
         export.write(export_dir, "base", base_policy.generate)
@@ -68,7 +71,7 @@ def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_
     for s in sorted(set(scales)):
         folders[s] = combine_adapters(parts(s), tmp / "adapters" / f"s{s:g}", settings.config)
         spec = ModelSpec(f"s{s:g}", lora=str(folders[s]))
-        policy = spec.load(settings.config, settings.checkpoint, settings.wan_dir)
+        policy = spec.load(settings.config, settings.checkpoint, settings.wan_dir, placement)
         sc = score_policy(policy, ps, seeds, reward)
         if export is not None:
             export.write(export_dir, spec.name, policy.generate)
@@ -146,7 +149,8 @@ def run_merge(cfg: MergeRun, out: str | Path) -> dict:
     m, st = cfg.merge, cfg.eval.resolved()
     require_paths((m.on, "on-policy adapter"), (m.semi, "semi-on-policy adapter"), (st.checkpoint, "checkpoint"))
     r = merge_sweep(m.on, m.semi, m.scales, st.prompts, st, out, m.s_semi, m.ood_metric, m.ood_tolerance,
-                    m.full_weights, m.ood_results, cfg.vbench.exporter(list(st.prompts)))  # fmt: skip
+                    m.full_weights, Placement.of(cfg.hardware), m.ood_results,
+                    cfg.vbench.exporter(list(st.prompts)))  # fmt: skip
     (Path(out) / RUN_FILE).write_text(run_record(cfg.replace(eval=st), "merge"))
     return r
 

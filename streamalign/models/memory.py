@@ -58,6 +58,8 @@ class LiveBytes(TorchDispatchMode):
         self.current -= nbytes
 
     def _add(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta":  # meta tensors hold no bytes (a fake tensor reports its fake device)
+            return
         st = t.untyped_storage()
         key = id(st)
         nbytes = st.nbytes()

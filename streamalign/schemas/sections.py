@@ -1,4 +1,5 @@
-"""Run-config sections shared by several stages: the model, a policy (model + adapter), prompts, rewards."""
+"""Run-config sections shared by several stages: the model, a policy (model + adapter), prompts, rewards,
+the hardware a stage runs on (device, compute dtype, text-encoder offload, CPU threads)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from .run import RUN_FILE, Section, arg, parse_pairs, read_run_file
+
+# a dtype by name: "auto" is the compute dtype (bf16 on CUDA, fp32 on CPU); see models/placement.py
+DtypeName = Literal["auto", "fp32", "bf16", "fp16"]
+TextOffload = Literal["auto", "keep", "cpu", "free"]
 
 
 class ModelSection(Section):
@@ -103,3 +108,23 @@ class EvalPromptSection(PromptSection):
     """Prompts"""
 
     prompt_set: PromptSet = arg("held-out", "The world's prompt set when no file is given.")
+
+
+class Hardware(Section):
+    """Hardware"""
+
+    # one definition for every stage that runs a model (train, collect, evaluate, merge, generate, demo,
+    # experiments); models/placement.py turns it into a torch device and dtype
+    device: str = arg("auto", "auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda[:N].")
+    dtype: DtypeName = arg("auto", "Compute dtype of generator, text encoder and VAE: auto (bf16 on CUDA, "
+                           "fp32 on CPU) | fp32 | bf16 | fp16.")  # fmt: skip
+    text_offload: TextOffload = arg("auto", "Text encoder after encoding: keep | cpu (moved off the device) "
+                                    "| free (weights dropped) | auto (cpu when > 10% of the device).")  # fmt: skip
+    threads: int | None = arg(None, "torch CPU threads.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "auto" and not (v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
+            raise ValueError(f"--device must be auto, cpu or cuda[:N], got {v!r}")
+        return v

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from ..extras import require
 from ..io.files import atomic_path, require_paths, staged_folder
 from ..io.progress import progress_bar
 from ..models.noise import derive_seed
+from ..models.placement import Placement
 from ..models.sampler import Sampler
 from ..optim import lr_at
 from ..pipeline import Pipeline
@@ -46,17 +46,6 @@ from .replay import PivotReplay
 from .state import Progress, resume_checkpoint, save_checkpoint
 
 log = logging.getLogger("streamalign.train")
-
-
-def resolve_device(spec: str) -> torch.device:
-    """'auto': cuda:LOCAL_RANK when CUDA is available (one GPU per torchrun rank), else cpu."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec}: CUDA is not available on this machine (use cpu or auto)")
-    return torch.device(spec)
 
 
 def entry_seed(seed: int, step: int, entry_id: str) -> int:
@@ -90,9 +79,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
         hw, m = cfg.hardware, cfg.model
-        self.device = resolve_device(hw.device)
+        place = Placement.of(hw, apply_threads=False)  # the frozen base in --dtype; LoRA and AdamW in fp32
+        self.device = place.device
         self.bf16 = hw.autocast == "bf16" or (hw.autocast == "auto" and self.device.type == "cuda")
-        base = Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, device=str(self.device))
+        base = Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, placement=place)
         if cfg.lora.init_adapter is not None:
             self.peft = load_lora(base.model, cfg.lora.init_adapter, trainable=True)
         else:
@@ -106,13 +96,11 @@ class Trainer:
         self.params = [p for _, p in lora_parameters(self.peft)]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.objective.bind(self.params)  # objectives with policy copies (NFT: old and reference) keep them
-        self._text: dict[str, torch.Tensor] = {}
+        self.text_mismatches = 0  # entries whose prompt embedding hash differs from this run's encoding
 
     def text(self, prompt: str) -> torch.Tensor:
-        if prompt not in self._text:
-            with torch.no_grad():
-                self._text[prompt] = self.policy.text.encode([prompt])
-        return self._text[prompt]
+        with torch.no_grad():
+            return self.policy.text.encode([prompt])  # cached per process by the text encoder
 
     def check_entry(self, e: Entry) -> None:
         c = self.policy.config
@@ -121,6 +109,12 @@ class Trainer:
                 f"entry {e.entry_id} was collected with model config {e.config_name!r} (arch {e.arch_id}), "
                 f"not {c.name!r} (arch {c.arch_id}): train with the buffer's --config"
             )
+        if e.text_hash is not None and e.text_hash != self.policy.text.embedding_hash(e.prompt):
+            if not self.text_mismatches:
+                log.warning("entry %s was rolled out with prompt embeddings (hash %s) that differ from this run's "
+                            "(%s): another text encoder, --dtype or --device than at collection", e.entry_id,
+                            e.text_hash, self.policy.text.embedding_hash(e.prompt))  # fmt: skip
+            self.text_mismatches += 1
 
     @staticmethod
     def bad_reward(e: Entry) -> str | None:
@@ -143,6 +137,7 @@ class Trainer:
         bad: str | None = None  # the first non-finite value of this rank: the step is not applied
         for e in groups:
             self.check_entry(e)
+            e = e.cast(torch.float32)  # stored bf16/fp16 latents: the sampler works in float32
             if (rewards := self.bad_reward(e)) is not None:
                 bad = f"non-finite reward ({rewards}) in entry {e.entry_id}"
                 break
