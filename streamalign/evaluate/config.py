@@ -172,6 +172,30 @@ class ObjectivesRun(RunConfig):
     hardware: Hardware = Hardware()
 
 
+class RegimeStudy(Section):
+    """Study"""
+
+    n_prompts: int = arg(8, "Training prompts (spread over the set).")
+    iterations: int = arg(15, "On-policy iterations I; every regime gets I x B rollout groups.")
+    batch_groups: int = arg(8, "Groups per update B (on-policy: fresh groups per iteration).")
+    updates_per_iter: int = Field(2, gt=0, description="Updates per iteration K; every regime gets I x K updates.")
+    group_size: int = arg(8, "Branches per group.", short="-G")
+    lr: float = arg(1e-4, "AdamW learning rate (all regimes).")
+    eval_every: int = arg(6, "Updates between curve points.")
+    eval_seeds: int = arg(4, "Fresh seeds per prompt for the curves and the table.")
+    seed: int = arg(0, "Seed of the buffer and of every run.")
+
+
+class RegimesRun(RunConfig):
+    """On-policy vs semi-on-policy vs off-policy (semi without the clip) CoPO at equal budget (AR-CoPO Table 2)."""
+
+    model: ModelSection = ModelSection()
+    prompts: PromptSection = PromptSection()
+    rewards: RewardSection = RewardSection()
+    study: RegimeStudy = RegimeStudy()
+    hardware: Hardware = Hardware()
+
+
 class DemoRun(RunConfig):
     """Collect -> train semi -> train on -> merge sweep -> evaluate on held-out prompts, on the shapes world."""
 
