@@ -21,9 +21,10 @@ from typing import Literal
 
 import torch
 
-from ..buffer.formats import FormatName, ShardInfo, get_format, write_shard
+from ..buffer.formats import FormatName, ShardFormat, ShardInfo, get_format, write_shard
 from ..buffer.manifest import MANIFEST_DIR, write_manifest_part
-from ..io.files import checksum, remove_path, tree_bytes
+from ..io.files import checksum, remove_stale, tree_bytes
+from ..io.outputs import open_output
 from ..io.progress import progress_bar
 from ..models.noise import derive_seed
 from ..models.sampler import Sampler
@@ -34,6 +35,7 @@ from ..schemas.config import ModelConfig
 from ..schemas.run import arg
 from ..schemas.sections import PromptSection, RewardSection
 from ..worlds import default_prompts, default_rewards
+from .distributed import barrier
 
 # the arguments a collection's id hashes (fields added later hash only when they differ from their default)
 RUN_ID_FIELDS = ("prompts", "groups", "group_size", "strength", "pivot", "seed", "format", "entries_per_shard",
@@ -166,11 +168,16 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
 
 
 def clean_temporaries(out: Path) -> int:
-    """Remove the temporary files a killed run left behind; returns how many."""
-    stale = [*out.glob(".*.tmp-*"), *(out / MANIFEST_DIR).glob(".*.tmp-*")]
-    for p in stale:
-        remove_path(p)
-    return len(stale)
+    """Remove the temporaries that killed runs left behind (a live writer's are kept); returns how many."""
+    return len(remove_stale(out)) + len(remove_stale(out / MANIFEST_DIR))
+
+
+def prepare(cfg: CollectConfig, model: ModelConfig) -> tuple[CollectConfig, ShardFormat, CompositeReward]:
+    """Every input check of a collection, before it writes anything: (the settings resolved for `model`,
+    its shard format, its reward)."""
+    cfg = cfg.resolve(model)
+    cfg.check(model.num_chunks)
+    return cfg, get_format(cfg.format), CompositeReward.parse(cfg.rewards, cfg.metrics)
 
 
 def collect(
@@ -184,13 +191,12 @@ def collect(
 ) -> CollectSummary:
     """Write this rank's shards of the collection into `out` (resuming); returns what it did.
     `shard_prefix` lets several collections share one buffer folder (on-policy iterations)."""
-    cfg = cfg.resolve(policy.config)
-    cfg.check(policy.config.num_chunks)
+    cfg, fmt, reward = prepare(cfg, policy.config)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # checked and created (with its marker) once everything above is valid
+        open_output(out, "collect")
+    barrier()
     clean_temporaries(out)
-    fmt = get_format(cfg.format)
-    reward = CompositeReward.parse(cfg.rewards, cfg.metrics)
     mine = [k for k in range(cfg.num_shards) if k % world == rank]
     summary, t0 = CollectSummary(), time.time()
     total = sum(min(cfg.entries_per_shard, cfg.groups - k * cfg.entries_per_shard) for k in mine)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..buffer.inspect import buffer_info
+from ..io.files import write_atomic
 from ..pipeline import Pipeline
 from ..schemas.run import RUN_FILE, RunConfig, run_record
 from ..schemas.sections import PolicySection
@@ -29,7 +30,7 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     with rank_and_world() as (rank, world):
         summary = collect(policy, resolved.collect, out, rank, world)
     if rank == 0:
-        (out / RUN_FILE).write_text(run_record(resolved, "collect"))
+        write_atomic(out / RUN_FILE, run_record(resolved, "collect"))
     return rank, summary
 
 

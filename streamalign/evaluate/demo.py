@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..collect.collector import CollectConfig, collect
+from ..io.files import write_atomic
+from ..io.outputs import open_output
 from ..pipeline import Pipeline
 from ..train.config import TrainConfig
 from ..train.loop import train
@@ -44,8 +46,10 @@ class DemoSettings:
 
 
 def run_demo(out: str | Path, settings: DemoSettings, progress: bool = True) -> dict:
-    """Run every stage into `out`; returns (and writes to ``demo.json``) the headline numbers."""
+    """Run every stage into `out` (re-running continues: collect skips finished shards, training
+    resumes); returns (and writes to ``demo.json``) the headline numbers."""
     out = Path(out)
+    open_output(out, "demo")
     st = settings
     t0, times = time.time(), {}
     prompts = tuple(p.text for p in held_in_prompts()[::31][: st.train_prompts])
@@ -96,7 +100,7 @@ def run_demo(out: str | Path, settings: DemoSettings, progress: bool = True) -> 
         "held_out_background_cleanliness": m["background_cleanliness"],
         "report": str(out / "report" / "report.md"),
     }
-    (out / "demo.json").write_text(json.dumps(headline, indent=1))
+    write_atomic(out / "demo.json", json.dumps(headline, indent=1))
     return headline
 
 

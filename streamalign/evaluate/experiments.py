@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.files import staged_folder
+from ..io.outputs import output_folder
 from ..io.plots import save, subplots
 from ..pipeline import Pipeline
 from ..rewards import CompositeReward
@@ -93,7 +93,7 @@ def run_noise_sources(cfg: NoiseSourcesRun, out: str | Path) -> list[dict]:
     policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, wan_dir=m.wan_dir)
     texts = spread(list(default_prompts(policy.config, cfg.prompts.prompts, cfg.prompts.prompt_set)), st.n_prompts)
     reward = CompositeReward.parse(*default_rewards(policy.config, cfg.rewards.rewards, cfg.rewards.metrics))
-    with staged_folder(out) as tmp:
+    with output_folder(out, "experiment noise-sources") as tmp:
         rows = noise_sources(policy, texts, reward, st.seeds, st.group_size)
         noise_sources_report(rows, tmp)
     return rows
@@ -137,7 +137,7 @@ def compare_objectives(
         raise ValueError(f"unknown objective runs {sorted(unknown)}: choose from {[r.name for r in OBJECTIVE_RUNS]}")
     ps = [p for p in prompts for _ in range(eval_seeds)]
     seeds = [4_000_000 + i for i in range(len(ps))]
-    with staged_folder(out) as tmp:
+    with output_folder(out, "experiment objectives") as tmp:
         m = base.model
         base_scores = score_policy(ModelSpec("base").load(m.config, m.checkpoint, m.wan_dir), ps, seeds, reward)
         result: dict = {"prompts": list(prompts), "eval_pairs": len(ps), "runs": {}}

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from ..io.files import staged_folder
 from ..io.media import frame_grid, save_gif, save_mp4
+from ..io.outputs import output_folder
 from ..io.plots import save, subplots
 from ..pipeline import Pipeline
-from ..schemas.run import RUN_FILE, run_record
+from ..schemas.run import run_record
 from ..scoring import paired_differences, score_policy
 from .config import EvalSettings, EvaluateRun, named
 
@@ -47,9 +47,11 @@ def spread(items: Sequence, k: int) -> list:
     return [items[(i * step) % n] for i in range(min(k, n))]
 
 
-def evaluate(models: Sequence[ModelSpec], prompts: Sequence[str], settings: EvalSettings, out: str | Path) -> dict:
+def evaluate(models: Sequence[ModelSpec], prompts: Sequence[str], settings: EvalSettings, out: str | Path,
+             record: str | None = None) -> dict:
     """Score every model on the same (prompt, seed) pairs; the first model is the base of the paired
-    differences. Writes the report into `out` (atomically: a temp folder renamed at the end)."""
+    differences. Writes the report (and `record` as ``run.yaml``) into `out`, staged: it replaces a
+    previous report in one step at the end (``io.outputs.output_folder``)."""
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
@@ -58,7 +60,7 @@ def evaluate(models: Sequence[ModelSpec], prompts: Sequence[str], settings: Eval
     if len(set(prompts)) != len(prompts):
         dup = next(p for p in prompts if list(prompts).count(p) > 1)
         raise ValueError(f"prompt {dup!r} is listed twice: list each once and raise --seeds for more samples")
-    with staged_folder(out) as tmp:
+    with output_folder(out, "evaluate", record) as tmp:
         return _evaluate(models, list(prompts), settings, tmp)
 
 
@@ -182,9 +184,7 @@ def run_evaluate(cfg: EvaluateRun, out: str | Path) -> dict:
             if not Path(path).exists():
                 raise FileNotFoundError(f"{'adapter' if kind == 'lora' else 'weights'} {path} does not exist")
             models.append(ModelSpec(name, **{kind: path}))
-    report = evaluate(models, st.prompts, st, out)
-    (Path(out) / RUN_FILE).write_text(run_record(cfg.replace(eval=st), "evaluate"))
-    return report
+    return evaluate(models, st.prompts, st, out, run_record(cfg.replace(eval=st), "evaluate"))
 
 
 def summary_lines(report: dict, out: str | Path) -> list[str]:

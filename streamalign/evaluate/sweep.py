@@ -9,12 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..adapters.merge import Selection, check_adapter_modules, combine_adapters, save_merged_weights, select_scale
-from ..io.files import require_paths, staged_folder
+from ..io.files import require_paths
+from ..io.outputs import output_folder
 from ..io.plots import save, subplots
 from ..models.checkpoint import read_adapter
 from ..pipeline import base_checkpoint
 from ..schemas.config import ModelConfig
-from ..schemas.run import RUN_FILE, run_record
+from ..schemas.run import run_record
 from ..scoring import paired_differences, score_policy
 from .config import EvalSettings, MergeRun
 from .report import ModelSpec, pairs
@@ -31,9 +32,11 @@ def merge_sweep(
     ood: str = "background_cleanliness",
     ood_tolerance: float = 0.0,
     full_weights: bool = False,
+    record: str | None = None,
 ) -> dict:
     """Score the base and every s_on in `scales`; write ``sweep.json``, ``sweep.md``, ``sweep.png``,
-    ``adapters/s<scale>/`` and, for the selected scale, ``adapter/`` (+ ``merged.safetensors``)."""
+    ``adapters/s<scale>/`` and, for the selected scale, ``adapter/`` (+ ``merged.safetensors``), with
+    `record` as ``run.yaml``: staged, replacing a previous sweep in one step at the end."""
     if not scales or any(s < 0 for s in scales):
         raise ValueError(f"--scales must be non-negative numbers, got {list(scales)}")
     reward = settings.reward()
@@ -41,7 +44,7 @@ def merge_sweep(
         raise ValueError(f"--ood-metric {ood!r} is not scored (scored: {', '.join(reward.names)})")
     given = [f for f in (semi, on) if f is not None]  # refuse a bad adapter before any scoring
     check_adapter_modules(given, [read_adapter(f)[1] for f in given], settings.config)
-    with staged_folder(out) as tmp:
+    with output_folder(out, "merge", record) as tmp:
         return _sweep(on, semi, scales, prompts, settings, reward, tmp, Path(out), s_semi, ood, ood_tolerance,
                       full_weights)  # fmt: skip
 
@@ -127,10 +130,8 @@ def run_merge(cfg: MergeRun, out: str | Path) -> dict:
     """The `merge` stage: the sweep on the resolved prompts; the results and ``run.yaml`` in `out`."""
     m, st = cfg.merge, cfg.eval.resolved()
     require_paths((m.on, "on-policy adapter"), (m.semi, "semi-on-policy adapter"), (st.checkpoint, "checkpoint"))
-    r = merge_sweep(m.on, m.semi, m.scales, st.prompts, st, out, m.s_semi, m.ood_metric, m.ood_tolerance,
-                    m.full_weights)  # fmt: skip
-    (Path(out) / RUN_FILE).write_text(run_record(cfg.replace(eval=st), "merge"))
-    return r
+    return merge_sweep(m.on, m.semi, m.scales, st.prompts, st, out, m.s_semi, m.ood_metric, m.ood_tolerance,
+                       m.full_weights, run_record(cfg.replace(eval=st), "merge"))  # fmt: skip
 
 
 def merge_stage(cfg: MergeRun, out: Path) -> str:

@@ -22,10 +22,11 @@ import torch.distributed as dist
 from ..adapters.lora import LoraSettings, attach_lora, load_lora, lora_parameters, save_lora
 from ..buffer.manifest import read_manifest
 from ..buffer.reader import BufferReader
-from ..collect.collector import CollectConfig, collect
+from ..collect.collector import CollectConfig, collect, prepare
 from ..collect.distributed import rank_and_world
 from ..extras import require
-from ..io.files import require_paths
+from ..io.files import require_paths, write_atomic
+from ..io.outputs import open_output
 from ..io.progress import progress_bar
 from ..models.noise import derive_seed
 from ..models.sampler import Sampler
@@ -186,6 +187,16 @@ def _check_buffer(cfg: TrainConfig, trainer: Trainer) -> None:
         )
 
 
+def _rollout_config(cfg: TrainConfig, trainer: Trainer, world: int, it: int) -> CollectConfig:
+    """The collection of on-policy iteration `it`: fresh groups of the current policy."""
+    ro, groups = cfg.rollouts, cfg.optim.batch_groups
+    return CollectConfig(
+        prompts=ro.prompts, groups=groups, group_size=ro.group_size, strength=ro.strength,
+        seed=derive_seed(cfg.seed, 7, it), format=ro.format, rewards=ro.rewards, metrics=ro.metrics,
+        entries_per_shard=max(1, groups // world), fork=trainer.objective.fork, clip_chunks=ro.clip_chunks,
+    )  # fmt: skip
+
+
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> TrainSummary:
     """Run the configured loop into `out` (adapter/, checkpoints/, metrics.jsonl, curves.png, run.yaml)."""
     out = Path(out)
@@ -211,9 +222,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         ckpt = latest_checkpoint(out) if resume else None
         if ckpt is not None:
             state = load_checkpoint(ckpt, trainer.peft, trainer.opt, trainer.objective)
+        if cfg.mode == "on":  # the rollouts' settings are checked before anything is written
+            prepare(_rollout_config(cfg, trainer, world, 0), trainer.policy.config)
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            saved.write_text(run_record(cfg, "train"))
+            open_output(out, "train")
+            write_atomic(saved, run_record(cfg, "train"))
         logger = (
             MetricsLog(out, state.step if resume else None, cfg.model_dump(mode="json"), log_cfg.wandb)
             if rank == 0
@@ -266,12 +279,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             rollouts = out / "rollouts"
             while state.iteration < sched.steps:
                 it = state.iteration
-                ccfg = CollectConfig(
-                    prompts=ro.prompts, groups=optim.batch_groups, group_size=ro.group_size, strength=ro.strength,
-                    seed=derive_seed(cfg.seed, 7, it), format=ro.format, rewards=ro.rewards, metrics=ro.metrics,
-                    entries_per_shard=max(1, optim.batch_groups // world), fork=trainer.objective.fork,
-                    clip_chunks=ro.clip_chunks,
-                )  # fmt: skip
+                ccfg = _rollout_config(cfg, trainer, world, it)
                 trainer.model.eval()
                 version = f"{trainer.policy.policy_id}+it{it:05d}"
                 rollout_policy = Pipeline(

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from ..extras import available, require
+from ..io.files import append_line
 from ..io.plots import save, subplots
 
 
@@ -39,8 +40,7 @@ class MetricsLog:
                                  dir=str(out), id=run_id, resume="allow")  # fmt: skip
 
     def log(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.path, json.dumps(row))
         scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
         if self.tb is not None:
             for k, v in scalars.items():

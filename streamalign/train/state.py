@@ -1,6 +1,7 @@
 """Training checkpoints: adapter (peft format), optimizer, RNG states and data position, written
 atomically as one folder ``checkpoints/step-NNNNNNN``; the newest complete one is what ``--resume`` loads.
-Nothing is unpickled: the optimizer state is read with ``torch.load(weights_only=True)``."""
+Nothing is unpickled: the optimizer state is read with ``torch.load(weights_only=True)`` (a pickled one is
+one clear error), and a damaged file is one error naming it."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..adapters.lora import save_lora
 from ..io.files import staged_folder
-from ..models.checkpoint import read_adapter
+from ..models.checkpoint import read_adapter, read_tensors
 
 CHECKPOINTS = "checkpoints"
 
@@ -71,12 +72,25 @@ def load_checkpoint(path: Path, peft_model: PeftModel, opt: torch.optim.Optimize
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
         raise ValueError(f"checkpoint {path} has LoRA weights this run's adapter lacks: {unexpected[:3]}")
-    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    opt.load_state_dict(read_tensors(path / "optimizer.pt"))
+    torch.set_rng_state(read_tensors(path / "rng.safetensors")["torch"])
     if objective is not None and objective.state_dict() is not None:
         if not (path / "objective.safetensors").exists():
             raise ValueError(f"checkpoint {path} has no objective state: it was written by another objective")
         dev = next(iter(peft_model.parameters())).device
-        tensors = {k: v.to(dev) for k, v in load_file(str(path / "objective.safetensors")).items()}
-        objective.load_state_dict(tensors, json.loads((path / "objective.json").read_text()))
-    return Progress(**json.loads((path / "progress.json").read_text()))
+        tensors = {k: v.to(dev) for k, v in read_tensors(path / "objective.safetensors").items()}
+        objective.load_state_dict(tensors, read_json(path / "objective.json"))
+    return Progress(**read_json(path / "progress.json", Progress))
+
+
+def read_json(file: Path, fields: type | None = None) -> dict:
+    """A checkpoint's JSON file (holding the keys of the dataclass `fields`, if given); one clear error
+    naming the file when it is missing or damaged."""
+    try:
+        data = json.loads(file.read_text())
+        if fields is not None:
+            fields(**data)
+        return data
+    except (OSError, ValueError, TypeError) as e:  # missing, not JSON, or not the fields
+        raise ValueError(f"checkpoint file {file} is missing or damaged ({str(e).splitlines()[0]}): resume from "
+                         "another checkpoint (delete this one) or start a new --out") from None
