@@ -53,8 +53,10 @@ def require_paths(*given: tuple[str | Path | None, str]) -> None:
 
 
 def remove_path(path: Path) -> None:
-    """Delete a file or a folder tree."""
-    if path.is_dir():
+    """Delete a file or a folder tree (a link: the link, never what it points to)."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
@@ -68,7 +70,7 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>[0-9]+)")
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:tmp|old|probe)-(?P<pid>[0-9]+)")
 
 
 def pid_alive(pid: int) -> bool:
@@ -87,9 +89,9 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale(folder: Path, name: str | None = None) -> list[Path]:
-    """Remove the hidden ``.NAME.tmp-PID`` / ``.NAME.old-PID`` entries of `folder` (of one NAME, or of
-    any) that processes no longer running left behind; a live PID's (this process's, a concurrent
-    writer's) are kept. Returns those removed."""
+    """Remove the hidden ``.NAME.tmp-PID`` / ``.NAME.old-PID`` (and ``.NAME.probe-PID``: a write test)
+    entries of `folder` (of one NAME, or of any) that processes no longer running left behind; a live
+    PID's (this process's, a concurrent writer's) are kept. Returns those removed."""
     removed = []
     if not folder.is_dir():
         return removed
@@ -97,7 +99,7 @@ def remove_stale(folder: Path, name: str | None = None) -> list[Path]:
         m = _TEMPORARY.fullmatch(entry.name)
         if m is None or (name is not None and m["name"] != name) or pid_alive(int(m["pid"])):
             continue
-        entry.unlink() if entry.is_symlink() else remove_path(entry)  # a link: remove it, never what it points to
+        remove_path(entry)
         removed.append(entry)
     return removed
 

@@ -16,7 +16,6 @@ import contextlib
 import contextvars
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,9 +80,10 @@ def overwrite_permitted(out: str | Path) -> bool:
     return where(out) in _OVERWRITE.get()
 
 
-def check_output(out: str | Path, command: str, overwrite: bool | None = None) -> Path:
+def check_output(out: str | Path, command: str, overwrite: bool | None = None, writable: bool = True) -> Path:
     """Refuse an `out` the command `command` may not write (one line: what, where, how to fix); returns
-    it resolved. `overwrite`: the user's ``--overwrite`` (None: as permitted in this context)."""
+    it resolved. `overwrite`: the user's ``--overwrite`` (None: as permitted in this context);
+    `writable`: also try writing there."""
     path = where(out)
     overwrite = overwrite_permitted(out) if overwrite is None else overwrite
     if path.exists() and not path.is_dir():
@@ -97,20 +97,25 @@ def check_output(out: str | Path, command: str, overwrite: bool | None = None) -
         if by != command and not overwrite:
             raise FileExistsError(f"--out {out} holds the output of `streamalign {by}`: choose another --out, "
                                   "or pass --overwrite to replace it")  # fmt: skip
-    check_writable(path, out)
+    if writable:
+        check_writable(path, out)
     return path
 
 
 def check_writable(path: Path, given: str | Path) -> None:
     """`path`, or the folder it will be created in, must be a folder this process can write in (tried:
-    a temporary folder is made and removed, which also finds read-only mounts and a full disk)."""
-    base = path
+    a temporary folder is made and removed, which also finds read-only mounts and a full disk; it is
+    named like the stage's own temporaries, so a later run removes it should this process be killed)."""
+    base, child = path, path
     while not base.exists() and base != base.parent:
-        base = base.parent
+        base, child = base.parent, base
     if not base.is_dir():
         raise NotADirectoryError(f"--out {given}: {base} is a file, not a folder: choose another --out")
+    probe = base / f".{MARKER if base == path else child.name}.probe-{os.getpid()}"
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".streamalign-probe-", dir=base))
+        remove_path(probe)
+        probe.mkdir()
+        probe.rmdir()
     except OSError as e:
         if e.errno in DISK_FULL:
             raise disk_full_error(base) from None
@@ -137,7 +142,7 @@ def output_folder(out: str | Path, command: str, record: str | None = None) -> I
         if record is not None:
             (tmp / "run.yaml").write_text(record)
         (tmp / MARKER).write_text(marker_text(command))
-        check_output(out, command)  # still ours to replace (nobody wrote there meanwhile)
+        check_output(out, command, writable=False)  # still ours to replace (nobody wrote there meanwhile)
 
 
 def open_output(out: str | Path, command: str) -> Path:
