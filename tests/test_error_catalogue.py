@@ -175,6 +175,8 @@ def test_run_files_and_settings(tmp_path, files_dir, no_model):
     fails(tmp_path, ["experiment", "noise-sources", "--seeds", "0", *out], "study.seeds", "(--seeds)")
     fails(tmp_path, ["experiment", "noise-sources", "--n-prompts", "0", *out], "study.n_prompts")
     fails(tmp_path, ["experiment", "objectives", "--eval-seeds", "0", *out], "study.eval_seeds", "(--eval-seeds)")
+    fails(tmp_path, ["train", "--mode", "on", "--eval-every", "1", "--eval-prompts", "0", *out], "(--eval-prompts)")
+    fails(tmp_path, ["shapes", "check", "--videos", "0"], "(--videos)")
     fails(tmp_path, ["generate", "--prompts", str(d / "prompts.txt"), *out], f"prompt file {d / 'prompts.txt'}, line 2")
     fails(tmp_path, ["train", *TRAIN_ON, "--resume", "--overwrite", *out], "--resume", "--overwrite")
 

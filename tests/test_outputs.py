@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 
 from streamalign import __version__
 from streamalign.cli import app
-from streamalign.collect.collector import clean_temporaries
 from streamalign.io import files
 from streamalign.io.files import exchange, replace_folder, staged_folder
 from streamalign.io.outputs import MARKER, check_output, open_output, permit_overwrite, written_by
@@ -130,15 +129,18 @@ def test_open_output_continues_its_own_and_replaces_on_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["buf"]
 
 
-def test_collect_cleanup_keeps_a_live_writers_temporaries(tmp_path, pids):
+def test_reopening_removes_killed_runs_temporaries_only(tmp_path, pids):
+    """collect / train re-open their output: temporaries of dead processes go (in it, below it, beside it),
+    a live writer's (a concurrent collect) stay."""
     dead, live = pids
-    for name in (f".shard-000000.tar.tmp-{dead}", f".shard-000001.tar.tmp-{live}", "shard-000002.tar"):
-        (tmp_path / name).write_text("x")
-    (tmp_path / "manifest").mkdir()
-    (tmp_path / "manifest" / f".shard-000000.tar.parquet.tmp-{dead}").write_text("x")
-    assert clean_temporaries(tmp_path) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".shard-000001.tar.tmp-{live}", "manifest",
-                                                          "shard-000002.tar"]  # fmt: skip
+    buf = _marked(tmp_path / "buf", "collect", **{f".shard-000000.tar.tmp-{dead}": "x", "shard-000002.tar": "x",
+                                                  f".shard-000001.tar.tmp-{live}": "x"})  # fmt: skip
+    _folder(buf / "manifest", **{f".shard-000000.tar.parquet.tmp-{dead}": "x"})
+    _folder(tmp_path / f".buf.old-{dead}", old="x")
+    open_output(buf, "collect")
+    assert sorted(p.name for p in buf.iterdir()) == [f".shard-000001.tar.tmp-{live}", MARKER, "manifest",
+                                                     "shard-000002.tar"]  # fmt: skip
+    assert not any((buf / "manifest").iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["buf"]
 
 
 def test_user_files_survive_evaluate_even_with_overwrite(tmp_path):

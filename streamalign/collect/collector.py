@@ -23,7 +23,7 @@ import torch
 
 from ..buffer.formats import FormatName, ShardFormat, ShardInfo, get_format, write_shard
 from ..buffer.manifest import MANIFEST_DIR, write_manifest_part
-from ..io.files import checksum, remove_stale, tree_bytes
+from ..io.files import checksum, tree_bytes
 from ..io.outputs import open_output
 from ..io.progress import progress_bar
 from ..models.noise import derive_seed
@@ -167,11 +167,6 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
     return entry.validate("collected group")
 
 
-def clean_temporaries(out: Path) -> int:
-    """Remove the temporaries that killed runs left behind (a live writer's are kept); returns how many."""
-    return len(remove_stale(out)) + len(remove_stale(out / MANIFEST_DIR))
-
-
 def prepare(cfg: CollectConfig, model: ModelConfig) -> tuple[CollectConfig, ShardFormat, CompositeReward]:
     """Every input check of a collection, before it writes anything: (the settings resolved for `model`,
     its shard format, its reward)."""
@@ -193,10 +188,9 @@ def collect(
     `shard_prefix` lets several collections share one buffer folder (on-policy iterations)."""
     cfg, fmt, reward = prepare(cfg, policy.config)
     out = Path(out)
-    if rank == 0:  # checked and created (with its marker) once everything above is valid
+    if rank == 0:  # checked, created (with its marker) or cleaned of killed runs' temporaries, once all is valid
         open_output(out, "collect")
     barrier()
-    clean_temporaries(out)
     mine = [k for k in range(cfg.num_shards) if k % world == rank]
     summary, t0 = CollectSummary(), time.time()
     total = sum(min(cfg.entries_per_shard, cfg.groups - k * cfg.entries_per_shard) for k in mine)

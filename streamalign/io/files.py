@@ -104,6 +104,16 @@ def remove_stale(folder: Path, name: str | None = None) -> list[Path]:
     return removed
 
 
+def remove_stale_tree(folder: Path) -> list[Path]:
+    """``remove_stale`` in `folder` and in every folder below it (links are not followed)."""
+    removed = []
+    for top, dirs, _ in os.walk(folder):
+        gone = remove_stale(Path(top))
+        dirs[:] = [d for d in dirs if Path(top, d) not in gone]
+        removed += gone
+    return removed
+
+
 def remove_stale_siblings(target: Path) -> list[Path]:
     """Remove the stale ``.NAME.tmp-PID`` / ``.NAME.old-PID`` siblings of `target` (see ``remove_stale``)."""
     return remove_stale(target.parent, target.name)

@@ -27,6 +27,7 @@ from .files import (
     disk_full_error,
     remove_path,
     remove_stale_siblings,
+    remove_stale_tree,
     replace_folder,
     staged_folder,
     write_atomic,
@@ -148,9 +149,11 @@ def output_folder(out: str | Path, command: str, record: str | None = None) -> I
 def open_output(out: str | Path, command: str) -> Path:
     """The folder of a command that continues its own earlier output (collect extends a buffer, train
     resumes a run, demo both): checked, created with its marker when new. Where ``--overwrite`` permits
-    it, a previous output is replaced by a fresh folder in one step (``replace_folder``)."""
+    it, a previous output is replaced by a fresh folder in one step (``replace_folder``). Temporaries that
+    killed runs left in it or beside it are removed (those of live processes are kept)."""
     path = check_output(out, command)
     remove_stale_siblings(path)
+    remove_stale_tree(path)
     if path.is_dir() and not is_empty(path) and overwrite_permitted(out):
         fresh = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         remove_path(fresh)
