@@ -239,6 +239,10 @@ def buffer(tmp_path_factory) -> Path:
     return out
 
 
+def test_stats_output_that_is_a_folder(tmp_path, buffer):
+    fails(tmp_path, ["stats", str(buffer), "--sql", "SELECT 1", "--output", str(tmp_path)], f"{tmp_path} is a folder")
+
+
 @pytest.fixture
 def full_disk(monkeypatch):
     """Every fsync fails with ENOSPC (a full disk reports it there under delayed allocation)."""

@@ -303,7 +303,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             save_lora(trainer.peft, out / "adapter")
             logger.close()
             plot_metrics(out / "metrics.jsonl", out / "curves.png")
-            (out / "summary.json").write_text(json.dumps({"steps": state.step, "final": last}, indent=1))
+            write_atomic(out / "summary.json", json.dumps({"steps": state.step, "final": last}, indent=1))
         return TrainSummary(state.step, time.time() - t0, out / "adapter", last)
 
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ..extras import available, require
-from ..io.files import append_line
+from ..io.files import append_line, write_atomic
 from ..io.plots import save, subplots
 
 
@@ -19,10 +19,10 @@ class MetricsLog:
     def __init__(self, out: Path, resume_step: int | None = None, config: dict | None = None, wandb: bool = False):
         self.path = out / "metrics.jsonl"
         if resume_step is None:
-            self.path.write_text("")
+            write_atomic(self.path, "")
         else:
             rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if self.path.exists() else []
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self.tb = None
         if available("tensorboard"):  # the [tensorboard] extra; events after the checkpoint are purged on resume
             from torch.utils.tensorboard import SummaryWriter
@@ -35,7 +35,7 @@ class MetricsLog:
             id_file = out / "wandb-run-id"
             resumed = resume_step is not None and id_file.exists()
             run_id = id_file.read_text().strip() if resumed else wb.util.generate_id()
-            id_file.write_text(run_id)
+            write_atomic(id_file, run_id)
             self.wandb = wb.init(project=os.environ.get("WANDB_PROJECT", "streamalign"), config=config or {},
                                  dir=str(out), id=run_id, resume="allow")  # fmt: skip
 
