@@ -265,6 +265,25 @@ def test_disk_full(tmp_path, buffer, full_disk):
                          str(tmp_path / f"s.{fmt}")], f"{full} {tmp_path / f's.{fmt}'}")  # fmt: skip
 
 
+def test_disk_full_is_recognised_whatever_library_wrote(tmp_path, monkeypatch):
+    """The words of each writer on a full disk (as seen on a real one: tests/disk_cases.py)."""
+    from safetensors import SafetensorError
+
+    says = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    torch_save = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    assert files.disk_full(OSError(errno.ENOSPC, "full"), tmp_path) and files.disk_full(says, tmp_path)
+    monkeypatch.setattr(files, "free_bytes", lambda path: 4096)
+    assert files.disk_full(torch_save, tmp_path) and not files.disk_full(RuntimeError("shape mismatch"), tmp_path)
+    monkeypatch.setattr(files, "free_bytes", lambda path: 2**30)
+    assert not files.disk_full(torch_save, tmp_path)  # plenty of space: some other failure, kept as it is
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as e, files.staged_folder(out) as tmp:
+        (tmp / "x").write_text("half")
+        raise says
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out)
+    assert not any(tmp_path.iterdir())
+
+
 CASES = Path(__file__).with_name("disk_cases.py")
 
 

@@ -198,7 +198,7 @@ def clear_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (FileNotFoundError, ValueError, OSError) as e:  # CheckpointError, RewardError, SchemaError: ValueErrors
+        except (ValueError, OSError) as e:  # CheckpointError, RewardError, SchemaError are ValueErrors
             from pydantic import ValidationError
 
             if isinstance(e, ValidationError) and e.errors():
@@ -209,7 +209,7 @@ def clear_errors(fn: Callable) -> Callable:
                     raise
             else:
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            print(f"error: {msg.splitlines()[0]}", file=sys.stderr)
+            print(f"error: {(msg.splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
             raise typer.Exit(2) from None
 
     return wrapper
