@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..adapters.lora import save_lora
-from ..io.files import checksum, fsync_path, remove_stale_temporaries, staged_folder, tree_files
+from ..io.files import checksum, fsync_path, remove_stale, staged_folder, tree_files
 from ..models.checkpoint import CheckpointError, read_adapter
 
 CHECKPOINTS = "checkpoints"
@@ -87,7 +87,7 @@ def save_checkpoint(
         for f in tree_files(tmp):
             fsync_path(f)
     fsync_path(final.parent)
-    remove_stale_temporaries(final.parent)  # what killed runs left while saving or pruning
+    remove_stale(final.parent)  # what killed runs left while saving or pruning
     older = [c for c in checkpoints(out) if c.name < final.name]
     for old in older[: max(0, len(older) - (keep - 1))]:  # never the new one, never a newer one
         gone = old.with_name(f".{old.name}.old-{os.getpid()}")
