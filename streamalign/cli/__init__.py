@@ -19,11 +19,13 @@ from .. import __version__
 from ..buffer.inspect import BufferRun, VerifyRun
 from ..buffer.stats import StatsRun
 from ..collect.run import CollectRun
-from ..evaluate.config import DemoRun, EvaluateRun, MergeRun, NoiseSourcesRun, ObjectivesRun
+from ..evaluate.config import DemoRun, EvaluateRun, MergeRun, NoiseSourcesRun, ObjectivesRun, RegimesRun
 from ..generate.run import GenerateRun
+from ..io.outputs import overwrite_permitted
 from ..models.info import ConvertRun, ModelInfoRun
 from ..schemas.run import RunConfig
 from ..train.config import TrainConfig
+from ..train.health import ReportRun
 from ..worlds.shapes.pretrain import PretrainConfig
 from ..worlds.shapes.quality import CheckRun, PromptsRun
 from .flags import stage_command
@@ -34,7 +36,7 @@ app = typer.Typer(name="streamalign", no_args_is_help=True, pretty_exceptions_en
 GROUPS = {"model": "Inspect, validate and convert generator checkpoints.",
           "shapes": "The built-in shapes world: prompts, generator pre-training, sample quality.",
           "buffer": "Inspect and verify replay buffers.",
-          "experiment": "The AR-CoPO analyses: noise sources, objectives."}  # fmt: skip
+          "experiment": "The AR-CoPO analyses: noise sources, objectives, training regimes."}  # fmt: skip
 sub = {name: typer.Typer(help=text, no_args_is_help=True) for name, text in GROUPS.items()}
 for name, group in sub.items():
     app.add_typer(group, name=name)
@@ -61,9 +63,12 @@ STAGES = (
      "Folder: noise_sources.md/json/png.", "runs/noise-sources"),
     ("experiment", "objectives", ObjectivesRun, "evaluate.experiments:objectives_stage",
      "Folder: objectives.md/json/png and one run per objective.", "runs/objectives"),
+    ("experiment", "regimes", RegimesRun, "evaluate.experiments:regimes_stage",
+     "Folder: regimes.md/json/png, buffer/ and one run per regime.", "runs/regimes"),
     ("buffer", "info", BufferRun, "buffer.inspect:info_stage", None, None),
     ("buffer", "verify", VerifyRun, "buffer.inspect:verify_stage", None, None),
     (None, "stats", StatsRun, "buffer.stats:stats_stage", None, None),
+    (None, "report", ReportRun, "train.health:report_stage", None, None),
 )  # fmt: skip
 
 
@@ -94,7 +99,7 @@ def register(group: str | None, name: str, config: type, target: str, out_help: 
                                         annotation=Annotated[Path, typer.Option(help=out_help)]))  # fmt: skip
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = config.__doc__
-    stage_command(sub[group] if group else app, name, config)(command)
+    stage_command(sub[group] if group else app, name, config, group)(command)
 
 
 for entry in STAGES:
@@ -117,6 +122,7 @@ def main(
 ) -> None:
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' bars (read when it is imported, later)
     logging.basicConfig(level="WARNING" if quiet else log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -126,6 +132,8 @@ def train_cmd(cfg: TrainConfig, out: Annotated[Path, typer.Option(help="Run fold
               ) -> None:  # fmt: skip
     """Train a LoRA on the pivot chunk (CoPO, NFT or SDE-GRPO): semi-on-policy from a buffer, or on-policy.
     Under `torchrun --nproc_per_node N` gradients are averaged over ranks."""
+    if resume and overwrite_permitted(out):
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     emit(call("train.loop:train_stage", cfg, out, resume))
 
 

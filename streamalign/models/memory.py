@@ -62,6 +62,8 @@ class LiveBytes(TorchDispatchMode):
         self.current -= nbytes
 
     def _add(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta":  # meta tensors hold no bytes (a fake tensor reports its fake device)
+            return
         st = t.untyped_storage()
         key = id(st)
         nbytes = st.nbytes()
@@ -107,8 +109,14 @@ class HostLogic(TorchDispatchMode):
     An op whose tensor arguments are all real runs for real; a factory (no tensor arguments) is real when
     its result has at most ``REAL_FACTORY_NUMEL`` elements; every other op is fake. A number read from a
     fake tensor (``float(loss)``) is NaN: its value is not computed (statistics of a simulated step are
-    NaN; control flow must not depend on them). An op that would write fake data into a real tensor is
-    refused (the simulation would lose the write)."""
+    NaN; control flow must not depend on them). A truth value read from a fake tensor is `assume`
+    (default None: refused, the branch a real run takes is unknown): a caller that knows every such read
+    is a health check (``isfinite(loss)``) passes True to simulate the healthy path. An op that would write
+    fake data into a real tensor is refused (the simulation would lose the write)."""
+
+    def __init__(self, assume: bool | None = None) -> None:
+        super().__init__()
+        self.assume = assume
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -119,9 +127,11 @@ class HostLogic(TorchDispatchMode):
             tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         fake = [isinstance(t, FakeTensor) for t in tensors]
         if func is torch.ops.aten._local_scalar_dense.default and fake[0]:
-            if not tensors[0].is_floating_point():
-                raise RuntimeError(f"simulated run: control flow reads a {tensors[0].dtype} value of a fake tensor")
-            return math.nan
+            if tensors[0].is_floating_point():
+                return math.nan
+            if tensors[0].dtype == torch.bool and self.assume is not None:
+                return self.assume
+            raise RuntimeError(f"simulated run: control flow reads a {tensors[0].dtype} value of a fake tensor")
         if any(fake):
             if func._schema.is_mutable:
                 for a in func._schema.arguments:

@@ -11,6 +11,8 @@ line; ``--run-config run.yaml`` re-runs it.
 
 from __future__ import annotations
 
+import difflib
+import json
 import subprocess
 import sys
 import types
@@ -68,6 +70,19 @@ def leaves(cls: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tuple
                     yield leaf
 
 
+def flag_name(name: str, info: FieldInfo) -> str:
+    """The command-line flag of a leaf field: its ``flag`` metadata, else ``--name-with-dashes``."""
+    return (info.json_schema_extra or {}).get("flag", "--" + name.replace("_", "-"))
+
+
+class UnknownSettingError(ValueError):
+    """A key that is no setting of a run config (its message is completed by ``describe``)."""
+
+    def __init__(self, key: str, cls: type[BaseModel]):
+        super().__init__(f"unknown setting '{key}'")
+        self.key, self.cls = key, cls
+
+
 def leaf_paths(cls: type[BaseModel]) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     for name, path, _, _ in leaves(cls):
@@ -92,7 +107,7 @@ def route(cls: type[BaseModel], data: dict) -> dict:
             out[key] = value
             continue
         if key not in paths:
-            raise ValueError(f"unknown setting '{key}' for {cls.__name__} (known: {', '.join(sorted(paths))})")
+            raise UnknownSettingError(key, cls)
         node = out
         for part in paths[key][:-1]:
             if isinstance(node.get(part), BaseModel):
@@ -114,16 +129,36 @@ class RunConfig(Section):
     def build(cls, file: str | Path | None = None, **overrides: Any):
         """The config of a run file (``--run-config``) with single fields overridden; one clear error."""
         data = read_run_file(file) if file is not None else {}
-        if overrides:
-            data = merge(route(cls, data), route(cls, overrides))
         try:
+            if overrides:
+                data = merge(route(cls, data), route(cls, overrides))
             return cls.model_validate(data)
         except ValidationError as e:
-            raise ValueError(describe(e, file)) from None
+            raise ValueError(describe(e, file, cls)) from None
+        except UnknownSettingError as e:
+            raise ValueError(unknown_setting(e.key, e.cls, file)) from None
 
     def replace(self, **changes: Any):
         """A copy with some leaves (flat names) or sections changed, validated."""
         return type(self).build(None, **{**self.model_dump(), **changes})
+
+
+def parse_pairs(text: Any, flag: str, what: str = "NAME=VALUE") -> dict[str, str]:
+    """'a=x,b=y' (a flag's value) or a mapping (a run file's) -> {'a': 'x', 'b': 'y'}; a malformed part is
+    one line naming the flag."""
+    if text is None:
+        return {}
+    if isinstance(text, dict):
+        return {str(k): str(v) for k, v in text.items()}
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"{flag}: {part!r} is not {what}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def merge(base: dict, top: dict) -> dict:
@@ -133,21 +168,47 @@ def merge(base: dict, top: dict) -> dict:
     return out
 
 
-def describe(e: ValidationError, file: str | Path | None = None) -> str:
-    """The first error as one line that names the field (and the file)."""
+def _suggestion(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def unknown_setting(where: str, cls: type[BaseModel] | None, file: str | Path | None = None) -> str:
+    """One line for a key that is no setting: the dotted key, the file, the closest known name."""
+    src = f" in {file}" if file is not None else ""
+    node, names = cls, where.split(".")
+    for part in names[:-1]:  # the section the key was given in
+        field = node.model_fields.get(part) if node is not None else None
+        subs = section_types(field.annotation) if field is not None else []
+        node = subs[0] if subs else None
+    known = []
+    if node is not None:
+        known = list(node.model_fields) + ([n for n, _, _, _ in leaves(node)] if len(names) == 1 else [])
+    return f"unknown setting '{where}'{src}: check its spelling and section{_suggestion(names[-1], known)}"
+
+
+def describe(e: ValidationError, file: str | Path | None = None, cls: type[BaseModel] | None = None) -> str:
+    """The first error as one line that names the field, its flag (when `cls`, the run config, is given)
+    and the file."""
     err = e.errors()[0]
     names = [str(x) for x in err["loc"] if not isinstance(x, int)]
     where = ".".join(names) or "config"
     msg = str(err["msg"]).removeprefix("Value error, ")
     src = f" in {file}" if file is not None else ""
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, UnknownSettingError):
+        return unknown_setting(".".join([*names, cause.key]), cause.cls, file)
     if err["type"] == "extra_forbidden":
-        return f"unknown setting '{where}'{src}: check its spelling and section"
+        return unknown_setting(where, cls, file)
     if err["type"] == "union_tag_invalid":  # e.g. objective: {name: ...}
         return f"unknown {where} '{err['ctx']['tag']}'{src}: choose one of {err['ctx']['expected_tags']}"
     if msg.startswith("--"):  # a validator's own message already names the flag
         return msg
-    flag = f" (--{names[-1].replace('_', '-')})" if names else ""
-    return f"setting '{where}'{flag}{src}: {msg}"
+    if not names:  # a check across fields: its message says what to do
+        return f"{file}: {msg}" if file is not None else msg
+    flags = {n: flag_name(n, info) for n, _, info, _ in leaves(cls)} if cls else {}  # leaf names are unique
+    flag = flags.get(names[-1], "--" + names[-1].replace("_", "-"))
+    return f"setting '{where}' ({flag}){src}: {msg}"
 
 
 def read_run_file(file: str | Path) -> dict:
@@ -184,13 +245,25 @@ def run_record(cfg: BaseModel, stage: str) -> str:
     return yaml.safe_dump({"streamalign": meta, "config": cfg.model_dump(mode="json")}, sort_keys=False)
 
 
-def differences(a: BaseModel, b: BaseModel, ignore: set[str] = frozenset()) -> list[str]:
-    """Dotted names of the leaves whose values differ between two configs (``ignore``: names to skip)."""
+def flat_fields(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted name: leaf value}."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, val in data.items():
+        out.update(flat_fields(val, f"{prefix}.{key}" if prefix else key))
+    return out
 
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(d, dict):
-            return {prefix: d}
-        return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}.{key}" if prefix else key).items()}
 
-    fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
-    return sorted(k for k in fa.keys() | fb.keys() if k not in ignore and fa.get(k) != fb.get(k))
+def differences(old: BaseModel | dict, new: BaseModel | dict, ignore: set[str] = frozenset(),
+                was: str = "was") -> list[str]:  # fmt: skip
+    """``name (was X, now Y)`` for every leaf whose value differs between two configs (or JSON mappings),
+    sorted by name; ``ignore``: dotted names to skip, ``was``: what to call the old value's source."""
+
+    def show(v: Any) -> str:
+        text = "unset" if v is None else json.dumps(v) if isinstance(v, list | dict) else str(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    fa, fb = (flat_fields(c.model_dump(mode="json") if isinstance(c, BaseModel) else c) for c in (old, new))
+    names = sorted(k for k in fa.keys() | fb.keys() if k not in ignore and fa.get(k) != fb.get(k))
+    return [f"{k} ({was} {show(fa.get(k))}, now {show(fb.get(k))})" for k in names]

@@ -59,9 +59,12 @@ class FixedText:
         return self.embedding
 
 
-def simulated_entry(cfg: ModelConfig, pivot: int, group_size: int, fork: str, dtype: torch.dtype) -> Entry:
-    """A full-size fork group of `cfg` at `pivot` with real random host tensors (in `dtype`, as the buffer
-    stores them) and distinct rewards: what a training update reads from a buffer."""
+def simulated_entry(
+    cfg: ModelConfig, pivot: int, group_size: int, fork: str, dtype: torch.dtype = torch.float32
+) -> Entry:
+    """A full-size fork group of `cfg` at `pivot` with real random host tensors in `dtype` and distinct
+    rewards: what a training update reads from a buffer. (float32: the update's own float32 copy of a
+    bf16 entry is host memory, which the device peak must not count.)"""
     g = torch.Generator().manual_seed(pivot)
     c, lat, n = cfg.sampler.chunk_frames, cfg.latent, cfg.num_chunks
     chw = (lat.channels, lat.height, lat.width)
@@ -133,11 +136,11 @@ def train_update_memory(
     with mode:  # weights and LoRA become fake in place (the optimizer holds the same parameters)
         materialize_fake(trainer.peft, mode)
         trainer.objective.bind(trainer.params)  # policy copies (NFT) of the fake LoRA
-    entry = simulated_entry(cfg, pivot, group_size, trainer.objective.fork, dtype)
+    entry = simulated_entry(cfg, pivot, group_size, trainer.objective.fork)
     tracker = LiveBytes()
     if device_memory is not None:  # a device of that size: free memory = what the tracker has not counted
         trainer.sampler.free_memory = lambda default: int(0.9 * (device_memory - tracker.current))
-    with mode, HostLogic():
+    with mode, HostLogic(assume=True):  # the update reads device booleans only in its finiteness checks
         report = update_memory(trainer, entry, text.embedding, flops, tracker)
     report.notes.update(
         model=cfg.name, objective=trainer.objective.name, pivot=pivot, group_size=group_size,
