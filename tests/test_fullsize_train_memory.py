@@ -60,7 +60,7 @@ def test_replay_row_bytes_bounds_what_one_more_row_costs(name):
     sampler.model.gradient_checkpointing = True
     estimate = sampler.replay_row_bytes(1)
     print(f"{name}: one more replay row costs {slope / GiB:.3f} GiB, estimated {estimate / GiB:.3f} GiB")
-    assert 0.7 * estimate < slope <= estimate
+    assert 0.8 * estimate < slope <= estimate
 
 
 def reduced() -> ModelConfig:

@@ -107,16 +107,16 @@ class HostLogic(TorchDispatchMode):
     draws, boolean-mask indexing, an optimizer's step counter) runs unchanged on fake weights.
 
     An op whose tensor arguments are all real runs for real; a factory (no tensor arguments) is real when
-    its result has at most ``REAL_FACTORY_NUMEL`` elements; every other op is fake. A number read from a
-    fake tensor (``float(loss)``) is NaN: its value is not computed (statistics of a simulated step are
-    NaN; control flow must not depend on them). A truth value read from a fake tensor is `assume`
-    (default None: refused, the branch a real run takes is unknown): a caller that knows every such read
-    is a health check (``isfinite(loss)``) passes True to simulate the healthy path. An op that would write
-    fake data into a real tensor is refused (the simulation would lose the write)."""
+    its result has at most ``REAL_FACTORY_NUMEL`` elements; every other op is fake. A value read from a
+    fake tensor is not computed: a number (``float(loss)``) is NaN and a truth value is refused (the
+    branch a real run takes is unknown) -- unless `healthy`: for code whose only reads of device values
+    are statistics and health checks (``isfinite(loss)``, a finite gradient norm), numbers read 0.0 and
+    truth values True, so the simulation takes a healthy step's path (its statistics mean nothing). An op
+    that would write fake data into a real tensor is refused (the simulation would lose the write)."""
 
-    def __init__(self, assume: bool | None = None) -> None:
+    def __init__(self, healthy: bool = False) -> None:
         super().__init__()
-        self.assume = assume
+        self.healthy = healthy
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -128,9 +128,9 @@ class HostLogic(TorchDispatchMode):
         fake = [isinstance(t, FakeTensor) for t in tensors]
         if func is torch.ops.aten._local_scalar_dense.default and fake[0]:
             if tensors[0].is_floating_point():
-                return math.nan
-            if tensors[0].dtype == torch.bool and self.assume is not None:
-                return self.assume
+                return 0.0 if self.healthy else math.nan
+            if tensors[0].dtype == torch.bool and self.healthy:
+                return True
             raise RuntimeError(f"simulated run: control flow reads a {tensors[0].dtype} value of a fake tensor")
         if any(fake):
             if func._schema.is_mutable:

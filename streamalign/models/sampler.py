@@ -35,10 +35,10 @@ ACT_FFN_FLOATS = 1
 # same bound as the branch batches, so on a CPU every row of a small model runs in one batch.
 DEFAULT_REPLAY_MEMORY = DEFAULT_BRANCH_MEMORY
 # float32 values per token of one block of one replay row, in units of dim and ffn_dim: its recomputation
-# and backward under checkpointing (measured at full size: ~9 dim + 2.6 ffn), or what it saves for backward
-# without (~0.6 of that)
-REPLAY_DIM_FLOATS = 12
-REPLAY_FFN_FLOATS = 3
+# and backward under checkpointing (measured at full size, bf16 autocast: ~3.9 dim + 1.9 ffn), or what it
+# saves for backward without (less)
+REPLAY_DIM_FLOATS = 5
+REPLAY_FFN_FLOATS = 2.5
 
 
 class _RowBatches(torch.autograd.Function):
@@ -396,7 +396,7 @@ class Sampler:
         arch, c, cc = self.model.arch, self.chunk_frames, self.config.cache
         tpf, item = self.config.tokens_per_frame, compute_dtype(self.model).itemsize
         tokens = c * tpf
-        block = tokens * (REPLAY_DIM_FLOATS * arch.dim + REPLAY_FFN_FLOATS * arch.ffn_dim) * 4
+        block = int(tokens * (REPLAY_DIM_FLOATS * arch.dim + REPLAY_FFN_FLOATS * arch.ffn_dim) * 4)
         if getattr(self.model, "gradient_checkpointing", False):
             acts = arch.num_layers * tokens * arch.dim * item + block
         else:

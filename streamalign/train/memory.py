@@ -140,7 +140,7 @@ def train_update_memory(
     tracker = LiveBytes()
     if device_memory is not None:  # a device of that size: free memory = what the tracker has not counted
         trainer.sampler.free_memory = lambda default: int(0.9 * (device_memory - tracker.current))
-    with mode, HostLogic(assume=True):  # the update reads device booleans only in its finiteness checks
+    with mode, HostLogic(healthy=True):  # the update reads device values only for statistics and health checks
         report = update_memory(trainer, entry, text.embedding, flops, tracker)
     report.notes.update(
         model=cfg.name, objective=trainer.objective.name, pivot=pivot, group_size=group_size,
