@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from ..buffer.formats import FormatName, ShardInfo, get_format, write_shard
 from ..buffer.manifest import MANIFEST_DIR, write_manifest_part
@@ -58,6 +59,8 @@ class CollectConfig(PromptSection, RewardSection):
     # streaming long tuning: score only the clip of this many chunks that starts at the pivot (pivots drawn
     # so the clip fits); None scores the whole video
     clip_chunks: int | None = arg(None, "Streaming: score only this many chunks from the pivot (long configs).")
+    # how many branches run at once: memory only (branch i's output does not depend on it), not in the run id
+    branch_batch: int | None = Field(None, ge=1, description="Branches rolled out at once (default: from memory).")
 
     def resolve(self, model: ModelConfig) -> CollectConfig:
         """Prompts and rewards from the model's world where none are given."""
@@ -140,7 +143,8 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
     pivot = cfg.pivot_of(i, n)
     sampler = policy.sampler
     text = policy.text.encode([prompt])
-    group = sampler.fork_group(text, sampler.noise_bank(seed), pivot, cfg.group_size, cfg.strength, fork=cfg.fork)
+    group = sampler.fork_group(text, sampler.noise_bank(seed), pivot, cfg.group_size, cfg.strength, fork=cfg.fork,
+                               branch_batch=cfg.branch_batch)  # fmt: skip
     latents = group.videos()
     if cfg.clip_chunks is not None:  # streaming: the local clip that starts at the pivot
         c = sampler.chunk_frames

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..buffer.inspect import buffer_info
 from ..pipeline import Pipeline
+from ..plan import check_policy
 from ..schemas.run import RUN_FILE, RunConfig, run_record
 from ..schemas.sections import PolicySection
 from .collector import CollectConfig, CollectSummary, collect
@@ -26,6 +27,9 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     m, out = cfg.model, Path(out)
     policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir)
     resolved = cfg.replace(collect=cfg.collect.resolve(policy.config))
+    c = resolved.collect
+    check_policy("collect", policy, group_size=c.group_size, pivot=None if c.pivot == "uniform" else int(c.pivot),
+                 branch_batch=c.branch_batch, groups=c.groups)  # fmt: skip
     with rank_and_world() as (rank, world):
         summary = collect(policy, resolved.collect, out, rank, world)
     if rank == 0:

@@ -19,6 +19,7 @@ class EvalSettings(ModelSection, EvalPromptSection, RewardSection):
     seed: int = arg(2_000_000, "First seed of the (prompt, seed) pairs: identical noise for every model.")
     samples: int = arg(4, "(prompt, seed) pairs written as MP4s, GIFs and frame grids.")
     n_boot: int = arg(2000, "Bootstrap resamples of the paired differences.")
+    batch: int | None = Field(None, ge=1, description="Videos rolled out at once (default: from memory, at most 64).")
 
     def resolved(self) -> EvalSettings:
         """Rewards and prompts from the model's world where none are given."""

@@ -15,6 +15,7 @@ from ..io.files import staged_folder
 from ..io.media import frame_grid, save_gif, save_mp4
 from ..io.plots import save, subplots
 from ..pipeline import Pipeline
+from ..plan import check_policy
 from ..schemas.run import RUN_FILE, run_record
 from ..scoring import paired_differences, score_policy
 from .config import EvalSettings, EvaluateRun, named
@@ -70,8 +71,11 @@ def _evaluate(models: Sequence[ModelSpec], prompts: list[str], st: EvalSettings,
     chosen = spread(list(zip(ps, seeds, strict=True)), st.samples)  # the (prompt, seed) pairs shown as samples
     for m in models:
         policy = m.load(st.config, st.checkpoint, st.wan_dir)
-        scores[m.name] = score_policy(policy, ps, seeds, reward)
-        sample_videos[m.name] = policy.generate([p for p, _ in chosen], [s for _, s in chosen])
+        if m is models[0]:  # every model has the base's architecture
+            check_policy("evaluate", policy, eval_batch=st.batch, videos=len(ps))
+        scores[m.name] = score_policy(policy, ps, seeds, reward, st.batch)
+        # kept for the media only: 8-bit frames on the host
+        sample_videos[m.name] = policy.generate([p for p, _ in chosen], [s for _, s in chosen], st.batch, uint8=True)
     base = models[0].name
     report = {
         "prompts": prompts,

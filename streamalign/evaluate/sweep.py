@@ -13,6 +13,7 @@ from ..io.files import require_paths, staged_folder
 from ..io.plots import save, subplots
 from ..models.checkpoint import read_adapter
 from ..pipeline import base_checkpoint
+from ..plan import check_policy
 from ..schemas.config import ModelConfig
 from ..schemas.run import RUN_FILE, run_record
 from ..scoring import paired_differences, score_policy
@@ -49,7 +50,8 @@ def merge_sweep(
 def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_semi, ood, ood_tolerance, full_weights):
     ps, seeds = pairs(prompts, settings.seeds_per_prompt, settings.seed)
     base_policy = ModelSpec("base").load(settings.config, settings.checkpoint, settings.wan_dir)
-    base = score_policy(base_policy, ps, seeds, reward)
+    check_policy("evaluate", base_policy, eval_batch=settings.batch, videos=len(ps))
+    base = score_policy(base_policy, ps, seeds, reward, settings.batch)
     rows, diffs, folders = {}, {}, {}
 
     def parts(s_on: float) -> list:
@@ -58,7 +60,8 @@ def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_
     for s in sorted(set(scales)):
         folders[s] = combine_adapters(parts(s), tmp / "adapters" / f"s{s:g}", settings.config)
         spec = ModelSpec(f"s{s:g}", lora=str(folders[s]))
-        sc = score_policy(spec.load(settings.config, settings.checkpoint, settings.wan_dir), ps, seeds, reward)
+        sc = score_policy(spec.load(settings.config, settings.checkpoint, settings.wan_dir), ps, seeds, reward,
+                          settings.batch)  # fmt: skip
         rows[s] = {k: float(v.mean()) for k, v in sc.items()}
         diffs[s] = paired_differences(base, sc, settings.n_boot, settings.seed)
     base_means = {k: float(v.mean()) for k, v in base.items()}

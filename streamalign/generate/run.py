@@ -12,6 +12,7 @@ from pydantic import Field
 from ..io.media import save_mp4
 from ..models.kv_cache import KVCache
 from ..pipeline import Pipeline
+from ..plan import check_policy
 from ..schemas.run import RUN_FILE, RunConfig, Section, arg, run_record
 from ..schemas.sections import PolicySection
 from .scenes import chunk_seconds, parse_scenes, scene_chunks
@@ -94,6 +95,8 @@ def generate(
 ) -> list[Path]:
     """Write ``out/NNNN.mp4`` per line and ``out/generate.json`` (lines, seeds, scene plans)."""
     plans = plan(lines, policy, fps, frames)
+    longest = max(sum(n for _, n, _ in scenes) for scenes in plans) * policy.config.sampler.chunk_frames
+    check_policy("generate", policy, gen_frames=longest)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths, record = [], []

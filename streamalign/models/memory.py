@@ -42,11 +42,14 @@ class LiveBytes(TorchDispatchMode):
     :meth:`track`, e.g. weights that exist before it is entered). Units: bytes.
 
     ``current``: bytes of tracked storages alive now; ``peak``: the maximum of ``current`` after any op;
-    ``largest``: the largest single storage seen (bytes), for reports.
+    ``largest``: the largest single storage seen (bytes), for reports. `device`: count only storages on
+    that device type (e.g. ``"cpu"``, the accelerator's stand-in under fake tensors, while decoded videos
+    go to the ``"meta"`` host stand-in); None counts every storage.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | None = None) -> None:
         super().__init__()
+        self.device = device
         self._refs: dict[int, tuple[weakref.ref, int]] = {}  # id(storage) -> (weakref, bytes counted)
         self.current = 0
         self.peak = 0
@@ -58,6 +61,8 @@ class LiveBytes(TorchDispatchMode):
         self.current -= nbytes
 
     def _add(self, t: torch.Tensor) -> None:
+        if self.device is not None and t.device.type != self.device:
+            return
         st = t.untyped_storage()
         key = id(st)
         nbytes = st.nbytes()
@@ -127,10 +132,16 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * b * h * lq * lk * (d + dv)
 
 
-def measure(fn: Callable[[], Any], track: Iterable[torch.Tensor] = (), flops: bool = False) -> tuple[Any, MemoryReport]:
+def measure(
+    fn: Callable[[], Any],
+    track: Iterable[torch.Tensor] = (),
+    flops: bool = False,
+    tracker: LiveBytes | None = None,
+) -> tuple[Any, MemoryReport]:
     """Run ``fn()`` under :class:`LiveBytes` (and ``FlopCounterMode`` if `flops`); `track` are tensors
-    alive before the call (weights, inputs) that count towards the peak. Returns (result, report)."""
-    tracker = LiveBytes()
+    alive before the call (weights, inputs) that count towards the peak; `tracker`: a fresh one to use
+    (e.g. one counting a single device, or one a callback inside `fn` reads). Returns (result, report)."""
+    tracker = tracker if tracker is not None else LiveBytes()
     tracker.track(list(track))
     baseline = tracker.current
     counter = None
@@ -156,16 +167,41 @@ def measure(fn: Callable[[], Any], track: Iterable[torch.Tensor] = (), flops: bo
     return out, report
 
 
-def fake_generator(cfg: ModelConfig, dtype: torch.dtype, mode: FakeTensorMode) -> ChunkModel:
-    """The generator of `cfg` with fake CPU parameters of `dtype`: built on the meta device (no init
-    cost), then given storage-less fake parameters under `mode` (which must allow non-fake inputs: the
-    meta parameters are the templates). Shapes and dtypes are the real ones."""
+def fake_module(build: Callable[[], torch.nn.Module], dtype: torch.dtype, mode: FakeTensorMode) -> torch.nn.Module:
+    """``build()`` on the meta device (no init cost), cast to `dtype`, in eval mode without gradients,
+    then given storage-less fake CPU parameters and buffers under `mode` (which must allow non-fake
+    inputs: the meta tensors are the templates). Tied parameters stay tied (``to_empty`` would untie
+    them, e.g. a transformers encoder's shared embedding). Shapes and dtypes are the real ones."""
     with torch.device("meta"):
-        model = get_family(cfg.arch.family).build(cfg.arch)
-    model = model.to(dtype).eval().requires_grad_(False)
+        module = build()
+    module = module.to(dtype).eval().requires_grad_(False)
+    made: dict[int, torch.Tensor] = {}
     with mode:
-        model.to_empty(device="cpu")
-    return model
+        for sub in module.modules():
+            for kind in ("_parameters", "_buffers"):
+                table = getattr(sub, kind)
+                for name, t in table.items():
+                    if t is None:
+                        continue
+                    if id(t) not in made:
+                        empty = torch.empty_like(t, device="cpu")
+                        made[id(t)] = torch.nn.Parameter(empty, requires_grad=False) if kind == "_parameters" else empty
+                    table[name] = made[id(t)]
+    return module
+
+
+def fake_generator(cfg: ModelConfig, dtype: torch.dtype, mode: FakeTensorMode) -> ChunkModel:
+    """The generator of `cfg` with fake CPU parameters of `dtype` (:func:`fake_module`)."""
+    return fake_module(lambda: get_family(cfg.arch.family).build(cfg.arch), dtype, mode)
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages of `tensors` (a module's weights: shared ones once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[id(st)] = st.nbytes()
+    return sum(seen.values())
 
 
 def fake_sampler(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> tuple[Sampler, FakeTensorMode]:
@@ -205,6 +241,6 @@ def fork_group_memory(
         pivot=pivot,
         group_size=group_size,
         dtype=str(dtype).removeprefix("torch."),
-        weights_bytes=sum(t.untyped_storage().nbytes() for t in weights),
+        weights_bytes=storage_bytes(weights),
     )
     return report
