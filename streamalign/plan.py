@@ -14,8 +14,11 @@ peak of tensors on the accelerator's stand-in (fake CPU tensors); decoded videos
 Two short cuts keep a plan to seconds, both exact:
 
 - depth: the generator's phases run at 1 and 2 layers and are extrapolated to the full depth. Every
-  layer holds the same weights and KV and runs the same ops, so bytes and FLOPs are affine in the layer
-  count (checked against full-depth runs in tests/test_plan.py; ``--full-depth`` runs every layer).
+  layer holds the same weights and KV and runs the same ops, so FLOPs are affine in the layer count, and
+  so are the live bytes at each point of a run outside the generator's blocks and inside its last block
+  (where every layer's storage allocated so far is live: the most of any block); the peak is the largest
+  of those points extrapolated (:class:`LayerSegments`; checked against real 4-layer runs in
+  tests/test_plan.py, ``--full-depth`` runs every layer).
 - a fork group's memory is that of its first branch batch (every batch repeats the same allocations and
   frees its KV before the next); its FLOPs come from the per-chunk FLOPs of a rollout,
   ``sum_{j<p} c_j + G sum_{j>=p} c_j`` (a branch row costs what a rollout row costs), averaged over the
@@ -336,14 +339,57 @@ def build_codec(vae: dict | None, cfg: ModelConfig, dtype: torch.dtype, mode: Fa
         dlogging.set_verbosity(level)
 
 
+class LayerSegments(LiveBytes):
+    """Live bytes on the accelerator's stand-in (as :class:`LiveBytes`) plus the peak of each segment of a
+    run, segments cut at the generator's block boundaries: those outside every block and those inside the
+    LAST block are kept, the others (earlier blocks, and between blocks) dropped. Runs at two depths then
+    have the same kept segments, each affine in the depth (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(device="cpu")
+        self.segments = [0]
+        self.keep = True
+        last = len(model.blocks) - 1
+
+        def enter(i: int) -> None:
+            self.keep = i == last
+            if self.keep:
+                self.segments.append(self.current)
+
+        def leave(i: int) -> None:
+            if i == last:
+                self.keep = True
+                self.segments.append(self.current)
+
+        self.handles = [h for i, b in enumerate(model.blocks) for h in (
+            b.register_forward_pre_hook(lambda m, a, i=i: enter(i)),
+            b.register_forward_hook(lambda m, a, o, i=i: leave(i)))]  # fmt: skip
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.keep:
+            self.segments[-1] = max(self.segments[-1], self.current)
+        return out
+
+
 class PlanContext:
     """A run's fake pipeline: the generator at any depth, the text encoder and the codec, built once each,
     under one FakeTensorMode; the resident weights of a phase; the memory budget a batch would get."""
 
     def __init__(
-        self, run: PlanRun, model_config: ModelConfig | None = None, text_arch: Any = "auto", vae_arch: Any = "auto"
+        self,
+        run: PlanRun,
+        model_config: ModelConfig | None = None,
+        text_arch: Any = "auto",
+        vae_arch: Any = "auto",
+        flops: bool = True,
     ) -> None:
         self.run = run
+        self.flops = flops  # False: memory only (check_fits), every FLOP count 0
         self.cfg = resolve_plan_config(run, model_config)
         self.dtype = DTYPES[run.model.dtype]
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -358,6 +404,7 @@ class PlanContext:
         self.text = build_text_model(self.text_arch, text_dtype, self.mode) if self.text_arch is not None else None
         self.codec = build_codec(vae, self.cfg, self.dtype, self.mode)
         self._generators: dict[int, tuple[ModelConfig, ChunkModel]] = {}
+        self._measured: dict[tuple, tuple[int, int]] = {}  # (phase, size) -> (peak, flops): stages share phases
 
     @property
     def depth(self) -> int:
@@ -397,8 +444,37 @@ class PlanContext:
         return int(FREE_FRACTION * (self.run.memory - CUDA_RESERVE - held))
 
     def depths(self) -> list[int]:
-        """Depths the generator's phases run at: 1 and 2 (extrapolated), or the full depth."""
-        return [self.depth] if self.run.full_depth or self.depth <= 2 else [1, 2]
+        """Depths the generator's phases run at: 1 and 2 (extrapolated), or the full depth (asked for, or a
+        model without a ``blocks`` list)."""
+        full = self.run.full_depth or self.depth <= 2 or not hasattr(self.generator()[1], "blocks")
+        return [self.depth] if full else [1, 2]
+
+    def generator_phase(
+        self, call: Callable[[int], tuple[Callable[[], Any], list[torch.Tensor]]], flops: bool = True
+    ) -> tuple[int, int]:
+        """(peak bytes, FLOPs) at the full depth of ``fn()`` for ``(fn, tracked) = call(depth)``, run at
+        :meth:`depths` under :class:`LayerSegments` and extrapolated segment by segment."""
+        runs = []
+        for d in self.depths():
+            fn, track = call(d)
+            tracker = LayerSegments(self.generator(d)[1])
+            try:
+                rep = self.measure(fn, track, tracker, flops)[1]
+            finally:
+                tracker.remove()
+            if max(tracker.segments) != rep.peak:  # the last block holds the most: see LayerSegments
+                raise RuntimeError(f"depth extrapolation of {self.cfg.name}: the peak lies in an earlier block "
+                                   "than the last one; plan with --full-depth")  # fmt: skip
+            runs.append((tracker.segments, rep.peak, rep.flops))
+        if len(runs) == 1:
+            return runs[0][1], runs[0][2]
+        (s0, _, f0), (s1, _, f1) = runs
+        if len(s0) != len(s1):
+            raise RuntimeError(f"depth extrapolation of {self.cfg.name}: runs at depths {self.depths()} differ in "
+                               "structure; plan with --full-depth")  # fmt: skip
+        (d0, d1), n = self.depths(), self.depth
+        peak = max(a + (n - d0) * (b - a) // (d1 - d0) for a, b in zip(s0, s1, strict=True))
+        return peak, f0 + (n - d0) * (f1 - f0) // (d1 - d0)
 
     def extrapolate(self, fn: Callable[[int], Sequence[int]]) -> list[int]:
         """``fn(depth)`` (a tuple of byte / FLOP counts) at the full depth: run at :meth:`depths`, affine."""
@@ -415,7 +491,14 @@ class PlanContext:
     ):
         """(result, report) of ``fn()`` under the fake mode, counting accelerator (fake CPU) storages."""
         with self.mode, torch.no_grad():
-            return measure(fn, track=track, flops=flops, tracker=tracker or LiveBytes(device="cpu"))
+            out, rep = measure(fn, track=track, flops=flops and self.flops, tracker=tracker or LiveBytes(device="cpu"))
+        rep.flops = rep.flops or 0
+        return out, rep
+
+    def _once(self, key: tuple, fn: Callable[[], tuple[int, int]]) -> tuple[int, int]:
+        if key not in self._measured:
+            self._measured[key] = fn()
+        return self._measured[key]
 
     def context(self, batch: int) -> torch.Tensor:
         """A text context as the encoder returns it: [batch, text_len, text_dim] float32."""
@@ -428,25 +511,26 @@ class PlanContext:
         run it: padding to max length, float32 output, padding zeroed)."""
         if self.text is None:  # no encoder to run (a plan of the generator and codec only)
             return Phase("text (none)", storage_bytes(self.resident()), 0, batch)
-        tokens = self.cfg.arch.text_len
+        def run() -> tuple[int, int]:
+            rep = self.measure(lambda: encode_tokens(self.text, batch, self.cfg.arch.text_len), self.resident())[1]
+            return rep.peak, rep.flops
 
-        def encode() -> torch.Tensor:
-            ids = torch.zeros(batch, tokens, dtype=torch.long)
-            mask = torch.ones(batch, tokens, dtype=torch.long)
-            h = self.text(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-            return h * mask[..., None].to(h.dtype)
-
-        _, rep = self.measure(encode, self.resident())
-        return Phase("text", rep.peak, rep.flops, batch)
+        peak, flops = self._once(("text", batch), run)
+        return Phase("text", peak, flops, batch)
 
     def decode_phase(self, frames: int, videos: int) -> Phase:
         """The codec decoding one video of `frames` latent frames (videos decode one at a time: the peak
         of one; FLOPs of `videos`), its frames sent to the host."""
         lat = self.cfg.latent
-        with self.mode:
-            z = torch.zeros(1, frames, lat.channels, lat.height, lat.width)
-        _, rep = self.measure(lambda: self.codec.decode(z, device="meta"), [*self.resident(), z])
-        return Phase(f"decode ({videos} video{'s' if videos > 1 else ''})", rep.peak, rep.flops * videos, 1)
+
+        def run() -> tuple[int, int]:
+            with self.mode:
+                z = torch.zeros(1, frames, lat.channels, lat.height, lat.width)
+            rep = self.measure(lambda: self.codec.decode(z, device="meta"), [*self.resident(), z])[1]
+            return rep.peak, rep.flops
+
+        peak, flops = self._once(("decode", frames), run)
+        return Phase(f"decode ({videos} video{'s' if videos > 1 else ''})", peak, flops * videos, 1)
 
     def chunk_flops(self) -> tuple[list[int], int]:
         """FLOPs of each chunk of a batch-1 rollout (denoising steps + the clean K/V pass), and the part of
@@ -467,6 +551,17 @@ class PlanContext:
 
         cross, *chunks = self.extrapolate(at)
         return chunks, cross
+
+
+def encode_tokens(text_model: torch.nn.Module, batch: int, tokens: int) -> torch.Tensor:
+    """A transformers text encoder's forward as the UMT5 / MiniLM encoders run it (prompts padded to
+    `tokens`, float32 output, padding zeroed), on `batch` token rows: [batch, tokens, width]. The mask
+    pads half the tokens: prompts are shorter than the padded length, so the encoder builds its mask."""
+    ids = torch.zeros(batch, tokens, dtype=torch.long)
+    mask = torch.ones(batch, tokens, dtype=torch.long)
+    mask[:, (tokens + 1) // 2 :] = 0
+    h = text_model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    return h * mask[..., None].to(h.dtype)
 
 
 class _ProbeError(Exception):
@@ -501,15 +596,14 @@ def fork_group_phase(ctx: PlanContext, pivot: int) -> tuple[Phase, int]:
         bb = full.auto_branch_batch(g, pivot, memory_budget=ctx.budget(ctx.extrapolate(held)[0]))
     bb = min(bb, g)
 
-    def peak(depth: int) -> list[int]:
+    def call(depth: int):
         gcfg, model = ctx.generator(depth)
         sampler = Sampler(model, gcfg)
         text = ctx.context(1)
-        _, rep = ctx.measure(lambda: sampler.fork_group(text, sampler.noise_bank(0), pivot, bb, branch_batch=bb),
-                             [*ctx.resident(depth), text], flops=False)  # fmt: skip
-        return [rep.peak]
+        return lambda: sampler.fork_group(text, sampler.noise_bank(0), pivot, bb, branch_batch=bb), [
+            *ctx.resident(depth), text]  # fmt: skip
 
-    return Phase(f"fork group p={pivot} (bb {bb})", ctx.extrapolate(peak)[0], 0, bb), bb
+    return Phase(f"fork group p={pivot} (bb {bb})", ctx.generator_phase(call, flops=False)[0], 0, bb), bb
 
 
 def group_flops(chunks: Sequence[int], cross: int, pivot: int, group_size: int, branch_batch: int) -> int:
@@ -530,7 +624,7 @@ def plan_collect(ctx: PlanContext) -> StagePlan:
     pivots = [run.rollouts.pivot] if run.rollouts.pivot is not None else sorted({0, n - 1})
     if any(p >= n for p in pivots):
         raise ValueError(f"--pivot {run.rollouts.pivot} is outside chunks 0..{n - 1} of {cfg.name}")
-    chunks, cross = ctx.chunk_flops()
+    chunks, cross = ctx.chunk_flops() if ctx.flops else ([0] * n, 0)
     drawn = pivots if run.rollouts.pivot is not None else range(n)
     phases = [ctx.text_phase(1)]
     batches = {}
@@ -551,15 +645,13 @@ def plan_evaluate(ctx: PlanContext) -> StagePlan:
     b = run.rollouts.eval_batch or full.auto_batch(run.rollouts.videos,
                                                    memory_budget=ctx.budget(storage_bytes(ctx.resident())))  # fmt: skip
 
-    def rollout(depth: int) -> list[int]:
+    def call(depth: int):
         gcfg, model = ctx.generator(depth)
         sampler = Sampler(model, gcfg)
         text = ctx.context(b)
-        _, rep = ctx.measure(lambda: sampler.rollout(text, sampler.noise_bank(list(range(b)))),
-                             [*ctx.resident(depth), text])  # fmt: skip
-        return [rep.peak, rep.flops]
+        return lambda: sampler.rollout(text, sampler.noise_bank(list(range(b)))), [*ctx.resident(depth), text]
 
-    peak, flops = ctx.extrapolate(rollout)
+    peak, flops = ctx.generator_phase(call)
     phases = [ctx.text_phase(b), Phase(f"rollout ({b} videos)", peak, flops, b), ctx.decode_phase(cfg.latent.frames, b)]
     return StagePlan("evaluate", f"batch of {b}", math.ceil(run.rollouts.videos / b), phases,
                      notes={"eval_batch": b})  # fmt: skip
@@ -572,7 +664,7 @@ def plan_generate(ctx: PlanContext) -> StagePlan:
     c = cfg.sampler.chunk_frames
     chunks = -(-(run.model.gen_frames or cfg.latent.frames) // c)
 
-    def rollout(depth: int) -> list[int]:
+    def call(depth: int):
         gcfg, model = ctx.generator(depth)
         sampler = Sampler(model, gcfg)
         text = ctx.context(1)
@@ -584,10 +676,9 @@ def plan_generate(ctx: PlanContext) -> StagePlan:
                 cache = KVCache.for_model(model, 1, gcfg.tokens_per_frame, sink=gcfg.cache.sink, window=window)
             return sampler.generate([Segment(text, chunks)], sampler.noise_bank([0]), cache)
 
-        _, rep = ctx.measure(go, [*ctx.resident(depth), text])
-        return [rep.peak, rep.flops]
+        return go, [*ctx.resident(depth), text]
 
-    peak, flops = ctx.extrapolate(rollout)
+    peak, flops = ctx.generator_phase(call)
     phases = [ctx.text_phase(1), Phase(f"rollout ({chunks * c} frames)", peak, flops, 1),
               ctx.decode_phase(chunks * c, 1)]  # fmt: skip
     return StagePlan("generate", "video", 1, phases, notes={"frames": chunks * c})
@@ -608,7 +699,8 @@ def plan(run: PlanRun, ctx: PlanContext | None = None) -> Plan:
 
 
 def plan_stage(stage: str, run: PlanRun, model_config: ModelConfig | None = None, **parts: Any) -> StagePlan:
-    """One stage's plan (`model_config` instead of ``--config``; `parts`: text_arch / vae_arch)."""
+    """One stage's plan (`model_config` instead of ``--config``; `parts`: text_arch / vae_arch / flops, see
+    :class:`PlanContext`)."""
     return STAGES[stage](PlanContext(run, model_config, **parts))
 
 
@@ -636,6 +728,7 @@ def check_fits(
             return None
         total_memory = torch.cuda.get_device_properties(dev).total_memory  # pragma: no cover - needs a GPU
     run = settings.replace(gpu_memory=total_memory / GiB, stages=(stage,))
+    parts = {"flops": False, **parts}  # memory decides; FLOPs would cost a rollout more
     sp = plan_stage(stage, run, model_config, **parts)
     if sp.fits(total_memory):
         return sp

@@ -83,6 +83,7 @@ class WanVAECodec:
                 shape = (b_, self.temporal * (f - 1) + 1, *frames.shape[1:])
                 out = torch.empty(shape, dtype=frames.dtype, device=latents.device if device is None else device)
             out[b, start : start + frames.shape[0]] = frames.to(out.device)
+            del frames  # the next slice is decoded without this one on the device
         return out
 
     def decode_slices(self, latents: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -93,7 +94,7 @@ class WanVAECodec:
         (``enable_tiling``; approximate by design), decodes whole videos through ``vae.decode``."""
         p = self._param()
         vae = self.vae
-        causal = all(hasattr(vae, a) for a in ("clear_cache", "_feat_map", "post_quant_conv", "decoder"))
+        causal = all(hasattr(vae, a) for a in ("clear_cache", "post_quant_conv", "decoder"))  # diffusers' internals
         for b in range(latents.shape[0]):
             z = latents[b : b + 1].transpose(1, 2).float()
             z = z * self.std.to(z.device) + self.mean.to(z.device)
