@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from streamalign.cli import app
 from streamalign.cli.flags import clear_errors
 from streamalign.models.codec import WanVAECodec
-from streamalign.models.memory import GiB, LiveBytes, measure
+from streamalign.models.memory import LiveBytes, measure
 from streamalign.models.sampler import Sampler, Segment
 from streamalign.plan import (
     CUDA_RESERVE,
@@ -49,7 +49,8 @@ def reduced(tmp_path_factory):
     path.write_text(yaml.safe_dump({**cfg.model_dump(mode="json"), "name": "reduced"}))
     text_arch = UMT5Config(**TEXT)
     torch.manual_seed(0)
-    real = dict(model=make_model(cfg), text=UMT5EncoderModel(text_arch).eval(), codec=WanVAECodec(AutoencoderKLWan(**VAE)))
+    codec = WanVAECodec(AutoencoderKLWan(**VAE))
+    real = dict(model=make_model(cfg), text=UMT5EncoderModel(text_arch).eval(), codec=codec)
     # 2 layers, 1 chunk, the pixel codec (12 channels: 2x2 patches): the fork group holds the peak
     pixel = cfg.with_overrides(arch={**cfg.arch.model_dump(), "in_dim": 12, "out_dim": 12, "num_layers": 2},
                                latent={"channels": 12, "frames": 3}, codec={"kind": "pixel-unshuffle"})  # fmt: skip
@@ -88,13 +89,14 @@ def test_plan_equals_real_allocations_at_reduced_width(reduced):
     one, three = torch.zeros(1, a.text_len, a.text_dim), torch.zeros(3, a.text_len, a.text_dim)
     z = torch.zeros(1, cfg.latent.frames, 16, cfg.latent.height, cfg.latent.width)
     collect, evaluate, generate = (p.stages[s].phases for s in ("collect", "evaluate", "generate"))
+    bank = sampler.noise_bank
     expect = {
         "text": (collect[0], real_peak(lambda: encode_tokens(text, 1, a.text_len))),
-        "fork group": (collect[1], real_peak(lambda: sampler.fork_group(one, sampler.noise_bank(0), 1, 2, branch_batch=2), one)),
+        "fork group": (collect[1], real_peak(lambda: sampler.fork_group(one, bank(0), 1, 2, branch_batch=2), one)),
         "decode": (collect[2], real_peak(lambda: codec.decode(z, device="meta"), z)),
-        "evaluate rollout": (evaluate[1], real_peak(lambda: sampler.rollout(three, sampler.noise_bank([0, 1, 2])), three)),
-        "generate rollout": (generate[1], real_peak(lambda: sampler.generate([Segment(one, 2)], sampler.noise_bank([0])), one)),
-    }  # fmt: skip
+        "evaluate rollout": (evaluate[1], real_peak(lambda: sampler.rollout(three, bank([0, 1, 2])), three)),
+        "generate rollout": (generate[1], real_peak(lambda: sampler.generate([Segment(one, 2)], bank([0])), one)),
+    }
     for name, (phase, rep) in expect.items():
         assert phase.peak == rep.peak, name
     assert collect[2].flops == 4 * expect["decode"][1].flops  # G videos decoded one by one
@@ -140,7 +142,8 @@ def test_check_fits_refuses_in_one_line_naming_what_fits(reduced):
 
 
 def test_plan_command_prints_a_table_and_json():
-    r = CliRunner().invoke(app, ["plan", "-c", "shapes", "--frames", "3", "--stages", "generate", "--json", "--gpu", "a100"])
+    args = ["plan", "-c", "shapes", "--frames", "3", "--stages", "generate", "--json", "--gpu", "a100"]
+    r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     gen = out["stages"]["generate"]
@@ -156,7 +159,8 @@ def test_plan_command_prints_a_table_and_json():
 @pytest.mark.slow
 def test_depth_extrapolation_is_exact_at_full_width():
     """wan-1.3b at full width (2 chunks of 480x832 latents): the extrapolated plan equals all 30 layers run."""
-    kw = dict(config="wan-1.3b", frames=6, group_size=2, branch_batch=2, pivot=1, eval_batch=2, stages=("collect", "evaluate"))
+    kw = dict(config="wan-1.3b", frames=6, group_size=2, branch_batch=2, pivot=1, eval_batch=2,
+              stages=("collect", "evaluate"))  # fmt: skip
     fast, full = plan(PlanRun.build(**kw)), plan(PlanRun.build(**kw, full_depth=True))
     for s in fast.stages:
         assert [(p.peak, p.flops) for p in fast.stages[s].phases] == [(p.peak, p.flops) for p in full.stages[s].phases]
