@@ -170,8 +170,10 @@ class Phase:
 
 @dataclass
 class StagePlan:
-    """A stage's phases; `flops` are per `unit` ("group", "batch of B videos", "video"), `units` the
-    workload; `parallel`: the workload splits over GPUs (collect under torchrun)."""
+    """A stage's phases; `flops` are per `unit` ("group", "batch of B videos", "video"): the phases' sum,
+    or `unit_flops` when the phases are alternatives (fork groups at several pivots: their mean over the
+    pivots drawn); `units` the workload (`workload` says it in words); `parallel`: the workload splits
+    over GPUs (collect under torchrun)."""
 
     stage: str
     unit: str
@@ -179,6 +181,8 @@ class StagePlan:
     phases: list[Phase]
     parallel: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
+    unit_flops: int | None = None
+    workload: str = ""
 
     @property
     def peak(self) -> int:
@@ -186,7 +190,7 @@ class StagePlan:
 
     @property
     def flops(self) -> int:
-        return sum(p.flops for p in self.phases)
+        return self.unit_flops if self.unit_flops is not None else sum(p.flops for p in self.phases)
 
     def fits(self, memory: int) -> bool:
         return self.peak + CUDA_RESERVE <= memory
@@ -227,6 +231,7 @@ class Plan:
                 "flops": sp.flops,
                 "unit": sp.unit,
                 "units": sp.units,
+                "workload": sp.workload,
                 "seconds_per_unit": sp.seconds(r.tflops, r.device.mfu),
                 "seconds_total": sp.total_seconds(r.tflops, r.device.mfu, r.device.gpus),
                 "phases": [vars(p) for p in sp.phases],
@@ -254,8 +259,8 @@ class Plan:
             fit = "fits" if sp.fits(r.memory) else "DOES NOT FIT"
             per = sp.seconds(r.tflops, r.device.mfu)
             total = sp.total_seconds(r.tflops, r.device.mfu, r.device.gpus)
-            lines.append(f"{'':9s} {'= peak, per ' + sp.unit:24s} {sp.peak / GiB:9.2f} {'':5s} {sp.flops / 1e12:9.1f}"
-                         f"   {fit}; {per:.2f} s per {sp.unit}, {sp.units} -> {_duration(total)}")  # fmt: skip
+            head = f"{'':9s} {'= peak, per ' + sp.unit:24s} {sp.peak / GiB:9.2f} {'':5s} {sp.flops / 1e12:9.1f}"
+            lines.append(f"{head}   {fit}; {per:.2f} s per {sp.unit}; {sp.workload or sp.units}: {_duration(total)}")
         return "\n".join(lines)
 
 
@@ -378,7 +383,11 @@ class LayerSegments(LiveBytes):
 
 class PlanContext:
     """A run's fake pipeline: the generator at any depth, the text encoder and the codec, built once each,
-    under one FakeTensorMode; the resident weights of a phase; the memory budget a batch would get."""
+    under one FakeTensorMode; the resident weights of a phase; the memory budget a batch would get.
+
+    `model_config` replaces ``run``'s config (a loaded pipeline's); `text_arch` / `vae_arch`: a transformers
+    config / AutoencoderKLWan keyword arguments instead of the config's, None for none (no text encoder;
+    the parameter-free pixel codec); `flops`: False plans memory only."""
 
     def __init__(
         self,
@@ -618,7 +627,8 @@ def group_flops(chunks: Sequence[int], cross: int, pivot: int, group_size: int, 
 
 def plan_collect(ctx: PlanContext) -> StagePlan:
     """One fork group: encode the prompt, fork (at the given pivot, or the first and the last), decode G
-    videos. FLOPs per group: the mean over pivots 0..L-1 when the pivot is uniform."""
+    videos. Each fork phase's FLOPs are its pivot's; per group: the mean over pivots 0..L-1 when the pivot
+    is uniform."""
     run, cfg = ctx.run, ctx.cfg
     g, n = run.rollouts.group_size, cfg.num_chunks
     pivots = [run.rollouts.pivot] if run.rollouts.pivot is not None else sorted({0, n - 1})
@@ -631,11 +641,16 @@ def plan_collect(ctx: PlanContext) -> StagePlan:
     for p in pivots:
         phase, batches[p] = fork_group_phase(ctx, p)
         phases.append(phase)
+    for phase, p in zip(phases[1:], pivots, strict=True):
+        phase.flops = group_flops(chunks, cross, p, g, batches[p])
     bb0 = batches.get(0, g)  # the branch batch matters for the FLOPs at pivot 0 only
-    phases[1].flops = sum(group_flops(chunks, cross, p, g, bb0) for p in drawn) // len(drawn)
+    mean = sum(group_flops(chunks, cross, p, g, bb0) for p in drawn) // len(drawn)
     phases.append(ctx.decode_phase(cfg.latent.frames, g))
-    return StagePlan("collect", "group", run.rollouts.groups, phases, parallel=True,
-                     notes={"branch_batch": batches, "pivots": pivots})  # fmt: skip
+    gpus = run.device.gpus
+    work = f"{run.rollouts.groups} groups" + (f" on {gpus} GPUs" if gpus > 1 else "")
+    total = phases[0].flops + mean + phases[-1].flops
+    return StagePlan("collect", "group", run.rollouts.groups, phases, parallel=True, unit_flops=total,
+                     workload=work, notes={"branch_batch": batches, "pivots": pivots})  # fmt: skip
 
 
 def plan_evaluate(ctx: PlanContext) -> StagePlan:
@@ -653,8 +668,9 @@ def plan_evaluate(ctx: PlanContext) -> StagePlan:
 
     peak, flops = ctx.generator_phase(call)
     phases = [ctx.text_phase(b), Phase(f"rollout ({b} videos)", peak, flops, b), ctx.decode_phase(cfg.latent.frames, b)]
-    return StagePlan("evaluate", f"batch of {b}", math.ceil(run.rollouts.videos / b), phases,
-                     notes={"eval_batch": b})  # fmt: skip
+    n = math.ceil(run.rollouts.videos / b)
+    return StagePlan("evaluate", f"batch of {b}", n, phases, notes={"eval_batch": b},
+                     workload=f"{run.rollouts.videos} videos in {n} batches")  # fmt: skip
 
 
 def plan_generate(ctx: PlanContext) -> StagePlan:
@@ -681,7 +697,7 @@ def plan_generate(ctx: PlanContext) -> StagePlan:
     peak, flops = ctx.generator_phase(call)
     phases = [ctx.text_phase(1), Phase(f"rollout ({chunks * c} frames)", peak, flops, 1),
               ctx.decode_phase(chunks * c, 1)]  # fmt: skip
-    return StagePlan("generate", "video", 1, phases, notes={"frames": chunks * c})
+    return StagePlan("generate", "video", 1, phases, notes={"frames": chunks * c}, workload="1 video")
 
 
 # name -> planner; the train stage is meant to be one more entry
@@ -753,7 +769,8 @@ FLAG_NAMES = {"group_size": "-G", "branch_batch": "--branch-batch", "eval_batch"
 
 def _settings(stage: str, run: PlanRun, sp: StagePlan) -> str:
     bbs = sp.notes.get("branch_batch") or {}
-    chosen = {"branch_batch": max(bbs.values()) if bbs else None, "eval_batch": sp.notes.get("eval_batch"),
+    # one --branch-batch for every pivot: the smallest that the pivots planned chose
+    chosen = {"branch_batch": min(bbs.values()) if bbs else None, "eval_batch": sp.notes.get("eval_batch"),
               "gen_frames": sp.notes.get("frames")}  # fmt: skip
     values = {"dtype": run.model.dtype, "group_size": run.rollouts.group_size, **chosen}
     return " ".join(f"{FLAG_NAMES[k]} {values[k]}" for k in ("dtype", *STAGE_FLAGS[stage]) if values.get(k))
