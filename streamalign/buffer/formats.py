@@ -1,14 +1,22 @@
 """Shard storage backends behind one interface: webdataset tar shards and zarr v3 groups.
 
 A shard holds whole entries and is written at once. ``write_shard`` makes it visible only when complete
-(temporary sibling, fsync, rename) and returns its sha256 checksum; ``read_shard`` yields validated
-entries in the order they were written. No pickle anywhere: tensors travel as safetensors bytes (tar) or
-typed zarr arrays (bfloat16 as uint16 with the logical dtype in the attributes).
+(temporary sibling, fsync, rename) and returns its sha256 checksum; a format's ``read(path, digest)`` yields
+validated entries in the order they were written. Given the manifest's checksum it hashes the shard's
+bytes as it reads them (one pass, the shard held in memory until it is verified) and refuses a damaged
+shard before yielding any entry. No pickle anywhere: tensors travel as safetensors bytes (tar) or typed
+zarr arrays (bfloat16 as uint16 with the logical dtype in the attributes).
+
+Zarr fills a chunk that is absent from the store with the fill value (zeros), so an absent chunk would
+read as data. Every chunk is therefore written, all-zero ones included (``write_empty_chunks``), and an
+absent one is an error; a shard whose checksum matched needs no such check (the checksum covers the list
+of files, so a deleted chunk cannot pass it; older shards that left out all-zero chunks stay readable).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import re
 import tarfile
@@ -21,7 +29,7 @@ import numpy as np
 import torch
 from pydantic import AfterValidator, WithJsonSchema
 
-from ..io.files import atomic_path, checksum, tree_bytes
+from ..io.files import atomic_path, checksum, read_tree, tree_bytes
 from ..schemas.buffer import Entry, SchemaError
 
 ENTRY_ID = re.compile(r"^[A-Za-z0-9_-]+$")  # webdataset splits keys at the first dot
@@ -33,7 +41,26 @@ class ShardFormat(Protocol):
 
     def write(self, path: Path, entries: Sequence[Entry]) -> None: ...
 
-    def read(self, path: Path) -> Iterator[Entry]: ...
+    def read(self, path: Path, digest: str | None = None) -> Iterator[Entry]: ...
+
+
+class DamagedShardError(SchemaError):
+    """A shard is missing or its bytes differ from the checksum the manifest recorded."""
+
+
+def checksum_mismatch(name: str | Path, got: str, digest: str) -> str:
+    return f"{name}: checksum {got[:12]}... != manifest {digest[:12]}... (altered or truncated)"
+
+
+def shard_bytes(path: Path, digest: str | None) -> dict[str, bytes]:
+    """Every file of a shard by relative path ('' for a file), read once; with `digest` (the manifest's
+    checksum) verified against the hash computed while reading: DamagedShardError when they differ."""
+    if not path.exists():
+        raise DamagedShardError(f"{path}: missing (the manifest lists it)")
+    got, files = read_tree(path)
+    if digest is not None and got != digest:
+        raise DamagedShardError(checksum_mismatch(path, got, digest))
+    return files
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -53,11 +80,14 @@ class WebDatasetFormat:
                     info.size, info.mtime, info.mode = len(blob), 0, 0o644  # mtime 0: same bytes on re-run
                     tar.addfile(info, io.BytesIO(blob))
 
-    def read(self, path: Path) -> Iterator[Entry]:
+    def read(self, path: Path, digest: str | None = None) -> Iterator[Entry]:
         from safetensors.torch import load
 
+        data = shard_bytes(path, digest).get("")
+        if data is None:
+            raise SchemaError(f"{path}: a webdataset shard is a tar file, not a folder")
         try:
-            with tarfile.open(path, "r") as tar:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
                 pending: dict[str, dict[str, bytes]] = {}
                 for member in tar:
                     key, _, ext = member.name.partition(".")
@@ -91,16 +121,21 @@ class ZarrFormat:
             for name, t in tensors.items():
                 dtypes[name] = str(t.dtype).removeprefix("torch.")
                 arr = (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).cpu().numpy()
-                chunks = tuple(max(1, s) for s in arr.shape)
-                group.create_array(name, data=arr, chunks=chunks)
+                chunks = tuple(max(1, s) for s in arr.shape)  # all-zero chunks too: an absent chunk is damage
+                group.create_array(name, data=arr, chunks=chunks, config={"write_empty_chunks": True})
             group.attrs.update({"meta": meta, "dtypes": dtypes, "order": len(root.attrs.get("entries", []))})
             root.attrs["entries"] = [*root.attrs.get("entries", []), e.entry_id]
 
-    def read(self, path: Path) -> Iterator[Entry]:
+    def read(self, path: Path, digest: str | None = None) -> Iterator[Entry]:
         import zarr
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.storage import MemoryStore
 
+        files = shard_bytes(path, digest)
+        to_buffer = default_buffer_prototype().buffer.from_bytes
+        store = MemoryStore({k: to_buffer(v) for k, v in files.items()}, read_only=True)
         try:
-            root = zarr.open_group(str(path), mode="r", zarr_format=3)
+            root = zarr.open_group(store, mode="r", zarr_format=3)
             ids = list(root.attrs["entries"])
         except Exception as e:  # zarr raises several types for missing/corrupt metadata
             raise SchemaError(f"{path}: damaged zarr shard ({type(e).__name__}: {e})") from None
@@ -110,13 +145,27 @@ class ZarrFormat:
                 attrs = dict(group.attrs)
                 tensors = {}
                 for name, dtype in attrs["dtypes"].items():
-                    t = torch.from_numpy(np.asarray(group[name][...]).copy())
+                    array = group[name]
+                    absent = None if digest is not None else _absent_chunk(array, files)
+                    if absent is not None:
+                        raise DamagedShardError(f"{path}: chunk {absent} is missing (deleted?): zarr would read "
+                                                "it as zeros")  # fmt: skip
+                    t = torch.from_numpy(np.asarray(array[...]).copy())
                     tensors[name] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
             except SchemaError:
                 raise
             except Exception as e:
                 raise SchemaError(f"{path}:{key}: damaged zarr entry ({type(e).__name__}: {e})") from None
             yield Entry.from_record(attrs["meta"], tensors, f"{path}:{key}")
+
+
+def _absent_chunk(array, files: dict[str, bytes]) -> str | None:
+    """The store key of the first chunk of `array` the shard's files lack, or None."""
+    for index in itertools.product(*(range(n) for n in array.cdata_shape)):
+        key = f"{array.path}/{array.metadata.encode_chunk_key(index)}"
+        if key not in files:
+            return key
+    return None
 
 
 FORMATS: dict[str, ShardFormat] = {"webdataset": WebDatasetFormat(), "zarr": ZarrFormat()}

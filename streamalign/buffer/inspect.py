@@ -1,4 +1,5 @@
-"""`buffer info` and `buffer verify`: what a buffer holds, and whether every shard is intact."""
+"""`buffer info` and `buffer verify`: what a buffer holds, whether every shard is intact, and whether
+every recorded collection is complete."""
 
 from __future__ import annotations
 
@@ -12,12 +13,25 @@ import pyarrow.parquet as pq
 from ..io.files import checksum, tree_bytes
 from ..schemas.buffer import SCHEMA_VERSION, SchemaError
 from ..schemas.run import RunConfig, arg
-from .formats import FORMATS, get_format
+from .collection import collections
+from .formats import FORMATS, checksum_mismatch, get_format
 from .manifest import MANIFEST_DIR, read_manifest
 
 
+def entry_bytes(folder: Path, shard: str, fmt: str) -> dict[str, int]:
+    """Tensor bytes of one entry (the first of `shard`) by field, and their total (``entry``)."""
+    first = next(iter(get_format(fmt).read(folder / shard)))
+    _, tensors = first.to_record()
+    out: dict[str, int] = {}
+    for name, t in tensors.items():
+        key = name.split(".")[0] if name.startswith(("reward.", "kv.")) else name
+        out[key] = out.get(key, 0) + t.numel() * t.element_size()
+    return {**out, "entry": sum(out.values())}
+
+
 def buffer_info(folder: str | Path) -> dict:
-    """Counts, sizes, formats, policies, configs, reward columns and rejected groups of a buffer."""
+    """Counts, sizes (on disk per group, and the tensor bytes of one entry by field), formats, the latents'
+    stored dtype, policies, configs, reward columns and rejected groups of a buffer."""
     folder = Path(folder)
     rows = read_manifest(folder).to_pylist()
     shards = sorted({r["shard"] for r in rows})
@@ -34,7 +48,9 @@ def buffer_info(folder: str | Path) -> dict:
         "bytes": size,
         "bytes_per_group": size / max(1, len(groups)),
         "rejected_groups": rejected,
+        "entry_bytes": entry_bytes(folder, rows[0]["shard"], rows[0]["format"]) if rows else {},
         "formats": dict(Counter(r["format"] for r in groups.values())),
+        "store_dtypes": dict(Counter(r.get("store_dtype") or "unrecorded" for r in groups.values())),
         "policies": dict(Counter(r["policy_id"] for r in groups.values())),
         "configs": dict(Counter(r["config_name"] for r in groups.values())),
         "group_sizes": dict(Counter(r["group_size"] for r in groups.values())),
@@ -52,17 +68,28 @@ def buffer_info(folder: str | Path) -> dict:
 class VerifyReport:
     checked: int = 0
     problems: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)  # collections with planned shards not yet written
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.incomplete
 
 
 def verify_buffer(folder: str | Path, deep: bool = False) -> VerifyReport:
     """Check every manifest row's shard exists with the recorded checksum; report shards no manifest part
-    accounts for and leftover temporaries; with `deep`, also decode and validate every entry."""
+    accounts for, leftover temporaries, and recorded collections whose planned shards are not all written;
+    with `deep`, also decode and validate every entry (in the same read as the checksum)."""
     folder = Path(folder)
     report = VerifyReport()
+    for rec in collections(folder):
+        names = rec.shard_names()
+        done = sum((folder / MANIFEST_DIR / f"{n}.parquet").exists() for n in names)
+        if done < len(names):
+            what = f"collection {rec.prefix.rstrip('-')}" if rec.prefix else "the collection"
+            report.incomplete.append(f"{what}: {done} of {len(names)} shards written (target {rec.groups} "
+                                     "groups): interrupted; re-run the same collect command to finish it")  # fmt: skip
+    if report.incomplete and not list((folder / MANIFEST_DIR).glob("*.parquet")):
+        return report  # nothing finished yet: no manifest to check
     table = read_manifest(folder)
     expected: dict[str, tuple[str, str]] = {}
     groups: dict[str, set[str]] = {}
@@ -75,20 +102,18 @@ def verify_buffer(folder: str | Path, deep: bool = False) -> VerifyReport:
         if not path.exists():
             report.problems.append(f"{name}: missing (the manifest lists it)")
             continue
-        got = checksum(path)
-        if got != digest:
-            report.problems.append(
-                f"{name}: checksum {got[:12]}... != manifest {digest[:12]}... (altered or truncated)"
-            )
+        if not deep:
+            got = checksum(path)
+            if got != digest:
+                report.problems.append(checksum_mismatch(name, got, digest))
             continue
-        if deep:
-            try:
-                n = sum(1 for _ in get_format(fmt).read(path))
-            except SchemaError as e:
-                report.problems.append(f"{name}: {e}")
-                continue
-            if n != len(groups[name]):
-                report.problems.append(f"{name}: holds {n} entries, the manifest lists {len(groups[name])}")
+        try:
+            n = sum(1 for _ in get_format(fmt).read(path, digest))
+        except SchemaError as e:
+            report.problems.append(str(e).replace(str(path), name, 1))
+            continue
+        if n != len(groups[name]):
+            report.problems.append(f"{name}: holds {n} entries, the manifest lists {len(groups[name])}")
     suffixes = tuple(f.suffix for f in FORMATS.values())
     for path in sorted(folder.glob("shard-*")):
         if path.name.endswith(suffixes) and path.name not in expected:
@@ -105,7 +130,8 @@ class BufferRun(RunConfig):
 
 
 class VerifyRun(BufferRun):
-    """Check every shard against the manifest's checksums; exit 1 on any damage."""
+    """Check every shard against the manifest's checksums and every recorded collection for completeness;
+    exit 1 on any damage or an interrupted collection."""
 
     deep: bool = arg(False, "Also decode and validate every entry.")
 
@@ -115,8 +141,9 @@ def info_stage(cfg: BufferRun) -> str:
 
 
 def verify_stage(cfg: VerifyRun) -> tuple[str, int]:
-    """The report's lines and the exit code (1 on any damage)."""
+    """The report's lines and the exit code (1 on any damage or an incomplete collection)."""
     report = verify_buffer(cfg.folder, deep=cfg.deep)
-    lines = [*(f"DAMAGED {p}" for p in report.problems), f"{report.checked} shards checked, "
-             f"{len(report.problems)} problem(s)"]  # fmt: skip
+    lines = [*(f"DAMAGED {p}" for p in report.problems), *(f"INCOMPLETE {p}" for p in report.incomplete),
+             f"{report.checked} shards checked, {len(report.problems)} problem(s)"
+             + (f", {len(report.incomplete)} incomplete collection(s)" if report.incomplete else "")]  # fmt: skip
     return "\n".join(lines), 0 if report.ok else 1

@@ -24,8 +24,9 @@ MANIFEST_DIR = "manifest"
 
 
 def manifest_rows(entries: Sequence[Entry], shard: ShardInfo) -> list[dict]:
-    """One dict per branch: identity, geometry, every reward as ``reward_<name>``, the composite under the
-    weights in force at collection, and the shard's name, format and checksum."""
+    """One dict per branch: identity, geometry, the latents' dtype and the prompt embedding's hash, every
+    reward as ``reward_<name>``, the composite under the weights in force at collection, and the shard's
+    name, format and checksum."""
     rows = []
     for e in entries:
         total = composite(e.rewards, e.reward_weights, torch.float64).tolist()
@@ -45,6 +46,8 @@ def manifest_rows(entries: Sequence[Entry], shard: ShardInfo) -> list[dict]:
                 "pivot": e.pivot,
                 "group_size": e.group_size,
                 "strength": e.strength,
+                "store_dtype": str(e.dtype).removeprefix("torch."),
+                "text_hash": e.text_hash,
                 "branch": b,
             }
             row.update({f"reward_{k}": float(v[b]) for k, v in e.rewards.items()})

@@ -4,10 +4,17 @@ counts per rank, an optional manifest filter and read-time reward re-weighting.
 Per epoch the shard list is shuffled with ``(seed, epoch)`` and dealt round-robin to ranks; every rank
 then yields exactly ``min over ranks`` entries (computed from the manifest, no communication), so DDP
 ranks never wait on each other. Within a rank, dataloader workers take every k-th of its shards.
+
+Every shard is verified against its manifest checksum as it is read (one pass over its bytes); a damaged
+shard is an error naming it or, with ``skip_damaged``, skipped and remembered in ``damaged``, its entries
+made up for by reading the worker's intact shards again (as ``DistributedSampler`` pads): counts per rank
+stay equal and the stream stays a function of the files on disk (exact resume).
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import random
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -16,14 +23,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..models.noise import derive_seed
 from ..schemas.buffer import Entry, SchemaError
-from .formats import get_format
+from .formats import DamagedShardError, get_format
 from .manifest import read_manifest
+
+log = logging.getLogger("streamalign.buffer")
 
 
 class BufferReader(IterableDataset):
     """Iterate the entries of a buffer folder. ``where``: a read-only SQL query over the view `manifest`
     returning an ``entry_id`` column (e.g. groups whose composite std exceeds 0.05); ``weights``: new reward
-    weights applied at read time (``entry.reward_weights`` replaced; stored rewards unchanged)."""
+    weights applied at read time (``entry.reward_weights`` replaced; stored rewards unchanged);
+    ``skip_damaged``: skip shards that fail their checksum instead of raising."""
 
     def __init__(
         self,
@@ -34,14 +44,17 @@ class BufferReader(IterableDataset):
         seed: int = 0,
         where: str | None = None,
         weights: Mapping[str, float] | None = None,
+        skip_damaged: bool = False,
     ) -> None:
         self.folder = Path(folder)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside a world of {world}")
         self.rank, self.world, self.shuffle, self.seed = rank, world, max(1, shuffle), seed
         self.weights = dict(weights) if weights is not None else None
+        self.skip_damaged = skip_damaged
+        self.damaged: set[str] = set()  # shards found damaged (with skip_damaged)
         table = read_manifest(self.folder)
-        rows = table.select(["entry_id", "shard", "format"]).to_pylist()
+        rows = table.select(["entry_id", "shard", "format", "checksum"]).to_pylist()
         keep = None
         if where is not None:
             from .stats import run_query
@@ -50,10 +63,10 @@ class BufferReader(IterableDataset):
             if "entry_id" not in result.column_names:
                 raise ValueError("--filter query must return an entry_id column")
             keep = set(result.column("entry_id").to_pylist())
-        self.shards: dict[str, tuple[str, set[str]]] = {}
+        self.shards: dict[str, tuple[str, str, set[str]]] = {}  # name -> (format, checksum, entry ids)
         for r in rows:
             if keep is None or r["entry_id"] in keep:
-                self.shards.setdefault(r["shard"], (r["format"], set()))[1].add(r["entry_id"])
+                self.shards.setdefault(r["shard"], (r["format"], r["checksum"], set()))[2].add(r["entry_id"])
         if not self.shards:
             raise ValueError(f"buffer {self.folder} has no entries" + (" matching the filter" if where else ""))
         rewards = {c.removeprefix("reward_") for c in table.column_names if c.startswith("reward_")}
@@ -73,7 +86,7 @@ class BufferReader(IterableDataset):
 
     def __len__(self) -> int:
         """Entries this rank yields per epoch (the same on every rank)."""
-        counts = [sum(len(self.shards[s][1]) for s in mine) for mine in self._deal()]
+        counts = [sum(len(self.shards[s][2]) for s in mine) for mine in self._deal()]
         return min(counts)
 
     def __iter__(self) -> Iterator[Entry]:
@@ -84,26 +97,53 @@ class BufferReader(IterableDataset):
         rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, wid))
         pool: list[Entry] = []
         produced = 0
-        for name in mine[wid::nw]:
-            fmt, wanted = self.shards[name]
-            for entry in get_format(fmt).read(self.folder / name):
-                if entry.entry_id not in wanted:
-                    continue
-                pool.append(self._reweight(entry))
-                if len(pool) >= self.shuffle:
-                    if produced >= share:
-                        return
-                    yield pool.pop(rng.randrange(len(pool)))
-                    produced += 1
+        names, lap = mine[wid::nw], 0
+        while True:
+            for name in names:
+                for entry in self._read(name):
+                    pool.append(self._reweight(entry))
+                    if len(pool) >= self.shuffle:
+                        if produced >= share:
+                            return
+                        yield pool.pop(rng.randrange(len(pool)))
+                        produced += 1
+                if lap and produced + len(pool) >= share:
+                    break  # a make-up lap ends as soon as the share is reached
+            if produced + len(pool) >= share or not self.damaged & set(mine[wid::nw]):
+                break
+            names, lap = [n for n in mine[wid::nw] if n not in self.damaged], lap + 1
+            if not names:
+                raise DamagedShardError(f"rank {self.rank} worker {wid}: every one of its shards is damaged "
+                                        f"({', '.join(mine[wid::nw])}): restore or re-collect them")  # fmt: skip
         while pool and produced < share:
             yield pool.pop(rng.randrange(len(pool)))
             produced += 1
         if produced < share:
             raise SchemaError(f"rank {self.rank} worker {wid}: shards hold fewer entries than the manifest lists")
 
+    def _read(self, name: str) -> Iterator[Entry]:
+        """The wanted entries of one shard, verified against its manifest checksum before the first one;
+        none for a damaged shard under skip_damaged."""
+        fmt, digest, wanted = self.shards[name]
+        if name in self.damaged:
+            return
+        entries = get_format(fmt).read(self.folder / name, digest)
+        try:
+            first = next(entries, None)
+        except DamagedShardError as e:
+            if not self.skip_damaged:
+                raise DamagedShardError(f"damaged shard {e}: restore or re-collect it, or pass --skip-damaged "
+                                        "to train without it") from None  # fmt: skip
+            log.warning("skipping damaged shard %s", e)
+            self.damaged.add(name)
+            return
+        for entry in itertools.chain([first] if first is not None else [], entries):
+            if entry.entry_id in wanted:
+                yield entry
+
     def _shares(self, mine: list[str], nw: int) -> list[int]:
         """Split this rank's quota over `nw` workers in proportion to the entries of their shards."""
-        avail = [sum(len(self.shards[s][1]) for s in mine[w::nw]) for w in range(nw)]
+        avail = [sum(len(self.shards[s][2]) for s in mine[w::nw]) for w in range(nw)]
         quota, total = len(self), sum(avail)
         shares = [quota * a // total for a in avail]
         for w in sorted(range(nw), key=lambda w: -avail[w]):

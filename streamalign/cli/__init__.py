@@ -19,12 +19,13 @@ from .. import __version__
 from ..buffer.inspect import BufferRun, VerifyRun
 from ..buffer.stats import StatsRun
 from ..collect.run import CollectRun
-from ..evaluate.config import DemoRun, EvaluateRun, MergeRun, NoiseSourcesRun, ObjectivesRun
+from ..evaluate.config import DemoRun, EvaluateRun, MergeRun, NoiseSourcesRun, ObjectivesRun, RegimesRun
 from ..generate.run import GenerateRun
 from ..models.info import ConvertRun, ModelInfoRun
 from ..plan import PlanRun
 from ..schemas.run import RunConfig
 from ..train.config import TrainConfig
+from ..train.health import ReportRun
 from ..worlds.shapes.pretrain import PretrainConfig
 from ..worlds.shapes.quality import CheckRun, PromptsRun
 from .flags import stage_command
@@ -35,7 +36,7 @@ app = typer.Typer(name="streamalign", no_args_is_help=True, pretty_exceptions_en
 GROUPS = {"model": "Inspect, validate and convert generator checkpoints.",
           "shapes": "The built-in shapes world: prompts, generator pre-training, sample quality.",
           "buffer": "Inspect and verify replay buffers.",
-          "experiment": "The AR-CoPO analyses: noise sources, objectives."}  # fmt: skip
+          "experiment": "The AR-CoPO analyses: noise sources, objectives, training regimes."}  # fmt: skip
 sub = {name: typer.Typer(help=text, no_args_is_help=True) for name, text in GROUPS.items()}
 for name, group in sub.items():
     app.add_typer(group, name=name)
@@ -63,9 +64,12 @@ STAGES = (
      "Folder: noise_sources.md/json/png.", "runs/noise-sources"),
     ("experiment", "objectives", ObjectivesRun, "evaluate.experiments:objectives_stage",
      "Folder: objectives.md/json/png and one run per objective.", "runs/objectives"),
+    ("experiment", "regimes", RegimesRun, "evaluate.experiments:regimes_stage",
+     "Folder: regimes.md/json/png, buffer/ and one run per regime.", "runs/regimes"),
     ("buffer", "info", BufferRun, "buffer.inspect:info_stage", None, None),
     ("buffer", "verify", VerifyRun, "buffer.inspect:verify_stage", None, None),
     (None, "stats", StatsRun, "buffer.stats:stats_stage", None, None),
+    (None, "report", ReportRun, "train.health:report_stage", None, None),
 )  # fmt: skip
 
 

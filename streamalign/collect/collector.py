@@ -4,41 +4,52 @@ Work is cut into shards of ``entries_per_shard`` groups; group i always gets the
 (round-robin), seed ``derive_seed(seed, 2, i)`` and pivot, so a shard's bytes depend only on the
 arguments. Rank r of a world of n processes writes the shards k with ``k % n == r``. A shard and then its
 manifest part are finalized atomically; re-running the same command skips finished shards (resume, no
-duplicates) and removes temporaries of a killed run. Groups with NaN/inf rewards are rejected, counted
-and logged in the manifest part's metadata, never written.
+duplicates) and removes the temporaries of killed runs (never those of a live process). Groups with
+NaN/inf rewards are rejected, counted and logged in the manifest part's metadata, never written.
+
+The collection's settings are recorded in the buffer before its first shard and a re-run with other
+ones is refused (``buffer.collection``); a larger ``--groups`` extends it. Rank 0 holds the buffer's
+lock while the collection runs, so a second collect into the same folder is refused naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from pydantic import Field
 
+from ..buffer.collection import BufferLock, Collection, claim_collection, read_collection, record_path, shard_name
 from ..buffer.formats import FormatName, ShardInfo, get_format, write_shard
 from ..buffer.manifest import MANIFEST_DIR, write_manifest_part
-from ..io.files import checksum, remove_path, tree_bytes
+from ..io.files import checksum, remove_stale_temporaries, tree_bytes
 from ..io.progress import progress_bar
+from ..models.kv_cache import compute_dtype
 from ..models.noise import derive_seed
+from ..models.placement import DTYPES
 from ..models.sampler import Sampler
 from ..pipeline import Pipeline
 from ..rewards import CompositeReward
+from ..rewards.sources import reward_of
 from ..schemas.buffer import Entry, SchemaError
 from ..schemas.config import ModelConfig
 from ..schemas.run import arg
-from ..schemas.sections import PromptSection, RewardSection
+from ..schemas.sections import DtypeName, PromptSection, RewardSection
 from ..worlds import default_prompts, default_rewards
+from .distributed import rank0_agrees
 
 # the arguments a collection's id hashes (fields added later hash only when they differ from their default)
 RUN_ID_FIELDS = ("prompts", "groups", "group_size", "strength", "pivot", "seed", "format", "entries_per_shard",
-                 "store_kv", "rewards", "metrics", "fork", "clip_chunks")  # fmt: skip
+                 "store_kv", "rewards", "metrics", "fork", "clip_chunks", "store_dtype")  # fmt: skip
+LATER_FIELDS = {"fork": "initial", "clip_chunks": None, "store_dtype": "auto"}  # hashed only when not these
 
 log = logging.getLogger("streamalign.collect")
 
@@ -59,8 +70,13 @@ class CollectConfig(PromptSection, RewardSection):
     # streaming long tuning: score only the clip of this many chunks that starts at the pivot (pivots drawn
     # so the clip fits); None scores the whole video
     clip_chunks: int | None = arg(None, "Streaming: score only this many chunks from the pivot (long configs).")
+    store_dtype: DtypeName = arg("auto", "Dtype of the stored latents: auto (the compute dtype) | fp32 | bf16 | fp16.")
     # how many branches run at once: memory only (branch i's output does not depend on it), not in the run id
     branch_batch: int | None = Field(None, ge=1, description="Branches rolled out at once (default: from memory).")
+
+    def latent_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """The dtype entries store their latents in (auto: the generator's compute dtype)."""
+        return compute if self.store_dtype == "auto" else DTYPES[self.store_dtype]
 
     def resolve(self, model: ModelConfig) -> CollectConfig:
         """Prompts and rewards from the model's world where none are given."""
@@ -94,14 +110,25 @@ class CollectConfig(PromptSection, RewardSection):
         """Stable id of the collection's arguments (entry ids derive from it)."""
         args = self.model_dump(mode="json", include=set(RUN_ID_FIELDS))
         args["prompts"] = list(self.prompts or ())
-        for key, default in (("fork", "initial"), ("clip_chunks", None)):  # later fields: earlier ids stay valid
+        for key, default in LATER_FIELDS.items():  # later fields: earlier ids stay valid
             if args[key] == default:
                 del args[key]
         return "r" + hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
 
-    @property
-    def num_shards(self) -> int:
-        return math.ceil(self.groups / self.entries_per_shard)
+    def settings(self, model: ModelConfig, policy_id: str | None = None) -> dict:
+        """The settings that decide the collection's content, by flag (what a re-run must repeat; the
+        number of groups may grow). Without `policy_id` the weights are not compared (a check made before
+        they load)."""
+        flags = {name: (info.json_schema_extra or {}).get("flag", "--" + name.replace("_", "-"))
+                 for name, info in type(self).model_fields.items()}  # fmt: skip
+        args = self.model_dump(mode="json", include=set(RUN_ID_FIELDS) - {"groups"})
+        out = {"--config": model.name, **{flags[k]: v for k, v in sorted(args.items())}}
+        # where the rewards come from (only when given: buffers written before these fields compare equal)
+        out.update({flags[k]: getattr(self, k) for k in ("reward_paths", "reward_options", "reward_plugins")
+                    if getattr(self, k)})  # fmt: skip
+        if policy_id is not None:
+            out["weights (--checkpoint, --lora, --lora-alpha)"] = policy_id
+        return out
 
     def pivot_of(self, i: int, num_chunks: int) -> int:
         if self.pivot != "uniform":
@@ -119,10 +146,6 @@ class CollectSummary:
     seconds: float = 0.0
 
 
-def shard_name(k: int, suffix: str, prefix: str = "") -> str:
-    return f"shard-{prefix}{k:06d}{suffix}"
-
-
 def prefix_kv(sampler: Sampler, context: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
     """The pivot's prefix KV (k.N / v.N [S, heads, head_dim]) rebuilt from clean context latents
     [p*c, C, H, W] (text [1, L, D])."""
@@ -135,8 +158,12 @@ def prefix_kv(sampler: Sampler, context: torch.Tensor, text: torch.Tensor) -> di
 
 
 @torch.no_grad()
-def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward, i: int) -> Entry:
-    """Fork group i (prompt, seed and pivot fixed by i), scored; raises SchemaError on bad rewards."""
+def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward, i: int, run_id: str | None = None
+                  ) -> Entry:  # fmt: skip
+    """Fork group i (prompt, seed and pivot fixed by i), scored, its latents on the CPU in the store dtype;
+    raises SchemaError on bad rewards. `run_id`: the collection's (default: that of `cfg`; an extended
+    collection keeps its first one)."""
+    run_id = run_id or cfg.run_id
     prompt = cfg.prompts[i % len(cfg.prompts)]
     seed = derive_seed(cfg.seed, 2, i)
     n = policy.config.num_chunks
@@ -154,27 +181,42 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
     scores.pop("composite")
     entry = Entry.from_fork_group(
         group,
-        entry_id=f"{cfg.run_id}-{i:07d}",
-        run_id=cfg.run_id,
+        entry_id=f"{run_id}-{i:07d}",
+        run_id=run_id,
         policy_id=policy.policy_id,
         prompt=prompt,
         prompt_id=hashlib.sha256(prompt.encode()).hexdigest()[:12],
         config_name=policy.config.name,
         arch_id=policy.config.arch_id,
         timesteps=[float(t) for t in sampler.schedule.timesteps],
-        rewards={k: v.float() for k, v in scores.items()},
+        rewards={k: v.float().cpu() for k, v in scores.items()},
         reward_weights=reward.weights,
         kv=prefix_kv(sampler, group.context, text) if cfg.store_kv else {},
+        text_hash=policy.text.embedding_hash(prompt),
     )
-    return entry.validate("collected group")
+    return entry.cast(cfg.latent_dtype(compute_dtype(policy.model)), "cpu").validate("collected group")
 
 
 def clean_temporaries(out: Path) -> int:
-    """Remove the temporary files a killed run left behind; returns how many."""
-    stale = [*out.glob(".*.tmp-*"), *(out / MANIFEST_DIR).glob(".*.tmp-*")]
-    for p in stale:
-        remove_path(p)
-    return len(stale)
+    """Remove the hidden temporaries that killed runs left in a buffer (a running process's stay); returns
+    how many were removed."""
+    return remove_stale_temporaries(out) + remove_stale_temporaries(out / MANIFEST_DIR)
+
+
+def claim(out: Path, policy: Pipeline, cfg: CollectConfig, rank: int, world: int, prefix: str) -> Collection:
+    """Rank 0 checks the settings against the buffer's record and records the collection; every rank
+    then reads the same record (a refusal on rank 0 stops every rank)."""
+    fmt = get_format(cfg.format)
+    error = None
+    if rank == 0:
+        try:
+            settings = cfg.settings(policy.config, policy.policy_id)
+            claim_collection(out, prefix, fmt.suffix, cfg.run_id, cfg.entries_per_shard, settings, cfg.groups)
+        except ValueError as e:
+            error = e
+    if not rank0_agrees(error is None, world):
+        raise error or ValueError(f"rank 0 refused the collection into {out} (see its error)")
+    return read_collection(record_path(out, prefix))
 
 
 def collect(
@@ -192,17 +234,29 @@ def collect(
     cfg.check(policy.config.num_chunks)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with BufferLock(out) if rank == 0 else contextlib.nullcontext():
+        record = claim(out, policy, cfg, rank, world, shard_prefix)
+        summary = _collect_shards(policy, cfg, out, record, rank, world, progress)
+        if world > 1:
+            dist.barrier()  # the lock is released only when every rank is done
+    return summary
+
+
+def _collect_shards(policy: Pipeline, cfg: CollectConfig, out: Path, record: Collection, rank: int, world: int,
+                    progress: bool) -> CollectSummary:  # fmt: skip
+    """Write this rank's shards of the recorded plan that are not finished yet."""
     clean_temporaries(out)
     fmt = get_format(cfg.format)
-    reward = CompositeReward.parse(cfg.rewards, cfg.metrics)
-    mine = [k for k in range(cfg.num_shards) if k % world == rank]
+    reward = reward_of(cfg)
+    mine = [(k, lo, hi) for k, lo, hi in record.plan() if k % world == rank]
+    # every prompt of this rank's groups encoded once, up front (then the encoder may leave the device)
+    policy.text.prefetch([cfg.prompts[i % len(cfg.prompts)] for _, lo, hi in mine for i in range(lo, hi)])
     summary, t0 = CollectSummary(), time.time()
-    total = sum(min(cfg.entries_per_shard, cfg.groups - k * cfg.entries_per_shard) for k in mine)
+    total = sum(hi - lo for _, lo, hi in mine)
     bar = progress_bar(total=total, desc=f"collect[{rank}]" if world > 1 else "collect", unit="group", show=progress)
-    for k in mine:
-        path = out / shard_name(k, fmt.suffix, shard_prefix)
+    for k, lo, hi in mine:
+        path = out / shard_name(k, fmt.suffix, record.prefix)
         part = out / MANIFEST_DIR / f"{path.name}.parquet"
-        lo, hi = k * cfg.entries_per_shard, min((k + 1) * cfg.entries_per_shard, cfg.groups)
         if path.exists() and part.exists():
             summary.shards_skipped += 1
             bar.update(hi - lo)
@@ -215,7 +269,7 @@ def collect(
             entries, rejected = [], []
             for i in range(lo, hi):
                 try:
-                    entries.append(collect_group(policy, cfg, reward, i))
+                    entries.append(collect_group(policy, cfg, reward, i, record.run_id))
                 except SchemaError as e:
                     log.warning("group %d rejected: %s", i, e)
                     rejected.append({"group": i, "reason": str(e)})

@@ -26,3 +26,12 @@ def rank_and_world() -> Iterator[tuple[int, int]]:
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def rank0_agrees(ok: bool, world: int) -> bool:
+    """Rank 0's `ok`, on every rank (a broadcast; no communication in a single process)."""
+    if world == 1:
+        return ok
+    flag = torch.tensor([float(ok)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..buffer.collection import check_collection
 from ..buffer.inspect import buffer_info
-from ..pipeline import Pipeline
-from ..plan import check_policy
+from ..models.placement import Placement
+from ..pipeline import Pipeline, resolve_config
+from ..plan import check_stage
+from ..rewards.sources import reward_of
 from ..schemas.run import RUN_FILE, RunConfig, run_record
-from ..schemas.sections import PolicySection
+from ..schemas.sections import Hardware, PolicySection
 from .collector import CollectConfig, CollectSummary, collect
 from .distributed import rank_and_world
 
@@ -19,17 +22,22 @@ class CollectRun(RunConfig):
 
     model: PolicySection = PolicySection()
     collect: CollectConfig = CollectConfig()
+    hardware: Hardware = Hardware()
 
 
 def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     """Collect into the buffer `out` (resuming) on this rank; rank 0 records the resolved run in ``run.yaml``.
     Returns (rank, what this rank did)."""
     m, out = cfg.model, Path(out)
-    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir)
+    model = resolve_config(m.config, m.wan_dir)
+    early = cfg.collect.resolve(model)  # other settings than the buffer's are refused before the weights load
+    reward_of(early)  # reward names, paths and plug-ins checked before any model loads
+    check_collection(out, "", early.run_id, early.settings(model), early.groups)
+    placement = Placement.of(cfg.hardware)
+    check_stage("collect", model, placement, group_size=early.group_size, branch_batch=early.branch_batch,
+                pivot=None if early.pivot == "uniform" else int(early.pivot), groups=early.groups)  # fmt: skip
+    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir, placement)
     resolved = cfg.replace(collect=cfg.collect.resolve(policy.config))
-    c = resolved.collect
-    check_policy("collect", policy, group_size=c.group_size, pivot=None if c.pivot == "uniform" else int(c.pivot),
-                 branch_batch=c.branch_batch, groups=c.groups)  # fmt: skip
     with rank_and_world() as (rank, world):
         summary = collect(policy, resolved.collect, out, rank, world)
     if rank == 0:
@@ -41,8 +49,10 @@ def summary_lines(out: str | Path, s: CollectSummary) -> list[str]:
     """What `collect` prints: the buffer's totals and this run's work."""
     b = buffer_info(out)
     means = ", ".join(f"{k.removeprefix('reward_')} {v:.3f}" for k, v in b["reward_means"].items())
+    stored = ", ".join(b["store_dtypes"])
     return [f"{out}: {b['groups']} groups ({b['branches']} branches) in {b['shards']} shards, "
-            f"{b['bytes'] / 2**20:.1f} MiB, {b['rejected_groups']} rejected; this run wrote {s.shards_written} shards "
+            f"{b['bytes'] / 2**20:.1f} MiB ({b['bytes_per_group'] / 2**20:.2f} MiB per group, latents {stored}), "
+            f"{b['rejected_groups']} rejected; this run wrote {s.shards_written} shards "
             f"({s.groups / max(s.seconds, 1e-9):.2f} groups/s), skipped {s.shards_skipped} finished",
             f"reward means: {means}"]  # fmt: skip
 

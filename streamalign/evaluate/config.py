@@ -5,9 +5,18 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from ..rewards import CompositeReward
+from ..rewards.sources import reward_of
 from ..schemas.config import ModelConfig
 from ..schemas.run import RunConfig, Section, arg
-from ..schemas.sections import EvalPromptSection, ModelSection, PolicySection, PromptSection, PromptSet, RewardSection
+from ..schemas.sections import (
+    EvalPromptSection,
+    Hardware,
+    ModelSection,
+    PolicySection,
+    PromptSection,
+    PromptSet,
+    RewardSection,
+)
 from ..worlds import default_prompts, default_rewards
 
 
@@ -30,7 +39,7 @@ class EvalSettings(ModelSection, EvalPromptSection, RewardSection):
 
     def reward(self) -> CompositeReward:
         """The composite reward (and OOD metrics) scored, the world's by default."""
-        return CompositeReward.parse(*default_rewards(ModelConfig.load(self.config), self.rewards, self.metrics))
+        return reward_of(self, *default_rewards(ModelConfig.load(self.config), self.rewards, self.metrics))
 
 
 class Compare(Section):
@@ -40,12 +49,35 @@ class Compare(Section):
     weights: list[str] = arg([], "Full merged weights to compare (repeatable; NAME=PATH names it).")
 
 
+class VBenchSection(Section):
+    """VBench export"""
+
+    export_vbench: str | None = arg(None, "Also write every model's videos laid out for VBench into this folder "
+                                    "(<model>/<list>/<prompt>-<i>.mp4, export.json, vbench.sh).")  # fmt: skip
+    vbench_prompts: str | None = arg(None, "VBench prompt list: a .txt file or a folder of them (its "
+                                     "prompts_per_dimension); default: the evaluation prompts.")  # fmt: skip
+    vbench_samples: int = Field(5, ge=1, description="Videos per prompt (VBench: 5).")
+    vbench_seed: int = arg(2, "Seed of the first video of each list (VBench: 2); video j uses seed + j.")
+    vbench_fps: float = arg(16.0, "Frames per second of the exported MP4s.")
+
+    def exporter(self, fallback: list[str]):
+        """The export (None when not asked for)."""
+        from .vbench import VBenchExport, prompt_lists
+
+        if self.export_vbench is None:
+            return None
+        lists = prompt_lists(self.vbench_prompts, fallback)
+        return VBenchExport(self.export_vbench, lists, self.vbench_samples, self.vbench_seed, self.vbench_fps)
+
+
 class EvaluateRun(RunConfig):
     """Score the base model and every adapter / merged model on the same prompts and noise; write a report
     with paired differences vs base (95% bootstrap intervals), per-prompt values, plots, samples."""
 
     models: Compare = Compare()
     eval: EvalSettings = EvalSettings()
+    vbench: VBenchSection = VBenchSection()
+    hardware: Hardware = Hardware()
 
 
 class MergeSettings(Section):
@@ -55,7 +87,11 @@ class MergeSettings(Section):
     semi: str | None = arg(None, "Semi-on-policy LoRA (peft folder), at --s-semi.")
     s_semi: float = arg(1.0, "Scale of the semi-on-policy LoRA.")
     scales: tuple[float, ...] = arg((0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "s_on values to evaluate, comma-separated.")
-    ood_metric: str = arg("background_cleanliness", "OOD metric of the dual criterion.")
+    ood_metric: str = arg("background_cleanliness", "OOD metric of the dual criterion: a scored reward/metric, or "
+                          "vbench:<dimension> read from --ood-results.")  # fmt: skip
+    ood_results: str | None = arg(None, "Folder of VBench results per row (<row>/*_eval_results.json or "
+                                  "<row>_eval_results.json; rows base, s0.2, ...) for a vbench: OOD "
+                                  "metric.")  # fmt: skip
     ood_tolerance: float = arg(0.0, "Allowed drop of the OOD metric vs base.")
     full_weights: bool = arg(False, "Also write merged.safetensors.")
 
@@ -63,6 +99,8 @@ class MergeSettings(Section):
     def _scales(self) -> MergeSettings:
         if not self.scales or any(s < 0 for s in self.scales):
             raise ValueError(f"--scales must be non-negative numbers, got {list(self.scales)}")
+        if self.ood_metric.startswith("vbench:") and self.ood_results is None:
+            raise ValueError(f"--ood-metric {self.ood_metric} needs --ood-results DIR (the VBench results per row)")
         return self
 
 
@@ -78,6 +116,8 @@ class MergeRun(RunConfig):
 
     merge: MergeSettings
     eval: SweepEval = SweepEval()
+    vbench: VBenchSection = VBenchSection()
+    hardware: Hardware = Hardware()
 
 
 def named(spec: str) -> tuple[str, str]:
@@ -106,6 +146,7 @@ class NoiseSourcesRun(RunConfig):
     prompts: PromptSection = PromptSection()
     rewards: RewardSection = RewardSection()
     study: NoiseStudy = NoiseStudy()
+    hardware: Hardware = Hardware()
 
 
 class ObjectiveStudy(Section):
@@ -129,9 +170,35 @@ class ObjectivesRun(RunConfig):
     model: ModelSection = ModelSection()
     prompts: PromptSection = PromptSection()
     study: ObjectiveStudy = ObjectiveStudy()
+    hardware: Hardware = Hardware()
+
+
+class RegimeStudy(Section):
+    """Study"""
+
+    n_prompts: int = arg(8, "Training prompts (spread over the set).")
+    iterations: int = arg(15, "On-policy iterations I; every regime gets I x B rollout groups.")
+    batch_groups: int = arg(8, "Groups per update B (on-policy: fresh groups per iteration).")
+    updates_per_iter: int = Field(2, gt=0, description="Updates per iteration K; every regime gets I x K updates.")
+    group_size: int = arg(8, "Branches per group.", short="-G")
+    lr: float = arg(1e-4, "AdamW learning rate (all regimes).")
+    eval_every: int = arg(6, "Updates between curve points.")
+    eval_seeds: int = arg(4, "Fresh seeds per prompt for the curves and the table.")
+    seed: int = arg(0, "Seed of the buffer and of every run.")
+
+
+class RegimesRun(RunConfig):
+    """On-policy vs semi-on-policy vs off-policy (semi without the clip) CoPO at equal budget (AR-CoPO Table 2)."""
+
+    model: ModelSection = ModelSection()
+    prompts: PromptSection = PromptSection()
+    rewards: RewardSection = RewardSection()
+    study: RegimeStudy = RegimeStudy()
+    hardware: Hardware = Hardware()
 
 
 class DemoRun(RunConfig):
     """Collect -> train semi -> train on -> merge sweep -> evaluate on held-out prompts, on the shapes world."""
 
     quick: bool = arg(False, "A smaller run for CI (< 1 min).")
+    hardware: Hardware = Hardware()

@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..collect.collector import CollectConfig, collect
+from ..models.placement import Placement
 from ..pipeline import Pipeline
+from ..schemas.sections import Hardware
 from ..train.config import TrainConfig
 from ..train.loop import train
 from ..worlds.shapes import held_in_prompts, held_out_prompts
@@ -43,9 +45,11 @@ class DemoSettings:
                    sweep_seeds=4, eval_prompts=12, eval_seeds=2)  # fmt: skip
 
 
-def run_demo(out: str | Path, settings: DemoSettings, progress: bool = True) -> dict:
-    """Run every stage into `out`; returns (and writes to ``demo.json``) the headline numbers."""
-    out = Path(out)
+def run_demo(out: str | Path, settings: DemoSettings, progress: bool = True, hardware: Hardware | None = None) -> dict:
+    """Run every stage into `out` on `hardware` (default: auto); returns (and writes to ``demo.json``) the
+    headline numbers."""
+    out, hardware = Path(out), hardware or Hardware()
+    place, hw = Placement.of(hardware), hardware.model_dump()
     st = settings
     t0, times = time.time(), {}
     prompts = tuple(p.text for p in held_in_prompts()[::31][: st.train_prompts])
@@ -57,21 +61,22 @@ def run_demo(out: str | Path, settings: DemoSettings, progress: bool = True) -> 
 
     t = time.time()
     ccfg = CollectConfig(prompts=prompts, groups=st.groups, group_size=st.group_size, seed=st.seed)
-    collect(Pipeline.load("shapes"), ccfg, out / "buffer", progress=progress)
+    collect(Pipeline.load("shapes", placement=place), ccfg, out / "buffer", progress=progress)
     stage("collect", t)
     t = time.time()
-    semi = TrainConfig(mode="semi", buffer=str(out / "buffer"), steps=st.semi_steps, lr=st.lr, seed=st.seed)
-    train(semi, out / "semi", resume=True, progress=progress)
+    semi = TrainConfig(mode="semi", buffer=str(out / "buffer"), steps=st.semi_steps, lr=st.lr, seed=st.seed,
+                       hardware=hw)  # fmt: skip
+    train(semi, out / "semi", resume="auto", progress=progress)
     stage("train semi", t)
     t = time.time()
     on = TrainConfig(mode="on", prompts=prompts, steps=st.on_iterations, batch_groups=st.on_groups,
-                     group_size=st.group_size, lr=st.lr, seed=st.seed)  # fmt: skip
-    train(on, out / "on", resume=True, progress=progress)
+                     group_size=st.group_size, lr=st.lr, seed=st.seed, hardware=hw)  # fmt: skip
+    train(on, out / "on", resume="auto", progress=progress)
     stage("train on", t)
     t = time.time()
     sweep_settings = EvalSettings(rewards=SHAPES_REWARDS, metrics=SHAPES_METRICS, seeds_per_prompt=st.sweep_seeds)
     sweep = merge_sweep(out / "on" / "adapter", out / "semi" / "adapter", st.scales, prompts, sweep_settings,
-                        out / "merge")  # fmt: skip
+                        out / "merge", placement=place)  # fmt: skip
     stage("merge sweep", t)
     t = time.time()
     held_out = spread([p.text for p in held_out_prompts()], st.eval_prompts)
@@ -82,7 +87,7 @@ def run_demo(out: str | Path, settings: DemoSettings, progress: bool = True) -> 
         models.append(ModelSpec("semi-only", lora=str(out / "semi" / "adapter")))
     eval_settings = EvalSettings(rewards=SHAPES_REWARDS, metrics=SHAPES_METRICS, seeds_per_prompt=st.eval_seeds,
                                  seed=3_000_000)  # fmt: skip
-    report = evaluate(models, held_out, eval_settings, out / "report")
+    report = evaluate(models, held_out, eval_settings, out / "report", place)
     stage("evaluate", t)
     m = report["models"][models[1].name]["vs_base"]
     headline = {
@@ -110,4 +115,5 @@ def headline_lines(h: dict) -> list[str]:
 
 
 def demo_stage(cfg: DemoRun, out: Path) -> str:
-    return "\n".join(headline_lines(run_demo(out, DemoSettings.quick() if cfg.quick else DemoSettings())))
+    settings = DemoSettings.quick() if cfg.quick else DemoSettings()
+    return "\n".join(headline_lines(run_demo(out, settings, hardware=cfg.hardware)))

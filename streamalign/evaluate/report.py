@@ -3,9 +3,10 @@ and a report: ``report.json``, ``report.md``, ``diffs.png`` and ``samples/`` (GI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +15,13 @@ import torch
 from ..io.files import staged_folder
 from ..io.media import frame_grid, save_gif, save_mp4
 from ..io.plots import save, subplots
-from ..pipeline import Pipeline
-from ..plan import check_policy
+from ..models.placement import CPU_FP32, Placement
+from ..pipeline import Pipeline, resolve_config
+from ..plan import check_stage
 from ..schemas.run import RUN_FILE, run_record
 from ..scoring import paired_differences, score_policy
 from .config import EvalSettings, EvaluateRun, named
+from .vbench import VBenchExport
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,10 @@ class ModelSpec:
     checkpoint: str | None = None
     lora: str | None = None
 
-    def load(self, config: str, base_checkpoint: str | None, wan_dir: str | None) -> Pipeline:
-        return Pipeline.load(config, self.checkpoint or base_checkpoint, lora=self.lora, wan_dir=wan_dir)
+    def load(
+        self, config: str, base_checkpoint: str | None, wan_dir: str | None, placement: Placement = CPU_FP32
+    ) -> Pipeline:
+        return Pipeline.load(config, self.checkpoint or base_checkpoint, self.lora, None, wan_dir, placement)
 
 
 def pairs(prompts: Sequence[str], seeds_per_prompt: int, seed: int) -> tuple[list[str], list[int]]:
@@ -48,7 +53,14 @@ def spread(items: Sequence, k: int) -> list:
     return [items[(i * step) % n] for i in range(min(k, n))]
 
 
-def evaluate(models: Sequence[ModelSpec], prompts: Sequence[str], settings: EvalSettings, out: str | Path) -> dict:
+def evaluate(
+    models: Sequence[ModelSpec],
+    prompts: Sequence[str],
+    settings: EvalSettings,
+    out: str | Path,
+    placement: Placement = CPU_FP32,
+    export: VBenchExport | None = None,
+) -> dict:
     """Score every model on the same (prompt, seed) pairs; the first model is the base of the paired
     differences. Writes the report into `out` (atomically: a temp folder renamed at the end)."""
     names = [m.name for m in models]
@@ -59,23 +71,38 @@ def evaluate(models: Sequence[ModelSpec], prompts: Sequence[str], settings: Eval
     if len(set(prompts)) != len(prompts):
         dup = next(p for p in prompts if list(prompts).count(p) > 1)
         raise ValueError(f"prompt {dup!r} is listed twice: list each once and raise --seeds for more samples")
-    with staged_folder(out) as tmp:
-        return _evaluate(models, list(prompts), settings, tmp)
+    check_stage("evaluate", resolve_config(settings.config, settings.wan_dir), placement, eval_batch=settings.batch,
+                videos=len(prompts) * settings.seeds_per_prompt)  # fmt: skip
+    with staged_folder(out) as tmp, export_to(export) as etmp:
+        return _evaluate(models, list(prompts), settings, tmp, placement, export, etmp)
 
 
-def _evaluate(models: Sequence[ModelSpec], prompts: list[str], st: EvalSettings, out: Path) -> dict:
+@contextlib.contextmanager
+def export_to(export: VBenchExport | None) -> Iterator[Path | None]:
+    """The staged folder of a VBench export (swapped in whole with its export.json and vbench.sh), or None."""
+    if export is None:
+        yield None
+        return
+    with staged_folder(export.out) as tmp:
+        yield tmp
+        export.finish(tmp)
+
+
+def _evaluate(models: Sequence[ModelSpec], prompts: list[str], st: EvalSettings, out: Path, placement: Placement,
+              export: VBenchExport | None = None, export_dir: Path | None = None) -> dict:  # fmt: skip
     reward = st.reward()
     ps, seeds = pairs(prompts, st.seeds_per_prompt, st.seed)
     scores: dict[str, dict[str, torch.Tensor]] = {}
     sample_videos: dict[str, torch.Tensor] = {}
     chosen = spread(list(zip(ps, seeds, strict=True)), st.samples)  # the (prompt, seed) pairs shown as samples
     for m in models:
-        policy = m.load(st.config, st.checkpoint, st.wan_dir)
-        if m is models[0]:  # every model has the base's architecture
-            check_policy("evaluate", policy, eval_batch=st.batch, videos=len(ps))
+        policy = m.load(st.config, st.checkpoint, st.wan_dir, placement)
+        policy.text.prefetch(prompts)  # once per process: later models find them cached
         scores[m.name] = score_policy(policy, ps, seeds, reward, st.batch)
         # kept for the media only: 8-bit frames on the host
         sample_videos[m.name] = policy.generate([p for p, _ in chosen], [s for _, s in chosen], st.batch, uint8=True)
+        if export is not None:
+            export.write(export_dir, m.name, policy.generate)
     base = models[0].name
     report = {
         "prompts": prompts,
@@ -186,7 +213,7 @@ def run_evaluate(cfg: EvaluateRun, out: str | Path) -> dict:
             if not Path(path).exists():
                 raise FileNotFoundError(f"{'adapter' if kind == 'lora' else 'weights'} {path} does not exist")
             models.append(ModelSpec(name, **{kind: path}))
-    report = evaluate(models, st.prompts, st, out)
+    report = evaluate(models, st.prompts, st, out, Placement.of(cfg.hardware), cfg.vbench.exporter(list(st.prompts)))
     (Path(out) / RUN_FILE).write_text(run_record(cfg.replace(eval=st), "evaluate"))
     return report
 

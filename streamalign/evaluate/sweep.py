@@ -12,13 +12,15 @@ from ..adapters.merge import Selection, check_adapter_modules, combine_adapters,
 from ..io.files import require_paths, staged_folder
 from ..io.plots import save, subplots
 from ..models.checkpoint import read_adapter
-from ..pipeline import base_checkpoint
-from ..plan import check_policy
+from ..models.placement import CPU_FP32, Placement
+from ..pipeline import base_checkpoint, resolve_config
+from ..plan import check_stage
 from ..schemas.config import ModelConfig
 from ..schemas.run import RUN_FILE, run_record
 from ..scoring import paired_differences, score_policy
 from .config import EvalSettings, MergeRun
-from .report import ModelSpec, pairs
+from .report import ModelSpec, export_to, pairs
+from .vbench import VBenchExport, results_metric
 
 
 def merge_sweep(
@@ -32,26 +34,38 @@ def merge_sweep(
     ood: str = "background_cleanliness",
     ood_tolerance: float = 0.0,
     full_weights: bool = False,
+    placement: Placement = CPU_FP32,
+    ood_results: str | Path | None = None,
+    export: VBenchExport | None = None,
 ) -> dict:
     """Score the base and every s_on in `scales`; write ``sweep.json``, ``sweep.md``, ``sweep.png``,
     ``adapters/s<scale>/`` and, for the selected scale, ``adapter/`` (+ ``merged.safetensors``)."""
     if not scales or any(s < 0 for s in scales):
         raise ValueError(f"--scales must be non-negative numbers, got {list(scales)}")
     reward = settings.reward()
-    if ood not in reward.names:
-        raise ValueError(f"--ood-metric {ood!r} is not scored (scored: {', '.join(reward.names)})")
+    if ood_results is None and ood not in reward.names:
+        raise ValueError(f"--ood-metric {ood!r} is not scored (scored: {', '.join(reward.names)}; or "
+                         "vbench:<dimension> with --ood-results)")  # fmt: skip
+    if ood_results is not None:  # every row's VBench score present before any scoring
+        for row in ["base", *(f"s{s:g}" for s in sorted(set(scales)))]:
+            results_metric(ood_results, row, ood)
     given = [f for f in (semi, on) if f is not None]  # refuse a bad adapter before any scoring
     check_adapter_modules(given, [read_adapter(f)[1] for f in given], settings.config)
-    with staged_folder(out) as tmp:
+    check_stage("evaluate", resolve_config(settings.config, settings.wan_dir), placement, eval_batch=settings.batch,
+                videos=len(prompts) * settings.seeds_per_prompt)  # fmt: skip
+    with staged_folder(out) as tmp, export_to(export) as etmp:
         return _sweep(on, semi, scales, prompts, settings, reward, tmp, Path(out), s_semi, ood, ood_tolerance,
-                      full_weights)  # fmt: skip
+                      full_weights, placement, ood_results, export, etmp)  # fmt: skip
 
 
-def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_semi, ood, ood_tolerance, full_weights):
+def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_semi, ood, ood_tolerance, full_weights,
+           placement: Placement, ood_results=None, export=None, export_dir=None):  # fmt: skip
     ps, seeds = pairs(prompts, settings.seeds_per_prompt, settings.seed)
-    base_policy = ModelSpec("base").load(settings.config, settings.checkpoint, settings.wan_dir)
-    check_policy("evaluate", base_policy, eval_batch=settings.batch, videos=len(ps))
+    base_policy = ModelSpec("base").load(settings.config, settings.checkpoint, settings.wan_dir, placement)
+    base_policy.text.prefetch(prompts)  # once per process: every scale's pipeline finds them cached
     base = score_policy(base_policy, ps, seeds, reward, settings.batch)
+    if export is not None:
+        export.write(export_dir, "base", base_policy.generate)
     rows, diffs, folders = {}, {}, {}
 
     def parts(s_on: float) -> list:
@@ -60,11 +74,17 @@ def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_
     for s in sorted(set(scales)):
         folders[s] = combine_adapters(parts(s), tmp / "adapters" / f"s{s:g}", settings.config)
         spec = ModelSpec(f"s{s:g}", lora=str(folders[s]))
-        sc = score_policy(spec.load(settings.config, settings.checkpoint, settings.wan_dir), ps, seeds, reward,
-                          settings.batch)  # fmt: skip
+        policy = spec.load(settings.config, settings.checkpoint, settings.wan_dir, placement)
+        sc = score_policy(policy, ps, seeds, reward, settings.batch)
+        if export is not None:
+            export.write(export_dir, spec.name, policy.generate)
         rows[s] = {k: float(v.mean()) for k, v in sc.items()}
         diffs[s] = paired_differences(base, sc, settings.n_boot, settings.seed)
+        if ood_results is not None:  # the OOD criterion from VBench's results for this row
+            rows[s][ood] = results_metric(ood_results, spec.name, ood)
     base_means = {k: float(v.mean()) for k, v in base.items()}
+    if ood_results is not None:
+        base_means[ood] = results_metric(ood_results, "base", ood)
     sel = select_scale(rows, base_means, "composite", ood, ood_tolerance)
     result = {
         "semi": str(semi) if semi is not None else None,
@@ -104,7 +124,8 @@ def sweep_markdown(result: dict, sel: Selection) -> str:
         "| base | " + " | ".join(f"{result['base'][k]:.4f}" for k in keys) + " |",
     ]
     for s, row in result["rows"].items():
-        cells = [f"{row['means'][k]:.4f} ({row['vs_base'][k]['diff']:+.4f})" for k in keys]
+        cells = [f"{row['means'][k]:.4f}" + (f" ({row['vs_base'][k]['diff']:+.4f})" if k in row["vs_base"] else "")
+                 for k in keys]  # fmt: skip
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     pick = "base model kept" if sel.scale is None else f"s_on = {sel.scale:g}"
     lines += ["", f"**Selected: {pick}** — {sel.reason}.", ""]
@@ -131,7 +152,8 @@ def run_merge(cfg: MergeRun, out: str | Path) -> dict:
     m, st = cfg.merge, cfg.eval.resolved()
     require_paths((m.on, "on-policy adapter"), (m.semi, "semi-on-policy adapter"), (st.checkpoint, "checkpoint"))
     r = merge_sweep(m.on, m.semi, m.scales, st.prompts, st, out, m.s_semi, m.ood_metric, m.ood_tolerance,
-                    m.full_weights)  # fmt: skip
+                    m.full_weights, Placement.of(cfg.hardware), m.ood_results,
+                    cfg.vbench.exporter(list(st.prompts)))  # fmt: skip
     (Path(out) / RUN_FILE).write_text(run_record(cfg.replace(eval=st), "merge"))
     return r
 

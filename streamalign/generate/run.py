@@ -11,10 +11,11 @@ from pydantic import Field
 
 from ..io.media import save_mp4
 from ..models.kv_cache import KVCache
+from ..models.placement import Placement
 from ..pipeline import Pipeline
-from ..plan import check_policy
+from ..plan import check_stage
 from ..schemas.run import RUN_FILE, RunConfig, Section, arg, run_record
-from ..schemas.sections import PolicySection
+from ..schemas.sections import Hardware, PolicySection
 from .scenes import chunk_seconds, parse_scenes, scene_chunks
 
 
@@ -32,6 +33,7 @@ class GenerateSettings(Section):
 class GenerateRun(RunConfig):
     model: PolicySection = PolicySection()
     generate: GenerateSettings = GenerateSettings()
+    hardware: Hardware = Hardware()
 
 
 def plan(lines: Sequence[str], policy: Pipeline, fps: float, frames: int | None) -> list[list[tuple[str, int, bool]]]:
@@ -96,9 +98,10 @@ def generate(
     """Write ``out/NNNN.mp4`` per line and ``out/generate.json`` (lines, seeds, scene plans)."""
     plans = plan(lines, policy, fps, frames)
     longest = max(sum(n for _, n, _ in scenes) for scenes in plans) * policy.config.sampler.chunk_frames
-    check_policy("generate", policy, gen_frames=longest)
+    check_stage("generate", policy.config, policy.placement, gen_frames=longest)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    policy.text.prefetch([p for scenes in plans for p, _, _ in scenes])  # every prompt encoded once
     paths, record = [], []
     for i, (line, scenes) in enumerate(zip(lines, plans, strict=True)):
         video = generate_video(policy, scenes, seed + i, sink, window)
@@ -116,7 +119,7 @@ def run_generate(cfg: GenerateRun, out: str | Path) -> list[Path]:
     g, m = cfg.generate, cfg.model
     if not g.prompts:
         raise ValueError("give a PROMPT argument or --prompts FILE (one of them)")
-    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, wan_dir=m.wan_dir)
+    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir, Placement.of(cfg.hardware))
     paths = generate(policy, g.prompts, out, seed=g.seed, fps=g.fps, frames=g.frames, sink=g.sink, window=g.window)
     (Path(out) / RUN_FILE).write_text(run_record(cfg, "generate"))
     return paths

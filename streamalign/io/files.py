@@ -28,16 +28,35 @@ def tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in tree_files(path))
 
 
-def checksum(path: Path) -> str:
-    """sha256 of a file's bytes, or of a folder's every file (relative path and bytes)."""
+def _hash_tree(path: Path, keep: dict[str, bytes] | None = None) -> str:
+    """sha256 of a file's bytes, or of a folder's every file (relative path and bytes); with `keep`, the
+    bytes read are also stored there by relative path ('' for a file)."""
     h = hashlib.sha256()
     for f in tree_files(path):
+        rel = str(f.relative_to(path)) if path.is_dir() else ""
         if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
+            h.update(rel.encode() + b"\0")
+        blocks = []
         with open(f, "rb") as fh:
             for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 h.update(block)
+                if keep is not None:
+                    blocks.append(block)
+        if keep is not None:
+            keep[rel] = b"".join(blocks)
     return h.hexdigest()
+
+
+def checksum(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's every file (relative path and bytes)."""
+    return _hash_tree(path)
+
+
+def read_tree(path: Path) -> tuple[str, dict[str, bytes]]:
+    """(checksum, bytes) of a file or folder read once: the digest :func:`checksum` gives, computed while
+    reading, and every file's bytes by relative path ('' for a file)."""
+    files: dict[str, bytes] = {}
+    return _hash_tree(path, files), files
 
 
 def require_paths(*given: tuple[str | Path | None, str]) -> None:
@@ -97,6 +116,18 @@ def remove_stale_siblings(target: Path) -> list[Path]:
         sib.unlink() if sib.is_symlink() else remove_path(sib)  # a link: remove it, never what it points to
         removed.append(sib)
     return removed
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Remove every hidden ``.NAME.tmp-PID`` / ``.NAME.old-PID`` directly in `folder` whose process no longer
+    runs (see :func:`remove_stale_siblings`); returns how many were removed."""
+    if not folder.is_dir():
+        return 0
+    targets = {folder / m["name"] for p in folder.glob(".*") if (m := _HIDDEN.fullmatch(p.name)) is not None}
+    return sum(len(remove_stale_siblings(t)) for t in sorted(targets))
+
+
+_HIDDEN = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-[0-9]+")
 
 
 @contextlib.contextmanager

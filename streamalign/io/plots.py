@@ -22,6 +22,6 @@ def save(fig, path: str | Path, dpi: int = 110) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, format="png")  # explicit: an atomic write's temporary name has no .png
     plt.close(fig)
     return Path(path)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from ..io.files import atomic_path
 from ..schemas.config import ModelConfig
@@ -29,6 +29,50 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match the model config."""
 
 
+class LazyTensors(Mapping):
+    """name -> tensor of one or more .safetensors files, each tensor read from its file when it is accessed
+    (a loader converting tensor by tensor never holds the whole file in memory)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self._where: dict[str, tuple[object, str]] = {}
+        for f in files:
+            handle = safe_open(str(f), framework="pt")
+            self._where.update({k: (handle, k) for k in handle.keys()})  # noqa: SIM118 (not a dict)
+
+    def renamed(self, fn: Callable[[str], str]) -> LazyTensors:
+        out = LazyTensors([])
+        out._where = {fn(k): v for k, v in self._where.items()}
+        return out
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        handle, name = self._where[key]
+        return handle.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) of a tensor, read from the file header only."""
+        handle, name = self._where[key]
+        sl = handle.get_slice(name)
+        return tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()]
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+
+
+def spec_of(sd: Mapping[str, torch.Tensor], key: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """(shape, dtype) of ``sd[key]`` without reading a lazily stored tensor."""
+    if isinstance(sd, LazyTensors):
+        return sd.spec(key)
+    return tuple(sd[key].shape), sd[key].dtype
+
+
 def _read_raw(path: Path) -> Mapping:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; give the path of a local .pt/.safetensors file")
@@ -36,10 +80,10 @@ def _read_raw(path: Path) -> Mapping:
         shards = sorted(path.glob("*.safetensors"))
         if not shards:
             raise CheckpointError(f"checkpoint directory {path} holds no .safetensors files")
-        out: dict[str, torch.Tensor] = {}
-        for s in shards:
-            out.update(load_file(str(s)))
-        return out
+        try:
+            return LazyTensors(shards)
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
     if path.suffix != ".safetensors" and _is_legacy_torch_file(path):
         raise CheckpointError(
             f"cannot read checkpoint {path}: it is in torch's legacy (pre-1.6, non-zip) format, which cannot be "
@@ -49,7 +93,7 @@ def _read_raw(path: Path) -> Mapping:
         raise CheckpointError(f"cannot read checkpoint {path}: not a torch (zip) checkpoint or .safetensors file")
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
+            return LazyTensors([path])
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
@@ -87,8 +131,9 @@ def _is_legacy_torch_file(path: Path) -> bool:
 
 def read_state_dict(
     path: str | Path, which: str = "auto", key_adapter: Callable[[str], str] = normalize_key
-) -> dict[str, torch.Tensor]:
-    """The generator's bare state dict from a checkpoint file (keys mapped by the family's `key_adapter`).
+) -> Mapping[str, torch.Tensor]:
+    """The generator's bare state dict from a checkpoint file (keys mapped by the family's `key_adapter`):
+    safetensors tensors are read on access (:class:`LazyTensors`), torch files are memory-mapped.
 
     which: ``generator`` / ``generator_ema`` (Self-Forcing style files) or ``auto`` (``generator_ema`` if
     present, else ``generator``, else ``model``/``state_dict``, else the file itself).
@@ -105,6 +150,8 @@ def read_state_dict(
             if name in raw and isinstance(raw[name], Mapping):
                 raw = raw[name]
                 break
+    if isinstance(raw, LazyTensors):  # safetensors: tensors only, read on access
+        return raw.renamed(key_adapter)
     sd = {}
     for k, v in raw.items():
         if not isinstance(v, torch.Tensor):
@@ -122,22 +169,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def load_state_dict_strict(
-    model: ChunkModel, sd: Mapping[str, torch.Tensor], source: str, config_name: str
-) -> None:
-    """Copy `sd` into `model`; any missing/unexpected key, shape mismatch or non-floating tensor for a floating
-    parameter is a CheckpointError."""
+def check_state_dict(model: ChunkModel, sd: Mapping[str, torch.Tensor], source: str, config_name: str) -> None:
+    """Any missing/unexpected key, shape mismatch or non-floating tensor for a floating parameter of `model`
+    (which may live on the meta device) is a CheckpointError; tensors are not read."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    bad_shape = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape
-    ]
+    specs = {k: spec_of(sd, k) for k in own if k in sd}
+    bad_shape = [f"{k} {shape} vs {tuple(own[k].shape)}" for k, (shape, _) in specs.items() if shape != own[k].shape]
     # a non-floating tensor (int32, bool, ...) would be cast silently into a floating parameter
     bad_dtype = [
-        f"{k} is {_dtype_name(sd[k].dtype)}, the model expects floating {_dtype_name(own[k].dtype)}"
-        for k in own
-        if k in sd and own[k].is_floating_point() and not sd[k].is_floating_point()
+        f"{k} is {_dtype_name(dtype)}, the model expects floating {_dtype_name(own[k].dtype)}"
+        for k, (_, dtype) in specs.items()
+        if own[k].is_floating_point() and not dtype.is_floating_point
     ]
     if missing or unexpected or bad_shape or bad_dtype:
         parts = []
@@ -154,7 +198,40 @@ def load_state_dict_strict(
             f"checkpoint {source} does not match model config '{config_name}' (dim {a.dim}, {a.num_layers} layers, "
             f"{a.num_heads} heads, ffn {a.ffn_dim}, text_dim {a.text_dim}): " + "; ".join(parts)
         )
-    model.load_state_dict({k: sd[k] for k in own}, strict=True)
+
+
+def load_state_dict_strict(
+    model: ChunkModel, sd: Mapping[str, torch.Tensor], source: str, config_name: str
+) -> None:
+    """Copy `sd` into `model` (its dtype and device kept) after :func:`check_state_dict`."""
+    check_state_dict(model, sd, source, config_name)
+    model.load_state_dict({k: sd[k] for k in model.state_dict()}, strict=True)
+
+
+def assign_state_dict(
+    model: ChunkModel,
+    sd: Mapping[str, torch.Tensor],
+    dtype: torch.dtype | None,
+    device: torch.device | str,
+    deltas: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> None:
+    """Give a meta-device `model` the tensors of a checked `sd`, converted ONE tensor at a time to `dtype`
+    (None: each tensor's own) on `device`, so no full-size copy in another dtype ever exists;
+    ``deltas[name](w)`` replaces tensor `name` by a function of its stored value (a LoRA merged in float64
+    before the cast, as when merging into float32 weights and then casting)."""
+    deltas = deltas or {}
+    out = {}
+    for k in model.state_dict():
+        w = sd[k]
+        if k in deltas:
+            w = deltas[k](w)
+        t = w.to(dtype=dtype if w.is_floating_point() and dtype is not None else w.dtype)
+        t = t.to(device)
+        if t.data_ptr() == w.data_ptr() and not t.is_meta:  # no conversion happened: own the memory (a
+            t = t.clone()  # memory-mapped file page must not become a parameter)
+        out[k] = t
+        del w, t
+    model.load_state_dict(out, strict=True, assign=True)
 
 
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -189,6 +266,12 @@ def lora_pairs(
     return out
 
 
+def lora_delta(a: torch.Tensor, b: torch.Tensor, alpha: float | None, scale: float = 1.0) -> torch.Tensor:
+    """``scale * (alpha / r) * B @ A`` in float64, r the rank read from A (alpha None: r)."""
+    r = a.shape[0]
+    return (scale * (alpha if alpha is not None else r) / r) * (b.double() @ a.double())
+
+
 def merge_lora(
     model: ChunkModel, lora_sd: Mapping[str, torch.Tensor], alpha: float | None = None, scale: float = 1.0
 ) -> int:
@@ -198,10 +281,8 @@ def merge_lora(
     default when its config gives none)."""
     pairs = lora_pairs(model, lora_sd)
     for _, lin, a, b in pairs:
-        r = a.shape[0]
         with torch.no_grad():
-            delta = (scale * (alpha if alpha is not None else r) / r) * (b.double() @ a.double())
-            lin.weight.copy_((lin.weight.double() + delta).to(lin.weight.dtype))
+            lin.weight.copy_((lin.weight.double() + lora_delta(a, b, alpha, scale)).to(lin.weight.dtype))
     return len(pairs)
 
 
@@ -263,21 +344,33 @@ def load_generator(
 ) -> ChunkModel:
     """A generator from a config (name or object), strictly loaded from `checkpoint` if given, with an
     optional LoRA merged in. Without a checkpoint the weights are randomly initialised (Wan init).
-    ``dtype=None`` keeps the checkpoint's dtype."""
+
+    With a checkpoint the model is built on the meta device and each stored tensor goes straight to
+    `dtype` on `device` (``dtype=None`` keeps the checkpoint's): no float32 copy of a bf16 model is ever
+    made, and a LoRA is merged into each stored weight in float64 before its cast."""
     cfg = ModelConfig.load(config) if isinstance(config, str) else config
     family = get_family(cfg.arch.family)
-    with torch.device("meta" if checkpoint is not None else "cpu"):
+    if checkpoint is None:
+        with torch.device("cpu"):  # the random init is defined in float32 on the CPU (same numbers anywhere)
+            model = family.build(cfg.arch)
+        if lora is not None:
+            weights, alpha = read_lora(lora)
+            merge_lora(model, weights, alpha=lora_alpha if lora_alpha is not None else alpha)
+        return model.to(device=device, dtype=dtype or torch.float32).eval()
+    with torch.device("meta"):
         model = family.build(cfg.arch)
-    if checkpoint is not None:
-        sd = read_state_dict(checkpoint, which, family.key_adapter)
-        if dtype is None:
-            dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
-        model = model.to_empty(device="cpu").to(dtype)
-        load_state_dict_strict(model, sd, str(checkpoint), cfg.name)
+    sd = read_state_dict(checkpoint, which, family.key_adapter)
+    check_state_dict(model, sd, str(checkpoint), cfg.name)
+    if dtype is None:
+        dtype = next((spec_of(sd, k)[1] for k in sd if spec_of(sd, k)[1].is_floating_point), torch.float32)
+    deltas = {}
     if lora is not None:
         weights, alpha = read_lora(lora)
-        merge_lora(model, weights, alpha=lora_alpha if lora_alpha is not None else alpha)
-    return model.to(device=device, dtype=dtype).eval()
+        alpha = lora_alpha if lora_alpha is not None else alpha
+        for name, _, a, b in lora_pairs(model, weights):
+            deltas[f"{name}.weight"] = lambda w, a=a, b=b: (w.double() + lora_delta(a, b, alpha)).to(dtype)
+    assign_state_dict(model, sd, dtype, device, deltas)
+    return model.eval()
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:

@@ -61,7 +61,8 @@ class LiveBytes(TorchDispatchMode):
         self.current -= nbytes
 
     def _add(self, t: torch.Tensor) -> None:
-        if self.device is not None and t.device.type != self.device:
+        # meta tensors hold no bytes (a fake tensor reports its fake device): the planner's host stand-in
+        if t.device.type == "meta" or (self.device is not None and t.device.type != self.device):
             return
         st = t.untyped_storage()
         key = id(st)

@@ -9,6 +9,7 @@ downloaded: the factory loads from ``path`` (e.g. ``from_pretrained(path, local_
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from collections.abc import Callable
@@ -19,11 +20,18 @@ from .registry import RewardError, RewardSpec, register
 
 def load_external(target: str, path: str | Path | None = None, **kwargs) -> Callable:
     """Import the factory named by `target` and return ``factory(path, **kwargs)``."""
+    if path is not None and not Path(path).exists():
+        raise RewardError(f"external reward '{target}': model path {path} does not exist (give a local path)")
+    factory = import_factory(target)
+    return factory(path, **kwargs) if path is not None else factory(**kwargs)
+
+
+@functools.cache
+def import_factory(target: str) -> Callable:
+    """The callable named ``package.module:factory`` or ``/path/file.py:factory`` (imported once)."""
     module_name, sep, attr = target.rpartition(":")
     if not sep or not module_name or not attr:
         raise RewardError(f"external reward '{target}': expected 'package.module:factory' or 'file.py:factory'")
-    if path is not None and not Path(path).exists():
-        raise RewardError(f"external reward '{target}': model path {path} does not exist (give a local path)")
     if module_name.endswith(".py"):
         file = Path(module_name)
         if not file.is_file():
@@ -39,7 +47,7 @@ def load_external(target: str, path: str | Path | None = None, **kwargs) -> Call
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise RewardError(f"external reward '{target}': {module_name} has no callable '{attr}'")
-    return factory(path, **kwargs) if path is not None else factory(**kwargs)
+    return factory
 
 
 def register_external(

@@ -33,6 +33,9 @@ class RewardSpec:
     colour: bool = True  # needs RGB input (refuses the grayscale option)
     grayscale: bool = False  # default of the grayscale option
     frame_level: bool = True  # fn returns [B, F'] (aggregated here) instead of [B]
+    # how the grayscale option converts RGB [B, F, 3, H, W] (None: BT.601 luma, 1 channel); reward models
+    # whose references take 3-channel grayscale (torchvision weights) give their own
+    to_gray: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 _REGISTRY: dict[str, RewardSpec] = {}
@@ -135,7 +138,7 @@ class Reward:
             raise RewardError(f"reward '{self.name}': {videos.shape[0]} videos but {len(prompts)} prompts")
         gray = spec.grayscale if self.grayscale is None else self.grayscale
         if gray:
-            videos = to_grayscale(videos)
+            videos = (spec.to_gray or to_grayscale)(videos)
         elif spec.colour and videos.shape[2] != 3:
             raise RewardError(f"reward '{self.name}' needs RGB videos, got {videos.shape[2]} channel(s)")
         return videos.float(), parse_all(prompts, spec) if spec.parse_prompt else list(prompts)
@@ -169,11 +172,14 @@ def parse_all(prompts: Sequence[str], spec: RewardSpec) -> list:
     return out
 
 
-_TERM = re.compile(r"^(?P<name>[a-z][a-z0-9_]*)(?P<opts>(:[a-z0-9]+)*)(=(?P<w>[-+0-9.eE]+))?$")
+_TERM = re.compile(
+    r"^(?P<name>[a-z][a-z0-9_]*(\.[A-Za-z0-9_]+)?)(?P<opts>(:[a-z0-9]+)*)(=(?P<w>[-+0-9.eE]+))?$"
+)
 
 
 def parse_term(term: str) -> tuple[Reward, float]:
-    """``name[:mean|:topNN][:gray|:rgb][=weight]`` -> (Reward, weight); weight defaults to 1."""
+    """``name[:mean|:topNN][:gray|:rgb][=weight]`` -> (Reward, weight); weight defaults to 1. A model's
+    output may be named ``model.OUTPUT`` (``videoalign.MQ`` is the registered ``videoalign_mq``)."""
     m = _TERM.match(term.strip())
     if m is None:
         raise RewardError(f"cannot parse reward term '{term}': expected name[:topNN][:gray][=weight]")
@@ -193,7 +199,7 @@ def parse_term(term: str) -> tuple[Reward, float]:
         raise RewardError(f"reward term '{term}': weight '{m.group('w')}' is not a number") from None
     if not math.isfinite(weight):
         raise RewardError(f"reward term '{term}': weight must be finite")
-    return Reward(m.group("name"), **kw), weight
+    return Reward(m.group("name").replace(".", "_").lower(), **kw), weight
 
 
 class CompositeReward:

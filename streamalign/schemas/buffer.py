@@ -13,12 +13,16 @@ Shapes (c = chunk frames, C/H/W latent channels and size, L chunks, p pivot, G b
 - rewards {name: float32 [G]}       every reward separately; weights in force kept in the metadata
 - kv {"k.N" / "v.N": [S, heads, head_dim]}  optional stored prefix KV (``--store-kv``)
 
-Latent tensors may be float32, bfloat16 or float16; they are stored bit-exactly.
+Latent tensors may be float32, bfloat16 or float16 (``collect --store-dtype``, by default the compute
+dtype); they are stored bit-exactly. ``text_hash``: the sha256 (16 hex digits) of the prompt's token
+embeddings the group was rolled out with, so a later stage can check that it encodes the prompt the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +30,7 @@ import torch
 SCHEMA_VERSION = 1
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LATENT_FIELDS = ("context", "eps_star", "branch_noise", "init_noise", "solver_noise", "x_t", "x0_old", "branch_latents")
+_HASH = re.compile(r"^[0-9a-f]{16}$")
 
 
 class SchemaError(ValueError):
@@ -62,6 +67,20 @@ class GroupTensors:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in LATENT_FIELDS}
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the latents are held in (all of them share one)."""
+        return self.x0_old.dtype
+
+    def cast(self, dtype: torch.dtype, device: torch.device | str | None = None):
+        """A copy with every latent tensor (and stored KV) in `dtype` (on `device`); tensors already there
+        are shared, not copied. Rewards stay float32."""
+        kw = {} if device is None else {"device": device}
+        changes = {name: getattr(self, name).to(dtype=dtype, **kw) for name in LATENT_FIELDS}
+        if getattr(self, "kv", None):
+            changes["kv"] = {k: v.to(dtype=dtype, **kw) for k, v in self.kv.items()}
+        return dataclasses.replace(self, **changes)
+
 
 @dataclass(kw_only=True)
 class Entry(GroupTensors):
@@ -82,6 +101,7 @@ class Entry(GroupTensors):
     rewards: dict[str, torch.Tensor]
     reward_weights: dict[str, float]
     kv: dict[str, torch.Tensor] = field(default_factory=dict)
+    text_hash: str | None = None  # absent in entries written before it existed
     schema_version: int = SCHEMA_VERSION
 
     @classmethod
@@ -139,6 +159,11 @@ class Entry(GroupTensors):
         for name, t in self.kv.items():
             if not name.startswith(("k.", "v.")) or t.dim() != 3 or t.dtype not in FLOAT_DTYPES:
                 raise SchemaError(f"{at}: stored KV {name!r} must be named k.N/v.N and be a float [S, heads, dim]")
+        dtypes = {getattr(self, name).dtype for name in LATENT_FIELDS}
+        if len(dtypes) > 1:
+            raise SchemaError(f"{at}: latent tensors mix dtypes {sorted(map(str, dtypes))} (store one dtype)")
+        if self.text_hash is not None and not _HASH.match(self.text_hash):
+            raise SchemaError(f"{at}: text_hash {self.text_hash!r} is not 16 hex digits")
         return self
 
     # -- records (what the storage backends write) ---------------------------------------------------
@@ -164,6 +189,8 @@ class Entry(GroupTensors):
                 "schema_version",
             )
         }
+        if self.text_hash is not None:  # entries without it keep their earlier bytes
+            meta["text_hash"] = self.text_hash
         tensors = {name: getattr(self, name).contiguous() for name in LATENT_FIELDS}
         tensors.update({f"reward.{k}": v.contiguous() for k, v in self.rewards.items()})
         tensors.update({f"kv.{k}": v.contiguous() for k, v in self.kv.items()})

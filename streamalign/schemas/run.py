@@ -11,6 +11,7 @@ line; ``--run-config run.yaml`` re-runs it.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import types
@@ -126,6 +127,24 @@ class RunConfig(Section):
         return type(self).build(None, **{**self.model_dump(), **changes})
 
 
+def parse_pairs(text: Any, flag: str, what: str = "NAME=VALUE") -> dict[str, str]:
+    """'a=x,b=y' (a flag's value) or a mapping (a run file's) -> {'a': 'x', 'b': 'y'}; a malformed part is
+    one line naming the flag."""
+    if text is None:
+        return {}
+    if isinstance(text, dict):
+        return {str(k): str(v) for k, v in text.items()}
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"{flag}: {part!r} is not {what}")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
@@ -184,13 +203,25 @@ def run_record(cfg: BaseModel, stage: str) -> str:
     return yaml.safe_dump({"streamalign": meta, "config": cfg.model_dump(mode="json")}, sort_keys=False)
 
 
-def differences(a: BaseModel, b: BaseModel, ignore: set[str] = frozenset()) -> list[str]:
-    """Dotted names of the leaves whose values differ between two configs (``ignore``: names to skip)."""
+def flat_fields(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted name: leaf value}."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, val in data.items():
+        out.update(flat_fields(val, f"{prefix}.{key}" if prefix else key))
+    return out
 
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(d, dict):
-            return {prefix: d}
-        return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}.{key}" if prefix else key).items()}
 
-    fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
-    return sorted(k for k in fa.keys() | fb.keys() if k not in ignore and fa.get(k) != fb.get(k))
+def differences(old: BaseModel | dict, new: BaseModel | dict, ignore: set[str] = frozenset(),
+                was: str = "was") -> list[str]:  # fmt: skip
+    """``name (was X, now Y)`` for every leaf whose value differs between two configs (or JSON mappings),
+    sorted by name; ``ignore``: dotted names to skip, ``was``: what to call the old value's source."""
+
+    def show(v: Any) -> str:
+        text = "unset" if v is None else json.dumps(v) if isinstance(v, list | dict) else str(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    fa, fb = (flat_fields(c.model_dump(mode="json") if isinstance(c, BaseModel) else c) for c in (old, new))
+    names = sorted(k for k in fa.keys() | fb.keys() if k not in ignore and fa.get(k) != fb.get(k))
+    return [f"{k} ({was} {show(fa.get(k))}, now {show(fb.get(k))})" for k in names]

@@ -7,6 +7,7 @@ Flat keywords are routed to their section: ``TrainConfig(mode="semi", buffer="bu
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -14,8 +15,8 @@ from pydantic import Field, model_validator
 from ..adapters.lora import LoraSettings
 from ..buffer.formats import FormatName
 from ..schemas.config import ModelConfig
-from ..schemas.run import RunConfig, Section, arg
-from ..schemas.sections import ModelSection, PromptSection, RewardSection
+from ..schemas.run import RUN_FILE, RunConfig, Section, arg
+from ..schemas.sections import Hardware, ModelSection, PromptSection, RewardSection
 from .objectives import OBJECTIVES
 from .objectives.copo import CoPOConfig
 from .replay import CONTEXT_MODES
@@ -39,6 +40,7 @@ class SemiData(Section):
     filter: str | None = arg(None, "SQL over `manifest` returning entry_id (semi).")
     reward_weights: dict[str, float] | None = arg(None, "Re-weight rewards at read time: a=1,b=0.5.")
     context: Literal[CONTEXT_MODES] = arg("recompute", "Prefix KV: recompute | stored.")
+    skip_damaged: bool = arg(False, "Skip (and count) shards failing their manifest checksum instead of stopping.")
 
     @model_validator(mode="before")
     @classmethod
@@ -87,14 +89,12 @@ class Logging(Section):
     wandb: bool = arg(False, "Also log to Weights & Biases (WANDB_PROJECT / WANDB_MODE honoured).")
 
 
-class Hardware(Section):
+class TrainHardware(Hardware):
     """Hardware"""
 
-    # auto = cuda:LOCAL_RANK when CUDA is available, else cpu; autocast auto = bf16 on CUDA, off on CPU
-    # (bf16 forces CPU autocast too, for checks). LoRA weights and the optimizer stay fp32 either way.
-    device: str = arg("auto", "auto (cuda:LOCAL_RANK if available) | cpu | cuda[:N].")
+    # autocast auto = bf16 on CUDA, off on CPU (bf16 forces CPU autocast too, for checks); LoRA weights and
+    # the optimizer stay fp32 whatever --dtype the frozen base weights take
     autocast: Literal["auto", "bf16", "off"] = arg("auto", "auto (bf16 on CUDA) | bf16 | off.")
-    threads: int | None = arg(None, "torch CPU threads.")
 
 
 class TrainConfig(RunConfig):
@@ -108,7 +108,7 @@ class TrainConfig(RunConfig):
     optim: Optim = Optim()
     schedule: Schedule = Schedule()
     logging: Logging = Logging()
-    hardware: Hardware = Hardware()
+    hardware: TrainHardware = TrainHardware()
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -118,8 +118,6 @@ class TrainConfig(RunConfig):
             raise ValueError("--mode semi needs --buffer DIR (a buffer written by `streamalign collect`)")
         if self.mode == "on" and not 2 <= self.rollouts.group_size <= 256:
             raise ValueError(f"--group-size {self.rollouts.group_size} must lie in 2..256 (advantages need >= 2)")
-        if self.hardware.device != "auto" and not self.hardware.device.startswith(("cpu", "cuda")):
-            raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.hardware.device!r}")
         LoraSettings(self.lora.lora_rank, self.lora.lora_alpha).check()
         return self
 
@@ -128,6 +126,10 @@ class TrainConfig(RunConfig):
         from ..worlds import default_prompts, default_rewards
 
         model = ModelConfig.load(self.model.config)
+        ro = self.rollouts
+        recorded = self.mode == "semi" and (Path(self.data.buffer) / RUN_FILE).is_file()
+        if recorded and self.logging.eval_every and not (ro.rewards or ro.rewards_from):
+            return self.replace(rewards_from=self.data.buffer).resolve()  # the rewards the buffer was scored by
         changes: dict = {}
         needs_prompts = self.mode == "on" or (self.logging.eval_every and not self.logging.eval_prompts)
         texts = default_prompts(model, self.rollouts.prompts, self.rollouts.prompt_set) if needs_prompts else None

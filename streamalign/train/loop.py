@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,38 +25,36 @@ from ..buffer.reader import BufferReader
 from ..collect.collector import CollectConfig, collect
 from ..collect.distributed import rank_and_world
 from ..extras import require
-from ..io.files import require_paths
+from ..io.files import atomic_path, require_paths, staged_folder
 from ..io.progress import progress_bar
 from ..models.noise import derive_seed
+from ..models.placement import Placement
 from ..models.sampler import Sampler
 from ..optim import lr_at
 from ..pipeline import Pipeline
-from ..rewards import CompositeReward
+from ..rewards.sources import reward_of
 from ..schemas.buffer import Entry, SchemaError
-from ..schemas.run import RUN_FILE, differences, run_record
-from ..scoring import score_policy
+from ..schemas.run import RUN_FILE, run_record
+from ..scoring import bootstrap_ci, score_policy
 from .config import TrainConfig
-from .metrics import MetricsLog, plot_metrics
+from .health import CURVE_KEYS, health, plot_rows
+from .identity import Resume, check_run_folder, clear_previous_run
+from .metrics import MetricsLog, read_metrics
 from .objectives import GroupInput
+from .objectives.base import composite_rewards
 from .replay import PivotReplay
-from .state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from .state import Progress, resume_checkpoint, save_checkpoint
 
 log = logging.getLogger("streamalign.train")
 
 
-def resolve_device(spec: str) -> torch.device:
-    """'auto': cuda:LOCAL_RANK when CUDA is available (one GPU per torchrun rank), else cpu."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec}: CUDA is not available on this machine (use cpu or auto)")
-    return torch.device(spec)
-
-
 def entry_seed(seed: int, step: int, entry_id: str) -> int:
     return derive_seed(seed, 9, step, int(hashlib.sha256(entry_id.encode()).hexdigest()[:12], 16))
+
+
+class NonFiniteError(ValueError):
+    """A non-finite loss, reward or gradient: the run stops before the optimizer step, so every checkpoint
+    written so far (and the parameters) stay finite."""
 
 
 @dataclass
@@ -65,12 +63,14 @@ class TrainSummary:
     seconds: float
     adapter: Path
     final: dict
+    damaged: list[str] | None = None  # shards skipped as damaged (--skip-damaged), over every rank
 
     def line(self, out: str | Path) -> str:
         f = self.final
         ev = f" eval composite {f['eval_composite']:.4f};" if "eval_composite" in f else ""
+        skipped = "" if self.damaged is None else f" {len(self.damaged)} damaged shard(s) skipped;"
         return (f"{out}: {self.steps} updates in {self.seconds:.1f} s; last loss {f.get('loss', float('nan')):.4g};"
-                f"{ev} adapter {self.adapter}")
+                f"{ev}{skipped} adapter {self.adapter}")
 
 
 class Trainer:
@@ -79,9 +79,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
         hw, m = cfg.hardware, cfg.model
-        self.device = resolve_device(hw.device)
+        place = Placement.of(hw, apply_threads=False)  # the frozen base in --dtype; LoRA and AdamW in fp32
+        self.device = place.device
         self.bf16 = hw.autocast == "bf16" or (hw.autocast == "auto" and self.device.type == "cuda")
-        base = Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, device=str(self.device))
+        base = Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, placement=place)
         if cfg.lora.init_adapter is not None:
             self.peft = load_lora(base.model, cfg.lora.init_adapter, trainable=True)
         else:
@@ -95,13 +96,11 @@ class Trainer:
         self.params = [p for _, p in lora_parameters(self.peft)]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.objective.bind(self.params)  # objectives with policy copies (NFT: old and reference) keep them
-        self._text: dict[str, torch.Tensor] = {}
+        self.text_mismatches = 0  # entries whose prompt embedding hash differs from this run's encoding
 
     def text(self, prompt: str) -> torch.Tensor:
-        if prompt not in self._text:
-            with torch.no_grad():
-                self._text[prompt] = self.policy.text.encode([prompt])
-        return self._text[prompt]
+        with torch.no_grad():
+            return self.policy.text.encode([prompt])  # cached per process by the text encoder
 
     def check_entry(self, e: Entry) -> None:
         c = self.policy.config
@@ -110,6 +109,24 @@ class Trainer:
                 f"entry {e.entry_id} was collected with model config {e.config_name!r} (arch {e.arch_id}), "
                 f"not {c.name!r} (arch {c.arch_id}): train with the buffer's --config"
             )
+        if e.text_hash is not None and e.text_hash != self.policy.text.embedding_hash(e.prompt):
+            if not self.text_mismatches:
+                log.warning("entry %s was rolled out with prompt embeddings (hash %s) that differ from this run's "
+                            "(%s): another text encoder, --dtype or --device than at collection", e.entry_id,
+                            e.text_hash, self.policy.text.embedding_hash(e.prompt))  # fmt: skip
+            self.text_mismatches += 1
+
+    @staticmethod
+    def bad_reward(e: Entry) -> str | None:
+        """The rewards of group `e` that are not finite (or its composite under the weights in force)."""
+        bad = sorted(k for k, r in e.rewards.items() if not torch.isfinite(r).all())
+        if bad or not torch.isfinite(composite_rewards(e)).all():
+            return ", ".join(bad) or "composite under the weights in force"
+        return None
+
+    def grads_finite(self) -> bool:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
     def update(self, step: int, groups: list[Entry], global_batch: int, zero: bool = True, apply: bool = True) -> dict:
         """Accumulate the objective over this rank's `groups`; with `apply`, reduce and step. Returns stats
@@ -117,21 +134,38 @@ class Trainer:
         if zero:
             self.opt.zero_grad(set_to_none=True)
         sums: dict[str, list[float]] = {}  # key -> [sum, groups that reported it]
+        bad: str | None = None  # the first non-finite value of this rank: the step is not applied
         for e in groups:
             self.check_entry(e)
+            e = e.cast(torch.float32)  # stored bf16/fp16 latents: the sampler works in float32
+            if (rewards := self.bad_reward(e)) is not None:
+                bad = f"non-finite reward ({rewards}) in entry {e.entry_id}"
+                break
             g = torch.Generator().manual_seed(entry_seed(self.cfg.seed, step, e.entry_id))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 out = self.objective.group_loss(GroupInput(e, self.text(e.prompt), g), self.replay)
+            if not torch.isfinite(out.loss.detach()):
+                bad = f"non-finite loss ({float(out.loss.detach())}) in entry {e.entry_id}"
+                break
             if out.loss.requires_grad:
                 (out.loss / (global_batch * self.cfg.optim.accum)).backward()
+                if not self.grads_finite():  # finite before this group's backward: this group's gradient
+                    bad = f"non-finite gradient from entry {e.entry_id}"
+                    break
             for k, v in {"loss": float(out.loss.detach()), **out.stats}.items():
                 acc = sums.setdefault(k, [0.0, 0.0])
                 acc[0] += v
                 acc[1] += 1
         keys = sorted({"loss", "zero_variance", *self.objective.stat_keys})  # the same on every rank
-        totals = torch.tensor([sums.get(k, [0.0, 0.0]) for k in keys], dtype=torch.float64)
+        totals = torch.tensor([sums.get(k, [0.0, 0.0]) for k in keys] + [[float(bad is not None), 0.0]],
+                              dtype=torch.float64)  # fmt: skip
         if self.world > 1:
-            dist.all_reduce(totals)
+            dist.all_reduce(totals)  # every rank learns of a non-finite value anywhere, and stops with it
+        if totals[-1, 0] > 0:
+            where = bad or f"non-finite values on {int(totals[-1, 0])} other rank(s)"
+            raise NonFiniteError(f"update {step + 1}: {where}: training stopped before this update; "
+                                 "the checkpoints written so far are kept (fix the data, then --resume)")  # fmt: skip
+        totals = totals[:-1]
         stats = {k: float(s_ / max(n, 1.0)) for k, (s_, n) in zip(keys, totals.tolist(), strict=True)}
         stats["zero_variance_groups"] = float(totals[keys.index("zero_variance"), 0])
         del stats["zero_variance"]
@@ -147,6 +181,10 @@ class Trainer:
                     i += p.numel()
             o = self.cfg.optim
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip))
+            if not math.isfinite(stats["grad_norm"]):  # the same on every rank (reduced)
+                names = ", ".join(e.entry_id for e in groups)
+                raise NonFiniteError(f"update {step + 1}: non-finite gradient norm of the batch ({names}): "
+                                     "training stopped before this update; the checkpoints written so far are kept")
             lr = lr_at(step, o.lr, self.cfg.schedule.warmup)
             for group in self.opt.param_groups:
                 group["lr"] = lr
@@ -158,9 +196,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, prompts: tuple[str, ...], seed: int) -> dict[str, float]:
         """Mean composite and per-reward values of one fresh video per prompt (seeds seed, seed+1, ...)."""
-        reward = CompositeReward.parse(self.cfg.rollouts.rewards, self.cfg.rollouts.metrics)
+        reward = reward_of(self.cfg.rollouts)
         scores = score_policy(self.policy, prompts, [seed + i for i in range(len(prompts))], reward)
-        return {f"eval_{k}": float(v.mean()) for k, v in scores.items()}
+        out = {f"eval_{k}": float(v.mean()) for k, v in scores.items()}
+        if len(prompts) > 1:  # the curve's 95% interval (bootstrap over the evaluated videos)
+            out["eval_composite_ci_low"], out["eval_composite_ci_high"] = bootstrap_ci(scores["composite"], 1000)
+        return out
 
 
 def _entries(reader: BufferReader, epoch: int, skip: int):
@@ -186,8 +227,12 @@ def _check_buffer(cfg: TrainConfig, trainer: Trainer) -> None:
         )
 
 
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> TrainSummary:
-    """Run the configured loop into `out` (adapter/, checkpoints/, metrics.jsonl, curves.png, run.yaml)."""
+def train(
+    cfg: TrainConfig, out: str | Path, resume: Resume = False, progress: bool = True, overwrite: bool = False
+) -> TrainSummary:
+    """Run the configured loop into `out` (adapter/, checkpoints/, metrics.jsonl, curves.png, run.yaml).
+    `resume`: continue the run in `out` from its newest intact checkpoint ("auto": when it has one);
+    `overwrite`: start afresh in a folder that holds an earlier run (which is removed)."""
     out = Path(out)
     cfg = cfg.resolve()
     optim, sched, log_cfg, ro = cfg.optim, cfg.schedule, cfg.logging, cfg.rollouts
@@ -198,22 +243,22 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             raise ValueError(f"--batch-groups {optim.batch_groups} is not divisible by the {world} ranks")
         if cfg.logging.wandb:
             require("wandb", "wandb", "--wandb")  # before any model loads
+        if cfg.mode == "on" or cfg.logging.eval_every:
+            reward_of(cfg.rollouts)  # reward names, paths and plug-ins checked before any model loads
+        resume = check_run_folder(out, cfg, resume, overwrite)
         trainer = Trainer(cfg, rank, world)
         if cfg.mode == "semi":
             _check_buffer(cfg, trainer)
-        saved = out / RUN_FILE
-        if resume and saved.exists():
-            changed = differences(TrainConfig.build(saved), cfg, ignore={"schedule.steps"})
-            if changed:
-                raise ValueError(f"--resume: {saved} was written by another configuration ({', '.join(changed)} "
-                                 "differ); use a new --out")  # fmt: skip
         state = Progress()
-        ckpt = latest_checkpoint(out) if resume else None
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, trainer.peft, trainer.opt, trainer.objective)
+        if resume:
+            state = resume_checkpoint(out, trainer.peft, trainer.opt, trainer.objective)
+        elif overwrite and rank == 0:
+            clear_previous_run(out)  # only now that the inputs are known good
+        if world > 1:
+            dist.barrier()  # nobody writes into `out` before it is cleared
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            saved.write_text(run_record(cfg, "train"))
+            with atomic_path(out / RUN_FILE) as tmp:
+                tmp.write_text(run_record(cfg, "train"))
         logger = (
             MetricsLog(out, state.step if resume else None, cfg.model_dump(mode="json"), log_cfg.wandb)
             if rank == 0
@@ -243,7 +288,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
 
         if cfg.mode == "semi":
             d = cfg.data
-            reader = BufferReader(d.buffer, rank, world, d.shuffle, cfg.seed, d.filter, d.reward_weights)
+            reader = BufferReader(d.buffer, rank, world, d.shuffle, cfg.seed, d.filter, d.reward_weights,
+                                  d.skip_damaged)  # fmt: skip
             per_rank = optim.batch_groups // world
             if len(reader) == 0:
                 raise ValueError(f"buffer {d.buffer} gives rank {rank} of {world} no entries: use fewer ranks")
@@ -269,6 +315,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                 ccfg = CollectConfig(
                     prompts=ro.prompts, groups=optim.batch_groups, group_size=ro.group_size, strength=ro.strength,
                     seed=derive_seed(cfg.seed, 7, it), format=ro.format, rewards=ro.rewards, metrics=ro.metrics,
+                    reward_paths=ro.reward_paths, reward_options=ro.reward_options, reward_plugins=ro.reward_plugins,
+                    reward_device=ro.reward_device,
                     entries_per_shard=max(1, optim.batch_groups // world), fork=trainer.objective.fork,
                     clip_chunks=ro.clip_chunks,
                 )  # fmt: skip
@@ -291,18 +339,33 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                 if state.iteration % log_cfg.save_every == 0 or state.iteration == sched.steps:
                     _save(out, trainer, state, rank, world)
         bar.close()
+        damaged = _all_damaged(reader, world) if cfg.mode == "semi" and cfg.data.skip_damaged else None
         if rank == 0:
-            save_lora(trainer.peft, out / "adapter")
+            with staged_folder(out / "adapter") as tmp:  # never a half-written final adapter
+                save_lora(trainer.peft, tmp)
             logger.close()
-            plot_metrics(out / "metrics.jsonl", out / "curves.png")
-            (out / "summary.json").write_text(json.dumps({"steps": state.step, "final": last}, indent=1))
-        return TrainSummary(state.step, time.time() - t0, out / "adapter", last)
+            rows = read_metrics(out / "metrics.jsonl")
+            plot_rows(rows, out / "curves.png", CURVE_KEYS)
+            summary = {"steps": state.step, "final": last, "health": health(rows, cfg.model_dump(mode="json")),
+                       **({} if damaged is None else {"damaged_shards": damaged})}  # fmt: skip
+            with atomic_path(out / "summary.json") as tmp:
+                tmp.write_text(json.dumps(summary, indent=1))
+        return TrainSummary(state.step, time.time() - t0, out / "adapter", last, damaged)
 
 
-def train_stage(cfg: TrainConfig, out: str | Path, resume: bool = False) -> str:
+def train_stage(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> str:
     """The `train` command: check the input paths, run, and return the summary line."""
     require_paths((cfg.data.buffer, "buffer"), (cfg.lora.init_adapter, "adapter"), (cfg.model.checkpoint, "checkpoint"))
-    return train(cfg, out, resume=resume).line(out)
+    return train(cfg, out, resume=resume, overwrite=overwrite).line(out)
+
+
+def _all_damaged(reader: BufferReader, world: int) -> list[str]:
+    """The shards any rank skipped as damaged (a multi-hot vector over the shard names, max-reduced)."""
+    names = sorted(reader.shards)
+    hot = torch.tensor([float(n in reader.damaged) for n in names], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(hot, op=dist.ReduceOp.MAX)
+    return [n for n, h in zip(names, hot.tolist(), strict=True) if h]
 
 
 def _save(out: Path, trainer: Trainer, state: Progress, rank: int, world: int) -> None:

@@ -1,14 +1,12 @@
-"""Training metrics: JSONL always, TensorBoard when installed, W&B on request; PNG curves at the end."""
+"""Training metrics: JSONL always, TensorBoard when installed, W&B on request (curves: train/health.py)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 from ..extras import available, require
-from ..io.plots import save, subplots
 
 
 class MetricsLog:
@@ -56,30 +54,12 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def plot_metrics(
-    jsonl: Path, png: Path, keys: tuple[str, ...] = ("loss", "reward", "eval_composite", "grad_norm")
-) -> None:
-    """One panel per logged key that has values (eval rows are sparse): raw and a running mean."""
-    rows = read_metrics(jsonl)
-    present = [k for k in keys if any(k in r for r in rows)]
-    if not present:
-        return
-    fig, axes = subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
-    for ax, k in zip(axes[0], present, strict=True):
-        pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None and math.isfinite(r[k])]
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        style = "o-" if k.startswith("eval") else "-"
-        ax.plot(xs, ys, style, lw=1, alpha=0.6 if not k.startswith("eval") else 1.0)
-        if not k.startswith("eval") and len(ys) > 5:
-            w = max(2, len(ys) // 10)
-            ax.plot(
-                xs,
-                [sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))],
-                lw=2,
-            )
-        ax.set_title(k)
-        ax.set_xlabel("step")
-    save(fig, png, dpi=100)
+    """The rows of a ``metrics.jsonl``; one line naming the file and line of a damaged row."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}, line {n}: not a JSON row (a damaged metrics log)") from None
+    return rows

@@ -33,14 +33,18 @@ def load_reward_model(name: str, path: str | Path, **options) -> RewardModel:
 
     Common options: ``device`` (default cuda if available), ``dtype`` (bf16 on CUDA, fp32 on CPU),
     ``batch_size`` (videos per forward for videoalign, frames per forward for the others)."""
+    return model_class(name)(path, **options)
+
+
+def model_class(name: str) -> type[RewardModel]:
+    """The adapter class of reward model `name` (its ``outputs`` and ``frame_level`` need no weights)."""
     if name not in ADAPTERS:
         raise RewardModelError(f"unknown reward model '{name}': choose one of {', '.join(ADAPTERS)}")
     module, cls = ADAPTERS[name]
-    adapter = getattr(importlib.import_module(f".{module}", __name__), cls)
-    return adapter(path, **options)
+    return getattr(importlib.import_module(f".{module}", __name__), cls)
 
 
-class _LastCall:
+class LastCall:
     """One-entry cache so the registry's one-term-at-a-time calls run a multi-output model once per batch."""
 
     def __init__(self, fn) -> None:
@@ -53,6 +57,14 @@ class _LastCall:
             self.key, self.value = (weakref.ref(videos), *key), None
             self.value = self.fn(videos, prompts)
         return self.value
+
+
+def all_outputs(model: RewardModel, fps: float = 16.0) -> LastCall:
+    """``run(videos, prompts) -> {output: [B] or [B, F]}``: per-frame scores of a frame-based model, else
+    per-video scores of videos at `fps`; one model call per batch however many outputs are read."""
+    if model.frame_level:
+        return LastCall(lambda v, p: model.frame_scores(v, p))
+    return LastCall(lambda v, p: model(v, p, fps=fps))
 
 
 def register_model_reward(
@@ -78,10 +90,7 @@ def register_model_reward(
     elif options:
         raise RewardModelError(f"register_model_reward('{name}'): options {sorted(options)} need a path, not a model")
     prefix = prefix or name
-    if model.frame_level:
-        run = _LastCall(lambda v, p: model.frame_scores(v, p))
-    else:
-        run = _LastCall(lambda v, p: model(v, p, fps=fps))
+    run = all_outputs(model, fps)
     names = []
     for out in model.outputs:
         reg = prefix if len(model.outputs) == 1 else f"{prefix}_{out.lower()}"
@@ -99,4 +108,5 @@ def register_model_reward(
     return names
 
 
-__all__ = ["ADAPTERS", "RewardModel", "RewardModelError", "load_reward_model", "register_model_reward"]
+__all__ = ["ADAPTERS", "RewardModel", "RewardModelError", "all_outputs", "load_reward_model", "model_class",
+           "register_model_reward"]

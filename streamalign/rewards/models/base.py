@@ -57,9 +57,10 @@ def read_tensors(path: Path, who: str, hint: str, entry: str | None = None) -> d
             keys = list(raw)[:6] if isinstance(raw, Mapping) else type(raw).__name__
             raise RewardModelError(f"{who}: {path} has no '{entry}' entry (top-level: {keys})")
         raw = raw[entry]
+    raw = dict(raw) if isinstance(raw, Mapping) else raw  # safetensors: every tensor read once, here
     if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise RewardModelError(f"{who}: {path} does not hold a flat state dict of tensors")
-    return dict(raw)
+    return raw
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:

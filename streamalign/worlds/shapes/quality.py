@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from ...models.placement import CPU_FP32, Placement
 from ...pipeline import Pipeline
 from ...rewards import CompositeReward
 from ...schemas.run import RunConfig, arg
+from ...schemas.sections import Hardware
 from . import rewards as R
 from .rewards import SHAPES_METRICS, SHAPES_REWARDS
 from .world import (
@@ -68,10 +70,12 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def check_report(weights: str | Path | None = None, videos: int = 96, seed: int = 0) -> str:
+def check_report(
+    weights: str | Path | None = None, videos: int = 96, seed: int = 0, placement: Placement = CPU_FP32
+) -> str:
     """`streamalign shapes check`: rates and rewards of a shapes generator (default: the shipped one) next to
     rendered ground truth, on `videos` held-in and held-out samples (sample i uses seed + i)."""
-    world = Pipeline.from_weights("shapes", weights or SHIPPED_WEIGHTS)
+    world = Pipeline.from_weights("shapes", weights or SHIPPED_WEIGHTS, placement)
     lines = []
     for name, prompts in (("held-in", held_in_prompts()), ("held-out", held_out_prompts())):
         chosen = [prompts[(i * 7) % len(prompts)] for i in range(videos)]
@@ -87,6 +91,7 @@ class CheckRun(RunConfig):
     weights: str | None = arg(None, "Generator weights (default: the shipped ones).")
     videos: int = arg(96, "Samples per prompt set (held-in and held-out).")
     seed: int = arg(0, "First seed; sample i uses seed + i.")
+    hardware: Hardware = Hardware()
 
 
 class PromptsRun(RunConfig):
@@ -97,7 +102,7 @@ class PromptsRun(RunConfig):
 
 
 def check_stage(cfg: CheckRun) -> str:
-    return check_report(cfg.weights, cfg.videos, cfg.seed)
+    return check_report(cfg.weights, cfg.videos, cfg.seed, Placement.of(cfg.hardware))
 
 
 def prompts_stage(cfg: PromptsRun) -> str:
