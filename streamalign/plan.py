@@ -214,6 +214,7 @@ class Plan:
     config: ModelConfig
     weights: dict[str, int]
     stages: dict[str, StagePlan]
+    text_kept: bool = True  # the text encoder stays on the GPU after encoding (else only its phase holds it)
 
     def to_dict(self) -> dict:
         r, cfg = self.run, self.config
@@ -227,6 +228,7 @@ class Plan:
             "tokens_per_frame": cfg.tokens_per_frame,
             "gpu": gpu,
             "weights": self.weights,
+            "text_kept": self.text_kept,
             "stages": {},
         }
         for name, sp in self.stages.items():
@@ -248,11 +250,13 @@ class Plan:
         r, cfg = self.run, self.config
         lat, c = cfg.latent, cfg.sampler.chunk_frames
         w = " + ".join(f"{k} {v / GiB:.2f}" for k, v in self.weights.items())
+        offload = f"off the GPU after encoding (--text-offload {r.model.text_offload})"
+        text = "kept on the GPU" if self.text_kept else offload
         lines = [
             f"plan: {cfg.name}, latents {lat.frames}x{lat.channels}x{lat.height}x{lat.width} ({lat.frames // c} "
             f"chunks, {cfg.tokens_per_frame} tokens/frame), {r.model.dtype}; {r.device.gpus} x {r.device.gpu} "
             f"({r.memory / GiB:.1f} GiB, {r.tflops:.0f} TFLOP/s at {r.device.mfu:.0%} MFU)",
-            f"weights (GiB): {w}; CUDA reserve {CUDA_RESERVE / GiB:.0f} GiB",
+            f"weights (GiB): {w}; CUDA reserve {CUDA_RESERVE / GiB:.0f} GiB; text encoder {text}",
             "",
             f"{'stage':9s} {'phase':24s} {'peak GiB':>9s} {'rows':>5s} {'TFLOP':>9s}",
         ]
@@ -731,7 +735,7 @@ STAGES: dict[str, Callable[[PlanContext], StagePlan]] = {
 def plan(run: PlanRun, ctx: PlanContext | None = None) -> Plan:
     """Plan every stage of ``run.stages`` (`ctx`: a context built for `run`, e.g. with given architectures)."""
     ctx = ctx or PlanContext(run)
-    return Plan(run, ctx.cfg, ctx.weights(), {s: STAGES[s](ctx) for s in run.stages})
+    return Plan(run, ctx.cfg, ctx.weights(), {s: STAGES[s](ctx) for s in run.stages}, ctx.text_kept)
 
 
 def plan_stage(stage: str, run: PlanRun, model_config: ModelConfig | None = None, **parts: Any) -> StagePlan:
