@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -42,3 +45,14 @@ def text(tiny) -> torch.Tensor:
     cfg = tiny[0]
     g = torch.Generator().manual_seed(1)
     return torch.randn(1, 7, cfg.arch.text_dim, generator=g)
+
+
+@pytest.fixture
+def pids():
+    """(a PID no process has any more, the PID of a process that is still running)."""
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield done.pid, alive.pid
+    alive.kill()
+    alive.wait()

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from streamalign.cli import app
+from streamalign.io.outputs import written_by
 
 
 def test_noise_sources_table_and_plot(tmp_path):
@@ -21,6 +22,7 @@ def test_noise_sources_table_and_plot(tmp_path):
     }
     assert all(x["pixel_variance"] > 0 for x in rows)  # every source moves the output a little
     assert (out / "noise_sources.png").stat().st_size > 1000 and "| pivot |" in r.output
+    assert written_by(out) == "experiment noise-sources"
 
 
 @pytest.mark.slow

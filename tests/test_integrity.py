@@ -26,8 +26,9 @@ from streamalign.buffer.inspect import verify_buffer
 from streamalign.buffer.manifest import MANIFEST_DIR, read_manifest
 from streamalign.buffer.reader import BufferReader
 from streamalign.cli import app
-from streamalign.collect.collector import CollectConfig, clean_temporaries, collect
-from streamalign.io.files import checksum
+from streamalign.collect.collector import CollectConfig, collect
+from streamalign.io.files import checksum, remove_stale_tree
+from streamalign.io.outputs import MARKER, marker_text
 from streamalign.pipeline import Pipeline
 from streamalign.rewards.registry import get_spec, register
 from streamalign.train import loop
@@ -368,6 +369,7 @@ def _dead_pid() -> int:
 def test_a_dead_holders_lock_is_taken_over_and_temporaries_are_pid_aware(tmp_path, policy):
     out = tmp_path / "buf"
     out.mkdir()
+    (out / MARKER).write_text(marker_text("collect"))  # a buffer an earlier collect created
     dead = _dead_pid()
     (out / LOCK).write_text(json.dumps({"pid": dead, "host": "h", "since": "then"}))  # a kill -9's leftover
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -376,7 +378,7 @@ def test_a_dead_holders_lock_is_taken_over_and_temporaries_are_pid_aware(tmp_pat
         (out / f".shard-000005.tar.tmp-{dead}").write_bytes(b"x")
         (out / MANIFEST_DIR / f".shard-000005.tar.parquet.tmp-{dead}").write_bytes(b"x")
         (out / f".shard-000007.tar.tmp-{live.pid}").write_bytes(b"x")  # a live writer's: never removed
-        assert clean_temporaries(out) == 2
+        assert len(remove_stale_tree(out)) == 2  # what a re-opened collect runs first (io.outputs.open_output)
         assert [p.name for p in out.rglob(".*tmp-*")] == [f".shard-000007.tar.tmp-{live.pid}"]
         collect(policy, CollectConfig(prompts=PROMPTS, groups=1, group_size=2), out, progress=False)
     finally:

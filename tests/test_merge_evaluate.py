@@ -13,6 +13,7 @@ from streamalign.adapters.lora import LoraSettings, attach_lora, save_lora
 from streamalign.adapters.merge import combine_adapters, save_merged_weights, select_scale
 from streamalign.cli import app
 from streamalign.evaluate.report import EvalSettings, ModelSpec, evaluate, spread
+from streamalign.io.outputs import written_by
 from streamalign.models.checkpoint import load_generator
 from streamalign.pipeline import Pipeline
 from streamalign.scoring import bootstrap_ci
@@ -156,6 +157,10 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path):
     assert set(h["stage_seconds"]) == {"collect", "train semi", "train on", "merge sweep", "evaluate"}
     for f in ("merge/sweep.md", "merge/sweep.png", "report/report.md", "report/diffs.png", "report/samples/grid-0.png"):
         assert (d / f).is_file(), f
+    kinds = {".": "demo", "buffer": "collect", "semi": "train", "on": "train", "on/rollouts": "collect",
+             "merge": "merge", "report": "evaluate"}  # every output folder names the command that wrote it
+    assert {k: written_by(d / k) for k in kinds} == kinds
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temporaries left beside it
 
 
 def edited_adapter(src, dst, config=None, rename=None):

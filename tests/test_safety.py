@@ -3,23 +3,7 @@ and legacy pickles, adapter rank / module mismatches."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-import pytest
-
 from streamalign.io.files import atomic_path, staged_folder
-
-
-@pytest.fixture
-def pids():
-    """(a PID no process has any more, the PID of a process that is still running)."""
-    done = subprocess.Popen([sys.executable, "-c", "pass"])
-    done.wait()
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    yield done.pid, alive.pid
-    alive.kill()
-    alive.wait()
 
 
 def _leftovers(folder, name, dead, live):

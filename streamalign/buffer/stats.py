@@ -13,6 +13,7 @@ from typing import Literal
 
 import pyarrow as pa
 
+from ..io.files import atomic_path, write_atomic
 from ..schemas.run import RunConfig, arg
 from .manifest import read_manifest
 
@@ -130,7 +131,8 @@ def write_result(table: pa.Table, fmt: str, out: str | Path | None) -> str | Non
     if fmt == "parquet":
         if out is None:
             raise ValueError("--format parquet needs --output FILE")
-        pq.write_table(table, out)
+        with atomic_path(out) as tmp:  # never a half-written file (a full disk, an error)
+            pq.write_table(table, tmp)
         return None
     if fmt == "csv":
         buf = io.BytesIO()
@@ -143,7 +145,7 @@ def write_result(table: pa.Table, fmt: str, out: str | Path | None) -> str | Non
     else:
         raise ValueError(f"unknown format {fmt!r}: table | csv | json | parquet")
     if out is not None:
-        Path(out).write_text(text)
+        write_atomic(out, text)
         return None
     return text
 

@@ -21,6 +21,7 @@ from ..buffer.stats import StatsRun
 from ..collect.run import CollectRun
 from ..evaluate.config import DemoRun, EvaluateRun, MergeRun, NoiseSourcesRun, ObjectivesRun, RegimesRun
 from ..generate.run import GenerateRun
+from ..io.outputs import overwrite_permitted
 from ..models.info import ConvertRun, ModelInfoRun
 from ..plan import PlanRun
 from ..schemas.run import RunConfig
@@ -100,7 +101,7 @@ def register(group: str | None, name: str, config: type, target: str, out_help: 
                                         annotation=Annotated[Path, typer.Option(help=out_help)]))  # fmt: skip
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = config.__doc__
-    stage_command(sub[group] if group else app, name, config)(command)
+    stage_command(sub[group] if group else app, name, config, group)(command)
 
 
 for entry in STAGES:
@@ -123,6 +124,7 @@ def main(
 ) -> None:
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' bars (read when it is imported, later)
     logging.basicConfig(level="WARNING" if quiet else log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -132,6 +134,8 @@ def train_cmd(cfg: TrainConfig, out: Annotated[Path, typer.Option(help="Run fold
               ) -> None:  # fmt: skip
     """Train a LoRA on the pivot chunk (CoPO, NFT or SDE-GRPO): semi-on-policy from a buffer, or on-policy.
     Under `torchrun --nproc_per_node N` gradients are averaged over ranks."""
+    if resume and overwrite_permitted(out):
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     emit(call("train.loop:train_stage", cfg, out, resume))
 
 

@@ -3,6 +3,8 @@ field, one help panel per section), ``--run-config FILE`` to start from a file, 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import inspect
 import sys
@@ -16,7 +18,9 @@ import typer
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from ..schemas.run import RunConfig, describe, leaves
+from ..io.files import DISK_FULL
+from ..io.outputs import check_output, missing_folders, permit_overwrite, remove_unused
+from ..schemas.run import RunConfig, describe, flag_name, leaves
 
 RunConfigOpt = Annotated[
     Path | None, typer.Option("--run-config", help="Start from this run file (e.g. a run's run.yaml); flags override.")
@@ -91,7 +95,7 @@ def config_flags(cls: type[RunConfig]) -> tuple[list[inspect.Parameter], dict[st
     for name, path, info, _ in leaves(cls):
         extra = info.json_schema_extra or {}
         typ, conv = _flag_type(info, bool(extra.get("lines")))
-        flag = extra.get("flag", "--" + name.replace("_", "-"))
+        flag = flag_name(name, info)
         if typ is bool and "/" not in flag:
             flag = f"{flag}/--no-{flag[2:]}"
         names = [flag, *([extra["short"]] if "short" in extra else [])]
@@ -112,24 +116,47 @@ def config_flags(cls: type[RunConfig]) -> tuple[list[inspect.Parameter], dict[st
     return params, convert
 
 
-def stage_command(app: typer.Typer, name: str, config: type[RunConfig]) -> Callable:
-    """Register ``fn(cfg, **own)`` as command `name`: its own parameters (e.g. ``out``) plus
-    ``--run-config`` plus one flag per leaf of `config`; fn receives the validated config."""
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace what --out holds when a streamalign command wrote it (collect, train, demo: start "
+    "afresh instead of continuing); files no streamalign command wrote are never replaced.")]  # fmt: skip
+
+
+def stage_command(app: typer.Typer, name: str, config: type[RunConfig], group: str | None = None) -> Callable:
+    """Register ``fn(cfg, **own)`` as command `name` (of `group`): its own parameters (e.g. ``out``) plus
+    ``--run-config`` plus one flag per leaf of `config`; fn receives the validated config. A command with
+    ``out`` also gets ``--overwrite``, and its ``--out`` is checked (``io.outputs.check_output``) before fn
+    runs, so before any model loads."""
+    command_name = f"{group} {name}" if group else name
 
     def decorate(fn: Callable) -> Callable:
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "cfg"]
         flags, convert = config_flags(config)
+        writes = any(p.name == "out" for p in own)
 
         @functools.wraps(fn)
         @clear_errors
         def command(**kwargs: Any) -> Any:
             run_file = kwargs.pop("run_config")
+            overwrite = kwargs.pop("overwrite", False)
             given = {k: convert[k](kwargs.pop(k)) for k in list(convert) if kwargs.get(k) is not None}
             for k in list(convert):
                 kwargs.pop(k, None)
-            return fn(config.build(run_file, **given), **kwargs)
+            cfg = config.build(run_file, **given)
+            if not writes:
+                return fn(cfg, **kwargs)
+            check_output(kwargs["out"], command_name, overwrite)
+            made = missing_folders(kwargs["out"])
+            try:
+                with permit_overwrite(kwargs["out"]) if overwrite else contextlib.nullcontext():
+                    return fn(cfg, **kwargs)
+            except BaseException:  # a failed run leaves no empty folders behind
+                remove_unused(made)
+                raise
 
         kw = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        if writes:
+            kw.append(inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                        annotation=OverwriteOpt))  # fmt: skip
         run = inspect.Parameter("run_config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=RunConfigOpt)
         params = [*kw, run, *flags]
         command.__signature__ = inspect.Signature(params)
@@ -140,6 +167,30 @@ def stage_command(app: typer.Typer, name: str, config: type[RunConfig]) -> Calla
     return decorate
 
 
+# errno of OSErrors that are the user's to fix (a path, permissions, space): one line, no traceback
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EEXIST,
+                   errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ENOTEMPTY}  # fmt: skip
+
+
+def os_error_line(e: OSError, target: object = None) -> str | None:
+    """One line for an OSError the user can fix (None for others: a bug or a broken device, keep the
+    traceback). Ours carry their own message; the system's name the path (or `target`, the command's
+    output, when the system gives none) and what to do."""
+    if len(e.args) == 1:
+        return str(e)
+    if e.errno not in _USER_OS_ERRORS:
+        return None
+    path = e.filename if e.filename is not None else target
+    at = f" {path}" if path is not None else ""
+    if e.errno in DISK_FULL:
+        return f"no space left on device writing{at}: the disk is full; free some space (or write elsewhere) and re-run"
+    if e.errno == errno.EROFS:
+        return f"cannot write{at}: read-only file system; write elsewhere"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot write{at}: permission denied; choose a folder you can write in"
+    return f"{e.strerror}:{at}" if at else str(e.strerror)
+
+
 def clear_errors(fn: Callable) -> Callable:
     """Turn expected user errors into one line on stderr and exit code 2."""
 
@@ -147,14 +198,18 @@ def clear_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (FileNotFoundError, ValueError) as e:  # CheckpointError, RewardError, SchemaError are ValueErrors
+        except (ValueError, OSError) as e:  # CheckpointError, RewardError, SchemaError are ValueErrors
             from pydantic import ValidationError
 
             if isinstance(e, ValidationError) and e.errors():
                 msg = describe(e)
+            elif isinstance(e, OSError):
+                msg = os_error_line(e, kwargs.get("out") or kwargs.get("output"))
+                if msg is None:
+                    raise
             else:
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            print(f"error: {msg}", file=sys.stderr)
+            print(f"error: {(msg.splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -28,9 +28,10 @@ import torch.distributed as dist
 from pydantic import Field
 
 from ..buffer.collection import BufferLock, Collection, claim_collection, read_collection, record_path, shard_name
-from ..buffer.formats import FormatName, ShardInfo, get_format, write_shard
+from ..buffer.formats import FormatName, ShardFormat, ShardInfo, get_format, write_shard
 from ..buffer.manifest import MANIFEST_DIR, write_manifest_part
-from ..io.files import checksum, remove_stale_temporaries, tree_bytes
+from ..io.files import checksum, tree_bytes
+from ..io.outputs import open_output
 from ..io.progress import progress_bar
 from ..models.kv_cache import compute_dtype
 from ..models.noise import derive_seed
@@ -44,7 +45,7 @@ from ..schemas.config import ModelConfig
 from ..schemas.run import arg
 from ..schemas.sections import DtypeName, PromptSection, RewardSection
 from ..worlds import default_prompts, default_rewards
-from .distributed import rank0_agrees
+from .distributed import barrier, rank0_agrees
 
 # the arguments a collection's id hashes (fields added later hash only when they differ from their default)
 RUN_ID_FIELDS = ("prompts", "groups", "group_size", "strength", "pivot", "seed", "format", "entries_per_shard",
@@ -197,12 +198,6 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
     return entry.cast(cfg.latent_dtype(compute_dtype(policy.model)), "cpu").validate("collected group")
 
 
-def clean_temporaries(out: Path) -> int:
-    """Remove the hidden temporaries that killed runs left in a buffer (a running process's stay); returns
-    how many were removed."""
-    return remove_stale_temporaries(out) + remove_stale_temporaries(out / MANIFEST_DIR)
-
-
 def claim(out: Path, policy: Pipeline, cfg: CollectConfig, rank: int, world: int, prefix: str) -> Collection:
     """Rank 0 checks the settings against the buffer's record and records the collection; every rank
     then reads the same record (a refusal on rank 0 stops every rank)."""
@@ -219,6 +214,14 @@ def claim(out: Path, policy: Pipeline, cfg: CollectConfig, rank: int, world: int
     return read_collection(record_path(out, prefix))
 
 
+def prepare(cfg: CollectConfig, model: ModelConfig) -> tuple[CollectConfig, ShardFormat, CompositeReward]:
+    """Every input check of a collection, before it writes anything: (the settings resolved for `model`,
+    its shard format, its reward)."""
+    cfg = cfg.resolve(model)
+    cfg.check(model.num_chunks)
+    return cfg, get_format(cfg.format), reward_of(cfg)
+
+
 def collect(
     policy: Pipeline,
     cfg: CollectConfig,
@@ -230,24 +233,22 @@ def collect(
 ) -> CollectSummary:
     """Write this rank's shards of the collection into `out` (resuming); returns what it did.
     `shard_prefix` lets several collections share one buffer folder (on-policy iterations)."""
-    cfg = cfg.resolve(policy.config)
-    cfg.check(policy.config.num_chunks)
+    cfg, fmt, reward = prepare(cfg, policy.config)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # checked, created (with its marker) or cleaned of killed runs' temporaries, once all is valid
+        open_output(out, "collect")
+    barrier()
     with BufferLock(out) if rank == 0 else contextlib.nullcontext():
         record = claim(out, policy, cfg, rank, world, shard_prefix)
-        summary = _collect_shards(policy, cfg, out, record, rank, world, progress)
+        summary = _collect_shards(policy, cfg, fmt, reward, out, record, rank, world, progress)
         if world > 1:
             dist.barrier()  # the lock is released only when every rank is done
     return summary
 
 
-def _collect_shards(policy: Pipeline, cfg: CollectConfig, out: Path, record: Collection, rank: int, world: int,
-                    progress: bool) -> CollectSummary:  # fmt: skip
+def _collect_shards(policy: Pipeline, cfg: CollectConfig, fmt: ShardFormat, reward: CompositeReward, out: Path,
+                    record: Collection, rank: int, world: int, progress: bool) -> CollectSummary:  # fmt: skip
     """Write this rank's shards of the recorded plan that are not finished yet."""
-    clean_temporaries(out)
-    fmt = get_format(cfg.format)
-    reward = reward_of(cfg)
     mine = [(k, lo, hi) for k, lo, hi in record.plan() if k % world == rank]
     # every prompt of this rank's groups encoded once, up front (then the encoder may leave the device)
     policy.text.prefetch([cfg.prompts[i % len(cfg.prompts)] for _, lo, hi in mine for i in range(lo, hi)])

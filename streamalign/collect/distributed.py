@@ -10,6 +10,12 @@ import torch
 import torch.distributed as dist
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 @contextmanager
 def rank_and_world() -> Iterator[tuple[int, int]]:
     """Yield (rank, world size); under torchrun, join the process group and wait for every rank at exit."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..buffer.collection import check_collection
 from ..buffer.inspect import buffer_info
+from ..io.files import write_atomic
 from ..models.placement import Placement
 from ..pipeline import Pipeline, resolve_config
 from ..plan import check_stage
@@ -41,7 +42,7 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     with rank_and_world() as (rank, world):
         summary = collect(policy, resolved.collect, out, rank, world)
     if rank == 0:
-        (out / RUN_FILE).write_text(run_record(resolved, "collect"))
+        write_atomic(out / RUN_FILE, run_record(resolved, "collect"))
     return rank, summary
 
 

@@ -26,8 +26,8 @@ class EvalSettings(ModelSection, EvalPromptSection, RewardSection):
     seeds_per_prompt: int = Field(4, ge=1, description="Seeds per prompt (pair i uses --seed + i for every model).",
                                   json_schema_extra={"flag": "--seeds"})  # fmt: skip
     seed: int = arg(2_000_000, "First seed of the (prompt, seed) pairs: identical noise for every model.")
-    samples: int = arg(4, "(prompt, seed) pairs written as MP4s, GIFs and frame grids.")
-    n_boot: int = arg(2000, "Bootstrap resamples of the paired differences.")
+    samples: int = Field(4, ge=0, description="(prompt, seed) pairs written as MP4s, GIFs and frame grids.")
+    n_boot: int = Field(2000, ge=1, description="Bootstrap resamples of the paired differences.")
     batch: int | None = Field(None, ge=1, description="Videos rolled out at once (default: from memory, at most 64).")
 
     def resolved(self) -> EvalSettings:
@@ -134,9 +134,9 @@ def named(spec: str) -> tuple[str, str]:
 class NoiseStudy(Section):
     """Study"""
 
-    n_prompts: int = arg(4, "Prompts used (spread over the set).")
-    seeds: int = arg(4, "Fork groups per prompt and pivot.")
-    group_size: int = arg(8, "Branches per group.", short="-G")
+    n_prompts: int = Field(4, ge=1, description="Prompts used (spread over the set).")
+    seeds: int = Field(4, ge=1, description="Fork groups per prompt and pivot.")
+    group_size: int = Field(8, ge=2, description="Branches per group.", json_schema_extra={"short": "-G"})
 
 
 class NoiseSourcesRun(RunConfig):
@@ -154,13 +154,13 @@ class ObjectiveStudy(Section):
 
     runs: tuple[str, ...] = arg(("copo", "copo-offpolicy", "nft", "sde-grpo"),
                                 "Comma-separated: copo, copo-offpolicy, nft, sde-grpo.")  # fmt: skip
-    n_prompts: int = arg(8, "Training prompts (spread over the set).")
-    iterations: int = arg(15, "On-policy iterations per objective (equal budget).")
-    batch_groups: int = arg(8, "Fresh groups per iteration.")
-    group_size: int = arg(8, "Branches per group.", short="-G")
-    lr: float = arg(1e-4, "AdamW learning rate (all objectives).")
-    eval_every: int = arg(6, "Updates between curve points.")
-    eval_seeds: int = arg(4, "Fresh seeds per prompt for the curves and the table.")
+    n_prompts: int = Field(8, ge=1, description="Training prompts (spread over the set).")
+    iterations: int = Field(15, ge=1, description="On-policy iterations per objective (equal budget).")
+    batch_groups: int = Field(8, ge=1, description="Fresh groups per iteration.")
+    group_size: int = Field(8, ge=2, description="Branches per group.", json_schema_extra={"short": "-G"})
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (all objectives).")
+    eval_every: int = Field(6, ge=1, description="Updates between curve points.")
+    eval_seeds: int = Field(4, ge=1, description="Fresh seeds per prompt for the curves and the table.")
     seed: int = arg(0, "Seed of every run.")
 
 

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..collect.collector import CollectConfig, collect
+from ..io.files import write_atomic
+from ..io.outputs import open_output
 from ..models.placement import Placement
 from ..pipeline import Pipeline
 from ..schemas.sections import Hardware
@@ -46,10 +48,11 @@ class DemoSettings:
 
 
 def run_demo(out: str | Path, settings: DemoSettings, progress: bool = True, hardware: Hardware | None = None) -> dict:
-    """Run every stage into `out` on `hardware` (default: auto); returns (and writes to ``demo.json``) the
-    headline numbers."""
+    """Run every stage into `out` on `hardware` (default: auto); re-running continues (collect skips
+    finished shards, training resumes). Returns (and writes to ``demo.json``) the headline numbers."""
     out, hardware = Path(out), hardware or Hardware()
     place, hw = Placement.of(hardware), hardware.model_dump()
+    open_output(out, "demo")
     st = settings
     t0, times = time.time(), {}
     prompts = tuple(p.text for p in held_in_prompts()[::31][: st.train_prompts])
@@ -101,7 +104,7 @@ def run_demo(out: str | Path, settings: DemoSettings, progress: bool = True, har
         "held_out_background_cleanliness": m["background_cleanliness"],
         "report": str(out / "report" / "report.md"),
     }
-    (out / "demo.json").write_text(json.dumps(headline, indent=1))
+    write_atomic(out / "demo.json", json.dumps(headline, indent=1))
     return headline
 
 

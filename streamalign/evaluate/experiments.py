@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..collect.collector import CollectConfig, collect
-from ..io.files import staged_folder
+from ..io.outputs import output_folder
 from ..io.plots import save, subplots
 from ..models.placement import Placement
 from ..pipeline import Pipeline
@@ -99,7 +99,7 @@ def run_noise_sources(cfg: NoiseSourcesRun, out: str | Path) -> list[dict]:
     texts = spread(list(default_prompts(policy.config, cfg.prompts.prompts, cfg.prompts.prompt_set)), st.n_prompts)
     policy.text.prefetch(texts)
     reward = reward_of(cfg.rewards, *default_rewards(policy.config, cfg.rewards.rewards, cfg.rewards.metrics))
-    with staged_folder(out) as tmp:
+    with output_folder(out, "experiment noise-sources") as tmp:
         rows = noise_sources(policy, texts, reward, st.seeds, st.group_size)
         noise_sources_report(rows, tmp)
     return rows
@@ -142,7 +142,7 @@ def compare_objectives(
     unknown = set(names) - {r.name for r in OBJECTIVE_RUNS}
     if unknown:
         raise ValueError(f"unknown objective runs {sorted(unknown)}: choose from {[r.name for r in OBJECTIVE_RUNS]}")
-    with staged_folder(out) as tmp:
+    with output_folder(out, "experiment objectives") as tmp:
         return compare_runs(base, runs, prompts, reward, tmp, eval_seeds, "objectives",
                             "Objectives at equal budget", progress)  # fmt: skip
 
@@ -224,7 +224,7 @@ def run_regimes(cfg: RegimesRun, out: str | Path) -> dict:
                        eval_every=st.eval_every, seed=st.seed, save_every=10**6, rewards=rewards, metrics=metrics,
                        hardware=cfg.hardware.model_dump(), **sources)  # fmt: skip
     groups, updates = st.iterations * st.batch_groups, st.iterations * st.updates_per_iter
-    with staged_folder(out) as tmp:
+    with output_folder(out, "experiment regimes") as tmp:
         ccfg = CollectConfig(prompts=texts, groups=groups, group_size=st.group_size, seed=st.seed,
                              rewards=rewards, metrics=metrics, **sources)  # fmt: skip
         policy = Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, placement=Placement.of(cfg.hardware))

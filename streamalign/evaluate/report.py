@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from ..io.files import staged_folder
 from ..io.media import frame_grid, save_gif, save_mp4
+from ..io.outputs import output_folder
 from ..io.plots import save, subplots
 from ..models.placement import CPU_FP32, Placement
 from ..pipeline import Pipeline, resolve_config
 from ..plan import check_stage
-from ..schemas.run import RUN_FILE, run_record
+from ..schemas.run import run_record
 from ..scoring import paired_differences, score_policy
 from .config import EvalSettings, EvaluateRun, named
 from .vbench import VBenchExport
@@ -60,9 +60,11 @@ def evaluate(
     out: str | Path,
     placement: Placement = CPU_FP32,
     export: VBenchExport | None = None,
+    record: str | None = None,
 ) -> dict:
     """Score every model on the same (prompt, seed) pairs; the first model is the base of the paired
-    differences. Writes the report into `out` (atomically: a temp folder renamed at the end)."""
+    differences. Writes the report (and `record` as ``run.yaml``) into `out`, staged: it replaces a
+    previous report in one step at the end (``io.outputs.output_folder``)."""
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
@@ -73,7 +75,7 @@ def evaluate(
         raise ValueError(f"prompt {dup!r} is listed twice: list each once and raise --seeds for more samples")
     check_stage("evaluate", resolve_config(settings.config, settings.wan_dir), placement, eval_batch=settings.batch,
                 videos=len(prompts) * settings.seeds_per_prompt)  # fmt: skip
-    with staged_folder(out) as tmp, export_to(export) as etmp:
+    with output_folder(out, "evaluate", record) as tmp, export_to(export) as etmp:
         return _evaluate(models, list(prompts), settings, tmp, placement, export, etmp)
 
 
@@ -83,7 +85,7 @@ def export_to(export: VBenchExport | None) -> Iterator[Path | None]:
     if export is None:
         yield None
         return
-    with staged_folder(export.out) as tmp:
+    with output_folder(export.out, "vbench export") as tmp:  # the --out rules hold for the export folder too
         yield tmp
         export.finish(tmp)
 
@@ -213,9 +215,8 @@ def run_evaluate(cfg: EvaluateRun, out: str | Path) -> dict:
             if not Path(path).exists():
                 raise FileNotFoundError(f"{'adapter' if kind == 'lora' else 'weights'} {path} does not exist")
             models.append(ModelSpec(name, **{kind: path}))
-    report = evaluate(models, st.prompts, st, out, Placement.of(cfg.hardware), cfg.vbench.exporter(list(st.prompts)))
-    (Path(out) / RUN_FILE).write_text(run_record(cfg.replace(eval=st), "evaluate"))
-    return report
+    return evaluate(models, st.prompts, st, out, Placement.of(cfg.hardware), cfg.vbench.exporter(list(st.prompts)),
+                    run_record(cfg.replace(eval=st), "evaluate"))  # fmt: skip
 
 
 def summary_lines(report: dict, out: str | Path) -> list[str]:

@@ -9,14 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..adapters.merge import Selection, check_adapter_modules, combine_adapters, save_merged_weights, select_scale
-from ..io.files import require_paths, staged_folder
+from ..io.files import require_paths
+from ..io.outputs import output_folder
 from ..io.plots import save, subplots
 from ..models.checkpoint import read_adapter
 from ..models.placement import CPU_FP32, Placement
 from ..pipeline import base_checkpoint, resolve_config
 from ..plan import check_stage
 from ..schemas.config import ModelConfig
-from ..schemas.run import RUN_FILE, run_record
+from ..schemas.run import run_record
 from ..scoring import paired_differences, score_policy
 from .config import EvalSettings, MergeRun
 from .report import ModelSpec, export_to, pairs
@@ -37,9 +38,11 @@ def merge_sweep(
     placement: Placement = CPU_FP32,
     ood_results: str | Path | None = None,
     export: VBenchExport | None = None,
+    record: str | None = None,
 ) -> dict:
     """Score the base and every s_on in `scales`; write ``sweep.json``, ``sweep.md``, ``sweep.png``,
-    ``adapters/s<scale>/`` and, for the selected scale, ``adapter/`` (+ ``merged.safetensors``)."""
+    ``adapters/s<scale>/`` and, for the selected scale, ``adapter/`` (+ ``merged.safetensors``), with
+    `record` as ``run.yaml``: staged, replacing a previous sweep in one step at the end."""
     if not scales or any(s < 0 for s in scales):
         raise ValueError(f"--scales must be non-negative numbers, got {list(scales)}")
     reward = settings.reward()
@@ -53,7 +56,7 @@ def merge_sweep(
     check_adapter_modules(given, [read_adapter(f)[1] for f in given], settings.config)
     check_stage("evaluate", resolve_config(settings.config, settings.wan_dir), placement, eval_batch=settings.batch,
                 videos=len(prompts) * settings.seeds_per_prompt)  # fmt: skip
-    with staged_folder(out) as tmp, export_to(export) as etmp:
+    with output_folder(out, "merge", record) as tmp, export_to(export) as etmp:
         return _sweep(on, semi, scales, prompts, settings, reward, tmp, Path(out), s_semi, ood, ood_tolerance,
                       full_weights, placement, ood_results, export, etmp)  # fmt: skip
 
@@ -151,11 +154,9 @@ def run_merge(cfg: MergeRun, out: str | Path) -> dict:
     """The `merge` stage: the sweep on the resolved prompts; the results and ``run.yaml`` in `out`."""
     m, st = cfg.merge, cfg.eval.resolved()
     require_paths((m.on, "on-policy adapter"), (m.semi, "semi-on-policy adapter"), (st.checkpoint, "checkpoint"))
-    r = merge_sweep(m.on, m.semi, m.scales, st.prompts, st, out, m.s_semi, m.ood_metric, m.ood_tolerance,
-                    m.full_weights, Placement.of(cfg.hardware), m.ood_results,
-                    cfg.vbench.exporter(list(st.prompts)))  # fmt: skip
-    (Path(out) / RUN_FILE).write_text(run_record(cfg.replace(eval=st), "merge"))
-    return r
+    return merge_sweep(m.on, m.semi, m.scales, st.prompts, st, out, m.s_semi, m.ood_metric, m.ood_tolerance,
+                       m.full_weights, Placement.of(cfg.hardware), m.ood_results,
+                       cfg.vbench.exporter(list(st.prompts)), run_record(cfg.replace(eval=st), "merge"))  # fmt: skip
 
 
 def merge_stage(cfg: MergeRun, out: Path) -> str:

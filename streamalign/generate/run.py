@@ -10,11 +10,12 @@ import torch
 from pydantic import Field
 
 from ..io.media import save_mp4
+from ..io.outputs import output_folder
 from ..models.kv_cache import KVCache
 from ..models.placement import Placement
 from ..pipeline import Pipeline
 from ..plan import check_stage
-from ..schemas.run import RUN_FILE, RunConfig, Section, arg, run_record
+from ..schemas.run import RunConfig, Section, arg, run_record
 from ..schemas.sections import Hardware, PolicySection
 from .scenes import chunk_seconds, parse_scenes, scene_chunks
 
@@ -94,24 +95,27 @@ def generate(
     sink: int | None = None,
     window: int | None = None,
     progress: bool = True,
+    run: str | None = None,
 ) -> list[Path]:
-    """Write ``out/NNNN.mp4`` per line and ``out/generate.json`` (lines, seeds, scene plans)."""
+    """Write ``out/NNNN.mp4`` per line, ``out/generate.json`` (lines, seeds, scene plans) and `run` as
+    ``run.yaml``: staged, so a previous output is replaced in one step at the end, never mixed with it."""
     plans = plan(lines, policy, fps, frames)
     longest = max(sum(n for _, n, _ in scenes) for scenes in plans) * policy.config.sampler.chunk_frames
     check_stage("generate", policy.config, policy.placement, gen_frames=longest)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     policy.text.prefetch([p for scenes in plans for p, _, _ in scenes])  # every prompt encoded once
-    paths, record = [], []
-    for i, (line, scenes) in enumerate(zip(lines, plans, strict=True)):
-        video = generate_video(policy, scenes, seed + i, sink, window)
-        paths.append(save_mp4(video, out / f"{i:04d}.mp4", fps=fps))
-        record.append({"line": line, "seed": seed + i, "scenes": [list(s) for s in scenes], "frames": video.shape[0],
-                       "file": paths[-1].name})  # fmt: skip
-        if progress:
-            print(f"{paths[-1]}: {video.shape[0]} frames, {len(scenes)} scene(s)", flush=True)
-    (out / "generate.json").write_text(json.dumps({"policy": policy.policy_id, "fps": fps, "videos": record}, indent=1))
-    return paths
+    record = []
+    with output_folder(out, "generate", run) as tmp:
+        for i, (line, scenes) in enumerate(zip(lines, plans, strict=True)):
+            video = generate_video(policy, scenes, seed + i, sink, window)
+            name = save_mp4(video, tmp / f"{i:04d}.mp4", fps=fps).name
+            record.append({"line": line, "seed": seed + i, "scenes": [list(s) for s in scenes],
+                           "frames": video.shape[0], "file": name})  # fmt: skip
+            if progress:
+                print(f"{out / name}: {video.shape[0]} frames, {len(scenes)} scene(s)", flush=True)
+        videos = {"policy": policy.policy_id, "fps": fps, "videos": record}
+        (tmp / "generate.json").write_text(json.dumps(videos, indent=1))
+    return [out / r["file"] for r in record]
 
 
 def run_generate(cfg: GenerateRun, out: str | Path) -> list[Path]:
@@ -120,9 +124,8 @@ def run_generate(cfg: GenerateRun, out: str | Path) -> list[Path]:
     if not g.prompts:
         raise ValueError("give a PROMPT argument or --prompts FILE (one of them)")
     policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir, Placement.of(cfg.hardware))
-    paths = generate(policy, g.prompts, out, seed=g.seed, fps=g.fps, frames=g.frames, sink=g.sink, window=g.window)
-    (Path(out) / RUN_FILE).write_text(run_record(cfg, "generate"))
-    return paths
+    return generate(policy, g.prompts, out, seed=g.seed, fps=g.fps, frames=g.frames, sink=g.sink, window=g.window,
+                    run=run_record(cfg, "generate"))  # fmt: skip
 
 
 def generate_stage(cfg: GenerateRun, prompt: str | None, out: Path) -> str:

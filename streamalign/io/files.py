@@ -2,18 +2,23 @@
 (``staged_folder``), and the checksums and sizes of what they wrote.
 
 Both build the output beside its final place under a hidden temporary name and make it visible only
-when it is complete, so a crash or an error never leaves a half-written file or folder behind. A process
-killed mid-write (SIGKILL, OOM) does leave its hidden ``.NAME.tmp-PID`` / ``.NAME.old-PID``; the next
-write of the same target removes those whose PID is no longer running (``remove_stale_siblings``).
+when it is complete, so a crash or an error never leaves a half-written file or folder behind. A folder
+replaces a previous one in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so there is no moment
+without it. A process killed mid-write (SIGKILL, OOM) does leave its hidden ``.NAME.tmp-PID`` /
+``.NAME.old-PID``; later writes remove those whose PID is no longer running (``remove_stale``). A write
+that runs out of space is one ``OSError(ENOSPC)`` naming the output, whatever library did the writing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,8 +72,10 @@ def require_paths(*given: tuple[str | Path | None, str]) -> None:
 
 
 def remove_path(path: Path) -> None:
-    """Delete a file or a folder tree."""
-    if path.is_dir():
+    """Delete a file or a folder tree (a link: the link, never what it points to)."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
@@ -82,7 +89,7 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-_SIBLING = re.compile(r"(?:tmp|old)-(?P<pid>[0-9]+)")
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:tmp|old|probe)-(?P<pid>[0-9]+)")
 
 
 def pid_alive(pid: int) -> bool:
@@ -100,34 +107,124 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_siblings(target: Path) -> list[Path]:
-    """Remove the hidden ``.NAME.tmp-PID`` / ``.NAME.old-PID`` siblings of `target` that processes no
-    longer running left behind (a live PID's, this process's included, are kept); returns those removed."""
-    prefix = f".{target.name}."
+def remove_stale(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove the hidden ``.NAME.tmp-PID`` / ``.NAME.old-PID`` (and ``.NAME.probe-PID``: a write test)
+    entries of `folder` (of one NAME, or of any) that processes no longer running left behind; a live
+    PID's (this process's, a concurrent writer's) are kept. Returns those removed."""
     removed = []
-    if not target.parent.is_dir():
+    if not folder.is_dir():
         return removed
-    for sib in target.parent.iterdir():
-        if not sib.name.startswith(prefix):
+    for entry in folder.iterdir():
+        m = _TEMPORARY.fullmatch(entry.name)
+        if m is None or (name is not None and m["name"] != name) or pid_alive(int(m["pid"])):
             continue
-        m = _SIBLING.fullmatch(sib.name[len(prefix) :])
-        if m is None or pid_alive(int(m["pid"])):
-            continue
-        sib.unlink() if sib.is_symlink() else remove_path(sib)  # a link: remove it, never what it points to
-        removed.append(sib)
+        remove_path(entry)
+        removed.append(entry)
     return removed
 
 
-def remove_stale_temporaries(folder: Path) -> int:
-    """Remove every hidden ``.NAME.tmp-PID`` / ``.NAME.old-PID`` directly in `folder` whose process no longer
-    runs (see :func:`remove_stale_siblings`); returns how many were removed."""
-    if not folder.is_dir():
-        return 0
-    targets = {folder / m["name"] for p in folder.glob(".*") if (m := _HIDDEN.fullmatch(p.name)) is not None}
-    return sum(len(remove_stale_siblings(t)) for t in sorted(targets))
+def remove_stale_tree(folder: Path) -> list[Path]:
+    """``remove_stale`` in `folder` and in every folder below it (links are not followed)."""
+    removed = []
+    for top, dirs, _ in os.walk(folder):
+        gone = remove_stale(Path(top))
+        dirs[:] = [d for d in dirs if Path(top, d) not in gone]
+        removed += gone
+    return removed
 
 
-_HIDDEN = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-[0-9]+")
+def remove_stale_siblings(target: Path) -> list[Path]:
+    """Remove the stale ``.NAME.tmp-PID`` / ``.NAME.old-PID`` siblings of `target` (see ``remove_stale``)."""
+    return remove_stale(target.parent, target.name)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_SAYS_FULL = ("no space left on device", "os error 28", "disk quota exceeded")
+_WRITER_FAILED = ("inline_container", "pytorchstreamwriter", "file write failed")  # torch.save's words
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes this process may still write on the file system of `path` (None: unknown)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
+def disk_full(e: BaseException, where: Path) -> bool:
+    """Whether a failed write ran out of space: an OSError ENOSPC / EDQUOT, a library error that says so
+    (safetensors), or torch.save's writer failure while the file system of `where` has under 1 MiB left
+    (torch does not say why it failed)."""
+    text = str(e).lower()
+    if (isinstance(e, OSError) and e.errno in DISK_FULL) or any(t in text for t in _SAYS_FULL):
+        return True
+    free = free_bytes(where) if any(t in text for t in _WRITER_FAILED) else None
+    return free is not None and free < 2**20
+
+
+def disk_full_error(path: Path) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@contextlib.contextmanager
+def _naming_full_disk(path: Path, where: Path) -> Iterator[None]:
+    """Re-raise an out-of-space failure of the block as ``OSError(ENOSPC, path)``; `where`: a path on the
+    file system written (checked before the temporaries are removed, which frees their space)."""
+    try:
+        yield
+    except Exception as e:
+        if disk_full(e, where):
+            raise disk_full_error(path) from None
+        raise
+
+
+AT_FDCWD, RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def _load_renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (``renameat2(RENAME_EXCHANGE)``); False where the
+    system or the file system cannot (then nothing moved)."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_folder(new: Path, out: Path) -> Path | None:
+    """Put the folder `new` at `out`. A previous `out` is exchanged with it in one step, so `out` never
+    goes missing, and ends up at `new`'s path; returned for the caller to remove (None: there was none).
+    Without the exchange (other systems) the previous `out` is renamed aside first."""
+    if not out.exists() and not out.is_symlink():
+        os.rename(new, out)
+        return None
+    if not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder: streamalign never replaces a file with a folder")
+    if exchange(new, out):
+        return new
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(new, out)
+    return old
 
 
 @contextlib.contextmanager
@@ -136,14 +233,19 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     into. On success every file is fsynced and the temporary renamed to `path` (replacing a previous
     file when `overwrite`, else refusing an existing one); on failure it is removed."""
     path = Path(path)
+    if not overwrite and path.exists():  # a finished output (a file, or a folder such as a zarr shard)
+        raise FileExistsError(f"{path} already exists: a finished output is never overwritten")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give the path of a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     remove_path(tmp)
     try:
-        yield tmp
-        for f in tree_files(tmp):
-            fsync_path(f)
+        with _naming_full_disk(path, path.parent):
+            yield tmp
+            for f in tree_files(tmp):
+                fsync_path(f)
         if not overwrite and path.exists():
             raise FileExistsError(f"{path} already exists: a finished output is never overwritten")
         os.replace(tmp, path)
@@ -152,22 +254,52 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         remove_path(tmp)
 
 
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write a whole file atomically (see ``atomic_path``): text as UTF-8, or bytes."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line (a log row) whole or not at all: a failed write (a full disk) is cut off again, so
+    the file never ends in half a row; the error names the file."""
+    data = (line.rstrip("\n") + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError as e:
+            os.ftruncate(fd, size)
+            raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def staged_folder(out: str | Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside `out`. When the block succeeds it takes `out`'s place (a previous
-    `out` is moved aside first and removed after); when it fails it is removed. Nothing half-written is
-    left behind; stale temporaries of killed earlier runs for the same `out` are removed first."""
+    """Yield an empty temp folder beside `out`. When the block succeeds its files are fsynced and it
+    takes `out`'s place in one step (``replace_folder``: a previous `out` is exchanged with it, then
+    removed); when it fails it is removed. Nothing half-written is left behind, and there is no moment
+    without `out`; stale temporaries of killed earlier runs for the same `out` are removed first."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder: streamalign never replaces a file with a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    remove_path(tmp)
+    tmp.mkdir()
     try:
-        yield tmp
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        with _naming_full_disk(out, out.parent):
+            yield tmp
+            for f in tree_files(tmp):
+                fsync_path(f)
+        old = replace_folder(tmp, out)
+        fsync_path(out.parent)
+        if old is not None:
+            remove_path(old)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)

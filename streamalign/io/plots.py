@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_path
+
 
 def subplots(*args: Any, **kwargs: Any):
     """``matplotlib.pyplot.subplots`` on the Agg backend: (figure, axes)."""
@@ -18,10 +20,13 @@ def subplots(*args: Any, **kwargs: Any):
 
 
 def save(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Tight layout, write `path` (PNG), close the figure."""
+    """Tight layout, write `path` (PNG) atomically, close the figure."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi, format="png")  # explicit: an atomic write's temporary name has no .png
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:  # never half a PNG (a full disk)
+            fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.removeprefix(".") or "png")
+    finally:
+        plt.close(fig)
     return Path(path)

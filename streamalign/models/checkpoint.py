@@ -73,7 +73,7 @@ def spec_of(sd: Mapping[str, torch.Tensor], key: str) -> tuple[tuple[int, ...], 
     return tuple(sd[key].shape), sd[key].dtype
 
 
-def _read_raw(path: Path) -> Mapping:
+def _read_raw(path: Path, mmap: bool = True) -> Mapping:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; give the path of a local .pt/.safetensors file")
     if path.is_dir():
@@ -94,7 +94,7 @@ def _read_raw(path: Path) -> Mapping:
     try:
         if path.suffix == ".safetensors":
             return LazyTensors([path])
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
             raise CheckpointError(
@@ -107,16 +107,20 @@ def _read_raw(path: Path) -> Mapping:
             "streamalign never unpickles; re-save only the tensors (the state dict) as .safetensors"
         ) from None
     except Exception as e:  # unreadable or truncated
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {_first_line(e)} (need a tensors-only .pt readable with "
-            "weights_only=True, or .safetensors)"
-        ) from None
+        hint = "damaged or truncated?" if path.suffix == ".safetensors" else "damaged, or not a tensors-only .pt?"
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(e)} ({hint})") from None
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 # torch.save's legacy format: a protocol-2 pickle whose first object is this magic number (torch/serialization.py)
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def read_tensors(path: str | Path) -> Mapping:
+    """A tensors-only torch file (e.g. an optimizer state) read into memory, never unpickled: one clear
+    error for a missing, damaged or pickled file."""
+    return _read_raw(Path(path), mmap=False)
 
 
 def _first_line(e: Exception) -> str:

@@ -11,6 +11,7 @@ line; ``--run-config run.yaml`` re-runs it.
 
 from __future__ import annotations
 
+import difflib
 import json
 import subprocess
 import sys
@@ -69,6 +70,19 @@ def leaves(cls: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tuple
                     yield leaf
 
 
+def flag_name(name: str, info: FieldInfo) -> str:
+    """The command-line flag of a leaf field: its ``flag`` metadata, else ``--name-with-dashes``."""
+    return (info.json_schema_extra or {}).get("flag", "--" + name.replace("_", "-"))
+
+
+class UnknownSettingError(ValueError):
+    """A key that is no setting of a run config (its message is completed by ``describe``)."""
+
+    def __init__(self, key: str, cls: type[BaseModel]):
+        super().__init__(f"unknown setting '{key}'")
+        self.key, self.cls = key, cls
+
+
 def leaf_paths(cls: type[BaseModel]) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     for name, path, _, _ in leaves(cls):
@@ -93,7 +107,7 @@ def route(cls: type[BaseModel], data: dict) -> dict:
             out[key] = value
             continue
         if key not in paths:
-            raise ValueError(f"unknown setting '{key}' for {cls.__name__} (known: {', '.join(sorted(paths))})")
+            raise UnknownSettingError(key, cls)
         node = out
         for part in paths[key][:-1]:
             if isinstance(node.get(part), BaseModel):
@@ -115,12 +129,14 @@ class RunConfig(Section):
     def build(cls, file: str | Path | None = None, **overrides: Any):
         """The config of a run file (``--run-config``) with single fields overridden; one clear error."""
         data = read_run_file(file) if file is not None else {}
-        if overrides:
-            data = merge(route(cls, data), route(cls, overrides))
         try:
+            if overrides:
+                data = merge(route(cls, data), route(cls, overrides))
             return cls.model_validate(data)
         except ValidationError as e:
-            raise ValueError(describe(e, file)) from None
+            raise ValueError(describe(e, file, cls)) from None
+        except UnknownSettingError as e:
+            raise ValueError(unknown_setting(e.key, e.cls, file)) from None
 
     def replace(self, **changes: Any):
         """A copy with some leaves (flat names) or sections changed, validated."""
@@ -152,21 +168,47 @@ def merge(base: dict, top: dict) -> dict:
     return out
 
 
-def describe(e: ValidationError, file: str | Path | None = None) -> str:
-    """The first error as one line that names the field (and the file)."""
+def _suggestion(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def unknown_setting(where: str, cls: type[BaseModel] | None, file: str | Path | None = None) -> str:
+    """One line for a key that is no setting: the dotted key, the file, the closest known name."""
+    src = f" in {file}" if file is not None else ""
+    node, names = cls, where.split(".")
+    for part in names[:-1]:  # the section the key was given in
+        field = node.model_fields.get(part) if node is not None else None
+        subs = section_types(field.annotation) if field is not None else []
+        node = subs[0] if subs else None
+    known = []
+    if node is not None:
+        known = list(node.model_fields) + ([n for n, _, _, _ in leaves(node)] if len(names) == 1 else [])
+    return f"unknown setting '{where}'{src}: check its spelling and section{_suggestion(names[-1], known)}"
+
+
+def describe(e: ValidationError, file: str | Path | None = None, cls: type[BaseModel] | None = None) -> str:
+    """The first error as one line that names the field, its flag (when `cls`, the run config, is given)
+    and the file."""
     err = e.errors()[0]
     names = [str(x) for x in err["loc"] if not isinstance(x, int)]
     where = ".".join(names) or "config"
     msg = str(err["msg"]).removeprefix("Value error, ")
     src = f" in {file}" if file is not None else ""
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, UnknownSettingError):
+        return unknown_setting(".".join([*names, cause.key]), cause.cls, file)
     if err["type"] == "extra_forbidden":
-        return f"unknown setting '{where}'{src}: check its spelling and section"
+        return unknown_setting(where, cls, file)
     if err["type"] == "union_tag_invalid":  # e.g. objective: {name: ...}
         return f"unknown {where} '{err['ctx']['tag']}'{src}: choose one of {err['ctx']['expected_tags']}"
     if msg.startswith("--"):  # a validator's own message already names the flag
         return msg
-    flag = f" (--{names[-1].replace('_', '-')})" if names else ""
-    return f"setting '{where}'{flag}{src}: {msg}"
+    if not names:  # a check across fields: its message says what to do
+        return f"{file}: {msg}" if file is not None else msg
+    flags = {n: flag_name(n, info) for n, _, info, _ in leaves(cls)} if cls else {}  # leaf names are unique
+    flag = flags.get(names[-1], "--" + names[-1].replace("_", "-"))
+    return f"setting '{where}' ({flag}){src}: {msg}"
 
 
 def read_run_file(file: str | Path) -> dict:

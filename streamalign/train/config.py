@@ -82,7 +82,8 @@ class Logging(Section):
 
     save_every: int = Field(50, gt=0, description="Checkpoint every N updates (semi) / iterations (on).")
     eval_every: int = Field(0, ge=0, description="Score fresh videos every N updates (0: never).")
-    eval_count: int = arg(16, "Training prompts scored at each evaluation.", flag="--eval-prompts")
+    eval_count: int = Field(16, ge=1, description="Training prompts scored at each evaluation.",
+                            json_schema_extra={"flag": "--eval-prompts"})  # fmt: skip
     eval_prompts: tuple[str, ...] = arg((), "The prompts scored (default: --eval-prompts of the training prompts).",
                                         flag="--eval-prompt-file", lines=True)  # fmt: skip
     eval_seed: int = arg(1_000_000, "First seed of the evaluation videos.")

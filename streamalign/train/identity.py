@@ -11,7 +11,6 @@ from typing import Literal
 
 import yaml
 
-from ..io.files import remove_path
 from ..schemas.run import RUN_FILE, differences
 from .config import TrainConfig
 from .state import CHECKPOINTS, checkpoints
@@ -20,7 +19,6 @@ from .state import CHECKPOINTS, checkpoints
 # none reads the same data either way; one that met one stopped there)
 RESUME_MAY_CHANGE = frozenset({"schedule.steps", "data.skip_damaged"})
 ROLLOUTS = "rollouts"
-RUN_OUTPUTS = (CHECKPOINTS, ROLLOUTS, "adapter", "summary.json", "curves.png")  # what --overwrite replaces
 
 Resume = bool | Literal["auto"]
 
@@ -72,10 +70,3 @@ def saved_config(saved: Path) -> TrainConfig:
     if stage != "train":
         raise ValueError(f"--resume: {saved} records a `{stage}` run, not a training run: use another --out")
     return TrainConfig.build(saved)
-
-
-def clear_previous_run(out: Path) -> None:
-    """``--overwrite``: remove what an earlier run wrote into `out` (its checkpoints, rollouts, adapter,
-    summary, curves), so nothing of it can be resumed or mistaken for this run's."""
-    for name in RUN_OUTPUTS:
-        remove_path(out / name)

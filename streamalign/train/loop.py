@@ -8,6 +8,7 @@ generator seeded by (seed, step, entry id), so they do not depend on rank or bat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,10 +23,11 @@ import torch.distributed as dist
 from ..adapters.lora import LoraSettings, attach_lora, load_lora, lora_parameters, save_lora
 from ..buffer.manifest import read_manifest
 from ..buffer.reader import BufferReader
-from ..collect.collector import CollectConfig, collect
+from ..collect.collector import CollectConfig, collect, prepare
 from ..collect.distributed import rank_and_world
 from ..extras import require
-from ..io.files import atomic_path, require_paths, staged_folder
+from ..io.files import require_paths, staged_folder, write_atomic
+from ..io.outputs import open_output, overwrite_permitted, permit_overwrite
 from ..io.progress import progress_bar
 from ..models.noise import derive_seed
 from ..models.placement import Placement
@@ -38,7 +40,7 @@ from ..schemas.run import RUN_FILE, run_record
 from ..scoring import bootstrap_ci, score_policy
 from .config import TrainConfig
 from .health import CURVE_KEYS, health, plot_rows
-from .identity import Resume, check_run_folder, clear_previous_run
+from .identity import Resume, check_run_folder
 from .metrics import MetricsLog, read_metrics
 from .objectives import GroupInput
 from .objectives.base import composite_rewards
@@ -227,12 +229,25 @@ def _check_buffer(cfg: TrainConfig, trainer: Trainer) -> None:
         )
 
 
+def _rollout_config(cfg: TrainConfig, trainer: Trainer, world: int, it: int) -> CollectConfig:
+    """The collection of on-policy iteration `it`: fresh groups of the current policy."""
+    ro, groups = cfg.rollouts, cfg.optim.batch_groups
+    return CollectConfig(
+        prompts=ro.prompts, groups=groups, group_size=ro.group_size, strength=ro.strength,
+        seed=derive_seed(cfg.seed, 7, it), format=ro.format, rewards=ro.rewards, metrics=ro.metrics,
+        reward_paths=ro.reward_paths, reward_options=ro.reward_options, reward_plugins=ro.reward_plugins,
+        reward_device=ro.reward_device,
+        entries_per_shard=max(1, groups // world), fork=trainer.objective.fork, clip_chunks=ro.clip_chunks,
+    )  # fmt: skip
+
+
 def train(
     cfg: TrainConfig, out: str | Path, resume: Resume = False, progress: bool = True, overwrite: bool = False
 ) -> TrainSummary:
     """Run the configured loop into `out` (adapter/, checkpoints/, metrics.jsonl, curves.png, run.yaml).
     `resume`: continue the run in `out` from its newest intact checkpoint ("auto": when it has one);
-    `overwrite`: start afresh in a folder that holds an earlier run (which is removed)."""
+    `overwrite` (or ``--overwrite``): start afresh in a folder that holds an earlier run (replaced whole)."""
+    overwrite = overwrite or overwrite_permitted(out)
     out = Path(out)
     cfg = cfg.resolve()
     optim, sched, log_cfg, ro = cfg.optim, cfg.schedule, cfg.logging, cfg.rollouts
@@ -252,13 +267,14 @@ def train(
         state = Progress()
         if resume:
             state = resume_checkpoint(out, trainer.peft, trainer.opt, trainer.objective)
-        elif overwrite and rank == 0:
-            clear_previous_run(out)  # only now that the inputs are known good
+        if cfg.mode == "on":  # the rollouts' settings are checked before anything is written
+            prepare(_rollout_config(cfg, trainer, world, 0), trainer.policy.config)
+        if rank == 0:  # an earlier run is replaced only now that the inputs are known good
+            with permit_overwrite(out) if overwrite else contextlib.nullcontext():
+                open_output(out, "train")
+            write_atomic(out / RUN_FILE, run_record(cfg, "train"))
         if world > 1:
-            dist.barrier()  # nobody writes into `out` before it is cleared
-        if rank == 0:
-            with atomic_path(out / RUN_FILE) as tmp:
-                tmp.write_text(run_record(cfg, "train"))
+            dist.barrier()  # nobody writes into `out` before it is ready
         logger = (
             MetricsLog(out, state.step if resume else None, cfg.model_dump(mode="json"), log_cfg.wandb)
             if rank == 0
@@ -312,14 +328,7 @@ def train(
             rollouts = out / "rollouts"
             while state.iteration < sched.steps:
                 it = state.iteration
-                ccfg = CollectConfig(
-                    prompts=ro.prompts, groups=optim.batch_groups, group_size=ro.group_size, strength=ro.strength,
-                    seed=derive_seed(cfg.seed, 7, it), format=ro.format, rewards=ro.rewards, metrics=ro.metrics,
-                    reward_paths=ro.reward_paths, reward_options=ro.reward_options, reward_plugins=ro.reward_plugins,
-                    reward_device=ro.reward_device,
-                    entries_per_shard=max(1, optim.batch_groups // world), fork=trainer.objective.fork,
-                    clip_chunks=ro.clip_chunks,
-                )  # fmt: skip
+                ccfg = _rollout_config(cfg, trainer, world, it)
                 trainer.model.eval()
                 version = f"{trainer.policy.policy_id}+it{it:05d}"
                 rollout_policy = Pipeline(
@@ -348,8 +357,7 @@ def train(
             plot_rows(rows, out / "curves.png", CURVE_KEYS)
             summary = {"steps": state.step, "final": last, "health": health(rows, cfg.model_dump(mode="json")),
                        **({} if damaged is None else {"damaged_shards": damaged})}  # fmt: skip
-            with atomic_path(out / "summary.json") as tmp:
-                tmp.write_text(json.dumps(summary, indent=1))
+            write_atomic(out / "summary.json", json.dumps(summary, indent=1))
         return TrainSummary(state.step, time.time() - t0, out / "adapter", last, damaged)
 
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..extras import available, require
+from ..io.files import append_line, write_atomic
 
 
 class MetricsLog:
@@ -16,10 +17,10 @@ class MetricsLog:
     def __init__(self, out: Path, resume_step: int | None = None, config: dict | None = None, wandb: bool = False):
         self.path = out / "metrics.jsonl"
         if resume_step is None:
-            self.path.write_text("")
+            write_atomic(self.path, "")
         else:
             rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if self.path.exists() else []
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self.tb = None
         if available("tensorboard"):  # the [tensorboard] extra; events after the checkpoint are purged on resume
             from torch.utils.tensorboard import SummaryWriter
@@ -32,13 +33,12 @@ class MetricsLog:
             id_file = out / "wandb-run-id"
             resumed = resume_step is not None and id_file.exists()
             run_id = id_file.read_text().strip() if resumed else wb.util.generate_id()
-            id_file.write_text(run_id)
+            write_atomic(id_file, run_id)
             self.wandb = wb.init(project=os.environ.get("WANDB_PROJECT", "streamalign"), config=config or {},
                                  dir=str(out), id=run_id, resume="allow")  # fmt: skip
 
     def log(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.path, json.dumps(row))
         scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
         if self.tb is not None:
             for k, v in scalars.items():

@@ -25,6 +25,8 @@ import torch
 import yaml
 from pydantic import Field, model_validator
 
+from ...io.files import append_line
+from ...io.outputs import output_folder
 from ...io.plots import save, subplots
 from ...io.progress import progress_bar
 from ...models.checkpoint import load_state_dict_strict, read_state_dict, save_safetensors
@@ -123,12 +125,17 @@ def self_rollout_latents(
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, command: str | None = None, progress: bool = True) -> dict:
     """Train from scratch; writes shapes.safetensors (EMA weights), pretrain.yaml (recipe + results),
-    curve.jsonl and curve.png into `out_dir`. Returns the final quality report."""
+    curve.jsonl and curve.png into `out_dir`, staged: the folder appears (or replaces an earlier one) whole
+    at the end, while the run is under way its files are in the hidden ``.NAME.tmp-PID`` beside it.
+    Returns the final quality report."""
     if cfg.init is not None and not Path(cfg.init).is_file():
         raise FileNotFoundError(f"--init {cfg.init} does not exist: give the weights of a first pre-training run")
     command = command if command is not None else "streamalign " + " ".join(sys.argv[1:])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_folder(out_dir, "shapes pretrain") as out:
+        return _pretrain(cfg, out, command, progress)
+
+
+def _pretrain(cfg: PretrainConfig, out: Path, command: str, progress: bool) -> dict:
     torch.set_num_threads(cfg.threads)
     mcfg = ModelConfig.load(cfg.model)
     torch.manual_seed(cfg.seed)
@@ -199,8 +206,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, command: str | None = Non
             row.update({"colour_rate": q["colour_ok"], "direction_rate": q["direction_ok"]})
             row["elapsed_s"] = time.time() - t_start
             bar.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
-        with open(curve, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(curve, json.dumps(row))
     wall = time.time() - t_start
 
     save_safetensors(ema.state_dict(), out / "shapes.safetensors")

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 from ...models.placement import CPU_FP32, Placement
 from ...pipeline import Pipeline
@@ -89,7 +90,7 @@ class CheckRun(RunConfig):
     """Sample quality of a shapes generator: colour/direction rates and every reward, next to ground truth."""
 
     weights: str | None = arg(None, "Generator weights (default: the shipped ones).")
-    videos: int = arg(96, "Samples per prompt set (held-in and held-out).")
+    videos: int = Field(96, ge=1, description="Samples per prompt set (held-in and held-out).")
     seed: int = arg(0, "First seed; sample i uses seed + i.")
     hardware: Hardware = Hardware()
 
