@@ -7,10 +7,11 @@
   rolling KV window vs a global cache (bounded by the window vs growing with the history);
 - activation memory of one pivot-chunk update vs backprop through the whole sequence: bytes of the
   tensors autograd saves for backward (exact, counted with saved_tensors_hooks), for K anchor videos x T
-  steps at the pivot vs the same K videos x T steps in every one of the L chunks. The design promises
-  a ratio <= 1/L (plus the larger attention of late chunks).
+  steps at the pivot vs the same K videos x T steps in every one of the L chunks, both in one run. The
+  design promises a ratio <= 1/L (plus the larger attention of late chunks).
 
     python bench/bench_train.py [--batch 8] [--threads 2]
+    python bench/bench_train.py --memory-only     # the memory ratios only (seconds)
 """
 
 from __future__ import annotations
@@ -107,8 +108,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--updates", type=int, default=4)
+    ap.add_argument("--memory-only", action="store_true", help="skip the speed runs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.memory_only:
+        speed(args)
+    for config in ("shapes", "tiny"):
+        ps, f, n = memory(config)
+        mean = sum(ps) / len(ps)
+        print(f"activation memory ({config}, L={n}, 4 anchors x 4 steps): whole sequence {f / 2**20:.1f} MiB; "
+              f"pivot update by pivot {', '.join(f'{p / 2**20:.1f}' for p in ps)} MiB; ratio mean over pivots "
+              f"{mean / f:.3f}, last pivot {ps[-1] / f:.3f} (1/L = {1 / n:.3f})")  # fmt: skip
+    print("streaming long tuning, pivot update at the last chunk (shapes arch, 4 anchors x 4 steps):")
+    for n, rolling, full in streaming_memory():
+        print(f"  {n:3d} chunks: rolling window 12 frames {rolling / 2**20:6.1f} MiB | global cache "
+              f"{full / 2**20:6.1f} MiB  ({full / rolling:.1f}x)")  # fmt: skip
+
+
+def speed(args: argparse.Namespace) -> None:
     prompts = tuple(p.text for p in held_in_prompts()[::7])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -131,16 +148,6 @@ def main() -> None:
         f"  on-policy iteration     {on:7.2f} s  (collect {args.batch} groups + 2 updates) "
         f"= {on / semi:.1f}x a semi update"
     )
-    for config in ("shapes", "tiny"):
-        ps, f, n = memory(config)
-        mean = sum(ps) / len(ps)
-        print(f"activation memory ({config}, L={n}, 4 anchors x 4 steps): whole sequence {f / 2**20:.1f} MiB; "
-              f"pivot update by pivot {', '.join(f'{p / 2**20:.1f}' for p in ps)} MiB; ratio mean over pivots "
-              f"{mean / f:.3f}, last pivot {ps[-1] / f:.3f} (1/L = {1 / n:.3f})")  # fmt: skip
-    print("streaming long tuning, pivot update at the last chunk (shapes arch, 4 anchors x 4 steps):")
-    for n, rolling, full in streaming_memory():
-        print(f"  {n:3d} chunks: rolling window 12 frames {rolling / 2**20:6.1f} MiB | global cache "
-              f"{full / 2**20:6.1f} MiB  ({full / rolling:.1f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

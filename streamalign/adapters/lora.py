@@ -78,3 +78,14 @@ def save_lora(peft_model: PeftModel, folder: str | Path) -> Path:
 def lora_parameters(peft_model: PeftModel) -> list[tuple[str, torch.nn.Parameter]]:
     """The trainable LoRA parameters in a fixed (module) order."""
     return [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+
+
+def cast_lora_inputs(peft_model: PeftModel, enabled: bool) -> None:
+    """Whether peft casts every adapted layer's input to the LoRA weights' dtype (float32) before the LoRA
+    factors. Under autocast the factors compute in the autocast dtype either way, so the cast only adds a
+    float32 copy of each adapted layer's input to the activations (off: the same numbers, less memory)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = enabled

@@ -101,22 +101,19 @@ def attend_parts(q: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tens
     One part: plain :func:`attend`. A shared prefix below ``MERGE_MIN_BYTES`` per row: joined to the own
     keys (one kernel). Larger: each part's output and LSE, merged exactly in float32
     (``o = sum_i exp(lse_i - lse) o_i``, folded pairwise), so a batch-1 part (the shared prefix) is never
-    broadcast to B rows. Under autograd the forward is the same merge (so a training replay reproduces
-    the rollout that recorded it to the last bit the kernels allow) and the backward recomputes attention
-    over the concatenated keys, whose gradient is the same function's (the fused kernels do not
-    differentiate their LSE). Returns [B, Lq, H, D] in q's dtype.
+    broadcast to B rows. Under autograd the forward is the same (so a training replay reproduces the
+    rollout that recorded it to the last bit the kernels allow) and only the parts are saved for backward
+    (a batch-1 prefix stays one copy, never B); the backward recomputes attention over the concatenated
+    keys, whose gradient is the same function's (the fused kernels do not differentiate their LSE).
+    Returns [B, Lq, H, D] in q's dtype.
     """
     if len(parts) == 1:
         return attend(q, *parts[0])
     flat = [t for kv in parts for t in kv]
-    if _shared_bytes_per_row(q, parts) < MERGE_MIN_BYTES:  # small prefix: one kernel over the joined keys
-        b = q.shape[0]
-        k = torch.cat([t.expand(b, *t.shape[1:]) for t in flat[::2]], dim=1)
-        v = torch.cat([t.expand(b, *t.shape[1:]) for t in flat[1::2]], dim=1)
-        return attend(q, k, v)
+    join = _shared_bytes_per_row(q, parts) < MERGE_MIN_BYTES  # small prefix: one kernel over the joined keys
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, *flat)):
-        return _MergedParts.apply(q, *flat)
-    return _merge_parts(q, parts)
+        return _PartsAttention.apply(join, q, *flat)
+    return _attend_joined(q, flat) if join else _merge_parts(q, parts)
 
 
 def _shared_bytes_per_row(q: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
@@ -124,6 +121,14 @@ def _shared_bytes_per_row(q: torch.Tensor, parts: Sequence[tuple[torch.Tensor, t
     if q.shape[0] == 1:
         return 0
     return sum(2 * k.numel() * k.element_size() for k, _ in parts if k.shape[0] == 1)
+
+
+def _attend_joined(q: torch.Tensor, flat: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Attention over the parts (k0, v0, k1, v1, ...) concatenated along the keys, batch-1 parts broadcast."""
+    b = q.shape[0]
+    k = torch.cat([t.expand(b, *t.shape[1:]) for t in flat[::2]], dim=1)
+    v = torch.cat([t.expand(b, *t.shape[1:]) for t in flat[1::2]], dim=1)
+    return attend(q, k, v)
 
 
 def _merge_parts(q: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -139,22 +144,25 @@ def _merge_parts(q: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tens
     return out.to(q.dtype)
 
 
-class _MergedParts(torch.autograd.Function):
-    """Forward: :func:`_merge_parts`. Backward: the gradient of attention over the concatenated parts."""
+class _PartsAttention(torch.autograd.Function):
+    """Forward: the joined kernel or :func:`_merge_parts`, saving only q and the parts (no per-row copies
+    of a shared part). Backward: the gradient of attention over the concatenated parts, recomputed."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, join: bool, q: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(q, *flat)
+        dev = q.device.type  # the recomputation runs under the forward's autocast (mixed-dtype parts)
+        ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
+        if join:
+            return _attend_joined(q, flat)
         return _merge_parts(q, list(zip(flat[::2], flat[1::2], strict=True)))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         q, *flat = (t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors)
-        b = q.shape[0]
-        with torch.enable_grad():
-            k = torch.cat([t.expand(b, *t.shape[1:]) for t in flat[::2]], dim=1)
-            v = torch.cat([t.expand(b, *t.shape[1:]) for t in flat[1::2]], dim=1)
-            out = attend(q, k, v)
+        dev, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+            out = _attend_joined(q, flat)
             inputs = [t for t in (q, *flat) if t.requires_grad]
             grads = iter(torch.autograd.grad(out, inputs, grad)) if inputs else iter(())
-        return tuple(next(grads) if t.requires_grad else None for t in (q, *flat))
+        return None, *(next(grads) if t.requires_grad else None for t in (q, *flat))

@@ -19,7 +19,10 @@ the prefix frames from the parent's storage (``prefix_k`` / ``prefix_v``, batch 
 frames the branches write themselves in its own storage (``k`` / ``v``, batch G, covering slots
 ``own_base ..`` only: a global expansion holds just the frames after the prefix). Attention then runs
 over the two parts separately and merges them exactly by their log-sum-exp
-(:func:`~streamalign.models.attention.attend_parts`). :meth:`clone` is a deep copy.
+(:func:`~streamalign.models.attention.attend_parts`). A non-storing expansion (``store=False``, the
+training replay) keeps nothing at all: each forward attends to the prefix and to the chunk it is given,
+taken straight from the forward's own k/v, and text k/v are recomputed every forward, so no state
+survives a forward (activation checkpointing can recompute any block). :meth:`clone` is a deep copy.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ import torch
 class CachePlan:
     """Where one forward call writes its tokens and which token slots it attends to.
 
-    `write` / `read` index the cache's own storage ``k[layer]`` along its token dim; for an expansion
-    `prefix_read` indexes the shared batch-1 prefix storage (None: no prefix frame is attended to)."""
+    `write` / `read` index the cache's own storage ``k[layer]`` along its token dim (a non-storing
+    expansion: `read` indexes the written chunk's tokens instead); for an expansion `prefix_read` indexes
+    the shared batch-1 prefix storage (None: no prefix frame is attended to)."""
 
     write: slice | torch.Tensor
     read: slice | torch.Tensor
@@ -110,6 +114,7 @@ class KVCache:
         self.in_prefix = [False] * self.capacity
         self.own_base = 0
         self.own_ready = [True] * num_layers
+        self.store = True  # False: a non-storing expansion (see expand())
 
     @classmethod
     def for_model(
@@ -183,8 +188,15 @@ class KVCache:
                 raise ValueError(f"KV cache: frame {f} is needed but no longer cached")
         tpf, dev, base = self.tokens_per_frame, self.device, self.own_base
         # attention is invariant to the order of keys (RoPE is already applied), so sorted slots suffice
-        own = [s - base for s in read_slots if not self.in_prefix[s]]  # never empty: the chunk reads itself
+        own = [s for s in read_slots if not self.in_prefix[s]]  # never empty: the chunk reads itself
         shared = [s for s in read_slots if self.in_prefix[s]]
+        if self.store:
+            own = [s - base for s in own]
+        else:  # the own keys are the written chunk's, in the order the slots would be read
+            written = {s: i for i, s in enumerate(write_slots)}
+            if any(s not in written for s in own):
+                raise ValueError("KV cache: a non-storing expansion attends only to its prefix and the chunk written")
+            own = [written[s] for s in own]
         return CachePlan(
             _as_index([s - base for s in write_slots], tpf, dev),
             _as_index(own, tpf, dev),
@@ -211,6 +223,11 @@ class KVCache:
         :func:`~streamalign.models.attention.attend_parts`; the prefix is never broadcast to B rows)."""
         if k.shape[0] != self.batch:
             raise ValueError(f"KV cache batch {self.batch} != input batch {k.shape[0]}")
+        if not self.store:
+            own = (_take(k.to(self.dtype), plan.read), _take(v.to(self.dtype), plan.read))
+            if plan.prefix_read is None:
+                return [own]
+            return [(_take(self.prefix_k[layer], plan.prefix_read), _take(self.prefix_v[layer], plan.prefix_read)), own]
         kc, vc = self._own(layer)
         if isinstance(plan.write, slice):
             kc[:, plan.write] = k.to(kc.dtype)
@@ -273,13 +290,17 @@ class KVCache:
                 self.own_ready = [False] * self.num_layers
 
     # -- batch sharing -------------------------------------------------------------------------------
-    def expand(self, batch: int, max_frames: int | None = None) -> KVCache:
+    def expand(self, batch: int, max_frames: int | None = None, store: bool = True) -> KVCache:
         """A cache for `batch` branches that share this batch-1 prefix without copies of it.
 
         The prefix frames (everything written so far) are read from this cache's storage; the branches'
         own frames go to new storage allocated at their first write, for slots ``own_base ..`` only.
         `max_frames`: capacity of a global expansion (default this cache's): the prefix cache need only
-        hold the prefix. This cache must not be written while the expansion is in use."""
+        hold the prefix. This cache must not be written while the expansion is in use.
+
+        ``store=False``: nothing is stored (no own storage, no text k/v, not even the prefix's): each forward
+        attends to the prefix and to the one chunk it writes, read from its own k/v, and recomputes the
+        text k/v (inside the autograd graph). For training replays of one chunk."""
         if self.batch != 1:
             raise ValueError(f"only a batch-1 cache can be expanded (this one has batch {self.batch})")
         if self.is_expansion:
@@ -299,8 +320,10 @@ class KVCache:
         out.k = [t.expand(batch, *t.shape[1:]) for t in self.k]
         out.v = [t.expand(batch, *t.shape[1:]) for t in self.v]
         out.own_ready = [False] * self.num_layers
-        out.cross_k = list(self.cross_k)  # batch-1 text k/v are shared as they are (see attend())
-        out.cross_v = list(self.cross_v)
+        out.store = store
+        # batch-1 text k/v are shared as they are (see attend()); a non-storing expansion recomputes them
+        out.cross_k = list(self.cross_k) if store else [None] * self.num_layers
+        out.cross_v = list(self.cross_v) if store else [None] * self.num_layers
         out.slot_frame = list(self.slot_frame) + [-1] * (out.capacity - self.capacity)
         out.in_prefix = [f >= 0 for f in out.slot_frame]
         return out

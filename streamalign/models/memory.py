@@ -17,6 +17,7 @@ once, as every sampler step calls the model.
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -24,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
 
 from ..schemas.config import ModelConfig
 from . import wan  # noqa: F401  (registers the wan family)
@@ -35,6 +36,9 @@ from .protocol import ChunkModel, get_family
 from .sampler import Sampler
 
 GiB = 2**30
+# under HostLogic, a tensor made from nothing (a factory) with at most this many elements is real: indices,
+# masks, counters, small tables; anything larger (weights, caches, activations, noise) is simulated
+REAL_FACTORY_NUMEL = 4096
 
 
 class LiveBytes(TorchDispatchMode):
@@ -101,6 +105,59 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+class HostLogic(TorchDispatchMode):
+    """Entered on top of a :class:`FakeTensorMode`: the host-side logic of a stage runs on real values
+    while the device work stays simulated, so code that reads values (rewards and advantages, anchor
+    draws, boolean-mask indexing, an optimizer's step counter) runs unchanged on fake weights.
+
+    An op whose tensor arguments are all real runs for real; a factory (no tensor arguments) is real when
+    its result has at most ``REAL_FACTORY_NUMEL`` elements; every other op is fake. A number read from a
+    fake tensor (``float(loss)``) is NaN: its value is not computed (statistics of a simulated step are
+    NaN; control flow must not depend on them). A truth value read from a fake tensor is `assume`
+    (default None: refused, the branch a real run takes is unknown): a caller that knows every such read
+    is a health check (``isfinite(loss)``) passes True to simulate the healthy path. An op that would write
+    fake data into a real tensor is refused (the simulation would lose the write)."""
+
+    def __init__(self, assume: bool | None = None) -> None:
+        super().__init__()
+        self.assume = assume
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "prim":  # metadata queries of fake tensors
+            return func(*args, **kwargs)
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        if len(tensors) < len(args) + len(kwargs):  # tensors inside lists (cat, foreach ops, indices)
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        fake = [isinstance(t, FakeTensor) for t in tensors]
+        if func is torch.ops.aten._local_scalar_dense.default and fake[0]:
+            if tensors[0].is_floating_point():
+                return math.nan
+            if tensors[0].dtype == torch.bool and self.assume is not None:
+                return self.assume
+            raise RuntimeError(f"simulated run: control flow reads a {tensors[0].dtype} value of a fake tensor")
+        if any(fake):
+            if func._schema.is_mutable:
+                for a in func._schema.arguments:
+                    x = kwargs.get(a.name) if a.kwarg_only else None
+                    if not a.kwarg_only:
+                        i = func._schema.arguments.index(a)
+                        x = args[i] if i < len(args) else kwargs.get(a.name)
+                    written = a.alias_info is not None and a.alias_info.is_write
+                    if written and isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor):
+                        raise RuntimeError(f"simulated run: {func} would write simulated data into a real tensor")
+            return func(*args, **kwargs)
+        if tensors:
+            with _disable_current_modes():
+                return func(*args, **kwargs)
+        out = func(*args, **kwargs)  # a factory: shapes first (fake, free), then real if small
+        leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if leaves and sum(t.numel() for t in leaves) <= REAL_FACTORY_NUMEL:
+            with _disable_current_modes():
+                return func(*args, **kwargs)
+        return out
+
+
 @dataclass
 class MemoryReport:
     """What one measured call held: bytes live before it (``baseline``), at most during it (``peak``),
@@ -133,15 +190,40 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * b * h * lq * lk * (d + dv)
 
 
+class _NoModules:
+    """Stands in for FlopCounterMode's ModuleTracker: every FLOP is counted under "Global" only."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _NoModules:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+class GlobalFlops(FlopCounterMode):
+    """``FlopCounterMode`` (its formulas, plus `custom_mapping`) without the per-module breakdown: the
+    module tracker hooks every module's outputs for the backward, which keeps activations alive that
+    activation checkpointing frees, so a memory measurement under it would be wrong."""
+
+    def __init__(self, custom_mapping: dict | None = None) -> None:
+        super().__init__(display=False, custom_mapping=custom_mapping)
+        self.mod_tracker = _NoModules()
+
+
+def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kw) -> int:
+    """FLOPs of the CPU flash kernel's backward (recomputed scores, then 4 products): the formula torch
+    uses for the CUDA kernels, [B, H, L, D] layouts."""
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 def measure(
-    fn: Callable[[], Any],
-    track: Iterable[torch.Tensor] = (),
-    flops: bool = False,
-    tracker: LiveBytes | None = None,
+    fn: Callable[[], Any], track: Iterable[torch.Tensor] = (), flops: bool = False, tracker: LiveBytes | None = None
 ) -> tuple[Any, MemoryReport]:
-    """Run ``fn()`` under :class:`LiveBytes` (and ``FlopCounterMode`` if `flops`); `track` are tensors
-    alive before the call (weights, inputs) that count towards the peak; `tracker`: a fresh one to use
-    (e.g. one counting a single device, or one a callback inside `fn` reads). Returns (result, report)."""
+    """Run ``fn()`` under :class:`LiveBytes` (`tracker`, default a new one; and ``FlopCounterMode`` if
+    `flops`); `track` are tensors alive before the call (weights, inputs) that count towards the peak.
+    Returns (result, report)."""
     tracker = tracker if tracker is not None else LiveBytes()
     tracker.track(list(track))
     baseline = tracker.current
@@ -149,8 +231,9 @@ def measure(
     t0 = time.perf_counter()
     if flops:
         # FlopCounterMode looks formulas up by overload packet
-        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        counter = FlopCounterMode(display=False, custom_mapping={op: _sdpa_cpu_flops})
+        forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        counter = GlobalFlops({forward: _sdpa_cpu_flops, backward: _sdpa_cpu_backward_flops})
         with counter, tracker:
             out = fn()
     else:
@@ -188,6 +271,26 @@ def fake_module(build: Callable[[], torch.nn.Module], dtype: torch.dtype, mode: 
                         empty = torch.empty_like(t, device="cpu")
                         made[id(t)] = torch.nn.Parameter(empty, requires_grad=False) if kind == "_parameters" else empty
                     table[name] = made[id(t)]
+    return module
+
+
+def meta_generator(cfg: ModelConfig, dtype: torch.dtype) -> ChunkModel:
+    """The generator of `cfg` on the meta device (no storage, no init cost), parameters of `dtype`, frozen."""
+    with torch.device("meta"):
+        model = get_family(cfg.arch.family).build(cfg.arch)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def materialize_fake(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module:
+    """Give every parameter and buffer of a meta `module` fake CPU storage of `mode`, IN PLACE: the tensor
+    objects stay the same (``swap_tensors``), so an optimizer, a trainer or a list that already holds
+    them sees the fake tensors. Shapes, dtypes and ``requires_grad`` are kept."""
+    for t in [*module.parameters(), *module.buffers()]:
+        grad = t.requires_grad
+        with mode:  # a factory, not empty_like(t): the fake mode would keep a weak reference to t
+            fake = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+        torch.utils.swap_tensors(t, fake)
+        t.requires_grad_(grad)
     return module
 
 

@@ -35,6 +35,43 @@ MAX_VIDEO_BATCH = 64
 # float32 activations per token of one branch's chunk forward, in units of dim and ffn_dim
 ACT_DIM_FLOATS = 8
 ACT_FFN_FLOATS = 1
+# Training replays (see Sampler.auto_replay_batch / replay_row_bytes): bytes the replay rows of one update
+# may hold beyond the weights, optimizer and prefix when no device can be asked (CPU, fake tensors): the
+# same bound as the branch batches, so on a CPU every row of a small model runs in one batch.
+DEFAULT_REPLAY_MEMORY = DEFAULT_BRANCH_MEMORY
+# float32 values per token of one block of one replay row, in units of dim and ffn_dim: its recomputation
+# and backward under checkpointing (measured at full size: ~9 dim + 2.6 ffn), or what it saves for backward
+# without (~0.6 of that)
+REPLAY_DIM_FLOATS = 12
+REPLAY_FFN_FLOATS = 3
+
+
+class _RowBatches(torch.autograd.Function):
+    """Rows predicted in micro-batches (see :meth:`Sampler.predict_rows`): forward ``run(lo, hi)`` for
+    every (lo, hi) of `bounds` without a graph; backward re-runs each under autograd (and the forward's
+    autocast) and returns the parameters' gradients summed over the micro-batches."""
+
+    @staticmethod
+    def forward(ctx, run, bounds: list[tuple[int, int]], *params: torch.Tensor) -> torch.Tensor:
+        ctx.run, ctx.bounds, ctx.params = run, bounds, params
+        dev = params[0].device.type
+        ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
+        with torch.no_grad():
+            return torch.cat([run(lo, hi) for lo, hi in bounds])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dev, dtype, enabled = ctx.autocast
+        total: list[torch.Tensor | None] = [None] * len(ctx.params)
+        for lo, hi in ctx.bounds:
+            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+                out = ctx.run(lo, hi)
+            grads = torch.autograd.grad(out, ctx.params, grad[lo:hi], allow_unused=True)
+            del out  # this micro-batch's graph is gone before the next one is built
+            for i, g in enumerate(grads):
+                if g is not None:
+                    total[i] = g if total[i] is None else total[i].add_(g)
+        return None, None, *total
 
 
 @dataclass(frozen=True)
@@ -179,6 +216,41 @@ class Sampler:
             return out.float()
         s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
         return (x.double() - s * out.double()).float()
+
+    def predict_rows(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        sigma: torch.Tensor,
+        context: torch.Tensor | None,
+        prefix: KVCache,
+        start_frame: int,
+        batch: int | None = None,
+    ) -> torch.Tensor:
+        """x0 predictions [N, c, C, H, W] for N rows x [N, c, C, H, W] of the chunk that starts at frame
+        `start_frame`, at per-row timesteps t [N] and noise levels sigma [N] (float64), attending to the
+        batch-1 `prefix` cache (read in place by every row, never copied or written: each forward gets a
+        non-storing expansion, :meth:`KVCache.expand`) and the text context [1, L, D].
+
+        Differentiable w.r.t. the model's trainable weights. `batch`: rows per forward (default: all N in
+        one). With fewer, the forward runs micro-batch by micro-batch without a graph, and the backward
+        re-runs each micro-batch with gradients and backpropagates its rows' share of the incoming
+        gradient before the next: activations of one micro-batch at a time, the same gradient (summed
+        micro-batch by micro-batch: equal to float rounding), for any loss of the predictions."""
+        n = x.shape[0]
+        b = n if batch is None else max(1, min(batch, n))
+
+        def run(lo: int, hi: int) -> torch.Tensor:
+            rows = prefix.expand(hi - lo, store=False)
+            return self.predict_x0(x[lo:hi], t[lo:hi], sigma[lo:hi], context, rows, start_frame)
+
+        if b == n:
+            return run(0, n)
+        bounds = [(lo, min(lo + b, n)) for lo in range(0, n, b)]
+        params = [p for p in self.model.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+        if not params:
+            return torch.cat([run(lo, hi) for lo, hi in bounds])
+        return _RowBatches.apply(run, bounds, *params)
 
     def write_context(self, cache: KVCache, latents: torch.Tensor, context: torch.Tensor | None) -> None:
         """Write clean K/V for given latents [B, k*c, C, H, W] (chunks 0..k-1) in one t=context_t pass
@@ -337,14 +409,45 @@ class Sampler:
         budget = memory_budget if memory_budget is not None else self.free_memory()
         return max(1, min(count, MAX_VIDEO_BATCH, budget // self.video_bytes(num_chunks)))
 
-    def free_memory(self) -> int:
-        """Bytes the sampler may still allocate on the model's device (see :meth:`auto_branch_batch`)."""
+    def replay_row_bytes(self, pivot: int) -> int:
+        """Device bytes one more row adds to a training replay (forward + backward) of the chunk at `pivot`
+        (an upper estimate). Per token of the chunk: with activation checkpointing
+        (``model.gradient_checkpointing``) every block's input in the compute dtype plus one block's
+        activations and gradients (``REPLAY_DIM_FLOATS * dim + REPLAY_FFN_FLOATS * ffn_dim`` float32);
+        without, those activations for every block. Plus the attention backward's keys and values of the
+        row (prefix + own, and their gradients) and the row's float32 inputs / outputs. The constants are
+        checked against the fake-tensor tracker at full size (tests/test_fullsize_train_memory.py)."""
+        arch, c, cc = self.model.arch, self.chunk_frames, self.config.cache
+        tpf, item = self.config.tokens_per_frame, compute_dtype(self.model).itemsize
+        tokens = c * tpf
+        block = tokens * (REPLAY_DIM_FLOATS * arch.dim + REPLAY_FFN_FLOATS * arch.ffn_dim) * 4
+        if getattr(self.model, "gradient_checkpointing", False):
+            acts = arch.num_layers * tokens * arch.dim * item + block
+        else:
+            acts = arch.num_layers * block
+        frames = (pivot + 1) * c if cc.window is None else min((pivot + 1) * c, cc.sink + cc.window)
+        keys = 4 * frames * tpf * arch.dim * item  # k, v and their gradients over every key the chunk reads
+        return acts + keys + 4 * math.prod(self.chunk_shape) * 4
+
+    def auto_replay_batch(self, rows: int, pivot: int, memory_budget: int | None = None) -> int:
+        """Rows of a training replay per forward/backward: at most ``memory_budget // replay_row_bytes``,
+        in as few micro-batches as that allows, balanced (16 rows that fit 15 at once: 8 + 8).
+        `memory_budget`: bytes the rows may hold on top of what is held when the replay starts (weights,
+        optimizer, the prefix KV); default as :meth:`free_memory` (``DEFAULT_REPLAY_MEMORY`` without a
+        device to ask)."""
+        budget = memory_budget if memory_budget is not None else self.free_memory(DEFAULT_REPLAY_MEMORY)
+        most = max(1, min(rows, budget // self.replay_row_bytes(pivot)))
+        return math.ceil(rows / math.ceil(rows / most))
+
+    def free_memory(self, default: int = DEFAULT_BRANCH_MEMORY) -> int:
+        """Bytes the sampler may still allocate on the model's device (see :meth:`auto_branch_batch`);
+        `default` where there is no device to ask."""
         dev = self._device()
         if dev.type == "cuda" and torch.cuda.is_available():  # pragma: no cover - needs a GPU
             free, _total = torch.cuda.mem_get_info(dev)
             idle = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
             return int(FREE_FRACTION * (free + idle))
-        return DEFAULT_BRANCH_MEMORY
+        return default
 
     @torch.no_grad()
     def generate(self, segments: Sequence[Segment], noise: NoiseSource, cache: KVCache | None = None) -> torch.Tensor:

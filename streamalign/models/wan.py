@@ -17,6 +17,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..schemas.config import ArchConfig
 from .attention import attend, attend_parts
@@ -184,7 +185,7 @@ class CrossAttention(Attention):
             bc = context.shape[0]
             k = self.norm_k(self.k(context)).view(bc, -1, self.num_heads, self.head_dim)
             v = self.v(context).view(bc, -1, self.num_heads, self.head_dim)
-            if cache is not None:
+            if cache is not None and cache.store:
                 cache.cross_k[layer], cache.cross_v[layer] = k, v
         return self.o(attend(q, k, v).flatten(2))
 
@@ -238,6 +239,10 @@ class CausalWanModel(nn.Module):
     """The Wan2.1 causal DiT (a :class:`~streamalign.models.protocol.ChunkModel`, family ``wan``)."""
 
     lora_targets = ("q", "k", "v", "o", "ffn.0", "ffn.2")  # attention projections and the FFN of every block
+    # activation checkpointing per block under autograd: each block keeps only its input for backward and
+    # recomputes the rest there (set by training; forwards that write a storing KV cache are never
+    # checkpointed: their writes must happen exactly once)
+    gradient_checkpointing = False
 
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
@@ -326,8 +331,12 @@ class CausalWanModel(nn.Module):
         elif chunk_frames is not None and (chunk_frames < nf or window is not None):
             mask = block_causal_mask(nf, gh * gw, chunk_frames, sink, window, x.device)
 
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled() and (cache is None or not cache.store)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, ctx, rope, cache, plan, i, mask)
+            if recompute:
+                tokens = checkpoint(block, tokens, e0, ctx, rope, cache, plan, i, mask, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, ctx, rope, cache, plan, i, mask)
         out = self.head(tokens, e)  # [B, F*gh*gw, ph*pw*C]
         return self.unpatchify(out, nf, gh, gw)
 

@@ -96,6 +96,18 @@ class TrainHardware(Hardware):
     # autocast auto = bf16 on CUDA, off on CPU (bf16 forces CPU autocast too, for checks); LoRA weights and
     # the optimizer stay fp32 whatever --dtype the frozen base weights take
     autocast: Literal["auto", "bf16", "off"] = arg("auto", "auto (bf16 on CUDA) | bf16 | off.")
+    # memory of the update: replay rows in micro-batches (gradients accumulated: the same update to float
+    # rounding) and activation checkpointing per transformer block; both leave a CPU run's numbers as
+    # they were by default (every row of a small model in one batch, no checkpointing)
+    replay_batch: int | None = arg(None, "Replay rows per forward/backward (default: from the memory budget).")
+    checkpointing: Literal["auto", "on", "off"] = arg("auto", "Activation checkpointing per block: auto (on CUDA) "
+                                                      "| on | off.")  # fmt: skip
+
+    def resolved(self, device_type: str) -> tuple[bool, bool]:
+        """(bf16 autocast, activation checkpointing) on a device of `device_type` ('cuda', 'cpu')."""
+        cuda = device_type == "cuda"
+        auto = {"auto": cuda, "bf16": True, "on": True, "off": False}
+        return auto[self.autocast], auto[self.checkpointing]
 
 
 class TrainConfig(RunConfig):
@@ -119,6 +131,8 @@ class TrainConfig(RunConfig):
             raise ValueError("--mode semi needs --buffer DIR (a buffer written by `streamalign collect`)")
         if self.mode == "on" and not 2 <= self.rollouts.group_size <= 256:
             raise ValueError(f"--group-size {self.rollouts.group_size} must lie in 2..256 (advantages need >= 2)")
+        if self.hardware.replay_batch is not None and self.hardware.replay_batch < 1:
+            raise ValueError(f"--replay-batch {self.hardware.replay_batch} must be >= 1 (or omit it: automatic)")
         LoraSettings(self.lora.lora_rank, self.lora.lora_alpha).check()
         return self
 

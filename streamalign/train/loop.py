@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..adapters.lora import LoraSettings, attach_lora, load_lora, lora_parameters, save_lora
+from ..adapters.lora import LoraSettings, attach_lora, cast_lora_inputs, load_lora, lora_parameters, save_lora
 from ..buffer.manifest import read_manifest
 from ..buffer.reader import BufferReader
 from ..collect.collector import CollectConfig, collect, prepare
@@ -76,29 +76,37 @@ class TrainSummary:
 
 
 class Trainer:
-    """Pipeline with a trainable LoRA, its optimizer and the shared update step."""
+    """Pipeline with a trainable LoRA, its optimizer and the shared update step. `pipeline`: the base
+    policy already in memory (default: loaded from the model section; the memory planner passes one
+    with simulated weights)."""
 
-    def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, pipeline: Pipeline | None = None) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
         hw, m = cfg.hardware, cfg.model
         place = Placement.of(hw, apply_threads=False)  # the frozen base in --dtype; LoRA and AdamW in fp32
         self.device = place.device
-        self.bf16 = hw.autocast == "bf16" or (hw.autocast == "auto" and self.device.type == "cuda")
-        base = Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, placement=place)
+        self.bf16, checkpointing = hw.resolved(self.device.type)
+        base = pipeline or Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, placement=place)
         if cfg.lora.init_adapter is not None:
             self.peft = load_lora(base.model, cfg.lora.init_adapter, trainable=True)
         else:
             self.peft = attach_lora(base.model, LoraSettings(cfg.lora.lora_rank, cfg.lora.lora_alpha), seed=cfg.seed)
         self.model = self.peft.base_model.model  # the CausalWanModel, LoRA layers injected
         self.model.train()
+        cast_lora_inputs(self.peft, not self.bf16)
+        self.model.gradient_checkpointing = checkpointing
         self.policy = Pipeline(base.config, self.model, base.text, base.codec, base.policy_id)
         self.sampler = Sampler(self.model, base.config)
-        self.replay = PivotReplay(self.sampler, cfg.data.context)
+        self.replay = PivotReplay(self.sampler, cfg.data.context, hw.replay_batch)
         self.objective = cfg.objective.build()
         self.params = [p for _, p in lora_parameters(self.peft)]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.objective.bind(self.params)  # objectives with policy copies (NFT: old and reference) keep them
         self.text_mismatches = 0  # entries whose prompt embedding hash differs from this run's encoding
+
+    def autocast(self) -> torch.autocast:
+        """The compute precision of this run's forwards (updates and on-policy rollouts alike)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def text(self, prompt: str) -> torch.Tensor:
         with torch.no_grad():
@@ -144,7 +152,7 @@ class Trainer:
                 bad = f"non-finite reward ({rewards}) in entry {e.entry_id}"
                 break
             g = torch.Generator().manual_seed(entry_seed(self.cfg.seed, step, e.entry_id))
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            with self.autocast():
                 out = self.objective.group_loss(GroupInput(e, self.text(e.prompt), g), self.replay)
             if not torch.isfinite(out.loss.detach()):
                 bad = f"non-finite loss ({float(out.loss.detach())}) in entry {e.entry_id}"
@@ -334,7 +342,8 @@ def train(
                 rollout_policy = Pipeline(
                     trainer.policy.config, trainer.model, trainer.policy.text, trainer.policy.codec, version
                 )
-                collect(rollout_policy, ccfg, rollouts, rank, world, progress=False, shard_prefix=f"it{it:05d}-")
+                with trainer.autocast():  # the updates' precision; branch batches from the device's free memory
+                    collect(rollout_policy, ccfg, rollouts, rank, world, progress=False, shard_prefix=f"it{it:05d}-")
                 trainer.model.train()
                 if world > 1:
                     dist.barrier()

@@ -1,8 +1,21 @@
-"""Activation memory, measured exactly: bytes of the tensors autograd saves for backward."""
+"""Memory of training: bytes autograd saves (exact, on real tensors) and the peak of one real update at full
+size on fake tensors (:func:`train_update_memory`, what ``plan`` reports for the ``train`` stage)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ..models.memory import GiB, HostLogic, LiveBytes, MemoryReport, materialize_fake, measure, meta_generator
+from ..pipeline import Pipeline
+from ..schemas.buffer import Entry
+from ..schemas.config import ModelConfig
+from .config import TrainConfig
+from .loop import Trainer
+
+SIMULATED = "(simulated)"  # the buffer and policy names of a simulated update
 
 
 class SavedBytes:
@@ -34,3 +47,106 @@ class SavedBytes:
 
     def __exit__(self, *exc) -> None:
         self.ctx.__exit__(*exc)
+
+
+@dataclass
+class FixedText:
+    """A text encoder that returns one given embedding [1, L, D] for any prompt (simulated updates)."""
+
+    embedding: torch.Tensor
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.embedding
+
+
+def simulated_entry(
+    cfg: ModelConfig, pivot: int, group_size: int, fork: str, dtype: torch.dtype = torch.float32
+) -> Entry:
+    """A full-size fork group of `cfg` at `pivot` with real random host tensors in `dtype` and distinct
+    rewards: what a training update reads from a buffer. (float32: the update's own float32 copy of a
+    bf16 entry is host memory, which the device peak must not count.)"""
+    g = torch.Generator().manual_seed(pivot)
+    c, lat, n = cfg.sampler.chunk_frames, cfg.latent, cfg.num_chunks
+    chw = (lat.channels, lat.height, lat.width)
+    t = len(cfg.sampler.denoising_steps)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=g).to(dtype)
+
+    x_t = rand(group_size, t, c, *chw)
+    if fork == "solver":  # the branches share the pivot's initial noise
+        x_t[:, 0] = x_t[0, 0]
+    rewards = torch.randn(group_size, generator=g)
+    return Entry(
+        context=rand(pivot * c, *chw), eps_star=rand(c, *chw), branch_noise=x_t[:, 0].clone(),
+        init_noise=rand(n, c, *chw), solver_noise=rand(n, t - 1, c, *chw), x_t=x_t, x0_old=rand(group_size, t, c, *chw),
+        branch_latents=rand(group_size, (n - pivot) * c, *chw), entry_id=f"{SIMULATED}-{pivot}", run_id=SIMULATED,
+        policy_id=SIMULATED, seed=pivot, prompt=SIMULATED, prompt_id=SIMULATED, config_name=cfg.name,
+        arch_id=cfg.arch_id, num_chunks=n, pivot=pivot, strength=0.5, timesteps=[0.0] * t,
+        rewards={"primary": rewards, "aux": rewards.flip(0)}, reward_weights={"primary": 1.0, "aux": 0.5},
+    ).validate(SIMULATED)  # fmt: skip
+
+
+def update_memory(
+    trainer: Trainer, entry: Entry, text: torch.Tensor, flops: bool = False, tracker: LiveBytes | None = None
+) -> MemoryReport:
+    """Peak bytes of ``trainer.update`` on one group `entry` (prompt embedding `text`), real or fake tensors
+    alike: weights, LoRA, the objective's policy copies and `text` counted from the start."""
+    state = trainer.objective.state_dict()
+    held = [*trainer.model.parameters(), *trainer.model.buffers(), text, *(state[0].values() if state else ())]
+    _, report = measure(lambda: trainer.update(0, [entry], 1), track=held, flops=flops, tracker=tracker)
+    return report
+
+
+def train_update_memory(
+    model: ModelConfig | str,
+    settings: TrainConfig | None = None,
+    pivot: int = 0,
+    group_size: int = 12,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    text_tokens: int | None = None,
+    device_memory: int | None = None,
+    flops: bool = False,
+) -> MemoryReport:
+    """Peak device bytes of ONE real training update at `model`'s full size, measured on fake tensors.
+
+    The real :meth:`~streamalign.train.loop.Trainer.update` runs (the objective's replay of one fork group
+    at `pivot` with G = `group_size`, backward, gradient clip, AdamW step) with `settings` (default: the
+    defaults of ``train``) resolved as on a `device` ('cuda' or 'cpu': autocast and activation
+    checkpointing 'auto'), on generator weights of `dtype` (fake) with the trainable LoRA in float32, a
+    text embedding [1, `text_tokens` (default text_len), text_dim] and a full-size entry on the host (real
+    values: rewards, anchors and every host-side decision are those of a real run, see :class:`HostLogic`).
+    `device_memory`: bytes of the simulated device, which then answers the replay's free-memory query
+    (its automatic micro-batch) as CUDA would; default none to ask (the replay's default budget).
+
+    Counted from the start: weights, LoRA, the objective's policy copies, the text embedding. Measured:
+    everything the update allocates, including the optimizer's state. ``notes`` name the settings."""
+    cfg = ModelConfig.load(model) if isinstance(model, str) else model
+    settings = settings or TrainConfig(buffer=SIMULATED)
+    bf16, checkpointing = settings.hardware.resolved(device)
+    settings = settings.replace(
+        device="cpu", autocast="bf16" if bf16 else "off", checkpointing="on" if checkpointing else "off"
+    )
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    generator = meta_generator(cfg, dtype)
+    with mode:
+        text = FixedText(torch.zeros(1, text_tokens or cfg.arch.text_len, cfg.arch.text_dim))
+    trainer = Trainer(settings, pipeline=Pipeline(cfg, generator, text, None, SIMULATED))  # LoRA on meta
+    with mode:  # weights and LoRA become fake in place (the optimizer holds the same parameters)
+        materialize_fake(trainer.peft, mode)
+        trainer.objective.bind(trainer.params)  # policy copies (NFT) of the fake LoRA
+    entry = simulated_entry(cfg, pivot, group_size, trainer.objective.fork)
+    tracker = LiveBytes()
+    if device_memory is not None:  # a device of that size: free memory = what the tracker has not counted
+        trainer.sampler.free_memory = lambda default: int(0.9 * (device_memory - tracker.current))
+    with mode, HostLogic(assume=True):  # the update reads device booleans only in its finiteness checks
+        report = update_memory(trainer, entry, text.embedding, flops, tracker)
+    report.notes.update(
+        model=cfg.name, objective=trainer.objective.name, pivot=pivot, group_size=group_size,
+        dtype=str(dtype).removeprefix("torch."), autocast="bf16" if bf16 else "off", checkpointing=checkpointing,
+        lora_rank=settings.lora.lora_rank, replay_batch=trainer.replay.last_batch, peak_gib=round(report.peak / GiB, 2),
+        weights_bytes=sum(p.untyped_storage().nbytes() for p in trainer.model.parameters() if not p.requires_grad),
+        lora_bytes=sum(p.untyped_storage().nbytes() for p in trainer.params),
+    )  # fmt: skip
+    return report

@@ -2,9 +2,11 @@
 
 The prefix (chunks before the pivot) is context only: its KV is rebuilt without grad from the stored
 clean context latents under the current policy (``context="recompute"``), or taken from the KV stored
-with the entry (``"stored"``, the rollout policy's). The pivot chunk's step inputs ``x_t`` are then run
-through the same :class:`~streamalign.models.sampler.Sampler` that generated them, as one batch of
-(branch, step) pairs, so gradients flow only through the pivot chunk.
+with the entry (``"stored"``, the rollout policy's), once per call, and every row reads it in place. The
+pivot chunk's step inputs ``x_t`` are then run through the same :class:`~streamalign.models.sampler.Sampler`
+that generated them as (branch, step) rows, ``batch`` rows per forward/backward (default: as many as the
+memory budget allows, see :meth:`~streamalign.models.sampler.Sampler.auto_replay_batch`), so gradients
+flow only through the pivot chunk and the update does not depend on the batching.
 """
 
 from __future__ import annotations
@@ -21,11 +23,18 @@ CONTEXT_MODES = ("recompute", "stored")
 class PivotReplay:
     """x0 predictions of a policy at an entry's pivot chunk. ``sampler`` wraps the (LoRA-adapted) model."""
 
-    def __init__(self, sampler: Sampler, context: str = "recompute") -> None:
+    def __init__(
+        self, sampler: Sampler, context: str = "recompute", batch: int | None = None, memory_budget: int | None = None
+    ) -> None:
         if context not in CONTEXT_MODES:
             raise ValueError(f"--context must be one of {', '.join(CONTEXT_MODES)}, got {context!r}")
+        if batch is not None and batch < 1:
+            raise ValueError(f"--replay-batch must be >= 1, got {batch}")
         self.sampler = sampler
         self.context = context
+        self.batch = batch
+        self.memory_budget = memory_budget
+        self.last_batch: int | None = None  # rows per forward of the last predict (reports)
 
     @torch.no_grad()
     def prefix(self, entry: Entry, text: torch.Tensor) -> KVCache:
@@ -49,14 +58,15 @@ class PivotReplay:
         self, entry: Entry, text: torch.Tensor, x_t: torch.Tensor, steps: torch.Tensor, cache: KVCache | None = None
     ) -> torch.Tensor:
         """x0 [N, c, C, H, W] for pivot-chunk inputs x_t [N, c, C, H, W] at schedule step indices `steps` [N];
-        differentiable w.r.t. the model's trainable weights (the prefix is not)."""
+        differentiable w.r.t. the model's trainable weights (the prefix is not; the text k/v are recomputed
+        inside the graph, so cross-attention LoRA gets gradients)."""
         s = self.sampler
         cache = cache if cache is not None else self.prefix(entry, text)
-        branches = cache.expand(x_t.shape[0])
-        branches.reset_cross()  # text k/v recomputed inside the graph: cross-attention LoRA gets gradients
         t = torch.tensor(s.schedule.timesteps, dtype=torch.float32)[steps]
         sigma = torch.tensor(s.schedule.sigmas, dtype=torch.float64)[steps]
         dev = next(s.model.parameters()).device
-        return s.predict_x0(
-            x_t.to(dev, torch.float32), t.to(dev), sigma.to(dev), text, branches, entry.pivot * s.chunk_frames
+        n = x_t.shape[0]
+        batch = self.last_batch = self.batch or s.auto_replay_batch(n, entry.pivot, self.memory_budget)
+        return s.predict_rows(
+            x_t.to(dev, torch.float32), t.to(dev), sigma.to(dev), text, cache, entry.pivot * s.chunk_frames, batch
         )
