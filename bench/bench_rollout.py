@@ -3,11 +3,11 @@
 1. Fork group vs independent rollouts (L=4 chunks, G=12, every pivot): measured speed-up vs the
    arithmetic ratio G*L / (p + G*(L-p)) in chunk generations (0-based pivot p).
 2. Forward throughput (tokens/s) and peak memory of a chunked rollout for a small and a medium config.
-3. --wan13b: the wan-1.3b config with random bf16 weights, one 81-frame (21-latent) rollout: seconds per
-   chunk and peak GPU memory (needs a GPU).
 
     python bench/bench_rollout.py            # 1 + 2 on CPU, a few minutes on 2 cores
-    python bench/bench_rollout.py --wan13b --device cuda
+
+The wan-1.3b rollout at full size on a GPU (seconds per chunk, frames/s, memory vs the plan) is
+``bench/gpu_check.py``.
 """
 
 from __future__ import annotations
@@ -159,40 +159,10 @@ def bench_throughput(device: str) -> None:
     print(f"small/medium tokens/s ratio: {rows[0][3] / rows[1][3]:.1f}x")
 
 
-def bench_wan13b(device: str) -> None:
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        raise SystemExit("error: --wan13b needs a CUDA GPU: run with --device cuda on a machine that has one")
-    cfg = ModelConfig.load("wan-1.3b")
-    print(f"\n== wan-1.3b, random bf16 weights, one 81-frame rollout ({device}) ==")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = CausalWanModel(cfg.arch).to(torch.bfloat16).eval()
-    sampler = Sampler(model, cfg)
-    ctx = torch.randn(1, 512, 4096, device=device)
-    bank = sampler.noise_bank(0)
-    torch.cuda.reset_peak_memory_stats()
-    cache = sampler.new_cache(1)
-    times = []
-    with torch.no_grad():
-        for j in range(cfg.num_chunks):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            sampler.denoise_chunk(cache, j, bank, ctx)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    print("seconds per chunk: " + ", ".join(f"{t:.3f}" for t in times))
-    print(f"mean (chunks 2..): {statistics.mean(times[1:]):.3f} s; total {sum(times):.2f} s for 21 latent frames")
-    print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-
-
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--wan13b", action="store_true", help="only the wan-1.3b GPU benchmark")
     ap.add_argument("--group", type=int, default=12)
     args = ap.parse_args()
-    if args.wan13b:
-        bench_wan13b(args.device)
-    else:
-        bench_fork(args.device, args.group)
-        bench_throughput(args.device)
+    bench_fork(args.device, args.group)
+    bench_throughput(args.device)

@@ -88,21 +88,37 @@ def base_checkpoint(cfg: ModelConfig, checkpoint: str | Path | None = None) -> s
 
 @dataclass
 class Pipeline:
-    """Generator + text encoder + codec of one policy. Videos are [B, F, 3, H, W] in [0, 1]."""
+    """Generator + text encoder + codec of one policy. Videos are [B, F, 3, H, W] in [0, 1] (or uint8
+    levels where only media need them) on `video_device`: decoded frames leave the accelerator as they
+    are decoded (the memory planner points it at the meta device, its stand-in for the host)."""
 
     config: ModelConfig
     model: ChunkModel
     text: TextEncoder
     codec: LatentCodec
     policy_id: str
+    video_device: str | torch.device = "cpu"
 
     @property
     def sampler(self) -> Sampler:
         return Sampler(self.model, self.config)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [B, F, C, h, w] -> videos [B, F', 3, H, W] in [0, 1]."""
-        return self.codec.decode(latents)
+    def decode(self, latents: torch.Tensor, uint8: bool = False) -> torch.Tensor:
+        """Latents [B, F, C, h, w] -> videos [B, F', 3, H, W] on `video_device`, in [0, 1] or uint8 levels
+        (decoded one video at a time by the Wan VAE codec)."""
+        return self.codec.decode(latents, device=self.video_device, uint8=uint8)
+
+    def decode_scenes(self, latents: torch.Tensor, runs: Sequence[int], uint8: bool = False) -> torch.Tensor:
+        """Decode a multi-scene video's latents [B, F, C, h, w] run by run: `runs` are the latent frames
+        between hard cuts (summing to F), each decoded on its own so that no codec (the Wan VAE is causal
+        in time) carries anything across a cut. Returns the runs' frames concatenated, [B, F', 3, H, W]."""
+        if sum(runs) != latents.shape[1]:
+            raise ValueError(f"scene runs {list(runs)} do not add up to the {latents.shape[1]} latent frames")
+        parts, start = [], 0
+        for n in runs:
+            parts.append(self.decode(latents[:, start : start + n], uint8))
+            start += n
+        return torch.cat(parts, dim=1)
 
     @property
     def placement(self) -> Placement:
@@ -151,19 +167,27 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(
-        self, prompts: Sequence[str], seeds: Sequence[int], batch: int = 64, num_chunks: int | None = None
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        batch: int | None = None,
+        num_chunks: int | None = None,
+        uint8: bool = False,
     ) -> torch.Tensor:
-        """One video per (prompt, seed) with the few-step sampler, noise from the seed: [N, F, 3, H, W] on the CPU."""
+        """One video per (prompt, seed) with the few-step sampler, noise from the seed: [N, F, 3, H, W] on
+        `video_device`. Rollouts run `batch` videos at a time (default: as many as the device memory allows,
+        at most 64, see :meth:`Sampler.auto_batch`); `uint8`: frames as 8-bit levels (media only)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         sampler = self.sampler
+        batch = batch or sampler.auto_batch(len(prompts), num_chunks)
         was_training = self.model.training
         self.model.eval()
         out = []
         for i in range(0, len(prompts), batch):
             ctx = self.text.encode(list(prompts[i : i + batch]))
             latents = sampler.rollout(ctx, sampler.noise_bank(list(seeds[i : i + batch])), num_chunks)
-            out.append(self.decode(latents).cpu())  # videos leave the device batch by batch
+            out.append(self.decode(latents, uint8))
         self.model.train(was_training)
         return torch.cat(out)
 
@@ -171,12 +195,19 @@ class Pipeline:
     def generate_scenes(
         self, scenes: Sequence[tuple[str, int, bool]], seed: int, cache: KVCache | None = None
     ) -> torch.Tensor:
-        """One video [F, 3, H, W] in [0, 1] (CPU) from a scene plan (prompt, chunks, hard_cut); noise from `seed`,
-        addressed by the global chunk index; `cache` (e.g. a rolling one) for long videos."""
+        """One video [F, 3, H, W] in [0, 1] from a scene plan (prompt, chunks, hard_cut); noise from `seed`,
+        addressed by the global chunk index; `cache` (e.g. a rolling one) for long videos. Each run of
+        scenes between hard cuts is decoded on its own (:meth:`decode_scenes`)."""
         self.model.eval()
         segments = [Segment(self.text.encode([p]), n, cut) for p, n, cut in scenes]
         sampler = self.sampler
-        return self.decode(sampler.generate(segments, sampler.noise_bank([seed]), cache))[0].cpu()
+        latents = sampler.generate(segments, sampler.noise_bank([seed]), cache)
+        runs: list[int] = []
+        for k, (_, n, cut) in enumerate(scenes):
+            if k == 0 or cut:
+                runs.append(0)
+            runs[-1] += n * sampler.chunk_frames
+        return self.decode_scenes(latents, runs)[0]
 
 
 def policy_id(checkpoint: str | Path, lora: str | Path | None = None, lora_alpha: float | None = None) -> str:

@@ -13,9 +13,15 @@ from .rewards import CompositeReward
 
 @torch.no_grad()
 def score_policy(
-    policy: Pipeline, prompts: Sequence[str], seeds: Sequence[int], reward: CompositeReward, batch: int = 64
+    policy: Pipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    reward: CompositeReward,
+    batch: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every reward, metric and the composite of one video per (prompt, seed): name -> float32 [N] (CPU)."""
+    """Every reward, metric and the composite of one video per (prompt, seed): name -> float32 [N] (CPU).
+    Videos are generated and scored `batch` at a time (default: from the device memory, at most 64)."""
+    batch = batch or policy.sampler.auto_batch(len(prompts))
     parts: dict[str, list[torch.Tensor]] = {}
     for i in range(0, len(prompts), batch):
         ps, ss = list(prompts[i : i + batch]), list(seeds[i : i + batch])

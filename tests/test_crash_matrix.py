@@ -106,3 +106,48 @@ def test_train_killed_then_resumed_equals_uninterrupted(tmp_path, reference, tra
     assert (out / adapter).read_bytes() == (trained / adapter).read_bytes()
     assert _rows(out) == _rows(trained)
     assert not list((out / CHECKPOINTS).glob(".*"))  # no staged leftovers
+
+
+# staged writers: a killed re-run never touches the previous output, and a finished re-run equals it
+PROMPTS_FILE_LINES = ["a red circle moving left on a black background", "a blue square moving up on a gray background"]
+STAGED = {
+    "evaluate": (["evaluate", "--seeds", "2", "--samples", "2"], ("report.json",)),
+    "generate": (["generate", "--seed", "5"], ("generate.json", "0000.mp4", "0001.mp4")),
+    "merge": (["merge", "--scales", "0,1", "--seeds", "1"], ("sweep.json", "adapter/adapter_model.safetensors")),
+}
+
+
+def _staged_args(name: str, tmp_path: Path, trained: Path) -> list[str]:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS_FILE_LINES))
+    args, _ = STAGED[name]
+    if name == "generate":
+        return [*args, "--prompts", str(prompts)]
+    if name == "merge":
+        return [*args, "--on", str(trained / "adapter"), "--prompts", str(prompts)]
+    return [*args, "--prompts", str(prompts), "--lora", str(trained / "adapter")]
+
+
+def _sums(out: Path, files) -> dict[str, str]:
+    return {f: checksum(out / f) for f in files}
+
+
+@pytest.mark.parametrize("name", list(STAGED))
+@pytest.mark.parametrize("moment", ["started", "writing"])
+def test_staged_outputs_survive_a_killed_rerun(tmp_path, trained, name, moment):
+    out = tmp_path / "out"
+    args = [*_staged_args(name, tmp_path, trained), "--out", str(out)]
+    finish(*args)
+    files = STAGED[name][1]
+    before = _sums(out, files)
+    proc = cli(*args)
+
+    def ready() -> bool:
+        tmp = [p for p in tmp_path.glob(".out.tmp-*") if p.is_dir()]
+        return bool(tmp) and (moment == "started" or any(f.is_file() for f in tmp[0].rglob("*")))
+
+    kill_when(proc, ready)
+    assert _sums(out, files) == before  # the previous output is whole, never mixed with the killed run's
+    finish(*args)  # the dead run's temporaries are removed, the output replaced in one step
+    assert _sums(out, files) == before  # deterministic: the same bytes
+    assert not list(tmp_path.glob(".out.*"))

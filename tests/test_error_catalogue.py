@@ -81,6 +81,7 @@ OUT_COMMANDS = {
     "shapes pretrain": ["shapes", "pretrain"],
     "experiment noise-sources": ["experiment", "noise-sources"],
     "experiment objectives": ["experiment", "objectives"],
+    "experiment regimes": ["experiment", "regimes"],
 }
 
 

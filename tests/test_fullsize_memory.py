@@ -9,8 +9,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from streamalign.models import attention
 from streamalign.models.kv_cache import kv_bytes
-from streamalign.models.memory import GiB, LiveBytes, fake_sampler, fork_group_memory, measure
+from streamalign.models.memory import GiB, LiveBytes, fake_sampler, fork_group_memory, measure, storage_bytes
 from streamalign.models.sampler import Sampler
+from streamalign.plan import PlanContext, PlanRun, plan, plan_stage
 from streamalign.schemas.config import ModelConfig
 
 from .conftest import make_model
@@ -129,3 +130,29 @@ def test_branch_bytes_bounds_what_one_more_branch_costs(name):
     slope = two.peak - one.peak
     print(f"{name}: one more branch costs {slope / GiB:.3f} GiB, estimated {estimate / GiB:.3f} GiB")
     assert 0 < slope <= estimate
+
+
+def test_fullsize_evaluate_batch_and_81_frame_decode_fit_40_gib(record_property):
+    """wan-1.3b on a 40 GiB GPU, default settings (bf16, the batch chosen from memory as the stage chooses
+    it): one evaluate batch — UMT5-XXL over the prompts, the rollout of the batch, and the real Wan2.1 VAE
+    architecture decoding each 81-frame 480x832 video — peaks within 40 GiB (with the CUDA reserve)."""
+    run = PlanRun.build(config="wan-1.3b", gpu_memory=40, stages=("evaluate",))
+    ctx = PlanContext(run)
+    ev = plan(run, ctx).stages["evaluate"]
+    decode = ev.phases[2]
+    weights = storage_bytes(ctx.resident())  # generator + VAE (UMT5 leaves a 40 GiB GPU after encoding)
+    assert not ctx.text_kept
+    print(f"evaluate batch {ev.notes['eval_batch']}: " + ", ".join(f"{p.name} {p.peak / GiB:.2f}" for p in ev.phases))
+    record_property("peak_gib", round(ev.peak / GiB, 2))
+    assert ev.notes["eval_batch"] >= 1 and ev.fits(40 * GiB)
+    assert 1 * GiB < decode.peak - weights < 8 * GiB  # one video's decoder state, not G videos
+
+
+def test_video_bytes_bounds_what_one_more_video_costs():
+    """The evaluate batch rests on Sampler.video_bytes: at full width and tokens per frame (2 chunks of
+    480x832 latents), one more video in a rollout batch costs no more than it estimates."""
+    run = dict(config="wan-1.3b", frames=6, stages=("evaluate",))
+    one, two = (plan_stage("evaluate", PlanRun.build(**run, eval_batch=b), flops=False).phases[1].peak for b in (1, 2))
+    estimate = fake_sampler(ModelConfig.load("wan-1.3b").with_overrides(latent={"frames": 6}))[0].video_bytes()
+    print(f"one more video costs {(two - one) / GiB:.3f} GiB, estimated {estimate / GiB:.3f} GiB")
+    assert 0 < two - one <= estimate

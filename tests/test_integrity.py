@@ -28,6 +28,7 @@ from streamalign.buffer.reader import BufferReader
 from streamalign.cli import app
 from streamalign.collect.collector import CollectConfig, collect
 from streamalign.io.files import checksum, remove_stale_tree
+from streamalign.io.outputs import MARKER, marker_text
 from streamalign.pipeline import Pipeline
 from streamalign.rewards.registry import get_spec, register
 from streamalign.train import loop
@@ -368,6 +369,7 @@ def _dead_pid() -> int:
 def test_a_dead_holders_lock_is_taken_over_and_temporaries_are_pid_aware(tmp_path, policy):
     out = tmp_path / "buf"
     out.mkdir()
+    (out / MARKER).write_text(marker_text("collect"))  # a buffer an earlier collect created
     dead = _dead_pid()
     (out / LOCK).write_text(json.dumps({"pid": dead, "host": "h", "since": "then"}))  # a kill -9's leftover
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

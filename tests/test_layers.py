@@ -17,6 +17,7 @@ LAYERS = [
     {"models"},
     {"adapters"},
     {"pipeline"},
+    {"plan"},
     {"rewards"},
     {"buffer"},
     {"worlds"},

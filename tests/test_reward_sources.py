@@ -95,8 +95,8 @@ def test_model_rewards_load_lazily_and_match_the_adapter(tmp_path):
 
 def test_dotted_output_names_and_plugin_options(plugin):
     assert parse_term("sharpness")[0].name == "sharpness"
-    with pytest.raises(RewardError, match="unknown reward 'videoalign_mq'"):
-        parse_term("videoalign.MQ:gray=1")  # the dotted form names the registered videoalign_mq
+    with pytest.raises(RewardError, match="unknown reward 'nosuchmodel_mq'"):
+        parse_term("nosuchmodel.MQ:gray=1")  # the dotted form names the registered nosuchmodel_mq
     reward = reward_of(RewardSection(rewards="bright=1", reward_plugins=f"bright={plugin}:make",
                                      reward_options="bright.offset=0.25"))  # fmt: skip
     v = _videos()

@@ -205,7 +205,7 @@ def test_rollouts_and_forks_are_byte_deterministic(tiny, text):
 @pytest.mark.slow
 def test_wan_1_3b_shape_rollout_in_bf16():
     """The real-size model path: wan-1.3b dims/heads/layers, random bf16 weights, UMT5-shaped text,
-    a small latent so it fits a CPU run (the 480x832 timing is bench/bench_rollout.py --wan13b)."""
+    a small latent so it fits a CPU run (the 480x832 timing is bench/gpu_check.py)."""
     from streamalign.models.checkpoint import load_generator
     from streamalign.schemas.config import ModelConfig
 

@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+from pydantic import Field
 
 from ..buffer.collection import BufferLock, Collection, claim_collection, read_collection, record_path, shard_name
 from ..buffer.formats import FormatName, ShardFormat, ShardInfo, get_format, write_shard
@@ -71,6 +72,8 @@ class CollectConfig(PromptSection, RewardSection):
     # so the clip fits); None scores the whole video
     clip_chunks: int | None = arg(None, "Streaming: score only this many chunks from the pivot (long configs).")
     store_dtype: DtypeName = arg("auto", "Dtype of the stored latents: auto (the compute dtype) | fp32 | bf16 | fp16.")
+    # how many branches run at once: memory only (branch i's output does not depend on it), not in the run id
+    branch_batch: int | None = Field(None, ge=1, description="Branches rolled out at once (default: from memory).")
 
     def latent_dtype(self, compute: torch.dtype) -> torch.dtype:
         """The dtype entries store their latents in (auto: the generator's compute dtype)."""
@@ -168,7 +171,8 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
     pivot = cfg.pivot_of(i, n)
     sampler = policy.sampler
     text = policy.text.encode([prompt])
-    group = sampler.fork_group(text, sampler.noise_bank(seed), pivot, cfg.group_size, cfg.strength, fork=cfg.fork)
+    group = sampler.fork_group(text, sampler.noise_bank(seed), pivot, cfg.group_size, cfg.strength, fork=cfg.fork,
+                               branch_batch=cfg.branch_batch)  # fmt: skip
     latents = group.videos()
     if cfg.clip_chunks is not None:  # streaming: the local clip that starts at the pivot
         c = sampler.chunk_frames

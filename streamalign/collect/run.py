@@ -9,6 +9,7 @@ from ..buffer.inspect import buffer_info
 from ..io.files import write_atomic
 from ..models.placement import Placement
 from ..pipeline import Pipeline, resolve_config
+from ..plan import check_stage
 from ..rewards.sources import reward_of
 from ..schemas.run import RUN_FILE, RunConfig, run_record
 from ..schemas.sections import Hardware, PolicySection
@@ -33,7 +34,10 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     early = cfg.collect.resolve(model)  # other settings than the buffer's are refused before the weights load
     reward_of(early)  # reward names, paths and plug-ins checked before any model loads
     check_collection(out, "", early.run_id, early.settings(model), early.groups)
-    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir, Placement.of(cfg.hardware))
+    placement = Placement.of(cfg.hardware)
+    check_stage("collect", model, placement, group_size=early.group_size, branch_batch=early.branch_batch,
+                pivot=None if early.pivot == "uniform" else int(early.pivot), groups=early.groups)  # fmt: skip
+    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir, placement)
     resolved = cfg.replace(collect=cfg.collect.resolve(policy.config))
     with rank_and_world() as (rank, world):
         summary = collect(policy, resolved.collect, out, rank, world)

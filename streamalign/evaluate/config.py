@@ -28,6 +28,7 @@ class EvalSettings(ModelSection, EvalPromptSection, RewardSection):
     seed: int = arg(2_000_000, "First seed of the (prompt, seed) pairs: identical noise for every model.")
     samples: int = Field(4, ge=0, description="(prompt, seed) pairs written as MP4s, GIFs and frame grids.")
     n_boot: int = Field(2000, ge=1, description="Bootstrap resamples of the paired differences.")
+    batch: int | None = Field(None, ge=1, description="Videos rolled out at once (default: from memory, at most 64).")
 
     def resolved(self) -> EvalSettings:
         """Rewards and prompts from the model's world where none are given."""

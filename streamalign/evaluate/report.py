@@ -16,7 +16,8 @@ from ..io.media import frame_grid, save_gif, save_mp4
 from ..io.outputs import output_folder
 from ..io.plots import save, subplots
 from ..models.placement import CPU_FP32, Placement
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, resolve_config
+from ..plan import check_stage
 from ..schemas.run import run_record
 from ..scoring import paired_differences, score_policy
 from .config import EvalSettings, EvaluateRun, named
@@ -72,6 +73,8 @@ def evaluate(
     if len(set(prompts)) != len(prompts):
         dup = next(p for p in prompts if list(prompts).count(p) > 1)
         raise ValueError(f"prompt {dup!r} is listed twice: list each once and raise --seeds for more samples")
+    check_stage("evaluate", resolve_config(settings.config, settings.wan_dir), placement, eval_batch=settings.batch,
+                videos=len(prompts) * settings.seeds_per_prompt)  # fmt: skip
     with output_folder(out, "evaluate", record) as tmp, export_to(export) as etmp:
         return _evaluate(models, list(prompts), settings, tmp, placement, export, etmp)
 
@@ -97,8 +100,9 @@ def _evaluate(models: Sequence[ModelSpec], prompts: list[str], st: EvalSettings,
     for m in models:
         policy = m.load(st.config, st.checkpoint, st.wan_dir, placement)
         policy.text.prefetch(prompts)  # once per process: later models find them cached
-        scores[m.name] = score_policy(policy, ps, seeds, reward)
-        sample_videos[m.name] = policy.generate([p for p, _ in chosen], [s for _, s in chosen])
+        scores[m.name] = score_policy(policy, ps, seeds, reward, st.batch)
+        # kept for the media only: 8-bit frames on the host
+        sample_videos[m.name] = policy.generate([p for p, _ in chosen], [s for _, s in chosen], st.batch, uint8=True)
         if export is not None:
             export.write(export_dir, m.name, policy.generate)
     base = models[0].name

@@ -14,7 +14,8 @@ from ..io.outputs import output_folder
 from ..io.plots import save, subplots
 from ..models.checkpoint import read_adapter
 from ..models.placement import CPU_FP32, Placement
-from ..pipeline import base_checkpoint
+from ..pipeline import base_checkpoint, resolve_config
+from ..plan import check_stage
 from ..schemas.config import ModelConfig
 from ..schemas.run import run_record
 from ..scoring import paired_differences, score_policy
@@ -53,6 +54,8 @@ def merge_sweep(
             results_metric(ood_results, row, ood)
     given = [f for f in (semi, on) if f is not None]  # refuse a bad adapter before any scoring
     check_adapter_modules(given, [read_adapter(f)[1] for f in given], settings.config)
+    check_stage("evaluate", resolve_config(settings.config, settings.wan_dir), placement, eval_batch=settings.batch,
+                videos=len(prompts) * settings.seeds_per_prompt)  # fmt: skip
     with output_folder(out, "merge", record) as tmp, export_to(export) as etmp:
         return _sweep(on, semi, scales, prompts, settings, reward, tmp, Path(out), s_semi, ood, ood_tolerance,
                       full_weights, placement, ood_results, export, etmp)  # fmt: skip
@@ -63,7 +66,7 @@ def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_
     ps, seeds = pairs(prompts, settings.seeds_per_prompt, settings.seed)
     base_policy = ModelSpec("base").load(settings.config, settings.checkpoint, settings.wan_dir, placement)
     base_policy.text.prefetch(prompts)  # once per process: every scale's pipeline finds them cached
-    base = score_policy(base_policy, ps, seeds, reward)
+    base = score_policy(base_policy, ps, seeds, reward, settings.batch)
     if export is not None:
         export.write(export_dir, "base", base_policy.generate)
     rows, diffs, folders = {}, {}, {}
@@ -75,7 +78,7 @@ def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_
         folders[s] = combine_adapters(parts(s), tmp / "adapters" / f"s{s:g}", settings.config)
         spec = ModelSpec(f"s{s:g}", lora=str(folders[s]))
         policy = spec.load(settings.config, settings.checkpoint, settings.wan_dir, placement)
-        sc = score_policy(policy, ps, seeds, reward)
+        sc = score_policy(policy, ps, seeds, reward, settings.batch)
         if export is not None:
             export.write(export_dir, spec.name, policy.generate)
         rows[s] = {k: float(v.mean()) for k, v in sc.items()}

@@ -14,6 +14,7 @@ from ..io.outputs import output_folder
 from ..models.kv_cache import KVCache
 from ..models.placement import Placement
 from ..pipeline import Pipeline
+from ..plan import check_stage
 from ..schemas.run import RunConfig, Section, arg, run_record
 from ..schemas.sections import Hardware, PolicySection
 from .scenes import chunk_seconds, parse_scenes, scene_chunks
@@ -99,6 +100,8 @@ def generate(
     """Write ``out/NNNN.mp4`` per line, ``out/generate.json`` (lines, seeds, scene plans) and `run` as
     ``run.yaml``: staged, so a previous output is replaced in one step at the end, never mixed with it."""
     plans = plan(lines, policy, fps, frames)
+    longest = max(sum(n for _, n, _ in scenes) for scenes in plans) * policy.config.sampler.chunk_frames
+    check_stage("generate", policy.config, policy.placement, gen_frames=longest)
     out = Path(out)
     policy.text.prefetch([p for scenes in plans for p, _, _ in scenes])  # every prompt encoded once
     record = []

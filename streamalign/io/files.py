@@ -233,6 +233,8 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     into. On success every file is fsynced and the temporary renamed to `path` (replacing a previous
     file when `overwrite`, else refusing an existing one); on failure it is removed."""
     path = Path(path)
+    if not overwrite and path.exists():  # a finished output (a file, or a folder such as a zarr shard)
+        raise FileExistsError(f"{path} already exists: a finished output is never overwritten")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder: give the path of a file")
     path.parent.mkdir(parents=True, exist_ok=True)

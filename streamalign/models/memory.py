@@ -46,11 +46,14 @@ class LiveBytes(TorchDispatchMode):
     :meth:`track`, e.g. weights that exist before it is entered). Units: bytes.
 
     ``current``: bytes of tracked storages alive now; ``peak``: the maximum of ``current`` after any op;
-    ``largest``: the largest single storage seen (bytes), for reports.
+    ``largest``: the largest single storage seen (bytes), for reports. `device`: count only storages on
+    that device type (e.g. ``"cpu"``, the accelerator's stand-in under fake tensors, while decoded videos
+    go to the ``"meta"`` host stand-in); None counts every storage.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | None = None) -> None:
         super().__init__()
+        self.device = device
         self._refs: dict[int, tuple[weakref.ref, int]] = {}  # id(storage) -> (weakref, bytes counted)
         self.current = 0
         self.peak = 0
@@ -62,7 +65,8 @@ class LiveBytes(TorchDispatchMode):
         self.current -= nbytes
 
     def _add(self, t: torch.Tensor) -> None:
-        if t.device.type == "meta":  # meta tensors hold no bytes (a fake tensor reports its fake device)
+        # meta tensors hold no bytes (a fake tensor reports its fake device): the planner's host stand-in
+        if t.device.type == "meta" or (self.device is not None and t.device.type != self.device):
             return
         st = t.untyped_storage()
         key = id(st)
@@ -220,7 +224,7 @@ def measure(
     """Run ``fn()`` under :class:`LiveBytes` (`tracker`, default a new one; and ``FlopCounterMode`` if
     `flops`); `track` are tensors alive before the call (weights, inputs) that count towards the peak.
     Returns (result, report)."""
-    tracker = tracker or LiveBytes()
+    tracker = tracker if tracker is not None else LiveBytes()
     tracker.track(list(track))
     baseline = tracker.current
     counter = None
@@ -247,6 +251,29 @@ def measure(
     return out, report
 
 
+def fake_module(build: Callable[[], torch.nn.Module], dtype: torch.dtype, mode: FakeTensorMode) -> torch.nn.Module:
+    """``build()`` on the meta device (no init cost), cast to `dtype`, in eval mode without gradients,
+    then given storage-less fake CPU parameters and buffers under `mode` (which must allow non-fake
+    inputs: the meta tensors are the templates). Tied parameters stay tied (``to_empty`` would untie
+    them, e.g. a transformers encoder's shared embedding). Shapes and dtypes are the real ones."""
+    with torch.device("meta"):
+        module = build()
+    module = module.to(dtype).eval().requires_grad_(False)
+    made: dict[int, torch.Tensor] = {}
+    with mode:
+        for sub in module.modules():
+            for kind in ("_parameters", "_buffers"):
+                table = getattr(sub, kind)
+                for name, t in table.items():
+                    if t is None:
+                        continue
+                    if id(t) not in made:
+                        empty = torch.empty_like(t, device="cpu")
+                        made[id(t)] = torch.nn.Parameter(empty, requires_grad=False) if kind == "_parameters" else empty
+                    table[name] = made[id(t)]
+    return module
+
+
 def meta_generator(cfg: ModelConfig, dtype: torch.dtype) -> ChunkModel:
     """The generator of `cfg` on the meta device (no storage, no init cost), parameters of `dtype`, frozen."""
     with torch.device("meta"):
@@ -268,11 +295,17 @@ def materialize_fake(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.
 
 
 def fake_generator(cfg: ModelConfig, dtype: torch.dtype, mode: FakeTensorMode) -> ChunkModel:
-    """The generator of `cfg` with fake CPU parameters of `dtype` (of `mode`), built on the meta device.
-    Shapes and dtypes are the real ones. (A module whose parameters are already fake cannot be moved with
-    ``.to()``: build anything that wraps it, e.g. LoRA, on the :func:`meta_generator` first, then
-    :func:`materialize_fake` the whole.)"""
-    return materialize_fake(meta_generator(cfg, dtype), mode)
+    """The generator of `cfg` with fake CPU parameters of `dtype` (:func:`fake_module`)."""
+    return fake_module(lambda: get_family(cfg.arch.family).build(cfg.arch), dtype, mode)
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages of `tensors` (a module's weights: shared ones once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[id(st)] = st.nbytes()
+    return sum(seen.values())
 
 
 def fake_sampler(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> tuple[Sampler, FakeTensorMode]:
@@ -312,6 +345,6 @@ def fork_group_memory(
         pivot=pivot,
         group_size=group_size,
         dtype=str(dtype).removeprefix("torch."),
-        weights_bytes=sum(t.untyped_storage().nbytes() for t in weights),
+        weights_bytes=storage_bytes(weights),
     )
     return report

@@ -27,6 +27,11 @@ from .protocol import ChunkModel
 # at full size a wan-1.3b group then peaks near 20 GiB at any pivot (a 40/48 GB card, with room for the
 # text encoder or VAE), while a wan-14b branch alone needs ~26 GiB at pivot 0 (batches of 1).
 DEFAULT_BRANCH_MEMORY = 24 * 2**30
+# On CUDA a batch may take this fraction of the memory not in use (the rest: allocator rounding, fragmentation)
+FREE_FRACTION = 0.9
+# Plain rollout batches (evaluate, merge) hold at most this many videos (the fixed batch they had before
+# batches were sized from memory: small models keep their batches, hence their numbers)
+MAX_VIDEO_BATCH = 64
 # float32 activations per token of one branch's chunk forward, in units of dim and ffn_dim
 ACT_DIM_FLOATS = 8
 ACT_FFN_FLOATS = 1
@@ -352,27 +357,40 @@ class Sampler:
             branch_latents=torch.cat(latents),
         )
 
-    # -- memory of fork groups -----------------------------------------------------------------------
-    def branch_bytes(self, pivot: int, num_chunks: int | None = None) -> int:
-        """Device bytes one more branch adds to a batch of a fork group at `pivot` (an upper estimate):
-        its own KV (the frames after the prefix, in the cache dtype; a rolling cache's ring at most) plus
-        the activations of one chunk forward and the chunk's recorded float32 step inputs / predictions.
+    # -- memory of fork groups and batches ------------------------------------------------------------
+    def _row_bytes(self, kv_frames: int, chunks: int) -> int:
+        """Device bytes of one more batch row holding `kv_frames` frames of its own K/V and `chunks` float32
+        chunks (outputs, recorded steps), plus the activations of one chunk forward.
 
-        Activations per branch, for n = chunk_frames * tokens_per_frame tokens, are bounded by
+        Activations per row, for n = chunk_frames * tokens_per_frame tokens, are bounded by
         ``n * (ACT_DIM_FLOATS * dim + ACT_FFN_FLOATS * ffn_dim) * 4`` bytes: the float32 q/k RMSNorm and
         RoPE temporaries, the float32 LSE-merge accumulator, the FFN hidden state. The constants are
         checked against the fake-tensor tracker at full size (tests/test_fullsize_memory.py)."""
+        arch, c, tpf = self.model.arch, self.chunk_frames, self.config.tokens_per_frame
+        kv = kv_bytes(arch.num_layers, kv_frames, tpf, arch.num_heads, arch.head_dim, compute_dtype(self.model))
+        act = c * tpf * (ACT_DIM_FLOATS * arch.dim + ACT_FFN_FLOATS * arch.ffn_dim) * 4
+        return kv + act + chunks * math.prod(self.chunk_shape) * 4
+
+    def branch_bytes(self, pivot: int, num_chunks: int | None = None) -> int:
+        """Device bytes one more branch adds to a batch of a fork group at `pivot` (an upper estimate):
+        its own KV (the frames after the prefix, in the cache dtype; a rolling cache's ring at most) plus
+        the activations of one chunk forward and the chunk's recorded float32 step inputs / predictions
+        and its output chunks (see :meth:`_row_bytes`)."""
         n = num_chunks or self.config.num_chunks
-        arch, c, cc = self.model.arch, self.chunk_frames, self.config.cache
+        c, cc = self.chunk_frames, self.config.cache
         prefix_frames = pivot * c
         # global: the frames after the prefix; rolling: the ring, plus the sink frames the prefix lacks
         own = n * c - prefix_frames if cc.window is None else cc.sink + cc.window - min(prefix_frames, cc.sink)
-        tpf = self.config.tokens_per_frame
-        kv = kv_bytes(arch.num_layers, own, tpf, arch.num_heads, arch.head_dim, compute_dtype(self.model))
-        act = c * tpf * (ACT_DIM_FLOATS * arch.dim + ACT_FFN_FLOATS * arch.ffn_dim) * 4
-        chunk = math.prod(self.chunk_shape) * 4
-        recorded = 2 * len(self.schedule) * chunk + (n - pivot) * chunk
-        return kv + act + recorded
+        return self._row_bytes(own, 2 * len(self.schedule) + (n - pivot))
+
+    def video_bytes(self, num_chunks: int | None = None) -> int:
+        """Device bytes one more video adds to a batch of plain rollouts (evaluate, merge): its KV cache
+        (every frame, or the rolling cache's sink + window), the activations of one chunk forward and its
+        output chunks (twice: the list and the concatenated video)."""
+        n = num_chunks or self.config.num_chunks
+        cc = self.config.cache
+        frames = n * self.chunk_frames if cc.window is None else cc.sink + cc.window
+        return self._row_bytes(frames, 2 * n)
 
     def auto_branch_batch(
         self, group_size: int, pivot: int, num_chunks: int | None = None, memory_budget: int | None = None
@@ -380,10 +398,16 @@ class Sampler:
         """How many branches of a fork group run at once: ``memory_budget // branch_bytes`` in 1..G.
 
         `memory_budget` is the bytes the branch batches may add on top of what is held when they start
-        (weights, the prefix KV). Default: on CUDA, 90% of the device memory not in use (free plus cached
-        by PyTorch's allocator but unallocated); elsewhere (CPU, fake tensors) ``DEFAULT_BRANCH_MEMORY``."""
+        (weights, the prefix KV). Default: on CUDA, FREE_FRACTION (90%) of the device memory not in use (free
+        plus cached by PyTorch's allocator but unallocated); elsewhere (CPU, fake tensors) ``DEFAULT_BRANCH_MEMORY``."""
         budget = memory_budget if memory_budget is not None else self.free_memory()
         return max(1, min(group_size, budget // self.branch_bytes(pivot, num_chunks)))
+
+    def auto_batch(self, count: int, num_chunks: int | None = None, memory_budget: int | None = None) -> int:
+        """How many of `count` videos a plain rollout batch holds: ``memory_budget // video_bytes`` in
+        1..min(count, MAX_VIDEO_BATCH) (`memory_budget` as in :meth:`auto_branch_batch`)."""
+        budget = memory_budget if memory_budget is not None else self.free_memory()
+        return max(1, min(count, MAX_VIDEO_BATCH, budget // self.video_bytes(num_chunks)))
 
     def replay_row_bytes(self, pivot: int) -> int:
         """Device bytes one more row adds to a training replay (forward + backward) of the chunk at `pivot`
@@ -422,7 +446,7 @@ class Sampler:
         if dev.type == "cuda" and torch.cuda.is_available():  # pragma: no cover - needs a GPU
             free, _total = torch.cuda.mem_get_info(dev)
             idle = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
-            return int(0.9 * (free + idle))
+            return int(FREE_FRACTION * (free + idle))
         return default
 
     @torch.no_grad()

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from .external import import_factory
+from .models.preprocess import grayscale3
 from .registry import CompositeReward, RewardError, RewardSpec, register
 
 MODEL_KINDS = ("videoalign", "hpsv3", "hpsv2", "clip")  # the adapters of rewards.models
@@ -79,7 +80,7 @@ class RewardSource:
             desc = f"{self.kind} {out} from {self.path}" if out else f"plug-in {self.target} ({self.path or 'no path'})"
             ood = bool(self.options.get("ood", False)) if self.kind == "plugin" else False
             register(RewardSpec(reg, fn, desc, ood=ood, frame_level=frame_level, colour=self.kind == "plugin",
-                                to_gray=None if self.kind == "plugin" else _gray3), overwrite=True)  # fmt: skip
+                                to_gray=None if self.kind == "plugin" else grayscale3), overwrite=True)  # fmt: skip
             names.append(reg)
         return names
 
@@ -88,12 +89,6 @@ def _model_frame_level(kind: str) -> bool:
     from .models import model_class
 
     return model_class(kind).frame_level
-
-
-def _gray3(videos):
-    from .models.preprocess import grayscale3
-
-    return grayscale3(videos)
 
 
 _LOADED: dict[tuple, object] = {}  # one loaded scorer per (source, device) for the process

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..io.files import atomic_path
+from ..io.files import write_atomic
 from ..io.plots import save, subplots
 from ..schemas.run import RUN_FILE, RunConfig, arg, read_run_file
 from .metrics import read_metrics
@@ -246,13 +246,9 @@ def report_run(run: str | Path) -> tuple[dict, str]:
     config = read_run_file(run / RUN_FILE) if (run / RUN_FILE).is_file() else None
     h = health(rows, config)
     text = markdown(h, run)
-    with atomic_path(run / "health.json") as tmp:
-        tmp.write_text(json.dumps(h, indent=1))
-    with atomic_path(run / "health.md") as tmp:
-        tmp.write_text(text)
-    if any(_finite(rows, k) for k in HEALTH_KEYS):
-        with atomic_path(run / "health.png") as tmp:
-            plot_rows(rows, tmp, HEALTH_KEYS)
+    write_atomic(run / "health.json", json.dumps(h, indent=1))
+    write_atomic(run / "health.md", text)
+    plot_rows(rows, run / "health.png", HEALTH_KEYS)  # io.plots.save writes atomically
     return h, text
 
 

@@ -99,6 +99,20 @@ def save_checkpoint(
 def read_checkpoint(path: Path, with_objective: bool = False) -> CheckpointData:
     """Read and verify every file of a checkpoint (against ``checksums.json`` when it has one); a
     DamagedCheckpointError names the first bad file."""
+    objective = None
+    if with_objective and (path / "objective.safetensors").exists():
+        objective = (_read(path / "objective.safetensors", lambda p: load_file(str(p))),
+                     _read(path / "objective.json", lambda p: json.loads(p.read_text())))  # fmt: skip
+    data = CheckpointData(
+        path=path,
+        adapter=_read(path / "adapter", lambda p: read_adapter(p)[1]),
+        optimizer=_read(path / "optimizer.pt", lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+        rng=_read(path / "rng.safetensors", lambda p: load_file(str(p))["torch"]),
+        progress=_read(path / "progress.json", lambda p: Progress(**json.loads(p.read_text()))),
+        objective=objective,
+    )
+    # the reads first (they name what is wrong: pickled, not a tensor file, ...), then the checksums (which
+    # catch what still reads: truncated or altered bytes)
     sums_file = path / CHECKSUMS
     if sums_file.is_file():
         sums = _read(sums_file, lambda p: json.loads(p.read_text()))
@@ -107,18 +121,7 @@ def read_checkpoint(path: Path, with_objective: bool = False) -> CheckpointData:
                 raise DamagedCheckpointError(f"{path / rel} is missing")
             if checksum(path / rel) != digest:
                 raise DamagedCheckpointError(f"{path / rel} does not match its checksum (truncated or altered)")
-    objective = None
-    if with_objective and (path / "objective.safetensors").exists():
-        objective = (_read(path / "objective.safetensors", lambda p: load_file(str(p))),
-                     _read(path / "objective.json", lambda p: json.loads(p.read_text())))  # fmt: skip
-    return CheckpointData(
-        path=path,
-        adapter=_read(path / "adapter", lambda p: read_adapter(p)[1]),
-        optimizer=_read(path / "optimizer.pt", lambda p: torch.load(p, map_location="cpu", weights_only=True)),
-        rng=_read(path / "rng.safetensors", lambda p: load_file(str(p))["torch"]),
-        progress=_read(path / "progress.json", lambda p: Progress(**json.loads(p.read_text()))),
-        objective=objective,
-    )
+    return data
 
 
 def _read(path: Path, load):
@@ -128,7 +131,9 @@ def _read(path: Path, load):
     try:
         return load(path)
     except pickle.UnpicklingError:
-        raise DamagedCheckpointError(f"{path} holds pickled Python objects (never unpickled)") from None
+        raise DamagedCheckpointError(
+            f"{path} holds pickled Python objects (streamalign never unpickles: save tensors only)"
+        ) from None
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, SafetensorError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DamagedCheckpointError(f"{path} cannot be read ({reason})") from None

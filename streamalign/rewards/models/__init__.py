@@ -19,6 +19,7 @@ import torch
 
 from ..registry import RewardSpec, register
 from .base import RewardModel, RewardModelError
+from .preprocess import grayscale3
 
 ADAPTERS = {
     "videoalign": ("videoalign", "VideoAlignReward"),
@@ -101,6 +102,8 @@ def register_model_reward(
                 f"{model.name} {out} ({'per frame' if model.frame_level else 'per video'}) from {path or 'a model'}",
                 ood=ood,
                 frame_level=model.frame_level,
+                colour=False,  # `:gray` allowed: the reference's 3-channel grayscale before preprocessing
+                to_gray=grayscale3,
             ),
             overwrite=True,
         )

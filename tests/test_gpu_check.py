@@ -1,0 +1,39 @@
+"""bench/gpu_check.py --dry-run: the GPU owner's check runs its whole path on the CPU at tiny width."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_runs_every_check_and_writes_json(tmp_path, capsys):
+    gpu_check = load_gpu_check()
+    report = gpu_check.main(["--dry-run", "--out", str(tmp_path / "check.json")])
+    assert json.loads((tmp_path / "check.json").read_text()) == json.loads(capsys.readouterr().out)
+    checks = report["checks"]
+    assert list(checks) == list(gpu_check.CHECKS) == ["drift", "attention", "speed", "memory"]
+    drift = checks["drift"]
+    assert 0 < drift["rel_l2"] < 0.2 and len(drift["rel_l2_per_chunk"]) == 4  # bf16 rounding, not garbage
+    assert checks["attention"] == {"skipped": "flash-attn is not installed", "check_seconds": pytest.approx(0, abs=1)}
+    speed = checks["speed"]
+    assert len(speed["seconds_per_chunk"]) == 4 and speed["frames_per_second"] > 0 and speed["flops"] > 0
+    assert speed["pixel_frames"] == 45  # 12 latent frames through the VAE's 4x temporal factor
+    memory = checks["memory"]
+    # the plan (fake tensors, depth extrapolated) predicts the real tensors' peak exactly on the CPU
+    assert memory["ratio"] == 1.0 and memory["measured"] == memory["predicted"] > 0
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--dry-run", "--checks", "speed,nope"])

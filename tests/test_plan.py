@@ -1,0 +1,166 @@
+"""`streamalign plan`: its numbers equal real allocations of the same code at reduced width (real tensors,
+the live-storage tracker), depth extrapolation is exact, and `check_fits` refuses in one line naming the
+settings that would fit (a GPU simulated by its memory, so this runs on a CPU)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from streamalign.cli import app
+from streamalign.cli.flags import clear_errors
+from streamalign.models.codec import WanVAECodec
+from streamalign.models.memory import LiveBytes, measure
+from streamalign.models.sampler import Sampler, Segment
+from streamalign.plan import (
+    CUDA_RESERVE,
+    DoesNotFitError,
+    PlanContext,
+    PlanRun,
+    check_fits,
+    encode_tokens,
+    group_flops,
+    plan,
+    plan_stage,
+)
+
+from .conftest import make_model, tiny_config
+
+TEXT = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory):
+    """A 4-layer generator config (dim 64, 8x8 latents, 2 chunks of 2 steps; its text encoder a tiny UMT5,
+    its codec a tiny Wan VAE) as a YAML file, the architectures, and real modules with those architectures."""
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    # two denoising steps: fewer forwards to simulate, the same code
+    cfg = tiny_config(frames=6, num_layers=4).with_overrides(sampler={"denoising_steps": [1000, 500]})
+    path = tmp_path_factory.mktemp("plan") / "reduced.yaml"
+    path.write_text(yaml.safe_dump({**cfg.model_dump(mode="json"), "name": "reduced"}))
+    text_arch = UMT5Config(**TEXT)
+    torch.manual_seed(0)
+    codec = WanVAECodec(AutoencoderKLWan(**VAE))
+    real = dict(model=make_model(cfg), text=UMT5EncoderModel(text_arch).eval(), codec=codec)
+    # 2 layers, 1 chunk, the pixel codec (12 channels: 2x2 patches): the fork group holds the peak
+    pixel = cfg.with_overrides(arch={**cfg.arch.model_dump(), "in_dim": 12, "out_dim": 12, "num_layers": 2},
+                               latent={"channels": 12, "frames": 3}, codec={"kind": "pixel-unshuffle"})  # fmt: skip
+    pixel_path = path.with_name("pixel.yaml")
+    pixel_path.write_text(yaml.safe_dump({**pixel.model_dump(mode="json"), "name": "pixel"}))
+    return cfg, str(path), text_arch, real, str(pixel_path)
+
+
+def settings(path: str, **kw) -> PlanRun:
+    base = dict(config=path, dtype="fp32", group_size=4, branch_batch=2, pivot=1, eval_batch=3)
+    return PlanRun.build(**{**base, **kw})
+
+
+def pixel_settings(path: str, **kw) -> PlanRun:
+    return settings(path, pivot=0, stages=("collect",), **kw)
+
+
+def test_plan_equals_real_allocations_at_reduced_width(reduced):
+    """Every phase's peak (and FLOPs) from fake tensors, the generator's extrapolated from 1 and 2 layers,
+    equals the tracker's count of the same calls on real tensors and real modules of 4 layers."""
+    cfg, path, text_arch, real, _ = reduced
+    run = settings(path)
+    ctx = PlanContext(run, text_arch=text_arch, vae_arch=VAE)
+    assert ctx.depths() == [1, 2] and ctx.depth == 4
+    p = plan(run, ctx)
+    model, text, codec = real["model"], real["text"], real["codec"]
+    resident = [*model.parameters(), *model.buffers(), *text.parameters(), *codec.vae.parameters()]
+    assert p.weights["text"] == sum(t.numel() * 4 for t in text.parameters())  # shared embedding once
+
+    def real_peak(fn, *inputs):
+        with torch.no_grad():
+            return measure(fn, track=[*resident, *inputs], flops=True, tracker=LiveBytes(device="cpu"))[1]
+
+    sampler = Sampler(model, cfg)
+    a = cfg.arch
+    one, three = torch.zeros(1, a.text_len, a.text_dim), torch.zeros(3, a.text_len, a.text_dim)
+    z = torch.zeros(1, cfg.latent.frames, 16, cfg.latent.height, cfg.latent.width)
+    collect, evaluate, generate = (p.stages[s].phases for s in ("collect", "evaluate", "generate"))
+    bank = sampler.noise_bank
+    expect = {
+        "text": (collect[0], real_peak(lambda: encode_tokens(text, 1, a.text_len))),
+        "fork group": (collect[1], real_peak(lambda: sampler.fork_group(one, bank(0), 1, 2, branch_batch=2), one)),
+        "decode": (collect[2], real_peak(lambda: codec.decode(z, device="meta"), z)),
+        "evaluate rollout": (evaluate[1], real_peak(lambda: sampler.rollout(three, bank([0, 1, 2])), three)),
+        "generate rollout": (generate[1], real_peak(lambda: sampler.generate([Segment(one, 2)], bank([0])), one)),
+    }
+    for name, (phase, rep) in expect.items():
+        assert phase.peak == rep.peak, name
+    assert collect[2].flops == 4 * expect["decode"][1].flops  # G videos decoded one by one
+    assert evaluate[1].flops == expect["evaluate rollout"][1].flops
+    assert generate[1].flops == expect["generate rollout"][1].flops
+    # a whole fork group's FLOPs (G = 4 in batches of 2) from the per-chunk FLOPs, at pivots 0 and 1
+    chunks, cross = ctx.chunk_flops()
+    for pivot in (0, 1):
+        group = real_peak(lambda pv=pivot: sampler.fork_group(one, sampler.noise_bank(0), pv, 4, branch_batch=2), one)
+        assert group_flops(chunks, cross, pivot, 4, 2) == group.flops > 0
+    assert collect[1].flops == group_flops(chunks, cross, 1, 4, 2)
+
+
+def test_check_fits_refuses_in_one_line_naming_what_fits(reduced):
+    """A branch batch too large for the (simulated) GPU: check_fits refuses in one line naming the batch the
+    stage would choose from that memory (re-planned: it fits); nothing fits: the memory needed; a CPU
+    device is a no-op."""
+    _, _, text_arch, _, path = reduced
+    parts = dict(text_arch=text_arch, flops=False)
+    big = plan_stage("collect", pixel_settings(path, branch_batch=4), **parts)  # every branch at once
+    one = plan_stage("collect", pixel_settings(path, branch_batch=1), **parts)
+    memory = CUDA_RESERVE + (big.peak + one.peak) // 2  # one branch fits, four do not
+    assert check_fits("collect", pixel_settings(path, branch_batch=4), "cpu") is None  # no GPU: nothing to check
+    with pytest.raises(DoesNotFitError) as e:
+        check_fits("collect", pixel_settings(path, branch_batch=4), "cpu", total_memory=memory, **parts)
+    line = str(e.value)
+    assert "\n" not in line and line.startswith("collect will not fit on cpu") and "--branch-batch 4" in line
+    m = re.search(r"fits: --dtype fp32 -G 4 --branch-batch (\d+)", line)  # what the auto batch picked
+    assert m and 1 <= int(m.group(1)) < 4
+    fitting = plan_stage("collect", pixel_settings(path, branch_batch=int(m.group(1))), **parts)
+    assert fitting.fits(memory)
+    tiny = CUDA_RESERVE + one.peak // 2  # not even the weights and one branch
+    with pytest.raises(DoesNotFitError, match="no batch size or dtype fits: use a GPU with at least"):
+        check_fits("collect", pixel_settings(path, branch_batch=None), "cpu", total_memory=tiny, **parts)
+
+    @clear_errors
+    def stage():  # what a stage's command makes of the refusal: one line on stderr, exit code 2
+        raise e.value
+
+    with pytest.raises(typer.Exit) as ex:
+        stage()
+    assert ex.value.exit_code == 2
+
+
+def test_plan_command_prints_a_table_and_json():
+    args = ["plan", "-c", "shapes", "--frames", "3", "--stages", "generate", "--json", "--gpu", "a100"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    gen = out["stages"]["generate"]
+    assert out["gpu"]["peak_tflops"] == 312.0 and gen["fits"] and gen["peak"] > out["weights"]["generator"]
+    assert [p["name"].split()[0] for p in gen["phases"]] == ["text", "rollout", "decode"]
+    assert gen["seconds_per_unit"] == pytest.approx(gen["flops"] / (312e12 * 0.4))
+    r = CliRunner().invoke(app, ["plan", "-c", "tiny", "--stages", "generate"])
+    assert r.exit_code == 2 and "text encoder" in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(app, ["plan", "--stages", "train,collect"])
+    assert r.exit_code == 2 and "--stages" in r.output
+
+
+@pytest.mark.slow
+def test_depth_extrapolation_is_exact_at_full_width():
+    """wan-1.3b at full width (2 chunks of 480x832 latents): the extrapolated plan equals all 30 layers run."""
+    kw = dict(config="wan-1.3b", frames=6, group_size=2, branch_batch=2, pivot=1, eval_batch=2,
+              stages=("collect", "evaluate"))  # fmt: skip
+    fast, full = plan(PlanRun.build(**kw)), plan(PlanRun.build(**kw, full_depth=True))
+    for s in fast.stages:
+        assert [(p.peak, p.flops) for p in fast.stages[s].phases] == [(p.peak, p.flops) for p in full.stages[s].phases]
