@@ -149,19 +149,24 @@ class NoiseSourcesRun(RunConfig):
     hardware: Hardware = Hardware()
 
 
-class ObjectiveStudy(Section):
+class BudgetStudy(Section):
+    """Study"""
+
+    n_prompts: int = Field(8, ge=1, description="Training prompts (spread over the set).")
+    iterations: int = Field(15, ge=1, description="On-policy iterations per run (equal budget).")
+    batch_groups: int = Field(8, ge=1, description="Fresh groups per iteration.")
+    group_size: int = Field(8, ge=2, description="Branches per group.", json_schema_extra={"short": "-G"})
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (all runs).")
+    eval_every: int = Field(6, ge=1, description="Updates between curve points.")
+    eval_seeds: int = Field(4, ge=1, description="Fresh seeds per prompt for the curves and the table.")
+    seed: int = arg(0, "Seed of every run.")
+
+
+class ObjectiveStudy(BudgetStudy):
     """Study"""
 
     runs: tuple[str, ...] = arg(("copo", "copo-offpolicy", "nft", "sde-grpo"),
                                 "Comma-separated: copo, copo-offpolicy, nft, sde-grpo.")  # fmt: skip
-    n_prompts: int = Field(8, ge=1, description="Training prompts (spread over the set).")
-    iterations: int = Field(15, ge=1, description="On-policy iterations per objective (equal budget).")
-    batch_groups: int = Field(8, ge=1, description="Fresh groups per iteration.")
-    group_size: int = Field(8, ge=2, description="Branches per group.", json_schema_extra={"short": "-G"})
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (all objectives).")
-    eval_every: int = Field(6, ge=1, description="Updates between curve points.")
-    eval_seeds: int = Field(4, ge=1, description="Fresh seeds per prompt for the curves and the table.")
-    seed: int = arg(0, "Seed of every run.")
 
 
 class ObjectivesRun(RunConfig):
@@ -173,18 +178,10 @@ class ObjectivesRun(RunConfig):
     hardware: Hardware = Hardware()
 
 
-class RegimeStudy(Section):
-    """Study"""
+class RegimeStudy(BudgetStudy):
+    """Study"""  # I iterations of B groups: every regime gets I x B rollout groups and I x K updates
 
-    n_prompts: int = arg(8, "Training prompts (spread over the set).")
-    iterations: int = arg(15, "On-policy iterations I; every regime gets I x B rollout groups.")
-    batch_groups: int = arg(8, "Groups per update B (on-policy: fresh groups per iteration).")
     updates_per_iter: int = Field(2, gt=0, description="Updates per iteration K; every regime gets I x K updates.")
-    group_size: int = arg(8, "Branches per group.", short="-G")
-    lr: float = arg(1e-4, "AdamW learning rate (all regimes).")
-    eval_every: int = arg(6, "Updates between curve points.")
-    eval_seeds: int = arg(4, "Fresh seeds per prompt for the curves and the table.")
-    seed: int = arg(0, "Seed of the buffer and of every run.")
 
 
 class RegimesRun(RunConfig):
