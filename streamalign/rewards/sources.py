@@ -69,26 +69,25 @@ class RewardSource:
             import_factory(self.target)
 
     def register(self, device: str | None) -> list[str]:
-        """Register every output (lazily loaded); returns the registered names."""
-        self.check()
-        frame_level = self.kind != "plugin" and _model_frame_level(self.kind)
-        if self.kind == "plugin":
-            frame_level = bool(self.options.get("frame_level", False))
+        """Register every output (lazily loaded; the source is checked by :func:`register_sources`);
+        returns the registered names."""
+        plugin = self.kind == "plugin"
+        if plugin:
+            frame_level, ood = bool(self.options.get("frame_level", False)), bool(self.options.get("ood", False))
+        else:
+            from .models import model_class
+
+            frame_level, ood = model_class(self.kind).frame_level, False
         names = []
         for reg, out in self.outputs():
             fn = functools.partial(_score, self, device, out)
-            desc = f"{self.kind} {out} from {self.path}" if out else f"plug-in {self.target} ({self.path or 'no path'})"
-            ood = bool(self.options.get("ood", False)) if self.kind == "plugin" else False
-            register(RewardSpec(reg, fn, desc, ood=ood, frame_level=frame_level, colour=self.kind == "plugin",
-                                to_gray=None if self.kind == "plugin" else grayscale3), overwrite=True)  # fmt: skip
+            desc = f"{self.kind} {out} from {self.path}"
+            if plugin:
+                desc = f"plug-in {self.target} ({self.path or 'no path'})"
+            register(RewardSpec(reg, fn, desc, ood=ood, frame_level=frame_level, colour=plugin,
+                                to_gray=None if plugin else grayscale3), overwrite=True)  # fmt: skip
             names.append(reg)
         return names
-
-
-def _model_frame_level(kind: str) -> bool:
-    from .models import model_class
-
-    return model_class(kind).frame_level
 
 
 _LOADED: dict[tuple, object] = {}  # one loaded scorer per (source, device) for the process
