@@ -162,7 +162,10 @@ def test_torchrun_two_processes_equal_one(tmp_path, base, buffer):
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 0.05 * 1e-3, worst
     ra, rb = _rows(tmp_path / "one"), _rows(tmp_path / "two")
-    assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=1e-5, abs=1e-9)
+    assert ra[0]["loss"] == pytest.approx(rb[0]["loss"], rel=1e-5, abs=1e-9)  # same parameters: sum order only
+    # update 2 starts from the parameters above (up to 5% of a step apart); CoPO's per-step temperature
+    # (late steps get a smaller tau than the pooled median) makes the loss more sensitive to that
+    assert ra[1]["loss"] == pytest.approx(rb[1]["loss"], rel=1e-4, abs=1e-9)
 
 
 @pytest.mark.parametrize(

@@ -129,6 +129,9 @@ class TrainConfig(RunConfig):
             raise ValueError(f"--lr {self.optim.lr} is out of range (0, 1]")
         if self.mode == "semi" and self.data.buffer is None:
             raise ValueError("--mode semi needs --buffer DIR (a buffer written by `streamalign collect`)")
+        if self.mode == "semi" and getattr(self.objective, "target_kl", None) is not None:
+            raise ValueError("--target-kl stops an on-policy iteration's updates: use it with --mode on (semi "
+                             "measures the KL to the fixed reference, which grows over the whole run)")  # fmt: skip
         if self.mode == "on" and not 2 <= self.rollouts.group_size <= 256:
             raise ValueError(f"--group-size {self.rollouts.group_size} must lie in 2..256 (advantages need >= 2)")
         if self.hardware.replay_batch is not None and self.hardware.replay_batch < 1:

@@ -4,8 +4,10 @@ fix, and readable curves (``streamalign report RUN``; a ``health`` section in ``
 Read from the logged rows (one per update; evaluation rows carry ``eval_*``):
 - reward trend: mean training reward of the last third of updates minus the first third, with a normal
   95% interval (Welch: sqrt(var1/n1 + var2/n2)), and the evaluation composite's first -> last change;
-- trust region: clip fraction (updates after the first: the first has ratio 1 by construction), KL
-  (``approx_kl`` when the objective logs it), ratio deviation;
+- trust region: clip fraction and approx KL (k3) of the updates whose policy differs from the old one
+  (``ratio_dev_max`` > 0; without it, every update after the first: the first has ratio 1 by construction,
+  and so has each on-policy iteration's first), the 99th percentile of |log rho|, ratio deviation, and the
+  ``--target-kl`` early stops;
 - signal: zero-variance groups (identical rewards in a group give zero advantages) per update;
 - gradients: pre-clip norm median / max vs ``--grad-clip``.
 """
@@ -23,6 +25,7 @@ from ..io.files import write_atomic
 from ..io.plots import save, subplots
 from ..schemas.run import RUN_FILE, RunConfig, arg, read_run_file
 from .metrics import read_metrics
+from .objectives.base import LOG_RATIO_MAX
 
 HEALTH_FILES = ("health.md", "health.json", "health.png")
 CLIP_HIGH = 0.5  # median clip fraction above which the clip no longer acts as a trust region
@@ -30,6 +33,8 @@ GRAD_HIGH = 100.0  # median pre-clip gradient norm above this multiple of --grad
 ZERO_VAR_HIGH = 0.25  # share of groups without reward variance above which the signal is thin
 RATIO_HIGH = 1e3  # largest |ratio - 1| above which the log-ratios are out of any trust region
 KL_HIGH = 0.1  # approx KL per update above which a run has left its reference (absent a --target-kl)
+LOG_RATIO_NEAR = 10.0  # a 99th percentile of |log rho| above this is within e^10 of the clamp
+STOPS_HIGH = 0.5  # share of iterations stopped early by --target-kl above which it, not K, sets the budget
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,18 @@ def trend(values: Sequence[float]) -> dict[str, float] | None:
             "ci_high": diff + half, "n": n}  # fmt: skip
 
 
+TRUST_KEYS = ("clip_frac", "approx_kl", "log_ratio_p99")  # summarised over the updates that moved
+
+
+def moved_rows(rows: Sequence[dict]) -> list[dict]:
+    """The updates whose policy differs from their old policy: ``ratio_dev_max`` > 0 where logged, else
+    every update after the first."""
+    if any("ratio_dev_max" in r for r in rows):
+        return [r for r in rows if isinstance(r.get("ratio_dev_max"), (int, float)) and r["ratio_dev_max"] > 0]
+    first = min((r["step"] for r in rows), default=0)
+    return [r for r in rows if r["step"] > first]
+
+
 def health(rows: Sequence[dict], config: dict | None = None) -> dict:
     """The health summary of a run's metric rows (``config``: its resolved run config, for lr, clip eps,
     grad clip, batch groups and target KL). Keys: ``updates``, ``reward``, ``eval``, ``clip_frac``,
@@ -81,11 +98,17 @@ def health(rows: Sequence[dict], config: dict | None = None) -> dict:
         out["eval"] = {"steps": [s for s, _ in evals], "composite": [v for _, v in evals],
                        "ci_low": [v for _, v in lo], "ci_high": [v for _, v in hi],
                        "change": evals[-1][1] - evals[0][1]}  # fmt: skip
-    after_first = [r for r in train_rows if r["step"] > min((r["step"] for r in train_rows), default=0)]
-    for key in ("clip_frac", "approx_kl", "ratio_dev_max", "grad_norm", "adv_std"):
-        vals = [v for _, v in _finite(after_first if key == "clip_frac" else train_rows, key)]
+    moved = moved_rows(train_rows)
+    for key in ("clip_frac", "approx_kl", "log_ratio_p99", "ratio_dev_max", "grad_norm", "adv_std"):
+        vals = [v for _, v in _finite(moved if key in TRUST_KEYS else train_rows, key)]
         if vals:
             out[key] = _summary(vals)
+    stops = [r for r in train_rows if r.get("kl_stop")]
+    k = cfg.get("rollouts", {}).get("updates_per_iter") if cfg.get("mode") == "on" else None
+    if stops or objective.get("target_kl"):
+        out["kl_stops"] = len(stops)
+        if k:  # the step counter keeps iteration x K through early stops
+            out["iterations"] = len({(r["step"] - 1) // k for r in train_rows})
     groups = optim.get("batch_groups")
     zero = [v for _, v in _finite(train_rows, "zero_variance_groups")]
     if zero and groups:
@@ -108,7 +131,7 @@ def warnings(h: dict, optim: dict, objective: dict) -> list[Finding]:
     if cf and cf["median"] >= CLIP_HIGH:
         lower = f"--lr {lr / 10:g}" if lr else "lr/10"
         found.append(Finding(
-            f"clip fraction {cf['median']:.2f} (median) after the first update",
+            f"clip fraction {cf['median']:.2f} (median) after the first update",  # of the updates that moved
             f"the policy moves further in one update than the ratio clip (--clip-eps {objective.get('clip_eps', '?')}) "
             "allows: the update is the gradient clip applied to the few most extreme ratios (lr too high for "
             "--clip-eps, or a temperature too small for the branches' spread)",
@@ -127,9 +150,19 @@ def warnings(h: dict, optim: dict, objective: dict) -> list[Finding]:
     kl = h.get("approx_kl")
     target = objective.get("target_kl") or KL_HIGH
     if kl and kl["median"] > target:
-        found.append(Finding(f"approx KL {kl['median']:.3g} per update (median) above {target:g}",
+        found.append(Finding(f"approx KL {kl['median']:.3g} per update (median, k3 estimator) above {target:g}",
                               "the policy leaves the rollout policy faster than the objective assumes",
                               "lower --lr or set --target-kl to stop an iteration's remaining updates"))  # fmt: skip
+    q = h.get("log_ratio_p99")
+    if q and q["median"] >= LOG_RATIO_NEAR:
+        found.append(Finding(f"|log ratio| 99th percentile {q['median']:.3g} (median)",
+                              f"log-ratios reach the numerical bound ±{LOG_RATIO_MAX:g}, where they are clamped "
+                              "and give no gradient", "lower --lr or raise --tau-scale"))  # fmt: skip
+    stops, iterations = h.get("kl_stops", 0), h.get("iterations", 0)
+    if stops and iterations and stops > STOPS_HIGH * iterations:
+        found.append(Finding(f"--target-kl {objective.get('target_kl')} stopped {stops} iterations early",
+                              "most iterations use fewer updates than --updates-per-iter",
+                              "lower --lr (a smaller step per update) or raise --target-kl"))  # fmt: skip
     z = h.get("zero_variance_share")
     if z is not None and z > ZERO_VAR_HIGH:
         found.append(Finding(f"{z:.0%} of groups have no reward variance",
@@ -156,12 +189,15 @@ def markdown(h: dict, run: str | Path) -> str:
                      f"({e['change']:+.4f}) over {len(e['steps'])} evaluations")  # fmt: skip
     for key, label in (("clip_frac", "clip fraction (after update 1)"), ("approx_kl", "approx KL"),
                        ("ratio_dev_max", "ratio deviation, max"), ("grad_norm", "pre-clip gradient norm"),
-                       ("adv_std", "advantage std")):  # fmt: skip
+                       ("log_ratio_p99", "|log ratio| p99"), ("adv_std", "advantage std")):  # fmt: skip
         if key in h:
             s = h[key]
             lines.append(f"- {label}: median {s['median']:.3g}, max {s['max']:.3g}, last {s['last']:.3g}")
     if "zero_variance_share" in h:
         lines.append(f"- zero-variance groups: {h['zero_variance_share']:.1%}")
+    if "kl_stops" in h:
+        lines.append(f"- --target-kl early stops: {h['kl_stops']}" + (f" of {h['iterations']} iterations"
+                                                                     if "iterations" in h else ""))  # fmt: skip
     lines += ["", "## Warnings", ""]
     lines += [f"- {Finding(**w).line()}" for w in h["warnings"]] or ["- none: the run looks healthy."]
     return "\n".join(lines) + "\n"
@@ -185,8 +221,9 @@ def spans_decades(ys: Sequence[float]) -> bool:
 
 
 LABELS = {"reward": "training reward (mean of groups)", "eval_composite": "evaluation composite",
-          "loss": "loss", "clip_frac": "clip fraction", "approx_kl": "approx KL", "grad_norm": "grad norm (pre-clip)",
-          "ratio_dev_max": "max |ratio - 1|", "tau": "temperature tau"}  # fmt: skip
+          "loss": "loss", "clip_frac": "clip fraction", "approx_kl": "approx KL (k3)",
+          "grad_norm": "grad norm (pre-clip)",
+          "ratio_dev_max": "max |ratio - 1|", "log_ratio_p99": "|log ratio| p99", "tau": "temperature tau"}  # fmt: skip
 
 
 def plot_rows(rows: Sequence[dict], png: Path, keys: Sequence[str]) -> Path | None:
@@ -223,7 +260,8 @@ def plot_rows(rows: Sequence[dict], png: Path, keys: Sequence[str]) -> Path | No
 
 
 CURVE_KEYS = ("loss", "reward", "eval_composite", "grad_norm", "clip_frac", "approx_kl")  # curves.png
-HEALTH_KEYS = ("reward", "eval_composite", "clip_frac", "approx_kl", "grad_norm", "loss", "ratio_dev_max", "tau")
+HEALTH_KEYS = ("reward", "eval_composite", "clip_frac", "approx_kl", "grad_norm", "loss", "ratio_dev_max",
+               "log_ratio_p99", "tau")
 
 
 class ReportRun(RunConfig):

@@ -138,9 +138,13 @@ class Trainer:
         grads = [p.grad for p in self.params if p.grad is not None]
         return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
-    def update(self, step: int, groups: list[Entry], global_batch: int, zero: bool = True, apply: bool = True) -> dict:
+    def update(
+        self, step: int, groups: list[Entry], global_batch: int, zero: bool = True, apply: bool = True,
+        kl_limit: float | None = None,
+    ) -> dict:  # fmt: skip
         """Accumulate the objective over this rank's `groups`; with `apply`, reduce and step. Returns stats
-        averaged over every rank's groups."""
+        averaged over every rank's groups. `kl_limit`: when the measured approx_kl (of the policy before
+        this update, vs the old policy) is above it, the step is not applied and ``kl_stop`` is 1."""
         if zero:
             self.opt.zero_grad(set_to_none=True)
         sums: dict[str, list[float]] = {}  # key -> [sum, groups that reported it]
@@ -178,7 +182,11 @@ class Trainer:
         totals = totals[:-1]
         stats = {k: float(s_ / max(n, 1.0)) for k, (s_, n) in zip(keys, totals.tolist(), strict=True)}
         stats["zero_variance_groups"] = float(totals[keys.index("zero_variance"), 0])
-        del stats["zero_variance"]
+        stats["zero_variance_share"] = stats.pop("zero_variance")  # of this update's groups
+        if apply and kl_limit is not None and stats.get("approx_kl", 0.0) > kl_limit:  # the same on every rank
+            self.opt.zero_grad(set_to_none=True)
+            stats["kl_stop"] = 1.0
+            return stats
         if apply:
             if self.world > 1:
                 flat = torch.cat(
@@ -293,17 +301,21 @@ def train(
         bar = progress_bar(total=total, initial=state.step, desc=f"train[{cfg.mode}]", show=progress and rank == 0)
         last: dict = {}
 
-        def finish_step(stats: dict, t_step: float) -> None:
+        def finish_step(stats: dict, t_step: float, slots: int = 1) -> None:
+            """Log one update; `slots` > 1: an early stop that skips the iteration's remaining updates (the
+            step counter keeps iteration x K, so the lr schedule and evaluation points stay where they were)."""
             nonlocal last
-            state.step += 1
+            before = state.step
+            state.step += slots
             row = {"step": state.step, **stats, "step_time_s": round(time.time() - t_step, 4)}
             every = log_cfg.eval_every
-            if every and (state.step % every == 0 or state.step == total) and log_cfg.eval_prompts:
+            crossed = every and (state.step // every > before // every or state.step == total)
+            if crossed and log_cfg.eval_prompts:
                 row.update(trainer.evaluate(log_cfg.eval_prompts, log_cfg.eval_seed))
             if logger is not None:
                 logger.log(row)
             last = row
-            bar.update(1)
+            bar.update(slots)
             bar.set_postfix(
                 loss=f"{stats['loss']:.3g}",
                 reward=f"{stats.get('reward', float('nan')):.3f}",
@@ -350,9 +362,16 @@ def train(
                 where = f"SELECT entry_id FROM manifest WHERE run_id = '{ccfg.run_id}'"
                 reader = BufferReader(rollouts, rank, world, shuffle=1, seed=cfg.seed, where=where)
                 groups = list(reader)
-                for _ in range(ro.updates_per_iter):
+                target = trainer.objective.target_kl
+                for k in range(ro.updates_per_iter):
                     t_step = time.time()
-                    finish_step(trainer.update(state.step, groups, optim.batch_groups), t_step)
+                    stats = trainer.update(state.step, groups, optim.batch_groups, kl_limit=target)
+                    stop = bool(stats.get("kl_stop"))
+                    finish_step(stats, t_step, ro.updates_per_iter - k if stop else 1)
+                    if stop:
+                        log.info("iteration %d: approx KL %.3g > --target-kl %g at update %d of %d: the rest "
+                                 "skipped", it + 1, stats["approx_kl"], target, k + 1, ro.updates_per_iter)  # fmt: skip
+                        break
                 state.iteration += 1
                 if state.iteration % log_cfg.save_every == 0 or state.iteration == sched.steps:
                     _save(out, trainer, state, rank, world)

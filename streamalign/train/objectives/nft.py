@@ -83,7 +83,8 @@ class NFT(Objective):
     primary: str | None = None  # primary reward name (default: the highest weight of the entry's composite)
     name: str = "nft"
     stat_keys: tuple[str, ...] = (
-        "nft_loss", "kl", "kl_mask_rate", "kappa", "old_decay", "ref_resets", "reward", "reward_std", "zero_variance",
+        "nft_loss", "kl", "kl_mask_rate", "kappa", "old_decay", "ref_resets", "reward", "reward_std", "adv_std",
+        "zero_variance",
     )  # fmt: skip
     params: list[torch.nn.Parameter] = field(default_factory=list, repr=False)
     old: list[torch.Tensor] = field(default_factory=list, repr=False)

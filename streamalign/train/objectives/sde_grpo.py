@@ -18,16 +18,18 @@ import torch
 
 from ..replay import PivotReplay
 from .base import (
+    RATIO_STATS,
+    REWARD_STATS,
     ClippedRatio,
     GroupInput,
     GroupLoss,
     Objective,
+    check_target_kl,
     clipped_surrogate,
     group_advantages,
     group_rewards,
     register_objective,
 )
-from .copo import LOG_RATIO_MAX
 
 
 def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -44,15 +46,15 @@ class SDEGRPO(Objective):
     anchors: int = 4  # branches replayed per group
     eps: float = 1e-4  # PPO ratio clip (Flow-GRPO's default clip range)
     clip: bool = True
+    target_kl: float | None = None
     name: str = "sde-grpo"
     fork = "solver"  # its groups share the pivot's initial noise and differ in the re-noising
-    stat_keys: tuple[str, ...] = (
-        "log_ratio_abs_mean", "ratio_dev_mean", "ratio_dev_max", "clip_frac", "reward", "reward_std", "zero_variance",
-    )  # fmt: skip
+    stat_keys: tuple[str, ...] = ("log_ratio_abs_mean", *RATIO_STATS, *REWARD_STATS)
 
     def check(self) -> None:
         if self.anchors < 1 or not 0 < self.eps < 1:
             raise ValueError("--anchors must be >= 1 and --clip-eps in (0, 1)")
+        check_target_kl(self.target_kl)
 
     def group_loss(self, group: GroupInput, policy: PivotReplay) -> GroupLoss:
         e = group.entry
@@ -74,10 +76,8 @@ class SDEGRPO(Objective):
         mean = (1 - s_next).view(-1, *([1] * (x0.dim() - 1))).float()
         logp = gaussian_logprob(nxt, mean * x0, s_next)
         logp_old = gaussian_logprob(nxt, mean * e.x0_old[branches][:, :-1].flatten(0, 1).float().to(dev), s_next)
-        log_ratio = (logp - logp_old).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
-        rho = torch.exp(log_ratio).float()
         adv = group_advantages(rewards)[branches].repeat_interleave(t - 1).to(dev)
-        loss, ratio_stats = clipped_surrogate(rho, adv, self.eps, self.clip)
+        loss, ratio_stats = clipped_surrogate(logp - logp_old, adv, self.eps, self.clip)
         stats = {"log_ratio_abs_mean": float((logp - logp_old).detach().abs().mean()), **ratio_stats}
         return GroupLoss(loss, {**stats, **info})
 
@@ -89,4 +89,4 @@ class SDEGRPOConfig(ClippedRatio):
     name: Literal["sde-grpo"] = "sde-grpo"
 
     def build(self) -> SDEGRPO:
-        return SDEGRPO(self.anchors, self.clip_eps, self.clip)
+        return SDEGRPO(self.anchors, self.clip_eps, self.clip, self.target_kl)
