@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from streamalign.cli import app
@@ -55,3 +56,25 @@ def test_regimes_run_at_equal_budget(tmp_path):
     assert res["runs"]["off-policy"]["clip_frac"] == 0.0  # off-policy: the surrogate without the clip
     assert (out / "buffer" / "manifest").is_dir() and (out / "regimes.png").is_file()
     assert "| semi-on-policy | 2 |" in (out / "regimes.md").read_text()
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_cell_at_equal_budget(tmp_path):
+    """2 modes x 1 lr x 1 tau scale x 2 clip eps at a toy budget (~1 min)."""
+    out = tmp_path / "sw"
+    args = ["experiment", "sweep", "--out", str(out), "--iterations", "1", "--n-prompts", "2", "--eval-seeds", "1",
+            "--batch-groups", "2", "-G", "3", "--lrs", "1e-4", "--tau-scales", "1",
+            "--clip-epss", "1e-4,0.01"]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "sweep.json").read_text())
+    assert [(g["mode"], g["clip_eps"]) for g in res["grid"]] == [("semi", 1e-4), ("semi", 0.01), ("on", 1e-4),
+                                                                  ("on", 0.01)]  # fmt: skip
+    assert res["budget"] == {"rollout_groups": 2, "updates": 2, "groups_per_update": 2}
+    for (name, run), g in zip(res["runs"].items(), res["grid"], strict=True):
+        assert run["updates"] == 2 and "composite" in run["vs_base"], name
+        assert 0 <= run["clip_frac"] <= 1 and run["approx_kl"] >= 0, name
+        cfg = yaml.safe_load((out / name / "run.yaml").read_text())["config"]  # each cell trains with its own cell
+        assert (cfg["mode"], cfg["objective"]["clip_eps"], cfg["optim"]["lr"]) == (g["mode"], g["clip_eps"], 1e-4)
+    assert (out / "sweep.png").stat().st_size > 1000 and "| semi | 0.0001 | 1 | 0.01 |" in r.output
+    assert written_by(out) == "experiment sweep"

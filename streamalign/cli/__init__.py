@@ -19,7 +19,7 @@ from .. import __version__
 from ..buffer.inspect import BufferRun, VerifyRun
 from ..buffer.stats import StatsRun
 from ..collect.run import CollectRun
-from ..evaluate.config import DemoRun, EvaluateRun, MergeRun, NoiseSourcesRun, ObjectivesRun, RegimesRun
+from ..evaluate.config import DemoRun, EvaluateRun, MergeRun, NoiseSourcesRun, ObjectivesRun, RegimesRun, SweepRun
 from ..generate.run import GenerateRun
 from ..io.outputs import overwrite_permitted
 from ..models.info import ConvertRun, ModelInfoRun
@@ -37,7 +37,7 @@ app = typer.Typer(name="streamalign", no_args_is_help=True, pretty_exceptions_en
 GROUPS = {"model": "Inspect, validate and convert generator checkpoints.",
           "shapes": "The built-in shapes world: prompts, generator pre-training, sample quality.",
           "buffer": "Inspect and verify replay buffers.",
-          "experiment": "The AR-CoPO analyses: noise sources, objectives, training regimes."}  # fmt: skip
+          "experiment": "The AR-CoPO analyses: noise sources, objectives, training regimes, a CoPO sweep."}  # fmt: skip
 sub = {name: typer.Typer(help=text, no_args_is_help=True) for name, text in GROUPS.items()}
 for name, group in sub.items():
     app.add_typer(group, name=name)
@@ -67,6 +67,8 @@ STAGES = (
      "Folder: objectives.md/json/png and one run per objective.", "runs/objectives"),
     ("experiment", "regimes", RegimesRun, "evaluate.experiments:regimes_stage",
      "Folder: regimes.md/json/png, buffer/ and one run per regime.", "runs/regimes"),
+    ("experiment", "sweep", SweepRun, "evaluate.experiments:sweep_stage",
+     "Folder: sweep.md/json/png, buffer/ and one run per cell.", "runs/sweep"),
     ("buffer", "info", BufferRun, "buffer.inspect:info_stage", None, None),
     ("buffer", "verify", VerifyRun, "buffer.inspect:verify_stage", None, None),
     (None, "stats", StatsRun, "buffer.stats:stats_stage", None, None),

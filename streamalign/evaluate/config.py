@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from ..rewards import CompositeReward
@@ -191,6 +193,26 @@ class RegimesRun(RunConfig):
     prompts: PromptSection = PromptSection()
     rewards: RewardSection = RewardSection()
     study: RegimeStudy = RegimeStudy()
+    hardware: Hardware = Hardware()
+
+
+class SweepStudy(RegimeStudy):
+    """Study"""  # every (mode, lr, tau scale, clip eps) cell at the regimes' equal budget
+
+    modes: tuple[Literal["semi", "on"], ...] = arg(("semi", "on"), "Comma-separated training modes: semi, on.")
+    lrs: tuple[float, ...] = arg((1e-5, 1e-4), "Comma-separated learning rates.")
+    tau_scales: tuple[float, ...] = arg((1.0, 10.0), "Comma-separated CoPO --tau-scale values.")
+    clip_epss: tuple[float, ...] = arg((1e-4, 1e-2), "Comma-separated CoPO --clip-eps values.")
+
+
+class SweepRun(RunConfig):
+    """CoPO hyper-parameter sweep: lr x tau scale x clip eps for semi- and on-policy at equal budget, each cell
+    paired vs the base on fresh seeds (reward gain, OOD change, clip fraction, approx KL)."""
+
+    model: ModelSection = ModelSection()
+    prompts: PromptSection = PromptSection()
+    rewards: RewardSection = RewardSection()
+    study: SweepStudy = SweepStudy()
     hardware: Hardware = Hardware()
 
 

@@ -7,12 +7,14 @@
   metric, and each final adapter's paired difference vs the base.
 - ``regimes`` (AR-CoPO Table 2): on-policy vs semi-on-policy vs off-policy (semi without the clip) CoPO at
   equal budget (rollout groups and updates), paired in-domain and OOD differences vs the base.
+- ``sweep``: CoPO over modes x lr x tau scale x clip eps at the regimes' equal budget; per cell the paired
+  gain, OOD change, clip fraction and approx KL (how the defaults were chosen).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +30,11 @@ from ..rewards.sources import reward_of
 from ..schemas.config import ModelConfig
 from ..scoring import paired_differences, score_policy
 from ..train.config import TrainConfig
+from ..train.health import moved_rows
 from ..train.loop import train
+from ..train.metrics import read_metrics
 from ..worlds import default_prompts, default_rewards
-from .config import NoiseSourcesRun, ObjectivesRun, RegimesRun
+from .config import NoiseSourcesRun, ObjectivesRun, RegimesRun, SweepRun, SweepStudy
 from .report import ModelSpec, spread
 
 
@@ -150,6 +154,7 @@ def compare_objectives(
 def compare_runs(
     base: TrainConfig, runs: Sequence[ObjectiveRun], prompts: Sequence[str], reward: CompositeReward, tmp: Path,
     eval_seeds: int, stem: str, title: str, progress: bool = True, extra: dict | None = None,
+    report: Callable[[dict, Path, str, str], None] | None = None,
 ) -> dict:  # fmt: skip
     """Train each run (`base` with its overrides) into ``tmp/<name>``, score its adapter paired vs the base
     model on fixed fresh seeds, write ``<stem>.md/json/png`` into `tmp`; returns the result."""
@@ -164,17 +169,20 @@ def compare_runs(
         summary = train(cfg, tmp / r.name, progress=progress)
         spec = ModelSpec(r.name, lora=str(summary.adapter))
         sc = score_policy(spec.load(m.config, m.checkpoint, m.wan_dir, place), ps, seeds, reward)
-        rows = [json.loads(x) for x in (tmp / r.name / "metrics.jsonl").read_text().splitlines()]
-        clip = [row["clip_frac"] for row in rows if "clip_frac" in row][1:]  # after the first update
+        rows = read_metrics(tmp / r.name / "metrics.jsonl")
+        moved = moved_rows([row for row in rows if "loss" in row])  # ratio 1 by construction left out
+        clip = [row["clip_frac"] for row in moved if "clip_frac" in row]
+        kl = [row["approx_kl"] for row in moved if "approx_kl" in row]
         result["runs"][r.name] = {
             "seconds": round(summary.seconds, 1),
             "updates": summary.steps,
             "clip_frac": sum(clip) / len(clip) if clip else None,
+            "approx_kl": sum(kl) / len(kl) if kl else None,
             "vs_base": paired_differences(base_scores, sc),
             "curve": [{k: v for k, v in row.items() if k == "step" or k.startswith("eval_")}
                       for row in rows if "eval_composite" in row],
         }
-    runs_report(result, tmp, stem, title)
+    (report or runs_report)(result, tmp, stem, title)
     return result
 
 
@@ -207,34 +215,114 @@ def runs_report(result: dict, out: Path, stem: str, title: str) -> None:
     save(fig, out / f"{stem}.png", dpi=110)
 
 
-def run_regimes(cfg: RegimesRun, out: str | Path) -> dict:
-    """The `experiment regimes` stage (AR-CoPO Table 2): on-policy, semi-on-policy and off-policy (semi
-    without the clip) CoPO at equal budget from one base. Budget: I iterations x B groups of rollouts and
-    I x K updates of B groups for every regime — on-policy rolls out B fresh groups per iteration and
-    updates K times on them; the semi regimes train I x K updates on a buffer of the same I x B groups
-    collected once from the base (so each group is also used K times)."""
-    m, st = cfg.model, cfg.study
-    model = ModelConfig.load(m.config)
-    texts = tuple(spread(list(default_prompts(model, cfg.prompts.prompts, cfg.prompts.prompt_set)), st.n_prompts))
-    rewards, metrics = default_rewards(model, cfg.rewards.rewards, cfg.rewards.metrics)
-    reward = reward_of(cfg.rewards, rewards, metrics)  # checked before any model loads
-    sources = cfg.rewards.model_dump(exclude={"rewards", "metrics"})
-    base = TrainConfig(mode="on", model=m, prompts=texts, steps=st.iterations, batch_groups=st.batch_groups,
-                       group_size=st.group_size, updates_per_iter=st.updates_per_iter, lr=st.lr,
-                       eval_every=st.eval_every, seed=st.seed, save_every=10**6, rewards=rewards, metrics=metrics,
-                       hardware=cfg.hardware.model_dump(), **sources)  # fmt: skip
-    groups, updates = st.iterations * st.batch_groups, st.iterations * st.updates_per_iter
-    with output_folder(out, "experiment regimes") as tmp:
+@dataclass(frozen=True)
+class EqualBudget:
+    """What every run of an equal-budget study shares: I iterations x B groups of rollouts and I x K updates
+    of B groups — on-policy rolls out B fresh groups per iteration and updates K times on them; a semi run
+    trains I x K updates on a buffer of the same I x B groups collected once from the base (so each group
+    is also used K times)."""
+
+    texts: tuple[str, ...]
+    base: TrainConfig  # the on-policy run; a semi run is base.replace(**semi(buffer))
+    reward: CompositeReward
+    collect: CollectConfig  # the semi runs' buffer
+    budget: dict
+
+    @classmethod
+    def of(cls, cfg: RegimesRun | SweepRun) -> EqualBudget:
+        m, st = cfg.model, cfg.study
+        model = ModelConfig.load(m.config)
+        texts = tuple(spread(list(default_prompts(model, cfg.prompts.prompts, cfg.prompts.prompt_set)), st.n_prompts))
+        rewards, metrics = default_rewards(model, cfg.rewards.rewards, cfg.rewards.metrics)
+        reward = reward_of(cfg.rewards, rewards, metrics)  # checked before any model loads
+        sources = cfg.rewards.model_dump(exclude={"rewards", "metrics"})
+        base = TrainConfig(mode="on", model=m, prompts=texts, steps=st.iterations, batch_groups=st.batch_groups,
+                           group_size=st.group_size, updates_per_iter=st.updates_per_iter, lr=st.lr,
+                           eval_every=st.eval_every, seed=st.seed, save_every=10**6, rewards=rewards,
+                           metrics=metrics, hardware=cfg.hardware.model_dump(), **sources)  # fmt: skip
+        groups, updates = st.iterations * st.batch_groups, st.iterations * st.updates_per_iter
         ccfg = CollectConfig(prompts=texts, groups=groups, group_size=st.group_size, seed=st.seed,
                              rewards=rewards, metrics=metrics, **sources)  # fmt: skip
-        policy = Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, placement=Placement.of(cfg.hardware))
-        collect(policy, ccfg, tmp / "buffer", progress=False)
-        semi = {"mode": "semi", "buffer": str(tmp / "buffer"), "steps": updates}
+        budget = {"rollout_groups": groups, "updates": updates, "groups_per_update": st.batch_groups}
+        return cls(texts, base, reward, ccfg, budget)
+
+    def semi(self, buffer: Path) -> dict:
+        """The overrides of a semi run on `buffer` (collected with ``collect_buffer``)."""
+        return {"mode": "semi", "buffer": str(buffer), "steps": self.budget["updates"]}
+
+    def collect_buffer(self, buffer: Path) -> None:
+        m = self.base.model
+        policy = Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, placement=Placement.of(self.base.hardware))
+        collect(policy, self.collect, buffer, progress=False)
+
+
+def run_regimes(cfg: RegimesRun, out: str | Path) -> dict:
+    """The `experiment regimes` stage (AR-CoPO Table 2): on-policy, semi-on-policy and off-policy (semi
+    without the clip) CoPO at equal budget (``EqualBudget``) from one base."""
+    eb = EqualBudget.of(cfg)
+    with output_folder(out, "experiment regimes") as tmp:
+        eb.collect_buffer(tmp / "buffer")
+        semi = eb.semi(tmp / "buffer")
         runs = [ObjectiveRun("on-policy", {}), ObjectiveRun("semi-on-policy", semi),
                 ObjectiveRun("off-policy", {**semi, "clip": False})]  # fmt: skip
-        budget = {"rollout_groups": groups, "updates": updates, "groups_per_update": st.batch_groups}
-        return compare_runs(base, runs, texts, reward, tmp, st.eval_seeds, "regimes",
-                            "Training regimes at equal budget", extra={"budget": budget})  # fmt: skip
+        return compare_runs(eb.base, runs, eb.texts, eb.reward, tmp, cfg.study.eval_seeds, "regimes",
+                            "Training regimes at equal budget", extra={"budget": eb.budget})  # fmt: skip
+
+
+def sweep_cells(st: SweepStudy) -> list[tuple[str, float, float, float]]:
+    """Every (mode, lr, tau scale, clip eps) of the grid, in the order given."""
+    return [(m, lr, t, e) for m in st.modes for lr in st.lrs for t in st.tau_scales for e in st.clip_epss]
+
+
+def run_sweep(cfg: SweepRun, out: str | Path) -> dict:
+    """The `experiment sweep` stage: CoPO for every cell of modes x lrs x tau scales x clip eps at equal
+    budget (``EqualBudget``), each cell's adapter paired vs the base on fixed fresh seeds; ``sweep.md``
+    (one row per cell: gain, OOD change, clip fraction, approx KL), ``sweep.json``, ``sweep.png``."""
+    eb, cells = EqualBudget.of(cfg), sweep_cells(cfg.study)
+    base = eb.base.replace(eval_every=0)  # no curves: the table is the result (and each cell costs less)
+    with output_folder(out, "experiment sweep") as tmp:
+        if "semi" in cfg.study.modes:
+            eb.collect_buffer(tmp / "buffer")
+        semi = eb.semi(tmp / "buffer")
+        runs = [ObjectiveRun(f"{m}-lr{lr:g}-tau{t:g}-eps{e:g}",
+                             {"lr": lr, "tau_scale": t, "clip_eps": e, **(semi if m == "semi" else {})})
+                for m, lr, t, e in cells]  # fmt: skip
+        grid = [{"mode": m, "lr": lr, "tau_scale": t, "clip_eps": e} for m, lr, t, e in cells]
+        return compare_runs(base, runs, eb.texts, eb.reward, tmp, cfg.study.eval_seeds, "sweep",
+                            "CoPO sweep: lr x tau scale x clip eps at equal budget",
+                            extra={"budget": eb.budget, "grid": grid}, report=sweep_report)  # fmt: skip
+
+
+def sweep_report(result: dict, out: Path, stem: str, title: str) -> None:
+    """``<stem>.md`` (a row per cell), ``<stem>.json``, ``<stem>.png`` (composite gain vs clip fraction)."""
+    ood = (result.get("ood_metrics") or ["composite"])[0]
+    lines = [f"# {title} ({result['eval_pairs']} paired fresh videos per row)", "",
+             "| mode | lr | tau scale | clip eps | clip frac | approx KL | composite | " + ood + " (OOD) | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    def cell(d: dict) -> str:
+        return f"{d['diff']:+.4f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+
+    for r, g in zip(result["runs"].values(), result["grid"], strict=True):
+        clip = "-" if r["clip_frac"] is None else f"{r['clip_frac']:.3f}"
+        kl = "-" if r["approx_kl"] is None else f"{r['approx_kl']:.3g}"
+        vs = r["vs_base"]
+        lines.append(f"| {g['mode']} | {g['lr']:g} | {g['tau_scale']:g} | {g['clip_eps']:g} | {clip} | {kl} | "
+                     f"{cell(vs['composite'])} | {cell(vs[ood])} | {r['seconds']:.0f} |")  # fmt: skip
+    lines += ["", "Cells: paired difference vs the base model with its 95% bootstrap interval; clip frac and approx "
+              "KL (k3): means over the updates whose policy differs from its old policy.", ""]  # fmt: skip
+    (out / f"{stem}.md").write_text("\n".join(lines))
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    fig, ax = subplots(1, 1, figsize=(5.5, 3.8))
+    for mode, marker in (("semi", "o"), ("on", "s")):
+        pts = [(r["clip_frac"] or 0.0, r["vs_base"]["composite"]["diff"])
+               for r, g in zip(result["runs"].values(), result["grid"], strict=True) if g["mode"] == mode]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=mode, alpha=0.8)
+    ax.axhline(0, color="gray", lw=0.6)
+    ax.set_xlabel("clip fraction (mean over moved updates)")
+    ax.set_ylabel("composite gain vs base (fresh seeds)")
+    ax.legend(fontsize=8)
+    save(fig, out / f"{stem}.png", dpi=110)
 
 
 def noise_sources_stage(cfg: NoiseSourcesRun, out: Path) -> str:
@@ -247,6 +335,12 @@ def regimes_stage(cfg: RegimesRun, out: Path) -> str:
     """The stage behind the command (what it prints)."""
     run_regimes(cfg, out)
     return (Path(out) / "regimes.md").read_text()
+
+
+def sweep_stage(cfg: SweepRun, out: Path) -> str:
+    """The stage behind the command (what it prints)."""
+    run_sweep(cfg, out)
+    return (Path(out) / "sweep.md").read_text()
 
 
 def objectives_stage(cfg: ObjectivesRun, out: Path) -> str:
