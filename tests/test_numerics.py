@@ -159,3 +159,10 @@ def test_health_warns_on_kl_and_log_ratios_near_the_bound():
     assert "|log ratio| 99th percentile 15" in text and "numerical bound ±20" in text
     calm = [{**r, "approx_kl": 0.0 if r["step"] % 2 else 0.01, "log_ratio_p99": 0.1} for r in rows]
     assert health(calm, {"optim": {"lr": 1e-4}, "objective": {"name": "copo"}})["warnings"] == []
+
+
+def test_copo_defaults_are_the_swept_ones():
+    """The defaults `experiment sweep` chose (README): per-step tau x 10, clip eps 0.2; SDE-GRPO keeps 1e-4."""
+    o = TrainConfig(mode="on").objective.build()
+    assert (o.tau_mode, o.tau_scale, o.eps, o.tau, o.target_kl) == ("step", 10.0, 0.2, None, None)
+    assert TrainConfig(mode="on", objective="sde-grpo").objective.build().eps == 1e-4

@@ -95,7 +95,7 @@ class ClippedRatio(ObjectiveConfig):
     """Settings shared by the ratio-clipped objectives (CoPO, SDE-GRPO)."""
 
     anchors: int = arg(4, "Anchors (CoPO) or replayed branches (SDE-GRPO) per group.")
-    clip_eps: float = arg(1e-4, "Ratio clip epsilon (copo, sde-grpo).")
+    clip_eps: float = arg(1e-4, "Ratio clip epsilon (copo: 0.2, sde-grpo: 1e-4).")
     clip: bool = arg(True, "The ratio clip; --no-clip is the off-policy ablation.", flag="--clip/--no-clip")
     target_kl: float | None = arg(None, "On-policy: stop an iteration's updates once approx KL (k3) passes this.")
 
