@@ -24,7 +24,7 @@ from ..adapters.lora import LoraSettings, attach_lora, cast_lora_inputs, load_lo
 from ..buffer.manifest import read_manifest
 from ..buffer.reader import BufferReader
 from ..collect.collector import CollectConfig, collect, prepare
-from ..collect.distributed import rank_and_world
+from ..collect.distributed import all_reduce, all_reduce_grads, rank_and_world
 from ..extras import require
 from ..io.files import require_paths, staged_folder, write_atomic
 from ..io.outputs import open_output, overwrite_permitted, permit_overwrite
@@ -170,7 +170,7 @@ class Trainer:
         totals = torch.tensor([sums.get(k, [0.0, 0.0]) for k in keys] + [[float(bad is not None), 0.0]],
                               dtype=torch.float64)  # fmt: skip
         if self.world > 1:
-            dist.all_reduce(totals)  # every rank learns of a non-finite value anywhere, and stops with it
+            totals = all_reduce(totals)  # every rank learns of a non-finite value anywhere, and stops with it
         if totals[-1, 0] > 0:
             where = bad or f"non-finite values on {int(totals[-1, 0])} other rank(s)"
             raise NonFiniteError(f"update {step + 1}: {where}: training stopped before this update; "
@@ -181,14 +181,7 @@ class Trainer:
         del stats["zero_variance"]
         if apply:
             if self.world > 1:
-                flat = torch.cat(
-                    [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params]
-                )
-                dist.all_reduce(flat)
-                i = 0
-                for p in self.params:
-                    p.grad = flat[i : i + p.numel()].view_as(p).clone()
-                    i += p.numel()
+                all_reduce_grads(self.params)
             o = self.cfg.optim
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip))
             if not math.isfinite(stats["grad_norm"]):  # the same on every rank (reduced)
@@ -381,7 +374,7 @@ def _all_damaged(reader: BufferReader, world: int) -> list[str]:
     names = sorted(reader.shards)
     hot = torch.tensor([float(n in reader.damaged) for n in names], dtype=torch.float64)
     if world > 1:
-        dist.all_reduce(hot, op=dist.ReduceOp.MAX)
+        hot = all_reduce(hot, dist.ReduceOp.MAX)
     return [n for n, h in zip(names, hot.tolist(), strict=True) if h]
 
 
