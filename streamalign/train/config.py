@@ -102,6 +102,9 @@ class TrainHardware(Hardware):
     replay_batch: int | None = arg(None, "Replay rows per forward/backward (default: from the memory budget).")
     checkpointing: Literal["auto", "on", "off"] = arg("auto", "Activation checkpointing per block: auto (on CUDA) "
                                                       "| on | off.")  # fmt: skip
+    # a frozen base too big to replicate: FSDP2 shards it over the ranks (per block + root), the LoRA stays
+    # replicated and is reduced as without; every rank then runs the same model passes (see train/shard.py)
+    shard_base: bool = arg(False, "Shard the frozen base weights over the ranks with FSDP2 (torchrun, --mode semi).")
 
     def resolved(self, device_type: str) -> tuple[bool, bool]:
         """(bf16 autocast, activation checkpointing) on a device of `device_type` ('cuda', 'cpu')."""
@@ -134,6 +137,9 @@ class TrainConfig(RunConfig):
         if self.hardware.replay_batch is not None and self.hardware.replay_batch < 1:
             raise ValueError(f"--replay-batch {self.hardware.replay_batch} must be >= 1 (or omit it: automatic)")
         LoraSettings(self.lora.lora_rank, self.lora.lora_alpha).check()
+        if self.hardware.shard_base and (self.mode == "on" or self.logging.eval_every):
+            raise ValueError("--shard-base runs the updates of --mode semi only (rollouts and --eval-every would "
+                             "need the same model passes on every rank): drop --mode on / --eval-every")  # fmt: skip
         return self
 
     def resolve(self) -> TrainConfig:

@@ -45,6 +45,7 @@ from .metrics import MetricsLog, read_metrics
 from .objectives import GroupInput
 from .objectives.base import composite_rewards
 from .replay import PivotReplay
+from .shard import shard_base, stand_in
 from .state import Progress, resume_checkpoint, save_checkpoint
 
 log = logging.getLogger("streamalign.train")
@@ -102,6 +103,13 @@ class Trainer:
         self.params = [p for _, p in lora_parameters(self.peft)]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.objective.bind(self.params)  # objectives with policy copies (NFT: old and reference) keep them
+        self.lockstep = hw.shard_base and world > 1  # every rank runs the same model passes
+        if self.lockstep:
+            kept = shard_base(self.model, self.params, self.device)
+            self.replay.lockstep = True
+            if rank == 0:
+                log.info("--shard-base: the frozen base is sharded over %d ranks with FSDP2 (%.1f MiB of base "
+                         "weights kept per rank)", world, kept / 2**20)  # fmt: skip
         self.text_mismatches = 0  # entries whose prompt embedding hash differs from this run's encoding
 
     def autocast(self) -> torch.autocast:
@@ -148,20 +156,32 @@ class Trainer:
         for e in groups:
             self.check_entry(e)
             e = e.cast(torch.float32)  # stored bf16/fp16 latents: the sampler works in float32
-            if (rewards := self.bad_reward(e)) is not None:
+            seed = entry_seed(self.cfg.seed, step, e.entry_id)
+            if bad is None and (rewards := self.bad_reward(e)) is not None:
                 bad = f"non-finite reward ({rewards}) in entry {e.entry_id}"
-                break
-            g = torch.Generator().manual_seed(entry_seed(self.cfg.seed, step, e.entry_id))
+            if bad is not None:  # the step will not be applied
+                if not self.lockstep:
+                    break
+                self.stand_in(e, seed)
+                continue
+            g = torch.Generator().manual_seed(seed)
             with self.autocast():
                 out = self.objective.group_loss(GroupInput(e, self.text(e.prompt), g), self.replay)
+            if self.lockstep and not out.loss.requires_grad:  # a group without replay (no reward variance)
+                self.stand_in(e, seed)
             if not torch.isfinite(out.loss.detach()):
                 bad = f"non-finite loss ({float(out.loss.detach())}) in entry {e.entry_id}"
-                break
+                if not self.lockstep:
+                    break
+                out.loss = out.loss * 0  # this group's passes still run (its gradient is not applied)
             if out.loss.requires_grad:
                 (out.loss / (global_batch * self.cfg.optim.accum)).backward()
-                if not self.grads_finite():  # finite before this group's backward: this group's gradient
+                if bad is None and not self.grads_finite():  # finite before this group's backward: its gradient
                     bad = f"non-finite gradient from entry {e.entry_id}"
-                    break
+                    if not self.lockstep:
+                        break
+            if bad is not None:
+                continue
             for k, v in {"loss": float(out.loss.detach()), **out.stats}.items():
                 acc = sums.setdefault(k, [0.0, 0.0])
                 acc[0] += v
@@ -195,6 +215,15 @@ class Trainer:
             stats["lr"] = lr
             self.objective.after_step(step + 1, stats)  # same global stats on every rank: same updates
         return stats
+
+    def stand_in(self, e: Entry, seed: int) -> None:
+        """--shard-base: the model passes (forwards, backward) of a group with a replay, for a group that has
+        none here; its loss times zero adds nothing to the gradient (see :func:`~.shard.stand_in`)."""
+        with self.autocast():
+            out = self.objective.group_loss(
+                GroupInput(stand_in(e), self.text(e.prompt), torch.Generator().manual_seed(seed)), self.replay
+            )
+        (out.loss * 0).backward()
 
     @torch.no_grad()
     def evaluate(self, prompts: tuple[str, ...], seed: int) -> dict[str, float]:
