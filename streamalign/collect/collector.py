@@ -15,6 +15,7 @@ lock while the collection runs, so a second collect into the same folder is refu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ from ..io.progress import progress_bar
 from ..models.kv_cache import compute_dtype
 from ..models.noise import derive_seed
 from ..models.placement import DTYPES
-from ..models.sampler import Sampler
+from ..models.sampler import ForkGroup, Sampler
 from ..pipeline import Pipeline
 from ..rewards import CompositeReward
 from ..rewards.sources import reward_of
@@ -45,7 +46,7 @@ from ..schemas.config import ModelConfig
 from ..schemas.run import arg
 from ..schemas.sections import DtypeName, PromptSection, RewardSection
 from ..worlds import default_prompts, default_rewards
-from .distributed import barrier, rank0_agrees
+from .distributed import barrier, gather_rows, rank0_agrees, team_agrees, team_groups
 
 # the arguments a collection's id hashes (fields added later hash only when they differ from their default)
 RUN_ID_FIELDS = ("prompts", "groups", "group_size", "strength", "pivot", "seed", "format", "entries_per_shard",
@@ -74,6 +75,9 @@ class CollectConfig(PromptSection, RewardSection):
     store_dtype: DtypeName = arg("auto", "Dtype of the stored latents: auto (the compute dtype) | fp32 | bf16 | fp16.")
     # how many branches run at once: memory only (branch i's output does not depend on it), not in the run id
     branch_batch: int | None = Field(None, ge=1, description="Branches rolled out at once (default: from memory).")
+    # how many ranks share one group's branches: where the work runs only (the entries' bytes do not change)
+    branch_ranks: int = Field(1, ge=1, description="Ranks that split each fork group's branches (torchrun; "
+                              "divides -G and the number of ranks).")  # fmt: skip
 
     def latent_dtype(self, compute: torch.dtype) -> torch.dtype:
         """The dtype entries store their latents in (auto: the generator's compute dtype)."""
@@ -97,6 +101,9 @@ class CollectConfig(PromptSection, RewardSection):
         if self.pivot != "uniform" and not (self.pivot.isdigit() and int(self.pivot) < num_chunks):
             raise ValueError(f"--pivot must be 'uniform' or a chunk index 0..{num_chunks - 1}, got {self.pivot!r}")
         get_format(self.format)
+        if self.group_size % self.branch_ranks:
+            raise ValueError(f"--branch-ranks {self.branch_ranks} must divide -G {self.group_size} "
+                             "(each rank rolls out G/N branches of every group)")  # fmt: skip
         if self.fork not in ("initial", "solver"):
             raise ValueError(f"--fork must be 'initial' or 'solver', got {self.fork!r}")
         if self.clip_chunks is not None and not 1 <= self.clip_chunks <= num_chunks:
@@ -137,6 +144,40 @@ class CollectConfig(PromptSection, RewardSection):
         return derive_seed(self.seed, 4, i) % (num_chunks - (self.clip_chunks or 1) + 1)
 
 
+@dataclass(frozen=True)
+class BranchTeam:
+    """The ranks that split each fork group's branches: `size` ranks, this one the `index`-th; the first
+    gathers the group, scores and writes it. `group`: the team's process group (None when alone)."""
+
+    size: int = 1
+    index: int = 0
+    group: object = None
+
+    @staticmethod
+    def check(size: int, world: int) -> None:
+        if world % size:
+            raise ValueError(f"--branch-ranks {size} must divide the {world} ranks of the run "
+                             "(torchrun --nproc_per_node x --nnodes)")  # fmt: skip
+
+    @classmethod
+    def of(cls, size: int, world: int) -> BranchTeam:
+        """This rank's team in a world of `world` ranks split into teams of `size` consecutive ranks."""
+        cls.check(size, world)
+        return cls() if size == 1 else cls(size, *team_groups(size))
+
+    def share(self, group_size: int) -> tuple[int, int] | None:
+        """The branches this rank rolls out (None: all of them)."""
+        n = group_size // self.size
+        return None if self.size == 1 else (self.index * n, (self.index + 1) * n)
+
+    def gather(self, group: ForkGroup) -> ForkGroup | None:
+        """The whole group on the team's first rank (the ranks' branch rows in order), None elsewhere."""
+        if self.size == 1:
+            return group
+        rows = {name: gather_rows(getattr(group, name), self.group) for name in group.BRANCH_FIELDS}
+        return None if self.index else dataclasses.replace(group, **rows)
+
+
 @dataclass
 class CollectSummary:
     shards_written: int = 0
@@ -159,11 +200,12 @@ def prefix_kv(sampler: Sampler, context: torch.Tensor, text: torch.Tensor) -> di
 
 
 @torch.no_grad()
-def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward, i: int, run_id: str | None = None
-                  ) -> Entry:  # fmt: skip
+def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward, i: int, run_id: str | None = None,
+                  team: BranchTeam = BranchTeam()) -> Entry | None:  # fmt: skip
     """Fork group i (prompt, seed and pivot fixed by i), scored, its latents on the CPU in the store dtype;
     raises SchemaError on bad rewards. `run_id`: the collection's (default: that of `cfg`; an extended
-    collection keeps its first one)."""
+    collection keeps its first one). In a branch `team` every rank computes the prefix and rolls out its
+    share of the branches; the first rank gathers them and scores the whole group (None elsewhere)."""
     run_id = run_id or cfg.run_id
     prompt = cfg.prompts[i % len(cfg.prompts)]
     seed = derive_seed(cfg.seed, 2, i)
@@ -172,7 +214,10 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
     sampler = policy.sampler
     text = policy.text.encode([prompt])
     group = sampler.fork_group(text, sampler.noise_bank(seed), pivot, cfg.group_size, cfg.strength, fork=cfg.fork,
-                               branch_batch=cfg.branch_batch)  # fmt: skip
+                               branch_batch=cfg.branch_batch, branches=team.share(cfg.group_size))  # fmt: skip
+    group = team.gather(group)
+    if group is None:
+        return None
     latents = group.videos()
     if cfg.clip_chunks is not None:  # streaming: the local clip that starts at the pivot
         c = sampler.chunk_frames
@@ -234,30 +279,42 @@ def collect(
     """Write this rank's shards of the collection into `out` (resuming); returns what it did.
     `shard_prefix` lets several collections share one buffer folder (on-policy iterations)."""
     cfg, fmt, reward = prepare(cfg, policy.config)
+    team = BranchTeam.of(cfg.branch_ranks, world)
     out = Path(out)
     if rank == 0:  # checked, created (with its marker) or cleaned of killed runs' temporaries, once all is valid
         open_output(out, "collect")
     barrier()
     with BufferLock(out) if rank == 0 else contextlib.nullcontext():
         record = claim(out, policy, cfg, rank, world, shard_prefix)
-        summary = _collect_shards(policy, cfg, fmt, reward, out, record, rank, world, progress)
+        summary = _collect_shards(policy, cfg, fmt, reward, out, record, rank, world, progress, team)
         if world > 1:
             dist.barrier()  # the lock is released only when every rank is done
     return summary
 
 
 def _collect_shards(policy: Pipeline, cfg: CollectConfig, fmt: ShardFormat, reward: CompositeReward, out: Path,
-                    record: Collection, rank: int, world: int, progress: bool) -> CollectSummary:  # fmt: skip
-    """Write this rank's shards of the recorded plan that are not finished yet."""
-    mine = [(k, lo, hi) for k, lo, hi in record.plan() if k % world == rank]
+                    record: Collection, rank: int, world: int, progress: bool, team: BranchTeam = BranchTeam()
+                    ) -> CollectSummary:  # fmt: skip
+    """Write this rank's shards of the recorded plan that are not finished yet. Branch teams take shards
+    as ranks do alone (team t of n: the shards k with ``k % n == t``); their first rank decides what is
+    left to do, reads and writes, the others only roll out their branches."""
+    teams, me, writer = world // team.size, rank // team.size, team.index == 0
+    mine = [(k, lo, hi) for k, lo, hi in record.plan() if k % teams == me]
     # every prompt of this rank's groups encoded once, up front (then the encoder may leave the device)
     policy.text.prefetch([cfg.prompts[i % len(cfg.prompts)] for _, lo, hi in mine for i in range(lo, hi)])
     summary, t0 = CollectSummary(), time.time()
     total = sum(hi - lo for _, lo, hi in mine)
-    bar = progress_bar(total=total, desc=f"collect[{rank}]" if world > 1 else "collect", unit="group", show=progress)
+    desc = f"collect[{rank}]" if world > 1 else "collect"
+    bar = progress_bar(total=total, desc=desc, unit="group", show=progress and writer)
     for k, lo, hi in mine:
         path = out / shard_name(k, fmt.suffix, record.prefix)
         part = out / MANIFEST_DIR / f"{path.name}.parquet"
+        if team.size > 1:  # the writer's view of the files decides for the whole team
+            todo = team_agrees(writer and not path.exists(), team.group)
+            if not writer:  # a branch rank: its share of each group of a shard the writer rolls out
+                for i in range(lo, hi) if todo else ():
+                    collect_group(policy, cfg, reward, i, record.run_id, team)
+                continue
         if path.exists() and part.exists():
             summary.shards_skipped += 1
             bar.update(hi - lo)
@@ -270,7 +327,7 @@ def _collect_shards(policy: Pipeline, cfg: CollectConfig, fmt: ShardFormat, rewa
             entries, rejected = [], []
             for i in range(lo, hi):
                 try:
-                    entries.append(collect_group(policy, cfg, reward, i, record.run_id))
+                    entries.append(collect_group(policy, cfg, reward, i, record.run_id, team))
                 except SchemaError as e:
                     log.warning("group %d rejected: %s", i, e)
                     rejected.append({"group": i, "reason": str(e)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..buffer.collection import check_collection
@@ -13,13 +14,14 @@ from ..plan import check_stage
 from ..rewards.sources import reward_of
 from ..schemas.run import RUN_FILE, RunConfig, run_record
 from ..schemas.sections import Hardware, PolicySection
-from .collector import CollectConfig, CollectSummary, collect
+from .collector import BranchTeam, CollectConfig, CollectSummary, collect
 from .distributed import rank_and_world
 
 
 class CollectRun(RunConfig):
     """Roll out fork groups from a policy, score every branch and write a sharded replay buffer (re-running
-    resumes). Under `torchrun --nproc_per_node N` each rank writes a disjoint set of shards."""
+    resumes). Under `torchrun --nproc_per_node N` each rank writes a disjoint set of shards; with
+    `--branch-ranks n` teams of n ranks split each group's branches (the team's first rank writes)."""
 
     model: PolicySection = PolicySection()
     collect: CollectConfig = CollectConfig()
@@ -33,6 +35,8 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     model = resolve_config(m.config, m.wan_dir)
     early = cfg.collect.resolve(model)  # other settings than the buffer's are refused before the weights load
     reward_of(early)  # reward names, paths and plug-ins checked before any model loads
+    early.check(model.num_chunks)
+    BranchTeam.check(early.branch_ranks, int(os.environ.get("WORLD_SIZE", "1")))
     check_collection(out, "", early.run_id, early.settings(model), early.groups)
     placement = Placement.of(cfg.hardware)
     check_stage("collect", model, placement, group_size=early.group_size, branch_batch=early.branch_batch,
