@@ -30,10 +30,11 @@ from pydantic import Field
 
 from ..buffer.collection import BufferLock, Collection, claim_collection, read_collection, record_path, shard_name
 from ..buffer.formats import FormatName, ShardFormat, ShardInfo, get_format, write_shard
-from ..buffer.manifest import MANIFEST_DIR, write_manifest_part
+from ..buffer.manifest import MANIFEST_DIR, write_index, write_manifest_part
 from ..io.files import checksum, tree_bytes
 from ..io.outputs import open_output
 from ..io.progress import progress_bar
+from ..io.urls import local_folder
 from ..models.kv_cache import compute_dtype
 from ..models.noise import derive_seed
 from ..models.placement import DTYPES
@@ -280,7 +281,7 @@ def collect(
     `shard_prefix` lets several collections share one buffer folder (on-policy iterations)."""
     cfg, fmt, reward = prepare(cfg, policy.config)
     team = BranchTeam.of(cfg.branch_ranks, world)
-    out = Path(out)
+    out = collect_folder(out)
     if rank == 0:  # checked, created (with its marker) or cleaned of killed runs' temporaries, once all is valid
         open_output(out, "collect")
     barrier()
@@ -289,7 +290,15 @@ def collect(
         summary = _collect_shards(policy, cfg, fmt, reward, out, record, rank, world, progress, team)
         if world > 1:
             dist.barrier()  # the lock is released only when every rank is done
+        if rank == 0:  # every rank's parts are written: list them for readers that cannot list (pipe: URLs)
+            write_index(out)
     return summary
+
+
+def collect_folder(out: str | Path) -> Path:
+    """The local folder `collect` writes (a path or file:// URL); other URLs are refused before any work."""
+    return local_folder(out, "collect --out", "collect into a local folder (or one your store mounts), copy it "
+                        "to the store, then read it through its URL (s3://, gs://, pipe:)")  # fmt: skip
 
 
 def _collect_shards(policy: Pipeline, cfg: CollectConfig, fmt: ShardFormat, reward: CompositeReward, out: Path,

@@ -14,7 +14,7 @@ from ..plan import check_stage
 from ..rewards.sources import reward_of
 from ..schemas.run import RUN_FILE, RunConfig, run_record
 from ..schemas.sections import Hardware, PolicySection
-from .collector import BranchTeam, CollectConfig, CollectSummary, collect
+from .collector import BranchTeam, CollectConfig, CollectSummary, collect, collect_folder
 from .distributed import rank_and_world
 
 
@@ -31,7 +31,7 @@ class CollectRun(RunConfig):
 def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     """Collect into the buffer `out` (resuming) on this rank; rank 0 records the resolved run in ``run.yaml``.
     Returns (rank, what this rank did)."""
-    m, out = cfg.model, Path(out)
+    m, out = cfg.model, collect_folder(out)
     model = resolve_config(m.config, m.wan_dir)
     early = cfg.collect.resolve(model)  # other settings than the buffer's are refused before the weights load
     reward_of(early)  # reward names, paths and plug-ins checked before any model loads

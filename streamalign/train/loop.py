@@ -29,6 +29,7 @@ from ..extras import require
 from ..io.files import require_paths, staged_folder, write_atomic
 from ..io.outputs import open_output, overwrite_permitted, permit_overwrite
 from ..io.progress import progress_bar
+from ..io.urls import local_path
 from ..models.noise import derive_seed
 from ..models.placement import Placement
 from ..models.sampler import Sampler
@@ -372,7 +373,8 @@ def train(
 
 def train_stage(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> str:
     """The `train` command: check the input paths, run, and return the summary line."""
-    require_paths((cfg.data.buffer, "buffer"), (cfg.lora.init_adapter, "adapter"), (cfg.model.checkpoint, "checkpoint"))
+    buffer = cfg.data.buffer and local_path(cfg.data.buffer)  # a URL's files are checked as they are read
+    require_paths((buffer, "buffer"), (cfg.lora.init_adapter, "adapter"), (cfg.model.checkpoint, "checkpoint"))
     return train(cfg, out, resume=resume, overwrite=overwrite).line(out)
 
 
