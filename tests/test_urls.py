@@ -114,12 +114,34 @@ def test_training_through_urls_equals_the_plain_path_and_resumes_exactly(tmp_pat
     assert (tmp_path / "plain" / adapter).read_bytes() == (tmp_path / "url" / adapter).read_bytes()
 
 
+@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
+def test_collect_uploads_each_shard_then_its_part_and_resumes(tmp_path, base, buffers, fmt):  # noqa: F811
+    plain, local, remote = buffers[fmt], tmp_path / "local", tmp_path / "remote"
+    url = f"local://{remote}"  # fsspec's local file system: the fsspec path, no network
+    cfg = CollectConfig(prompts=PROMPTS, groups=4, group_size=4, entries_per_shard=2, seed=5, format=fmt, upload=url)
+    policy = Pipeline.load("shapes", base)
+    s = collect(policy, cfg, local, progress=False)
+    names = sorted(p.name for p in plain.glob("shard-*"))
+    assert s.shards_written == 2 and sorted(p.name for p in remote.glob("shard-*")) == names
+    assert not list(local.glob("shard-*")) and len(list((local / "manifest").glob("*.parquet"))) == 2
+    assert {n: checksum(remote / n) for n in names} == {n: checksum(plain / n) for n in names}
+    assert same(stream(url, 0, 1, 0), stream(plain, 0, 1, 0)) and buffer_info(url) == buffer_info(plain)
+    # killed after the second shard was put but before its part was: the next run puts both, computes nothing
+    part = f"manifest/{names[1]}.parquet"
+    (remote / part).unlink()
+    shutil.copytree(remote / names[1], local / names[1]) if fmt == "zarr" else shutil.copy(remote / names[1], local)
+    again = collect(policy, cfg, local, progress=False)
+    assert (again.shards_written, again.shards_skipped) == (0, 2) and (remote / part).is_file()
+    assert not list(local.glob("shard-*")) and same(stream(url, 0, 1, 0), stream(plain, 0, 1, 0))
+
+
 @pytest.mark.parametrize(
     ("args", "msg"),
     [
         (["stats", "pipe:cat /nowhere", "--report", "pivots"], "a pipe: URL needs '{}' where the file's"),
         (["stats", "pipe:cat /nowhere/{}", "--report", "pivots"], "cannot list manifest/ without its index.txt"),
         (["collect", "--out", "s3://bucket/buf", "--groups", "1"], "--out needs a local path or file:// URL"),
+        (["collect", "--out", "x", "--upload", "pipe:cat {}"], "--upload pipe:cat {}: pipe: URLs are read-only"),
         (["buffer", "verify", "pipe:cat /x/{}"], "buffer verify needs a local path or file:// URL"),
         (["stats", "nosuch://bucket/buf", "--report", "pivots"], "Protocol not known: nosuch"),
     ],

@@ -31,10 +31,10 @@ from pydantic import Field
 from ..buffer.collection import BufferLock, Collection, claim_collection, read_collection, record_path, shard_name
 from ..buffer.formats import FormatName, ShardFormat, ShardInfo, get_format, write_shard
 from ..buffer.manifest import MANIFEST_DIR, write_index, write_manifest_part
-from ..io.files import checksum, tree_bytes
+from ..io.files import checksum, remove_path, tree_bytes
 from ..io.outputs import open_output
 from ..io.progress import progress_bar
-from ..io.urls import local_folder
+from ..io.urls import local_folder, location
 from ..models.kv_cache import compute_dtype
 from ..models.noise import derive_seed
 from ..models.placement import DTYPES
@@ -79,6 +79,10 @@ class CollectConfig(PromptSection, RewardSection):
     # how many ranks share one group's branches: where the work runs only (the entries' bytes do not change)
     branch_ranks: int = Field(1, ge=1, description="Ranks that split each fork group's branches (torchrun; "
                               "divides -G and the number of ranks).")  # fmt: skip
+    # where the shards end up: the bytes are the same wherever they go, so not in the run id either
+    upload: str | None = Field(None, description="Put each finished shard, then its manifest part, at this "
+                               "buffer URL (s3://, gs://, file://) and delete the local shard (--out keeps the "
+                               "manifest).")  # fmt: skip
 
     def latent_dtype(self, compute: torch.dtype) -> torch.dtype:
         """The dtype entries store their latents in (auto: the generator's compute dtype)."""
@@ -102,6 +106,10 @@ class CollectConfig(PromptSection, RewardSection):
         if self.pivot != "uniform" and not (self.pivot.isdigit() and int(self.pivot) < num_chunks):
             raise ValueError(f"--pivot must be 'uniform' or a chunk index 0..{num_chunks - 1}, got {self.pivot!r}")
         get_format(self.format)
+        if self.upload is not None:  # refused before any work: a read-only URL, a missing fsspec package
+            if self.upload.startswith("pipe:"):
+                raise ValueError(f"--upload {self.upload}: pipe: URLs are read-only; upload to s3://, gs:// or file://")
+            location(self.upload)
         if self.group_size % self.branch_ranks:
             raise ValueError(f"--branch-ranks {self.branch_ranks} must divide -G {self.group_size} "
                              "(each rank rolls out G/N branches of every group)")  # fmt: skip
@@ -292,7 +300,21 @@ def collect(
             dist.barrier()  # the lock is released only when every rank is done
         if rank == 0:  # every rank's parts are written: list them for readers that cannot list (pipe: URLs)
             write_index(out)
+            if cfg.upload is not None:  # the records and the index beside the uploaded parts
+                remote = location(cfg.upload)
+                for f in sorted((out / MANIFEST_DIR).glob("*")):
+                    if f.is_file() and f.suffix in (".json", ".txt"):
+                        remote.put(f, f"{MANIFEST_DIR}/{f.name}")
     return summary
+
+
+def upload_shard(cfg: CollectConfig, path: Path, part: Path) -> None:
+    """Put a finished shard, then its manifest part, at ``cfg.upload`` (a reader there never finds a part
+    whose shard is missing), then delete the local shard: its local manifest part says it is done."""
+    remote = location(cfg.upload)
+    remote.put(path, path.name)
+    remote.put(part, f"{MANIFEST_DIR}/{part.name}")
+    remove_path(path)
 
 
 def collect_folder(out: str | Path) -> Path:
@@ -324,7 +346,9 @@ def _collect_shards(policy: Pipeline, cfg: CollectConfig, fmt: ShardFormat, rewa
                 for i in range(lo, hi) if todo else ():
                     collect_group(policy, cfg, reward, i, record.run_id, team)
                 continue
-        if path.exists() and part.exists():
+        if path.exists() and part.exists() and cfg.upload is not None:
+            upload_shard(cfg, path, part)  # killed before its local copy was deleted: put it again
+        if part.exists() and (path.exists() or cfg.upload is not None):
             summary.shards_skipped += 1
             bar.update(hi - lo)
             continue
@@ -345,6 +369,8 @@ def _collect_shards(policy: Pipeline, cfg: CollectConfig, fmt: ShardFormat, rewa
             summary.shards_written += 1
             summary.bytes += info.bytes
         write_manifest_part(out, entries, info, extra={"rejected": rejected})
+        if cfg.upload is not None:
+            upload_shard(cfg, path, part)
         summary.groups += len(entries)
         summary.rejected += len(rejected)
     bar.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..buffer.collection import check_collection
 from ..buffer.inspect import buffer_info
 from ..io.files import write_atomic
+from ..io.urls import location
 from ..models.placement import Placement
 from ..pipeline import Pipeline, resolve_config
 from ..plan import check_stage
@@ -47,6 +48,8 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
         summary = collect(policy, resolved.collect, out, rank, world)
     if rank == 0:
         write_atomic(out / RUN_FILE, run_record(resolved, "collect"))
+        if resolved.collect.upload is not None:
+            location(resolved.collect.upload).put(out / RUN_FILE, RUN_FILE)
     return rank, summary
 
 
@@ -65,4 +68,4 @@ def summary_lines(out: str | Path, s: CollectSummary) -> list[str]:
 def collect_stage(cfg: CollectRun, out: Path) -> str:
     """The stage behind the command (what it prints)."""
     rank, s = run_collect(cfg, out)
-    return "\n".join(summary_lines(out, s)) if rank == 0 else ""
+    return "\n".join(summary_lines(cfg.collect.upload or out, s)) if rank == 0 else ""  # where the shards are

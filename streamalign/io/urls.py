@@ -53,6 +53,10 @@ class Location(Protocol):
         """What a shard format reads the file or folder at `rel` from (a local path where there is one)."""
         ...
 
+    def put(self, local: Path, rel: str) -> None:
+        """Copy the local file or folder `local` to `rel` (its files each visible only once complete)."""
+        ...
+
 
 def is_url(target: str | Path) -> bool:
     """Whether `target` is a URL (scheme://... or pipe:...) rather than a plain path."""
@@ -86,9 +90,11 @@ def local_folder(target: str | Path, what: str, instead: str) -> Path:
     return path
 
 
-def tree_order(rel: str) -> tuple[str, ...]:
-    """Sort key of a relative path: the order :func:`streamalign.io.files.tree_files` lists files in."""
-    return PurePosixPath(rel).parts
+def upload_files(local: Path, rel: str) -> list[tuple[Path, str]]:
+    """(local file, relative path at the destination) of every file of the file or folder `local` put at `rel`."""
+    from .files import tree_files
+
+    return [(f, rel if f == local else f"{rel}/{f.relative_to(local).as_posix()}") for f in tree_files(local)]
 
 
 class LocalLocation:
@@ -109,6 +115,13 @@ class LocalLocation:
 
     def shard(self, rel: str) -> Path:
         return self.root / rel
+
+    def put(self, local: Path, rel: str) -> None:
+        from .files import write_atomic
+
+        for f, name in upload_files(local, rel):
+            (self.root / name).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.root / name, f.read_bytes())
 
     def list(self, folder: str, suffix: str) -> list[str]:
         return sorted(p.name for p in (self.root / folder).glob(f"*{suffix}") if p.is_file())
@@ -146,6 +159,9 @@ class PipeLocation:
 
     def shard(self, rel: str) -> Remote:
         return Remote(self, rel)
+
+    def put(self, local: Path, rel: str) -> None:
+        raise ValueError(f"{self.name}: pipe: URLs are read-only; upload to a path, file://, s3:// or gs:// URL")
 
     def list(self, folder: str, suffix: str) -> list[str]:
         index = f"{folder.rstrip('/')}/{INDEX}"
@@ -197,6 +213,11 @@ class FsspecLocation:
 
     def shard(self, rel: str) -> Remote:
         return Remote(self, rel)
+
+    def put(self, local: Path, rel: str) -> None:
+        for f, name in upload_files(local, rel):  # an object store makes each file visible once complete
+            self.fs.makedirs(PurePosixPath(self._path(name)).parent.as_posix(), exist_ok=True)
+            self.fs.put_file(str(f), self._path(name))
 
     def list(self, folder: str, suffix: str) -> list[str]:
         path = self._path(folder)
