@@ -1,4 +1,4 @@
-"""Buffers read through URLs (streamalign.io.urls): file://, pipe:cat and an fsspec file system (memory://)
+"""Buffers read through URLs (streamalign.buffer.urls): file://, pipe:cat and an fsspec file system (memory://)
 give the entries, counts per rank, stats, info and training (resume included) of the plain path; checksums
 are verified over every transport; clear errors for what a URL cannot do."""
 
@@ -16,11 +16,11 @@ from streamalign.buffer.formats import DamagedShardError
 from streamalign.buffer.inspect import buffer_info
 from streamalign.buffer.reader import BufferReader
 from streamalign.buffer.stats import run_query
+from streamalign.buffer.urls import location
 from streamalign.cli import app
 from streamalign.collect.collector import CollectConfig, collect
 from streamalign.extras import available
 from streamalign.io.files import checksum, files_digest
-from streamalign.io.urls import location
 from streamalign.pipeline import Pipeline
 from streamalign.worlds.shapes import held_in_prompts
 

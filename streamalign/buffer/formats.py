@@ -30,8 +30,8 @@ import torch
 from pydantic import AfterValidator, WithJsonSchema
 
 from ..io.files import atomic_path, checksum, files_digest, read_tree, tree_bytes
-from ..io.urls import Remote
 from ..schemas.buffer import Entry, SchemaError
+from .urls import Remote
 
 ENTRY_ID = re.compile(r"^[A-Za-z0-9_-]+$")  # webdataset splits keys at the first dot
 

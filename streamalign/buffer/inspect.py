@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io.files import checksum
-from ..io.urls import local_folder, location
 from ..schemas.buffer import SCHEMA_VERSION, SchemaError
 from ..schemas.run import RunConfig, arg
 from .collection import collections
 from .formats import FORMATS, checksum_mismatch, get_format
 from .manifest import MANIFEST_DIR, manifest_parts, read_manifest, read_part
+from .urls import local_folder, location
 
 
 def entry_bytes(folder: str | Path, shard: str, fmt: str) -> dict[str, int]:

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import torch
 
 from ..io.files import atomic_path, write_atomic
-from ..io.urls import INDEX, location
 from ..rewards.registry import composite
 from ..schemas.buffer import Entry
 from .formats import ShardInfo
+from .urls import INDEX, location
 
 MANIFEST_DIR = "manifest"
 
@@ -91,7 +91,7 @@ def read_part(buffer: str | Path, rel: str, schema_only: bool = False) -> pa.Tab
 
 def read_manifest(buffer_dir: str | Path) -> pa.Table:
     """Union of the manifest parts (reward columns missing from a part are null), sorted by shard name;
-    `buffer_dir` is the buffer's path or URL (:mod:`streamalign.io.urls`)."""
+    `buffer_dir` is the buffer's path or URL (:mod:`streamalign.buffer.urls`)."""
     parts = manifest_parts(buffer_dir)
     if not parts:
         raise FileNotFoundError(f"no manifest in {buffer_dir}: not a streamalign buffer, or an empty one")

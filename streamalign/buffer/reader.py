@@ -21,11 +21,11 @@ from pathlib import Path
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..io.urls import location
 from ..models.noise import derive_seed
 from ..schemas.buffer import Entry, SchemaError
 from .formats import DamagedShardError, get_format
 from .manifest import read_manifest
+from .urls import location
 
 log = logging.getLogger("streamalign.buffer")
 
@@ -47,7 +47,7 @@ class BufferReader(IterableDataset):
         weights: Mapping[str, float] | None = None,
         skip_damaged: bool = False,
     ) -> None:
-        self.folder = folder  # a path or URL (streamalign.io.urls): the manifest and shards lie below it
+        self.folder = folder  # a path or URL (streamalign.buffer.urls): the manifest and shards lie below it
         self.location = location(folder)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside a world of {world}")

@@ -18,11 +18,11 @@ import typer
 from .. import __version__
 from ..buffer.inspect import BufferRun, VerifyRun
 from ..buffer.stats import StatsRun
+from ..buffer.urls import local_folder
 from ..collect.run import CollectRun
 from ..evaluate.config import DemoRun, EvaluateRun, MergeRun, NoiseSourcesRun, ObjectivesRun, RegimesRun
 from ..generate.run import GenerateRun
 from ..io.outputs import overwrite_permitted
-from ..io.urls import local_folder
 from ..models.info import ConvertRun, ModelInfoRun
 from ..plan import PlanRun
 from ..schemas.run import RunConfig

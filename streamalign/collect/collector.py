@@ -31,10 +31,10 @@ from pydantic import Field
 from ..buffer.collection import BufferLock, Collection, claim_collection, read_collection, record_path, shard_name
 from ..buffer.formats import FormatName, ShardFormat, ShardInfo, get_format, write_shard
 from ..buffer.manifest import MANIFEST_DIR, write_index, write_manifest_part
+from ..buffer.urls import local_folder, location
 from ..io.files import checksum, remove_path, tree_bytes
 from ..io.outputs import open_output
 from ..io.progress import progress_bar
-from ..io.urls import local_folder, location
 from ..models.kv_cache import compute_dtype
 from ..models.noise import derive_seed
 from ..models.placement import DTYPES

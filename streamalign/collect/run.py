@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..buffer.collection import check_collection
 from ..buffer.inspect import buffer_info
+from ..buffer.urls import location
 from ..io.files import write_atomic
-from ..io.urls import location
 from ..models.placement import Placement
 from ..pipeline import Pipeline, resolve_config
 from ..plan import check_stage

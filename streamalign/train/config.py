@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from ..adapters.lora import LoraSettings
 from ..buffer.formats import FormatName
-from ..io.urls import local_path
+from ..buffer.urls import local_path
 from ..schemas.config import ModelConfig
 from ..schemas.run import RUN_FILE, RunConfig, Section, arg
 from ..schemas.sections import Hardware, ModelSection, PromptSection, RewardSection

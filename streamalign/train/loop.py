@@ -23,13 +23,13 @@ import torch.distributed as dist
 from ..adapters.lora import LoraSettings, attach_lora, cast_lora_inputs, load_lora, lora_parameters, save_lora
 from ..buffer.manifest import read_manifest
 from ..buffer.reader import BufferReader
+from ..buffer.urls import local_path
 from ..collect.collector import CollectConfig, collect, prepare
 from ..collect.distributed import rank_and_world
 from ..extras import require
 from ..io.files import require_paths, staged_folder, write_atomic
 from ..io.outputs import open_output, overwrite_permitted, permit_overwrite
 from ..io.progress import progress_bar
-from ..io.urls import local_path
 from ..models.noise import derive_seed
 from ..models.placement import Placement
 from ..models.sampler import Sampler

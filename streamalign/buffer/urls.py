@@ -92,7 +92,7 @@ def local_folder(target: str | Path, what: str, instead: str) -> Path:
 
 def upload_files(local: Path, rel: str) -> list[tuple[Path, str]]:
     """(local file, relative path at the destination) of every file of the file or folder `local` put at `rel`."""
-    from .files import tree_files
+    from ..io.files import tree_files
 
     return [(f, rel if f == local else f"{rel}/{f.relative_to(local).as_posix()}") for f in tree_files(local)]
 
@@ -107,7 +107,7 @@ class LocalLocation:
         return (self.root / rel).read_bytes()
 
     def tree(self, rel: str) -> dict[str, bytes]:
-        from .files import read_tree
+        from ..io.files import read_tree
 
         if not (self.root / rel).exists():
             raise FileNotFoundError(self.root / rel)
@@ -117,7 +117,7 @@ class LocalLocation:
         return self.root / rel
 
     def put(self, local: Path, rel: str) -> None:
-        from .files import write_atomic
+        from ..io.files import write_atomic
 
         for f, name in upload_files(local, rel):
             (self.root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ class LocalLocation:
         return (self.root / rel).exists()
 
     def size(self, rel: str) -> int:
-        from .files import tree_bytes
+        from ..io.files import tree_bytes
 
         return tree_bytes(self.root / rel)
 
