@@ -10,6 +10,12 @@ NaN/inf rewards are rejected, counted and logged in the manifest part's metadata
 The collection's settings are recorded in the buffer before its first shard and a re-run with other
 ones is refused (``buffer.collection``); a larger ``--groups`` extends it. Rank 0 holds the buffer's
 lock while the collection runs, so a second collect into the same folder is refused naming the holder.
+
+``branch_ranks`` n: teams of n consecutive ranks take shards as single ranks do; every rank of a team
+computes each group's prefix and rolls out its G/n branches, the team's first rank gathers them, scores
+and writes (same bytes as one process when the branch batch divides G/n). ``upload``: each finished
+shard, then its manifest part, is put at a buffer URL and the local shard deleted (the local manifest
+parts say what is done).
 """
 
 from __future__ import annotations
