@@ -30,8 +30,9 @@ Batch sizes not given are chosen as the stages choose them on a GPU (``Sampler.a
 most the GPU's memory. Time = FLOPs / (peak TFLOP/s x ``--mfu``), with the dense tensor-core bf16 rate of
 ``GPUS`` (fp32 without TF32: the plain fp32 rate). Not planned: reward models on the GPU (add their weights).
 
-Stages are the entries of :data:`STAGES` (name -> function of a :class:`PlanContext`); the train stage
-is meant to be one more entry.
+Stages are the entries of :data:`STAGES` (name -> function of a :class:`PlanContext`). The train stage is
+one training update per group, ``train.memory.train_update_memory`` (the real ``Trainer.update`` on fake
+tensors, every layer: no depth extrapolation), at the first and last pivot.
 """
 
 from __future__ import annotations
@@ -119,6 +120,20 @@ class PlanRollouts(Section):
     videos: int = Field(64, ge=1, description="Videos evaluated (time estimate).")
 
 
+class PlanTrain(Section):
+    """Training (the flags of `train`)"""
+
+    objective: Literal["copo", "nft", "sde-grpo"] = arg("copo", "Objective of the train stage.")
+    replay_batch: int | None = Field(None, ge=1, description="Replay rows per forward/backward (default: from "
+                                     "memory).")  # fmt: skip
+    checkpointing: Literal["auto", "on", "off"] = arg("auto", "Activation checkpointing per block (auto: on, as on "
+                                                      "CUDA).")  # fmt: skip
+    autocast: Literal["auto", "bf16", "off"] = arg("auto", "Autocast of the updates (auto: bf16, as on CUDA).")
+    lora_rank: int = Field(64, ge=1, description="LoRA rank.")
+    steps: int = Field(100, ge=1, description="Updates (time estimate).")
+    batch_groups: int = Field(8, ge=1, description="Fork groups per update, over all GPUs (time estimate).")
+
+
 class PlanDevice(Section):
     """GPU"""
 
@@ -130,13 +145,14 @@ class PlanDevice(Section):
 
 
 class PlanRun(RunConfig):
-    """Peak GPU memory, FLOPs and time of each stage (collect group incl. decode, evaluate batch, generate) at
-    the run's settings: the stages' real code on fake tensors, in seconds, no GPU needed."""
+    """Peak GPU memory, FLOPs and time of each stage (collect group incl. decode, evaluate batch, generate,
+    one train update) at the run's settings: the stages' real code on fake tensors, no GPU needed."""
 
     model: PlanModel = PlanModel()
     rollouts: PlanRollouts = PlanRollouts()
+    train: PlanTrain = PlanTrain()
     device: PlanDevice = PlanDevice()
-    stages: tuple[str, ...] = arg(("collect", "evaluate", "generate"), "Stages to plan, comma-separated.")
+    stages: tuple[str, ...] = arg(("collect", "evaluate", "generate", "train"), "Stages to plan, comma-separated.")
     full_depth: bool = arg(False, "Run every generator layer (exact either way; slower).")
     as_json: bool = arg(False, "Print the plan as JSON.", flag="--json")
 
@@ -724,11 +740,57 @@ def plan_generate(ctx: PlanContext) -> StagePlan:
     return StagePlan("generate", "video", 1, phases, notes={"frames": chunks * c}, workload="1 video")
 
 
-# name -> planner; the train stage is meant to be one more entry
+def train_settings(run: PlanRun):
+    """The ``train`` settings of the plan's flags (a TrainConfig; auto autocast / checkpointing as on CUDA)."""
+    from .train.config import TrainConfig
+    from .train.memory import SIMULATED
+
+    t = run.train
+    return TrainConfig(buffer=SIMULATED, objective=t.objective, replay_batch=t.replay_batch, lora_rank=t.lora_rank,
+                       checkpointing=t.checkpointing, autocast=t.autocast, batch_groups=t.batch_groups)  # fmt: skip
+
+
+def plan_train(ctx: PlanContext) -> StagePlan:
+    """One group of a training update (``Trainer.update`` as ``train.memory.train_update_memory`` runs it:
+    the objective's replay of one fork group of G branches, backward, clip, AdamW step) at the given pivot,
+    or the first and the last, every layer run; the replay batch chosen from the GPU's memory as on CUDA.
+    Held besides: the codec and (when it stays on the GPU) the text encoder, as the stages hold them; the
+    text phase encodes a prompt the first time it is met. Per group: the text, plus the mean of the
+    planned pivots' update FLOPs (exact with ``--pivot``; the first and last otherwise). Per update:
+    ``--batch-groups`` groups, split over the GPUs."""
+    from .train.memory import train_update_memory
+
+    run, cfg = ctx.run, ctx.cfg
+    n, g = cfg.num_chunks, run.rollouts.group_size
+    pivots = [run.rollouts.pivot] if run.rollouts.pivot is not None else sorted({0, n - 1})
+    if any(p >= n for p in pivots):
+        raise ValueError(f"--pivot {run.rollouts.pivot} is outside chunks 0..{n - 1} of {cfg.name}")
+    if g < 2:
+        raise ValueError(f"-G {g}: a training group needs at least 2 branches (advantages)")
+    settings = train_settings(run)
+    held = storage_bytes(ctx.others())
+    phases, batches, notes = [ctx.text_phase(1)], {}, {}
+    for p in pivots:
+        rep = train_update_memory(cfg, settings, pivot=p, group_size=g, device="cuda", dtype=ctx.dtype,
+                                  device_memory=run.memory - CUDA_RESERVE - held, flops=ctx.flops)  # fmt: skip
+        batches[p] = rep.notes["replay_batch"]
+        notes = rep.notes
+        phases.append(Phase(f"update p={p} (rb {batches[p]})", rep.peak + held, rep.flops or 0, batches[p]))
+    per_rank = math.ceil(run.train.batch_groups / run.device.gpus)
+    total = phases[0].flops + sum(ph.flops for ph in phases[1:]) // len(pivots)
+    work = f"{run.train.steps} updates of {run.train.batch_groups} groups" + (
+        f" on {run.device.gpus} GPUs" if run.device.gpus > 1 else "")  # fmt: skip
+    info = {k: notes[k] for k in ("objective", "autocast", "checkpointing", "lora_rank", "lora_bytes")}
+    return StagePlan("train", "group", run.train.steps * per_rank, phases, unit_flops=total, workload=work,
+                     notes={"replay_batch": batches, "pivots": pivots, **info})  # fmt: skip
+
+
+# name -> planner
 STAGES: dict[str, Callable[[PlanContext], StagePlan]] = {
     "collect": plan_collect,
     "evaluate": plan_evaluate,
     "generate": plan_generate,
+    "train": plan_train,
 }
 
 
@@ -786,17 +848,22 @@ def check_stage(stage: str, config: ModelConfig, placement: Placement, **setting
     return check_fits(stage, run, placement.device, model_config=config)  # pragma: no cover
 
 
-STAGE_FLAGS = {"collect": ("group_size", "branch_batch"), "evaluate": ("eval_batch",), "generate": ("gen_frames",)}
-FLAG_NAMES = {"group_size": "-G", "branch_batch": "--branch-batch", "eval_batch": "--batch",
-              "gen_frames": "--frames", "dtype": "--dtype"}  # fmt: skip
+STAGE_FLAGS = {"collect": ("group_size", "branch_batch"), "evaluate": ("eval_batch",), "generate": ("gen_frames",),
+               "train": ("group_size", "replay_batch", "checkpointing")}  # fmt: skip
+FLAG_NAMES = {"group_size": "-G", "branch_batch": "--branch-batch", "eval_batch": "--batch", "gen_frames": "--frames",
+              "dtype": "--dtype", "replay_batch": "--replay-batch", "checkpointing": "--checkpointing"}  # fmt: skip
+BATCHES = {"branch_batch": "rollouts", "eval_batch": "rollouts", "replay_batch": "train"}  # batch flag -> section
 
 
 def _settings(stage: str, run: PlanRun, sp: StagePlan) -> str:
-    bbs = sp.notes.get("branch_batch") or {}
-    # one --branch-batch for every pivot: the smallest that the pivots planned chose
-    chosen = {"branch_batch": min(bbs.values()) if bbs else None, "eval_batch": sp.notes.get("eval_batch"),
-              "gen_frames": sp.notes.get("frames")}  # fmt: skip
-    values = {"dtype": run.model.dtype, "group_size": run.rollouts.group_size, **chosen}
+    def smallest(key: str) -> int | None:  # one --branch-batch / --replay-batch for every pivot planned
+        per_pivot = sp.notes.get(key) or {}
+        return min(per_pivot.values()) if per_pivot else None
+
+    chosen = {"branch_batch": smallest("branch_batch"), "replay_batch": smallest("replay_batch"),
+              "eval_batch": sp.notes.get("eval_batch"), "gen_frames": sp.notes.get("frames")}  # fmt: skip
+    values = {"dtype": run.model.dtype, "group_size": run.rollouts.group_size, **chosen,
+              "checkpointing": run.train.checkpointing if run.train.checkpointing != "auto" else None}  # fmt: skip
     return " ".join(f"{FLAG_NAMES[k]} {values[k]}" for k in ("dtype", *STAGE_FLAGS[stage]) if values.get(k))
 
 
@@ -810,11 +877,13 @@ def refusal(
     head = (f"{stage} will not fit on {device} ({memory / GiB:.1f} GiB): it needs "
             f"{(sp.peak + CUDA_RESERVE) / GiB:.1f} GiB with {_settings(stage, run, sp)}")  # fmt: skip
     tries = []
-    given = {k: None for k in ("branch_batch", "eval_batch") if getattr(run.rollouts, k) is not None}
+    given = {k: None for k, section in BATCHES.items() if getattr(getattr(run, section), k) is not None}
     if given:
         tries.append(given)
+    if stage == "train" and run.train.checkpointing == "off":
+        tries.append({**dict.fromkeys(BATCHES), "checkpointing": "on"})
     if run.model.dtype == "fp32":
-        tries.append({"branch_batch": None, "eval_batch": None, "dtype": "bf16"})
+        tries.append({**dict.fromkeys(BATCHES), "dtype": "bf16"})
     for change in tries:
         alt_run = run.replace(**change)
         alt = plan_stage(stage, alt_run, model_config, **(parts or {}))
