@@ -30,9 +30,9 @@ Batch sizes not given are chosen as the stages choose them on a GPU (``Sampler.a
 most the GPU's memory. Time = FLOPs / (peak TFLOP/s x ``--mfu``), with the dense tensor-core bf16 rate of
 ``GPUS`` (fp32 without TF32: the plain fp32 rate). Not planned: reward models on the GPU (add their weights).
 
-Stages are the entries of :data:`STAGES` (name -> function of a :class:`PlanContext`). The train stage is
-one training update per group, ``train.memory.train_update_memory`` (the real ``Trainer.update`` on fake
-tensors, every layer: no depth extrapolation), at the first and last pivot.
+Stages are the entries of :data:`STAGES` (name -> function of a :class:`PlanContext`). The train stage
+(one training update per group: the real ``Trainer.update`` on fake tensors) is planned by
+``streamalign.train.plan``, which registers itself: the trainer is a higher layer than this module.
 """
 
 from __future__ import annotations
@@ -158,9 +158,9 @@ class PlanRun(RunConfig):
 
     @model_validator(mode="after")
     def _stages(self) -> PlanRun:
-        unknown = [s for s in self.stages if s not in STAGES]
+        unknown = [s for s in self.stages if s not in STAGE_NAMES]
         if unknown or not self.stages:
-            raise ValueError(f"--stages: unknown {unknown or 'none given'}; choose from {', '.join(STAGES)}")
+            raise ValueError(f"--stages: unknown {unknown or 'none given'}; choose from {', '.join(STAGE_NAMES)}")
         return self
 
     @property
@@ -740,70 +740,43 @@ def plan_generate(ctx: PlanContext) -> StagePlan:
     return StagePlan("generate", "video", 1, phases, notes={"frames": chunks * c}, workload="1 video")
 
 
-def train_settings(run: PlanRun):
-    """The ``train`` settings of the plan's flags (a TrainConfig; auto autocast / checkpointing as on CUDA)."""
-    from .train.config import TrainConfig
-    from .train.memory import SIMULATED
-
-    t = run.train
-    return TrainConfig(buffer=SIMULATED, objective=t.objective, replay_batch=t.replay_batch, lora_rank=t.lora_rank,
-                       checkpointing=t.checkpointing, autocast=t.autocast, batch_groups=t.batch_groups)  # fmt: skip
-
-
-def plan_train(ctx: PlanContext) -> StagePlan:
-    """One group of a training update (``Trainer.update`` as ``train.memory.train_update_memory`` runs it:
-    the objective's replay of one fork group of G branches, backward, clip, AdamW step) at the given pivot,
-    or the first and the last, every layer run; the replay batch chosen from the GPU's memory as on CUDA.
-    Held besides: the codec and (when it stays on the GPU) the text encoder, as the stages hold them; the
-    text phase encodes a prompt the first time it is met. Per group: the text, plus the mean of the
-    planned pivots' update FLOPs (exact with ``--pivot``; the first and last otherwise). Per update:
-    ``--batch-groups`` groups, split over the GPUs."""
-    from .train.memory import train_update_memory
-
-    run, cfg = ctx.run, ctx.cfg
-    n, g = cfg.num_chunks, run.rollouts.group_size
-    pivots = [run.rollouts.pivot] if run.rollouts.pivot is not None else sorted({0, n - 1})
-    if any(p >= n for p in pivots):
-        raise ValueError(f"--pivot {run.rollouts.pivot} is outside chunks 0..{n - 1} of {cfg.name}")
-    if g < 2:
-        raise ValueError(f"-G {g}: a training group needs at least 2 branches (advantages)")
-    settings = train_settings(run)
-    held = storage_bytes(ctx.others())
-    phases, batches, notes = [ctx.text_phase(1)], {}, {}
-    for p in pivots:
-        rep = train_update_memory(cfg, settings, pivot=p, group_size=g, device="cuda", dtype=ctx.dtype,
-                                  device_memory=run.memory - CUDA_RESERVE - held, flops=ctx.flops)  # fmt: skip
-        batches[p] = rep.notes["replay_batch"]
-        notes = rep.notes
-        phases.append(Phase(f"update p={p} (rb {batches[p]})", rep.peak + held, rep.flops or 0, batches[p]))
-    per_rank = math.ceil(run.train.batch_groups / run.device.gpus)
-    total = phases[0].flops + sum(ph.flops for ph in phases[1:]) // len(pivots)
-    work = f"{run.train.steps} updates of {run.train.batch_groups} groups" + (
-        f" on {run.device.gpus} GPUs" if run.device.gpus > 1 else "")  # fmt: skip
-    info = {k: notes[k] for k in ("objective", "autocast", "checkpointing", "lora_rank", "lora_bytes")}
-    return StagePlan("train", "group", run.train.steps * per_rank, phases, unit_flops=total, workload=work,
-                     notes={"replay_batch": batches, "pivots": pivots, **info})  # fmt: skip
-
-
-# name -> planner
+# name -> planner; the train stage's planner lives with the trainer it runs (streamalign.train.plan, a
+# higher layer) and registers itself there (register_stage)
 STAGES: dict[str, Callable[[PlanContext], StagePlan]] = {
     "collect": plan_collect,
     "evaluate": plan_evaluate,
     "generate": plan_generate,
-    "train": plan_train,
 }
+STAGE_NAMES = ("collect", "evaluate", "generate", "train")
+REGISTERED_BY = {"train": "streamalign.train.plan"}
+
+
+def register_stage(name: str, planner: Callable[[PlanContext], StagePlan]) -> None:
+    """Add a stage's planner (one of STAGE_NAMES)."""
+    if name not in STAGE_NAMES:
+        raise ValueError(f"stage {name!r} is not one of {', '.join(STAGE_NAMES)}")
+    STAGES[name] = planner
+
+
+def planner(stage: str) -> Callable[[PlanContext], StagePlan]:
+    if stage not in STAGES:
+        raise ValueError(f"the {stage} stage's planner is not loaded: import {REGISTERED_BY[stage]} first")
+    return STAGES[stage]
 
 
 def plan(run: PlanRun, ctx: PlanContext | None = None) -> Plan:
     """Plan every stage of ``run.stages`` (`ctx`: a context built for `run`, e.g. with given architectures)."""
+    stages = [planner(s) for s in run.stages]
     ctx = ctx or PlanContext(run)
-    return Plan(run, ctx.cfg, ctx.weights(), {s: STAGES[s](ctx) for s in run.stages}, ctx.text_kept)
+    return Plan(run, ctx.cfg, ctx.weights(), {s: fn(ctx) for s, fn in zip(run.stages, stages, strict=True)},
+                ctx.text_kept)  # fmt: skip
 
 
 def plan_stage(stage: str, run: PlanRun, model_config: ModelConfig | None = None, **parts: Any) -> StagePlan:
     """One stage's plan (`model_config` instead of ``--config``; `parts`: text_arch / vae_arch / flops, see
     :class:`PlanContext`)."""
-    return STAGES[stage](PlanContext(run, model_config, **parts))
+    fn = planner(stage)
+    return fn(PlanContext(run, model_config, **parts))
 
 
 # -- the check every GPU stage makes --------------------------------------------------------------------

@@ -33,6 +33,7 @@ from streamalign.plan import (
 from streamalign.train.config import TrainConfig
 from streamalign.train.loop import Trainer
 from streamalign.train.memory import SIMULATED, FixedText, simulated_entry, update_memory
+from streamalign.train.plan import plan_train  # noqa: F401  (registers the train stage)
 
 from .conftest import make_model, tiny_config
 
@@ -156,7 +157,7 @@ def test_plan_command_prints_a_table_and_json():
     assert gen["seconds_per_unit"] == pytest.approx(gen["flops"] / (312e12 * 0.4))
     r = CliRunner().invoke(app, ["plan", "-c", "tiny", "--stages", "generate"])
     assert r.exit_code == 2 and "text encoder" in r.output and len(r.output.strip().splitlines()) == 1
-    r = CliRunner().invoke(app, ["plan", "--stages", "train,collect"])
+    r = CliRunner().invoke(app, ["plan", "--stages", "nope,collect"])
     assert r.exit_code == 2 and "--stages" in r.output
 
 

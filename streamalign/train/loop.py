@@ -45,6 +45,7 @@ from .identity import Resume, check_run_folder
 from .metrics import MetricsLog, read_metrics
 from .objectives import GroupInput
 from .objectives.base import composite_rewards
+from .plan import plan_train  # noqa: F401  (registers the train stage that check_stage plans)
 from .replay import PivotReplay
 from .state import Progress, resume_checkpoint, save_checkpoint
 
