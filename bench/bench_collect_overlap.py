@@ -5,9 +5,9 @@ and their ratio, measured in one run on the shapes world.
     python bench/bench_collect_overlap.py [--groups 8] [-G 12] [--sleep auto] [--threads 1] [--repeats 2]
 
 ``--sleep auto`` sleeps as long as one group's roll-out takes (measured first): the case where overlapping
-gains the most (ideal ratio 2n / (n + 1) for n groups: 1.78 for 8). The sleep stands for a reward model that does not use this
-process's CPU (another GPU, a remote scorer); a reward that computes on the same cores competes with the
-roll-out for them.
+gains the most (ideal ratio 2n / (n + 1) for n groups: 1.78 for 8). The sleep stands for a reward model
+that does not use this process's CPU (another GPU, a remote scorer); a reward that computes on the same
+cores competes with the roll-out for them.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def main() -> None:
         n = args.groups  # overlapped: the first roll-out, n - 1 times the longer of the two, the last scoring
         ideal = n * (rollout + sleep) / (rollout + (n - 1) * max(rollout, sleep) + sleep)
         print(f"ratio background / synchronous: {rates[True] / rates[False]:.2f} (ideal {ideal:.2f})")
+
 
 if __name__ == "__main__":
     main()
