@@ -49,7 +49,9 @@ def test_two_branch_ranks_write_the_entries_of_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # CPU float results are reproducible per thread count
     assert _cli(*args, "--out", str(one), env=env, stderr=subprocess.DEVNULL).wait() == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
-    cmd += ["-m", "streamalign.cli", *args, "--branch-ranks", "2", "--out", str(two)]
+    # with --background-scoring: the writer's roll-out of the next shard's first group (a gather) must not
+    # run ahead of the team's per-shard decisions (the team agrees on every shard before any roll-out)
+    cmd += ["-m", "streamalign.cli", *args, "--branch-ranks", "2", "--background-scoring", "--out", str(two)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "this run wrote 2 shards" in r.stdout  # one team: its first rank wrote both (alone: 1 per rank)

@@ -57,7 +57,7 @@ STAGES = (
     ("shapes", "pretrain", PretrainConfig, "worlds.shapes.pretrain:pretrain_stage", "Weights, recipe, curve.",
      "runs/shapes-pretrain"),
     ("shapes", "check", CheckRun, "worlds.shapes.quality:check_stage", None, None),
-    (None, "plan", PlanRun, "plan:plan_command", None, None),
+    (None, "plan", PlanRun, "train.plan:plan_command", None, None),
     (None, "collect", CollectRun, "collect.run:collect_stage", "Buffer folder (shards + manifest/).", None),
     (None, "evaluate", EvaluateRun, "evaluate.report:evaluate_stage", "Report folder.", None),
     (None, "merge", MergeRun, "evaluate.sweep:merge_stage", "Sweep folder (sweep.*, adapters/, adapter/).", None),

@@ -16,6 +16,9 @@ computes each group's prefix and rolls out its G/n branches, the team's first ra
 and writes (same bytes as one process when the branch batch divides G/n). ``upload``: each finished
 shard, then its manifest part, is put at a buffer URL and the local shard deleted (the local manifest
 parts say what is done).
+A group's G branches are scored as one batch (each reward model splits it by its ``batch_size``); reward
+models load once per process (``rewards.sources``). ``--background-scoring`` scores group i in a worker
+thread while group i+1 rolls out: the same entries in the same order, at most one group waiting.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -89,6 +95,8 @@ class CollectConfig(PromptSection, RewardSection):
     upload: str | None = Field(None, description="Put each finished shard, then its manifest part, at this "
                                "buffer URL (s3://, gs://, file://) and delete the local shard (--out keeps the "
                                "manifest).")  # fmt: skip
+    # throughput only (entries are the same bytes either way), not in the run id
+    background_scoring: bool = arg(False, "Score each group in a worker thread while the next one rolls out.")
 
     def latent_dtype(self, compute: torch.dtype) -> torch.dtype:
         """The dtype entries store their latents in (auto: the generator's compute dtype)."""
@@ -214,13 +222,26 @@ def prefix_kv(sampler: Sampler, context: torch.Tensor, text: torch.Tensor) -> di
     return {f"{kind}.{i}": t[0, :s].clone() for kind in "kv" for i, t in enumerate(getattr(cache, kind))}
 
 
+@dataclass
+class RolledGroup:
+    """Fork group i rolled out and decoded, not yet scored: its videos [G, F, 3, H, W] in [0, 1], the
+    group's tensors and the entry's identity fields (everything but the rewards)."""
+
+    i: int
+    prompt: str
+    group: ForkGroup
+    videos: torch.Tensor
+    identity: dict
+    store_dtype: torch.dtype
+
+
 @torch.no_grad()
-def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward, i: int, run_id: str | None = None,
-                  team: BranchTeam = BranchTeam()) -> Entry | None:  # fmt: skip
-    """Fork group i (prompt, seed and pivot fixed by i), scored, its latents on the CPU in the store dtype;
-    raises SchemaError on bad rewards. `run_id`: the collection's (default: that of `cfg`; an extended
-    collection keeps its first one). In a branch `team` every rank computes the prefix and rolls out its
-    share of the branches; the first rank gathers them and scores the whole group (None elsewhere)."""
+def roll_out_group(policy: Pipeline, cfg: CollectConfig, i: int, run_id: str | None = None,
+                   team: BranchTeam = BranchTeam()) -> RolledGroup | None:  # fmt: skip
+    """Fork group i (prompt, seed and pivot fixed by i) rolled out and decoded. `run_id`: the collection's
+    (default: that of `cfg`; an extended collection keeps its first one). In a branch `team` every rank
+    computes the prefix and rolls out its share of the branches; the first rank gathers them (None
+    elsewhere)."""
     run_id = run_id or cfg.run_id
     prompt = cfg.prompts[i % len(cfg.prompts)]
     seed = derive_seed(cfg.seed, 2, i)
@@ -237,11 +258,7 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
     if cfg.clip_chunks is not None:  # streaming: the local clip that starts at the pivot
         c = sampler.chunk_frames
         latents = latents[:, pivot * c : (pivot + cfg.clip_chunks) * c]
-    videos = policy.decode(latents)
-    scores = reward(videos, [prompt] * cfg.group_size)
-    scores.pop("composite")
-    entry = Entry.from_fork_group(
-        group,
+    identity = dict(
         entry_id=f"{run_id}-{i:07d}",
         run_id=run_id,
         policy_id=policy.policy_id,
@@ -250,12 +267,82 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
         config_name=policy.config.name,
         arch_id=policy.config.arch_id,
         timesteps=[float(t) for t in sampler.schedule.timesteps],
-        rewards={k: v.float().cpu() for k, v in scores.items()},
-        reward_weights=reward.weights,
         kv=prefix_kv(sampler, group.context, text) if cfg.store_kv else {},
         text_hash=policy.text.embedding_hash(prompt),
     )
-    return entry.cast(cfg.latent_dtype(compute_dtype(policy.model)), "cpu").validate("collected group")
+    store = cfg.latent_dtype(compute_dtype(policy.model))
+    return RolledGroup(i, prompt, group, policy.decode(latents), identity, store)
+
+
+@torch.no_grad()
+def score_group(rolled: RolledGroup, reward: CompositeReward) -> Entry:
+    """The scored entry of a rolled-out group, its latents on the CPU in the store dtype (the G branches
+    scored as one batch: each reward splits it as its model needs); raises SchemaError on bad rewards."""
+    scores = reward(rolled.videos, [rolled.prompt] * rolled.videos.shape[0])
+    scores.pop("composite")
+    rewards = {k: v.float().cpu() for k, v in scores.items()}
+    entry = Entry.from_fork_group(rolled.group, rewards=rewards, reward_weights=reward.weights, **rolled.identity)
+    return entry.cast(rolled.store_dtype, "cpu").validate("collected group")
+
+
+def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward, i: int, run_id: str | None = None,
+                  team: BranchTeam = BranchTeam()) -> Entry | None:  # fmt: skip
+    """Fork group i rolled out and scored (:func:`roll_out_group` then :func:`score_group`; None on the
+    branch ranks of a `team` other than its first)."""
+    rolled = roll_out_group(policy, cfg, i, run_id, team)
+    return None if rolled is None else score_group(rolled, reward)
+
+
+Outcome = Entry | SchemaError  # a group's entry, or why it was rejected
+
+
+def _outcome(fn, *args) -> Outcome:
+    try:
+        return fn(*args)
+    except SchemaError as e:
+        return e
+
+
+def _in_caller_context(fn):
+    """`fn` run in a worker thread under the caller's thread-local torch state (autocast per device type,
+    the current CUDA device); grad mode is set by the functions themselves."""
+    casts = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+    cuda = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def run(*args):
+        if cuda is not None:
+            torch.cuda.set_device(cuda)
+        with contextlib.ExitStack() as stack:
+            for dev, dtype in casts:
+                stack.enter_context(torch.autocast(dev, dtype=dtype))
+            return fn(*args)
+
+    return run
+
+
+def scored_groups(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward, indices: Iterable[int],
+                  run_id: str | None = None, team: BranchTeam = BranchTeam()
+                  ) -> Iterator[tuple[int, Outcome]]:  # fmt: skip
+    """(i, entry or rejection) of every group in `indices`, in order. With ``cfg.background_scoring`` group
+    i is scored in one worker thread while group i+1 rolls out (at most one group waits for its scores);
+    the entries are the same either way, and a reward's error is raised here as it would be without."""
+    if not cfg.background_scoring:
+        for i in indices:
+            yield i, _outcome(collect_group, policy, cfg, reward, i, run_id, team)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="streamalign-scoring") as pool:
+        pending: tuple[int, Future] | None = None
+        for i in indices:
+            rolled = _outcome(roll_out_group, policy, cfg, i, run_id, team)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+                pending = None
+            if isinstance(rolled, SchemaError):
+                yield i, rolled
+            else:
+                pending = (i, pool.submit(_in_caller_context(_outcome), score_group, rolled, reward))
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 def claim(out: Path, policy: Pipeline, cfg: CollectConfig, rank: int, world: int, prefix: str) -> Collection:
@@ -343,42 +430,50 @@ def _collect_shards(policy: Pipeline, cfg: CollectConfig, fmt: ShardFormat, rewa
     total = sum(hi - lo for _, lo, hi in mine)
     desc = f"collect[{rank}]" if world > 1 else "collect"
     bar = progress_bar(total=total, desc=desc, unit="group", show=progress and writer)
-    for k, lo, hi in mine:
-        path = out / shard_name(k, fmt.suffix, record.prefix)
-        part = out / MANIFEST_DIR / f"{path.name}.parquet"
-        if team.size > 1:  # the writer's view of the files decides for the whole team
-            todo = team_agrees(writer and not path.exists(), team.group)
-            if not writer:  # a branch rank: its share of each group of a shard the writer rolls out
-                for i in range(lo, hi) if todo else ():
-                    collect_group(policy, cfg, reward, i, record.run_id, team)
+    paths = {k: out / shard_name(k, fmt.suffix, record.prefix) for k, _, _ in mine}
+    parts = {k: out / MANIFEST_DIR / f"{paths[k].name}.parquet" for k in paths}
+    # a shard is rolled out unless it is on disk, or uploaded (its local manifest part says so)
+    needed = {k: not paths[k].exists() and not (cfg.upload is not None and parts[k].exists()) for k in paths}
+    if team.size > 1:  # the writer's view of the files decides for the whole team, before any roll-out, so
+        needed = {k: team_agrees(writer and v, team.group) for k, v in needed.items()}  # gathers stay in step
+    # the groups of the shards to roll out, as one stream (background scoring overlaps across shards)
+    todo = [i for k, lo, hi in mine if needed[k] for i in range(lo, hi)]
+    if not writer:  # a branch rank: its share of every group the team's writer rolls out
+        for i in todo:
+            roll_out_group(policy, cfg, i, record.run_id, team)
+        bar.close()
+        summary.seconds = time.time() - t0
+        return summary
+    with contextlib.closing(scored_groups(policy, cfg, reward, todo, record.run_id, team)) as groups:
+        for k, lo, hi in mine:
+            path, part = paths[k], parts[k]
+            if path.exists() and part.exists() and cfg.upload is not None:
+                upload_shard(cfg, path, part)  # killed before its local copy was deleted: put it again
+            if part.exists() and (path.exists() or cfg.upload is not None):
+                summary.shards_skipped += 1
+                bar.update(hi - lo)
                 continue
-        if path.exists() and part.exists() and cfg.upload is not None:
-            upload_shard(cfg, path, part)  # killed before its local copy was deleted: put it again
-        if part.exists() and (path.exists() or cfg.upload is not None):
-            summary.shards_skipped += 1
-            bar.update(hi - lo)
-            continue
-        if path.exists():  # killed between the shard and its manifest part: the shard is complete
-            entries = list(fmt.read(path))
-            info = ShardInfo(path, fmt.name, len(entries), tree_bytes(path), checksum(path))
-            rejected: list[dict] = []
-        else:
-            entries, rejected = [], []
-            for i in range(lo, hi):
-                try:
-                    entries.append(collect_group(policy, cfg, reward, i, record.run_id, team))
-                except SchemaError as e:
-                    log.warning("group %d rejected: %s", i, e)
-                    rejected.append({"group": i, "reason": str(e)})
-                bar.update(1)
-            info = write_shard(fmt, path, entries)
-            summary.shards_written += 1
-            summary.bytes += info.bytes
-        write_manifest_part(out, entries, info, extra={"rejected": rejected})
-        if cfg.upload is not None:
-            upload_shard(cfg, path, part)
-        summary.groups += len(entries)
-        summary.rejected += len(rejected)
+            if path.exists():  # killed between the shard and its manifest part: the shard is complete
+                entries = list(fmt.read(path))
+                info = ShardInfo(path, fmt.name, len(entries), tree_bytes(path), checksum(path))
+                rejected: list[dict] = []
+            else:
+                entries, rejected = [], []
+                for i, got in itertools.islice(groups, hi - lo):
+                    if isinstance(got, SchemaError):
+                        log.warning("group %d rejected: %s", i, got)
+                        rejected.append({"group": i, "reason": str(got)})
+                    else:
+                        entries.append(got)
+                    bar.update(1)
+                info = write_shard(fmt, path, entries)
+                summary.shards_written += 1
+                summary.bytes += info.bytes
+            write_manifest_part(out, entries, info, extra={"rejected": rejected})
+            if cfg.upload is not None:
+                upload_shard(cfg, path, part)
+            summary.groups += len(entries)
+            summary.rejected += len(rejected)
     bar.close()
     summary.seconds = time.time() - t0
     return summary
