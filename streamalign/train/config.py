@@ -7,13 +7,13 @@ Flat keywords are routed to their section: ``TrainConfig(mode="semi", buffer="bu
 from __future__ import annotations
 
 import typing
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from ..adapters.lora import LoraSettings
 from ..buffer.formats import FormatName
+from ..buffer.urls import local_path
 from ..schemas.config import ModelConfig
 from ..schemas.run import RUN_FILE, RunConfig, Section, arg
 from ..schemas.sections import Hardware, ModelSection, PromptSection, RewardSection
@@ -148,9 +148,12 @@ class TrainConfig(RunConfig):
 
         model = ModelConfig.load(self.model.config)
         ro = self.rollouts
-        recorded = self.mode == "semi" and (Path(self.data.buffer) / RUN_FILE).is_file()
+        # a buffer's recorded run is read where the buffer is local (a path or file://; over other URLs the
+        # rewards are given with --rewards)
+        local = local_path(self.data.buffer) if self.mode == "semi" else None
+        recorded = local is not None and (local / RUN_FILE).is_file()
         if recorded and self.logging.eval_every and not (ro.rewards or ro.rewards_from):
-            return self.replace(rewards_from=self.data.buffer).resolve()  # the rewards the buffer was scored by
+            return self.replace(rewards_from=str(local)).resolve()  # the rewards the buffer was scored by
         changes: dict = {}
         needs_prompts = self.mode == "on" or (self.logging.eval_every and not self.logging.eval_prompts)
         texts = default_prompts(model, self.rollouts.prompts, self.rollouts.prompt_set) if needs_prompts else None

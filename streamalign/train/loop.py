@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ..adapters.lora import LoraSettings, attach_lora, cast_lora_inputs, load_lora, lora_parameters, save_lora
 from ..buffer.manifest import read_manifest
 from ..buffer.reader import BufferReader
+from ..buffer.urls import local_path
 from ..collect.collector import CollectConfig, collect, prepare
 from ..collect.distributed import all_reduce, all_reduce_grads, rank_and_world
 from ..extras import require
@@ -33,7 +34,8 @@ from ..models.noise import derive_seed
 from ..models.placement import Placement
 from ..models.sampler import Sampler
 from ..optim import lr_at
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, resolve_config
+from ..plan import check_stage
 from ..rewards.sources import reward_of
 from ..schemas.buffer import Entry, SchemaError
 from ..schemas.run import RUN_FILE, run_record
@@ -44,6 +46,7 @@ from .identity import Resume, check_run_folder
 from .metrics import MetricsLog, read_metrics
 from .objectives import GroupInput
 from .objectives.base import composite_rewards
+from .plan import plan_train  # noqa: F401  (registers the train stage that check_stage plans)
 from .replay import PivotReplay
 from .shard import shard_base, stand_in
 from .state import Progress, resume_checkpoint, save_checkpoint
@@ -246,6 +249,20 @@ def _entries(reader: BufferReader, epoch: int, skip: int):
         epoch, skip = epoch + 1, 0
 
 
+def _check_fits(cfg: TrainConfig, world: int) -> None:
+    """``plan``'s train stage at this run's settings (group size: the buffer's largest, semi) on its device."""
+    m, hw = cfg.model, cfg.hardware
+    placement = Placement.of(hw, apply_threads=False)
+    if placement.device.type != "cuda":
+        return
+    g = cfg.rollouts.group_size
+    if cfg.mode == "semi":
+        g = max(read_manifest(cfg.data.buffer).column("group_size").to_pylist(), default=g)
+    check_stage("train", resolve_config(m.config, m.wan_dir), placement, group_size=g, objective=cfg.objective.name,
+                replay_batch=hw.replay_batch, checkpointing=hw.checkpointing, autocast=hw.autocast,
+                lora_rank=cfg.lora.lora_rank, batch_groups=cfg.optim.batch_groups, gpus=world)  # fmt: skip
+
+
 def _check_buffer(cfg: TrainConfig, trainer: Trainer) -> None:
     buffer = cfg.data.buffer
     table = read_manifest(buffer)
@@ -291,6 +308,7 @@ def train(
         if cfg.mode == "on" or cfg.logging.eval_every:
             reward_of(cfg.rollouts)  # reward names, paths and plug-ins checked before any model loads
         resume = check_run_folder(out, cfg, resume, overwrite)
+        _check_fits(cfg, world)  # on a GPU: refused in one line before the weights load when it will not fit
         trainer = Trainer(cfg, rank, world)
         if cfg.mode == "semi":
             _check_buffer(cfg, trainer)
@@ -394,7 +412,8 @@ def train(
 
 def train_stage(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> str:
     """The `train` command: check the input paths, run, and return the summary line."""
-    require_paths((cfg.data.buffer, "buffer"), (cfg.lora.init_adapter, "adapter"), (cfg.model.checkpoint, "checkpoint"))
+    buffer = cfg.data.buffer and local_path(cfg.data.buffer)  # a URL's files are checked as they are read
+    require_paths((buffer, "buffer"), (cfg.lora.init_adapter, "adapter"), (cfg.model.checkpoint, "checkpoint"))
     return train(cfg, out, resume=resume, overwrite=overwrite).line(out)
 
 
