@@ -100,11 +100,6 @@ def rank0_agrees(ok: bool, world: int) -> bool:
     return bool(flag.item())
 
 
-def comm_device() -> torch.device:
-    """Where the process group's tensors must live: the rank's CUDA device under NCCL, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def team_groups(size: int) -> tuple[int, object]:
     """Split the world into consecutive teams of `size` ranks: (this rank's index in its team, the team's
     process group). Every rank creates every team's group (``new_group`` is collective)."""

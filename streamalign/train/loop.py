@@ -253,7 +253,7 @@ def _check_fits(cfg: TrainConfig, world: int) -> None:
     """``plan``'s train stage at this run's settings (group size: the buffer's largest, semi) on its device."""
     m, hw = cfg.model, cfg.hardware
     placement = Placement.of(hw, apply_threads=False)
-    if placement.device.type != "cuda":
+    if placement.device.type != "cuda" or (hw.shard_base and world > 1):  # the plan replicates the base weights
         return
     g = cfg.rollouts.group_size
     if cfg.mode == "semi":
