@@ -63,6 +63,10 @@ class DistillConfig(TrainingRecipe):
     ema: float = Field(0.99, ge=0, lt=1, description="EMA decay of the saved weights.")
     eval_every: int = Field(150, gt=0, description="Steps between sample-quality checks.")
     eval_videos: int = Field(16, gt=0, description="Videos per sample-quality check.")
+    # steps >= 1 trained on a re-noising of the student's own step-0 prediction (Self-Forcing: the inputs the
+    # sampler will feed it) learn to ignore the solver noise wherever that prediction is less sharp than X
+    own_share: float = Field(0.5, ge=0, le=1, description="Share of chunks whose later-step inputs re-noise "
+                             "the student's own step-0 prediction instead of the endpoint.")  # fmt: skip
 
 
 @torch.no_grad()
@@ -132,12 +136,21 @@ def _distill(cfg: DistillConfig, teacher_path: Path, out: Path, command: str, pr
         level = torch.randint(len(sigmas), (cfg.batch_size, nf // c), generator=g).repeat_interleave(c, 1)
         s = sigmas[level][..., None, None, None]  # [B, F, 1, 1, 1] one sampler sigma per chunk
         fresh = torch.randn(x.shape, generator=g)
-        # step 0 reads the trajectory's own initial noise; later steps a fresh re-noising of its endpoint
-        noisy = torch.where(level[..., None, None, None] == 0, e0, (1 - s) * x + s * fresh)
+        own = torch.rand(cfg.batch_size, nf // c, generator=g).repeat_interleave(c, 1) < cfg.own_share
+        text = table[pool_idx[rows]]
         t = torch.cat([torch.zeros(level.shape), sigmas[level] * n_train], dim=1)
+        base = x
+        if own.any():  # the student's own step-0 prediction: what the sampler re-noises at step 1
+            with torch.no_grad():
+                t0 = torch.cat([torch.zeros(level.shape), torch.full(level.shape, float(n_train))], dim=1)
+                first = model(torch.cat([x, e0], 1), t0, text, positions=positions, mask=mask)[:, nf:]
+            base = torch.where(own[..., None, None, None], first, x)
+        # step 0 reads the trajectory's own initial noise; later steps a fresh re-noising of its endpoint
+        # (or of the student's own first prediction of it); the target is always the endpoint
+        noisy = torch.where(level[..., None, None, None] == 0, e0, (1 - s) * base + s * fresh)
         for group in opt.param_groups:
             group["lr"] = lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.final_lr_ratio)
-        pred = model(torch.cat([x, noisy], 1), t, table[pool_idx[rows]], positions=positions, mask=mask)[:, nf:]
+        pred = model(torch.cat([x, noisy], 1), t, text, positions=positions, mask=mask)[:, nf:]
         loss = (pred - x).pow(2).mean()
         optimise(st, loss, step, lr)
     wall = time.time() - t_start
