@@ -1,8 +1,7 @@
 """One command for a GPU owner: the wan-1.3b generator at full size (480x832, 81 frames = 21 latent frames of
 1560 tokens) with random weights on one GPU, a few minutes on an H100/H200, JSON out. Nothing in CI needs it.
 
-Checks (``CHECKS``: name -> function of a :class:`Check` context returning a JSON-able dict; the train
-update of issue 17 is meant to be one more entry):
+Checks (``CHECKS``: name -> function of a :class:`Check` context returning a JSON-able dict):
 
 - ``drift``: bf16 vs fp32 rollout of the same weights, text and noise: relative L2 and max |diff| of the
   latents per chunk (few-step samplers feed each chunk's output to the next: drift accumulates).
@@ -13,6 +12,10 @@ update of issue 17 is meant to be one more entry):
   GPU's bf16 peak (Self-Forcing reports ~17 FPS on one H100; the limit is ~48 FPS).
 - ``memory``: one fork group (G=12 at --pivot) with the branch batch the planner picks for this GPU:
   ``torch.cuda.max_memory_allocated`` vs the plan's prediction (``streamalign.plan``, fake tensors), ratio.
+- ``train``: one training update (CoPO with the defaults of ``train`` as on CUDA: LoRA r64 + AdamW, bf16
+  autocast, activation checkpointing, the replay batch the plan picks for this GPU) of one G=12 group at
+  --pivot: seconds per update, TFLOP/s and MFU (the plan's FLOPs), peak memory vs the plan's train
+  estimate (``streamalign.train.memory.train_update_memory``), ratio.
 
     python bench/gpu_check.py --out gpu_check.json          # on the GPU machine
     python bench/gpu_check.py --dry-run                      # the same path on the CPU at tiny width, seconds
@@ -216,11 +219,65 @@ def check_memory(check: Check) -> dict:
             "seconds": seconds}  # fmt: skip
 
 
+def check_train(check: Check) -> dict:
+    """One training update (CoPO, defaults of ``train`` as on CUDA: LoRA r64, bf16 autocast, activation
+    checkpointing) of one G-branch group at --pivot on the random bf16 generator: seconds per update (after
+    a warm-up update) and peak memory vs the plan's (``train_update_memory``, fake tensors; the replay
+    batch it picks for this GPU is the one run here)."""
+    from streamalign.pipeline import Pipeline
+    from streamalign.plan import CUDA_RESERVE
+    from streamalign.train.config import TrainConfig
+    from streamalign.train.loop import Trainer
+    from streamalign.train.memory import SIMULATED, FixedText, simulated_entry, train_update_memory, update_memory
+
+    for dtype in [d for d in check._models if d != torch.bfloat16]:
+        check.drop(dtype)
+    total = torch.cuda.get_device_properties(check.device).total_memory if check.device.type == "cuda" else 80 * GiB
+    settings = TrainConfig(buffer=SIMULATED, autocast="bf16", checkpointing="on")  # as on CUDA, also dry
+    plan = train_update_memory(check.cfg, settings, pivot=check.pivot, group_size=check.group_size,
+                               device=check.device.type, dtype=torch.bfloat16, device_memory=total - CUDA_RESERVE,
+                               flops=True)  # fmt: skip
+    rb = plan.notes["replay_batch"]
+    text = check.text()
+    model = check.model(torch.bfloat16)
+    check._models.pop(torch.bfloat16)  # the LoRA goes into this model: later checks build a fresh one
+    trainer = Trainer(settings.replace(device=str(check.device), replay_batch=rb),
+                      pipeline=Pipeline(check.cfg, model, FixedText(text), None, "gpu-check"))  # fmt: skip
+    entry = simulated_entry(check.cfg, check.pivot, check.group_size, trainer.objective.fork)
+    trainer.update(0, [entry], 1)  # warm-up: kernels, allocator, the optimizer's state
+    if check.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(check.device)
+        check.sync()
+        t0 = time.perf_counter()
+        trainer.update(1, [entry], 1)
+        check.sync()
+        seconds = time.perf_counter() - t0
+        measured = torch.cuda.max_memory_allocated(check.device)
+        reserved = torch.cuda.max_memory_reserved(check.device)
+        how = "torch.cuda.max_memory_allocated"
+    else:
+        t0 = time.perf_counter()
+        measured = update_memory(trainer, entry, text, tracker=LiveBytes(device="cpu")).peak
+        seconds, reserved, how = time.perf_counter() - t0, None, "LiveBytes (dry run: real CPU tensors)"
+    del trainer, model
+    if check.device.type == "cuda":
+        torch.cuda.empty_cache()
+    out = {"objective": plan.notes["objective"], "group_size": check.group_size, "pivot": check.pivot,
+           "replay_batch": rb, "lora_rank": plan.notes["lora_rank"], "seconds_per_update": seconds,
+           "measured": measured, "reserved": reserved, "predicted": plan.peak, "ratio": measured / plan.peak,
+           "measured_by": how, "flops": plan.flops, "tflops_per_second": plan.flops / seconds / 1e12}  # fmt: skip
+    gpu = check.gpu
+    if gpu is not None:
+        out["mfu"] = plan.flops / seconds / (gpu.bf16_tflops * 1e12)
+    return out
+
+
 CHECKS: dict[str, Callable[[Check], dict]] = {
     "drift": check_drift,
     "attention": check_attention,
     "speed": check_speed,
     "memory": check_memory,
+    "train": check_train,
 }
 
 
@@ -229,8 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny width, seconds (the same code path)")
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --dry-run)")
     ap.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated, of {', '.join(CHECKS)}")
-    ap.add_argument("--group-size", type=int, default=None, help="fork group of the memory check (default 12)")
-    ap.add_argument("--pivot", type=int, default=0, help="pivot of the memory check's fork group")
+    ap.add_argument("--group-size", type=int, default=None, help="group of the memory and train checks (default 12)")
+    ap.add_argument("--pivot", type=int, default=0, help="pivot of the memory and train checks' group")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.checks.split(",") if n.strip()]

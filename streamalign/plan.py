@@ -30,8 +30,9 @@ Batch sizes not given are chosen as the stages choose them on a GPU (``Sampler.a
 most the GPU's memory. Time = FLOPs / (peak TFLOP/s x ``--mfu``), with the dense tensor-core bf16 rate of
 ``GPUS`` (fp32 without TF32: the plain fp32 rate). Not planned: reward models on the GPU (add their weights).
 
-Stages are the entries of :data:`STAGES` (name -> function of a :class:`PlanContext`); the train stage
-is meant to be one more entry.
+Stages are the entries of :data:`STAGES` (name -> function of a :class:`PlanContext`). The train stage
+(one training update per group: the real ``Trainer.update`` on fake tensors) is planned by
+``streamalign.train.plan``, which registers itself: the trainer is a higher layer than this module.
 """
 
 from __future__ import annotations
@@ -119,6 +120,20 @@ class PlanRollouts(Section):
     videos: int = Field(64, ge=1, description="Videos evaluated (time estimate).")
 
 
+class PlanTrain(Section):
+    """Training (the flags of `train`)"""
+
+    objective: Literal["copo", "nft", "sde-grpo"] = arg("copo", "Objective of the train stage.")
+    replay_batch: int | None = Field(None, ge=1, description="Replay rows per forward/backward (default: from "
+                                     "memory).")  # fmt: skip
+    checkpointing: Literal["auto", "on", "off"] = arg("auto", "Activation checkpointing per block (auto: on, as on "
+                                                      "CUDA).")  # fmt: skip
+    autocast: Literal["auto", "bf16", "off"] = arg("auto", "Autocast of the updates (auto: bf16, as on CUDA).")
+    lora_rank: int = Field(64, ge=1, description="LoRA rank.")
+    steps: int = Field(100, ge=1, description="Updates (time estimate).")
+    batch_groups: int = Field(8, ge=1, description="Fork groups per update, over all GPUs (time estimate).")
+
+
 class PlanDevice(Section):
     """GPU"""
 
@@ -130,21 +145,22 @@ class PlanDevice(Section):
 
 
 class PlanRun(RunConfig):
-    """Peak GPU memory, FLOPs and time of each stage (collect group incl. decode, evaluate batch, generate) at
-    the run's settings: the stages' real code on fake tensors, in seconds, no GPU needed."""
+    """Peak GPU memory, FLOPs and time of each stage (collect group incl. decode, evaluate batch, generate,
+    one train update) at the run's settings: the stages' real code on fake tensors, no GPU needed."""
 
     model: PlanModel = PlanModel()
     rollouts: PlanRollouts = PlanRollouts()
+    train: PlanTrain = PlanTrain()
     device: PlanDevice = PlanDevice()
-    stages: tuple[str, ...] = arg(("collect", "evaluate", "generate"), "Stages to plan, comma-separated.")
+    stages: tuple[str, ...] = arg(("collect", "evaluate", "generate", "train"), "Stages to plan, comma-separated.")
     full_depth: bool = arg(False, "Run every generator layer (exact either way; slower).")
     as_json: bool = arg(False, "Print the plan as JSON.", flag="--json")
 
     @model_validator(mode="after")
     def _stages(self) -> PlanRun:
-        unknown = [s for s in self.stages if s not in STAGES]
+        unknown = [s for s in self.stages if s not in STAGE_NAMES]
         if unknown or not self.stages:
-            raise ValueError(f"--stages: unknown {unknown or 'none given'}; choose from {', '.join(STAGES)}")
+            raise ValueError(f"--stages: unknown {unknown or 'none given'}; choose from {', '.join(STAGE_NAMES)}")
         return self
 
     @property
@@ -724,24 +740,43 @@ def plan_generate(ctx: PlanContext) -> StagePlan:
     return StagePlan("generate", "video", 1, phases, notes={"frames": chunks * c}, workload="1 video")
 
 
-# name -> planner; the train stage is meant to be one more entry
+# name -> planner; the train stage's planner lives with the trainer it runs (streamalign.train.plan, a
+# higher layer) and registers itself there (register_stage)
 STAGES: dict[str, Callable[[PlanContext], StagePlan]] = {
     "collect": plan_collect,
     "evaluate": plan_evaluate,
     "generate": plan_generate,
 }
+STAGE_NAMES = ("collect", "evaluate", "generate", "train")
+REGISTERED_BY = {"train": "streamalign.train.plan"}
+
+
+def register_stage(name: str, planner: Callable[[PlanContext], StagePlan]) -> None:
+    """Add a stage's planner (one of STAGE_NAMES)."""
+    if name not in STAGE_NAMES:
+        raise ValueError(f"stage {name!r} is not one of {', '.join(STAGE_NAMES)}")
+    STAGES[name] = planner
+
+
+def planner(stage: str) -> Callable[[PlanContext], StagePlan]:
+    if stage not in STAGES:
+        raise ValueError(f"the {stage} stage's planner is not loaded: import {REGISTERED_BY[stage]} first")
+    return STAGES[stage]
 
 
 def plan(run: PlanRun, ctx: PlanContext | None = None) -> Plan:
     """Plan every stage of ``run.stages`` (`ctx`: a context built for `run`, e.g. with given architectures)."""
+    stages = [planner(s) for s in run.stages]
     ctx = ctx or PlanContext(run)
-    return Plan(run, ctx.cfg, ctx.weights(), {s: STAGES[s](ctx) for s in run.stages}, ctx.text_kept)
+    return Plan(run, ctx.cfg, ctx.weights(), {s: fn(ctx) for s, fn in zip(run.stages, stages, strict=True)},
+                ctx.text_kept)  # fmt: skip
 
 
 def plan_stage(stage: str, run: PlanRun, model_config: ModelConfig | None = None, **parts: Any) -> StagePlan:
     """One stage's plan (`model_config` instead of ``--config``; `parts`: text_arch / vae_arch / flops, see
     :class:`PlanContext`)."""
-    return STAGES[stage](PlanContext(run, model_config, **parts))
+    fn = planner(stage)
+    return fn(PlanContext(run, model_config, **parts))
 
 
 # -- the check every GPU stage makes --------------------------------------------------------------------
@@ -786,17 +821,22 @@ def check_stage(stage: str, config: ModelConfig, placement: Placement, **setting
     return check_fits(stage, run, placement.device, model_config=config)  # pragma: no cover
 
 
-STAGE_FLAGS = {"collect": ("group_size", "branch_batch"), "evaluate": ("eval_batch",), "generate": ("gen_frames",)}
-FLAG_NAMES = {"group_size": "-G", "branch_batch": "--branch-batch", "eval_batch": "--batch",
-              "gen_frames": "--frames", "dtype": "--dtype"}  # fmt: skip
+STAGE_FLAGS = {"collect": ("group_size", "branch_batch"), "evaluate": ("eval_batch",), "generate": ("gen_frames",),
+               "train": ("group_size", "replay_batch", "checkpointing")}  # fmt: skip
+FLAG_NAMES = {"group_size": "-G", "branch_batch": "--branch-batch", "eval_batch": "--batch", "gen_frames": "--frames",
+              "dtype": "--dtype", "replay_batch": "--replay-batch", "checkpointing": "--checkpointing"}  # fmt: skip
+BATCHES = {"branch_batch": "rollouts", "eval_batch": "rollouts", "replay_batch": "train"}  # batch flag -> section
 
 
 def _settings(stage: str, run: PlanRun, sp: StagePlan) -> str:
-    bbs = sp.notes.get("branch_batch") or {}
-    # one --branch-batch for every pivot: the smallest that the pivots planned chose
-    chosen = {"branch_batch": min(bbs.values()) if bbs else None, "eval_batch": sp.notes.get("eval_batch"),
-              "gen_frames": sp.notes.get("frames")}  # fmt: skip
-    values = {"dtype": run.model.dtype, "group_size": run.rollouts.group_size, **chosen}
+    def smallest(key: str) -> int | None:  # one --branch-batch / --replay-batch for every pivot planned
+        per_pivot = sp.notes.get(key) or {}
+        return min(per_pivot.values()) if per_pivot else None
+
+    chosen = {"branch_batch": smallest("branch_batch"), "replay_batch": smallest("replay_batch"),
+              "eval_batch": sp.notes.get("eval_batch"), "gen_frames": sp.notes.get("frames")}  # fmt: skip
+    values = {"dtype": run.model.dtype, "group_size": run.rollouts.group_size, **chosen,
+              "checkpointing": run.train.checkpointing if run.train.checkpointing != "auto" else None}  # fmt: skip
     return " ".join(f"{FLAG_NAMES[k]} {values[k]}" for k in ("dtype", *STAGE_FLAGS[stage]) if values.get(k))
 
 
@@ -810,11 +850,13 @@ def refusal(
     head = (f"{stage} will not fit on {device} ({memory / GiB:.1f} GiB): it needs "
             f"{(sp.peak + CUDA_RESERVE) / GiB:.1f} GiB with {_settings(stage, run, sp)}")  # fmt: skip
     tries = []
-    given = {k: None for k in ("branch_batch", "eval_batch") if getattr(run.rollouts, k) is not None}
+    given = {k: None for k, section in BATCHES.items() if getattr(getattr(run, section), k) is not None}
     if given:
         tries.append(given)
+    if stage == "train" and run.train.checkpointing == "off":
+        tries.append({**dict.fromkeys(BATCHES), "checkpointing": "on"})
     if run.model.dtype == "fp32":
-        tries.append({"branch_batch": None, "eval_batch": None, "dtype": "bf16"})
+        tries.append({**dict.fromkeys(BATCHES), "dtype": "bf16"})
     for change in tries:
         alt_run = run.replace(**change)
         alt = plan_stage(stage, alt_run, model_config, **(parts or {}))

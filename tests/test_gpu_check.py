@@ -1,4 +1,5 @@
-"""bench/gpu_check.py --dry-run: the GPU owner's check runs its whole path on the CPU at tiny width."""
+"""bench/gpu_check.py --dry-run: the GPU owner's check runs its whole path (rollouts, memory, one train update)
+on the CPU at tiny width."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_dry_run_runs_every_check_and_writes_json(tmp_path, capsys):
     report = gpu_check.main(["--dry-run", "--out", str(tmp_path / "check.json")])
     assert json.loads((tmp_path / "check.json").read_text()) == json.loads(capsys.readouterr().out)
     checks = report["checks"]
-    assert list(checks) == list(gpu_check.CHECKS) == ["drift", "attention", "speed", "memory"]
+    assert list(checks) == list(gpu_check.CHECKS) == ["drift", "attention", "speed", "memory", "train"]
     drift = checks["drift"]
     assert 0 < drift["rel_l2"] < 0.2 and len(drift["rel_l2_per_chunk"]) == 4  # bf16 rounding, not garbage
     assert checks["attention"] == {"skipped": "flash-attn is not installed", "check_seconds": pytest.approx(0, abs=1)}
@@ -35,5 +36,8 @@ def test_dry_run_runs_every_check_and_writes_json(tmp_path, capsys):
     memory = checks["memory"]
     # the plan (fake tensors, depth extrapolated) predicts the real tensors' peak exactly on the CPU
     assert memory["ratio"] == 1.0 and memory["measured"] == memory["predicted"] > 0
+    train = checks["train"]  # one CoPO update (4 anchors x 4 steps in one replay batch): the plan's peak exactly
+    assert train["ratio"] == 1.0 and train["measured"] == train["predicted"] > 0 and train["replay_batch"] == 16
+    assert train["seconds_per_update"] > 0 and train["flops"] > 0 and train["objective"] == "copo"
     with pytest.raises(SystemExit):
         gpu_check.main(["--dry-run", "--checks", "speed,nope"])

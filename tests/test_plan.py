@@ -18,6 +18,7 @@ from streamalign.cli.flags import clear_errors
 from streamalign.models.codec import WanVAECodec
 from streamalign.models.memory import LiveBytes, measure
 from streamalign.models.sampler import Sampler, Segment
+from streamalign.pipeline import Pipeline
 from streamalign.plan import (
     CUDA_RESERVE,
     DoesNotFitError,
@@ -29,6 +30,10 @@ from streamalign.plan import (
     plan,
     plan_stage,
 )
+from streamalign.train.config import TrainConfig
+from streamalign.train.loop import Trainer
+from streamalign.train.memory import SIMULATED, FixedText, simulated_entry, update_memory
+from streamalign.train.plan import plan_train  # noqa: F401  (registers the train stage)
 
 from .conftest import make_model, tiny_config
 
@@ -65,7 +70,7 @@ def settings(path: str, **kw) -> PlanRun:
 
 
 def pixel_settings(path: str, **kw) -> PlanRun:
-    return settings(path, pivot=0, stages=("collect",), **kw)
+    return settings(path, **{"pivot": 0, "stages": ("collect",), **kw})
 
 
 def test_plan_equals_real_allocations_at_reduced_width(reduced):
@@ -152,7 +157,7 @@ def test_plan_command_prints_a_table_and_json():
     assert gen["seconds_per_unit"] == pytest.approx(gen["flops"] / (312e12 * 0.4))
     r = CliRunner().invoke(app, ["plan", "-c", "tiny", "--stages", "generate"])
     assert r.exit_code == 2 and "text encoder" in r.output and len(r.output.strip().splitlines()) == 1
-    r = CliRunner().invoke(app, ["plan", "--stages", "train,collect"])
+    r = CliRunner().invoke(app, ["plan", "--stages", "nope,collect"])
     assert r.exit_code == 2 and "--stages" in r.output
 
 
@@ -164,3 +169,66 @@ def test_depth_extrapolation_is_exact_at_full_width():
     fast, full = plan(PlanRun.build(**kw)), plan(PlanRun.build(**kw, full_depth=True))
     for s in fast.stages:
         assert [(p.peak, p.flops) for p in fast.stages[s].phases] == [(p.peak, p.flops) for p in full.stages[s].phases]
+
+
+def test_train_stage_equals_a_real_update(reduced):
+    """The train stage's update phase: one real Trainer.update (CoPO, micro-batches of 3 rows, bf16 autocast
+    and checkpointing as on CUDA) on real tensors of the same architecture (2 layers, the pixel codec),
+    tracked, plus the text encoder the stage holds: the same peak and FLOPs."""
+    cfg, _, text_arch, real, path = reduced
+    run = pixel_settings(path, stages=("train",), replay_batch=3)
+    p = plan(run, PlanContext(run, text_arch=text_arch))
+    cfg = p.config
+    sp = p.stages["train"]
+    assert [ph.name.split()[0] for ph in sp.phases] == ["text", "update"] and sp.notes["pivots"] == [0]
+    phase = sp.phases[1]
+    real_settings = TrainConfig(buffer=SIMULATED, objective="copo", replay_batch=3, device="cpu", autocast="bf16",
+                                checkpointing="on")  # fmt: skip
+    text = torch.zeros(1, cfg.arch.text_len, cfg.arch.text_dim)
+    model = make_model(cfg).requires_grad_(False)  # fp32 weights, as --dtype fp32
+    trainer = Trainer(real_settings, pipeline=Pipeline(cfg, model, FixedText(text), None, SIMULATED))
+    update = update_memory(trainer, simulated_entry(cfg, 0, 4, trainer.objective.fork), text, flops=True)
+    held = sum(t.untyped_storage().nbytes() for t in real["text"].parameters())  # the text encoder stays
+    assert p.text_kept and phase.batch == trainer.replay.last_batch == 3
+    assert phase.peak == update.peak + held and phase.flops == update.flops > 0
+    assert sp.notes["objective"] == "copo" and sp.notes["checkpointing"] and sp.notes["autocast"] == "bf16"
+    assert sp.flops == sp.phases[0].flops + phase.flops and sp.units == 100 * 8  # 100 updates of 8 groups
+
+
+def test_train_stage_sizes_its_replay_batch_from_the_gpu_and_refuses_in_one_line(reduced):
+    """--replay-batch not given: the replay batch the memory of the (simulated) GPU allows, as on CUDA; a
+    given one too large: check_fits refuses in one line naming the replay batch that fits."""
+    _, _, text_arch, _, path = reduced
+    parts = dict(text_arch=text_arch, flops=False)
+    kw = dict(stages=("train",), height=64, width=64)  # 32x32 latents: the rows' activations dominate
+    every = plan_stage("train", pixel_settings(path, **kw), **parts)  # a large GPU: every row at once
+    four = plan_stage("train", pixel_settings(path, replay_batch=4, **kw), **parts)
+    assert every.phases[1].batch == 8 and every.peak > four.peak  # CoPO: 4 anchors x 2 steps
+    memory = CUDA_RESERVE + (every.peak + four.peak) // 2
+    auto = plan_stage("train", pixel_settings(path, gpu_memory=memory / 2**30, **kw), **parts)
+    rb = auto.phases[1].batch
+    assert 1 <= rb < 8 and auto.fits(memory)
+    with pytest.raises(DoesNotFitError) as e:
+        check_fits("train", pixel_settings(path, replay_batch=8, **kw), "cpu", total_memory=memory, **parts)
+    line = str(e.value)
+    assert "\n" not in line and line.startswith("train will not fit on cpu") and "--replay-batch 8" in line
+    assert f"fits: --dtype fp32 -G 4 --replay-batch {rb} " in line
+
+
+def test_plan_command_reports_the_train_stage():
+    args = ["plan", "-c", "shapes", "--stages", "train", "--pivot", "1", "--objective", "nft", "--json"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    train = json.loads(r.output)["stages"]["train"]
+    assert train["fits"] and train["objective"] == "nft" and train["replay_batch"] == {"1": 12}  # 12 branches
+    assert [p["name"].split()[0] for p in train["phases"]] == ["text", "update"] and train["flops"] > 0
+
+
+@pytest.mark.slow
+def test_train_stage_at_full_size():
+    """wan-1.3b, 480x832, 81 frames, on an H100: the default CoPO update fits, at both planned pivots."""
+    p = plan(PlanRun.build(config="wan-1.3b", stages=("train",)))
+    sp = p.stages["train"]
+    print(p.table())
+    assert sp.fits(p.run.memory) and sp.notes["pivots"] == [0, 6] and sp.peak <= 40 * 2**30
+    assert all(ph.batch == 16 for ph in sp.phases[1:])

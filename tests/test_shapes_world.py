@@ -101,6 +101,7 @@ def test_sampled_videos_stay_in_frame_and_move_the_prompted_way():
     assert torch.equal(videos, again)
 
 
+@pytest.mark.slow  # two short pretrain runs compared bit for bit: minutes on 2 cores
 def test_pretrain_is_deterministic_and_writes_its_recipe(tmp_path):
     from streamalign.worlds.shapes.pretrain import PretrainConfig, pretrain
 

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from pydantic import AfterValidator, WithJsonSchema
 
-from ..io.files import atomic_path, checksum, read_tree, tree_bytes
+from ..io.files import atomic_path, checksum, files_digest, read_tree, tree_bytes
 from ..schemas.buffer import Entry, SchemaError
+from .urls import Remote
 
 ENTRY_ID = re.compile(r"^[A-Za-z0-9_-]+$")  # webdataset splits keys at the first dot
 
@@ -41,7 +42,7 @@ class ShardFormat(Protocol):
 
     def write(self, path: Path, entries: Sequence[Entry]) -> None: ...
 
-    def read(self, path: Path, digest: str | None = None) -> Iterator[Entry]: ...
+    def read(self, path: Path | Remote, digest: str | None = None) -> Iterator[Entry]: ...
 
 
 class DamagedShardError(SchemaError):
@@ -52,12 +53,20 @@ def checksum_mismatch(name: str | Path, got: str, digest: str) -> str:
     return f"{name}: checksum {got[:12]}... != manifest {digest[:12]}... (altered or truncated)"
 
 
-def shard_bytes(path: Path, digest: str | None) -> dict[str, bytes]:
-    """Every file of a shard by relative path ('' for a file), read once; with `digest` (the manifest's
-    checksum) verified against the hash computed while reading: DamagedShardError when they differ."""
-    if not path.exists():
+def shard_bytes(path: Path | Remote, digest: str | None) -> dict[str, bytes]:
+    """Every file of a shard (a local path, or a file or folder under a buffer URL) by relative path ('' for
+    a file), read once; with `digest` (the manifest's checksum) verified against the hash of the bytes
+    read: DamagedShardError when they differ."""
+    if isinstance(path, Remote):
+        try:
+            files = path.location.tree(path.rel)
+        except FileNotFoundError as e:
+            raise DamagedShardError(f"{path}: missing or unreadable (the manifest lists it): {e}") from None
+        got = files_digest(files)
+    elif not path.exists():
         raise DamagedShardError(f"{path}: missing (the manifest lists it)")
-    got, files = read_tree(path)
+    else:
+        got, files = read_tree(path)
     if digest is not None and got != digest:
         raise DamagedShardError(checksum_mismatch(path, got, digest))
     return files
@@ -80,7 +89,7 @@ class WebDatasetFormat:
                     info.size, info.mtime, info.mode = len(blob), 0, 0o644  # mtime 0: same bytes on re-run
                     tar.addfile(info, io.BytesIO(blob))
 
-    def read(self, path: Path, digest: str | None = None) -> Iterator[Entry]:
+    def read(self, path: Path | Remote, digest: str | None = None) -> Iterator[Entry]:
         from safetensors.torch import load
 
         data = shard_bytes(path, digest).get("")
@@ -126,11 +135,14 @@ class ZarrFormat:
             group.attrs.update({"meta": meta, "dtypes": dtypes, "order": len(root.attrs.get("entries", []))})
             root.attrs["entries"] = [*root.attrs.get("entries", []), e.entry_id]
 
-    def read(self, path: Path, digest: str | None = None) -> Iterator[Entry]:
+    def read(self, path: Path | Remote, digest: str | None = None) -> Iterator[Entry]:
         import zarr
         from zarr.core.buffer import default_buffer_prototype
         from zarr.storage import MemoryStore
 
+        if isinstance(path, Remote) and not path.location.folders:
+            raise SchemaError(f"{path}: a zarr shard is a folder, which a pipe: URL cannot read (one stream: "
+                              "webdataset shards only); read zarr by path, file://, s3:// or gs://")  # fmt: skip
         files = shard_bytes(path, digest)
         to_buffer = default_buffer_prototype().buffer.from_bytes
         store = MemoryStore({k: to_buffer(v) for k, v in files.items()}, read_only=True)

@@ -8,19 +8,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from ..io.files import checksum, tree_bytes
+from ..io.files import checksum
 from ..schemas.buffer import SCHEMA_VERSION, SchemaError
 from ..schemas.run import RunConfig, arg
 from .collection import collections
 from .formats import FORMATS, checksum_mismatch, get_format
-from .manifest import MANIFEST_DIR, read_manifest
+from .manifest import MANIFEST_DIR, manifest_parts, read_manifest, read_part
+from .urls import local_folder, location
 
 
-def entry_bytes(folder: Path, shard: str, fmt: str) -> dict[str, int]:
+def entry_bytes(folder: str | Path, shard: str, fmt: str) -> dict[str, int]:
     """Tensor bytes of one entry (the first of `shard`) by field, and their total (``entry``)."""
-    first = next(iter(get_format(fmt).read(folder / shard)))
+    first = next(iter(get_format(fmt).read(location(folder).shard(shard))))
     _, tensors = first.to_record()
     out: dict[str, int] = {}
     for name, t in tensors.items():
@@ -31,15 +30,15 @@ def entry_bytes(folder: Path, shard: str, fmt: str) -> dict[str, int]:
 
 def buffer_info(folder: str | Path) -> dict:
     """Counts, sizes (on disk per group, and the tensor bytes of one entry by field), formats, the latents'
-    stored dtype, policies, configs, reward columns and rejected groups of a buffer."""
-    folder = Path(folder)
+    stored dtype, policies, configs, reward columns and rejected groups of a buffer (a path or URL)."""
     rows = read_manifest(folder).to_pylist()
     shards = sorted({r["shard"] for r in rows})
     rejected = 0
-    for part in sorted((folder / MANIFEST_DIR).glob("*.parquet")):
-        rejected += len(json.loads((pq.read_schema(part).metadata or {}).get(b"rejected", b"[]")))
+    for part in manifest_parts(folder):
+        rejected += len(json.loads((read_part(folder, part, schema_only=True).metadata or {}).get(b"rejected", b"[]")))
     groups = {r["entry_id"]: r for r in rows}
-    size = sum(tree_bytes(folder / s) for s in shards if (folder / s).exists())
+    where = location(folder)
+    size = sum(where.size(s) for s in shards if where.exists(s))
     return {
         "schema_version": SCHEMA_VERSION,
         "groups": len(groups),
@@ -79,7 +78,8 @@ def verify_buffer(folder: str | Path, deep: bool = False) -> VerifyReport:
     """Check every manifest row's shard exists with the recorded checksum; report shards no manifest part
     accounts for, leftover temporaries, and recorded collections whose planned shards are not all written;
     with `deep`, also decode and validate every entry (in the same read as the checksum)."""
-    folder = Path(folder)
+    folder = local_folder(folder, "buffer verify", "through other URLs the reader verifies each shard's "
+                          "checksum as it reads it (train), or verify where the buffer was written")
     report = VerifyReport()
     for rec in collections(folder):
         names = rec.shard_names()

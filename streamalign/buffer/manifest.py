@@ -15,10 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..io.files import atomic_path
+from ..io.files import atomic_path, write_atomic
 from ..rewards.registry import composite
 from ..schemas.buffer import Entry
 from .formats import ShardInfo
+from .urls import INDEX, location
 
 MANIFEST_DIR = "manifest"
 
@@ -69,9 +70,29 @@ def write_manifest_part(
     return path
 
 
+def write_index(buffer_dir: str | Path) -> Path:
+    """List the manifest folder's files in its ``index.txt`` (atomically): how a ``pipe:`` URL, which
+    cannot list a folder, finds the manifest parts and collection records."""
+    folder = Path(buffer_dir) / MANIFEST_DIR
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in (".parquet", ".json"))
+    return write_atomic(folder / INDEX, "".join(f"{n}\n" for n in names))
+
+
+def manifest_parts(buffer: str | Path) -> list[str]:
+    """The paths of the manifest parts relative to the buffer root (a path or URL), sorted."""
+    return [f"{MANIFEST_DIR}/{name}" for name in location(buffer).list(MANIFEST_DIR, ".parquet")]
+
+
+def read_part(buffer: str | Path, rel: str, schema_only: bool = False) -> pa.Table | pa.Schema:
+    """One manifest part (or only its schema, which holds the part's metadata) of the buffer at a path or URL."""
+    data = pa.BufferReader(location(buffer).read(rel))
+    return pq.read_schema(data) if schema_only else pq.read_table(data)
+
+
 def read_manifest(buffer_dir: str | Path) -> pa.Table:
-    """Union of the manifest parts (reward columns missing from a part are null), sorted by shard name."""
-    parts = sorted((Path(buffer_dir) / MANIFEST_DIR).glob("*.parquet"))
+    """Union of the manifest parts (reward columns missing from a part are null), sorted by shard name;
+    `buffer_dir` is the buffer's path or URL (:mod:`streamalign.buffer.urls`)."""
+    parts = manifest_parts(buffer_dir)
     if not parts:
         raise FileNotFoundError(f"no manifest in {buffer_dir}: not a streamalign buffer, or an empty one")
-    return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
+    return pa.concat_tables([read_part(buffer_dir, p) for p in parts], promote_options="default")

@@ -25,6 +25,7 @@ from ..models.noise import derive_seed
 from ..schemas.buffer import Entry, SchemaError
 from .formats import DamagedShardError, get_format
 from .manifest import read_manifest
+from .urls import location
 
 log = logging.getLogger("streamalign.buffer")
 
@@ -46,7 +47,8 @@ class BufferReader(IterableDataset):
         weights: Mapping[str, float] | None = None,
         skip_damaged: bool = False,
     ) -> None:
-        self.folder = Path(folder)
+        self.folder = folder  # a path or URL (streamalign.buffer.urls): the manifest and shards lie below it
+        self.location = location(folder)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside a world of {world}")
         self.rank, self.world, self.shuffle, self.seed = rank, world, max(1, shuffle), seed
@@ -127,7 +129,7 @@ class BufferReader(IterableDataset):
         fmt, digest, wanted = self.shards[name]
         if name in self.damaged:
             return
-        entries = get_format(fmt).read(self.folder / name, digest)
+        entries = get_format(fmt).read(self.location.shard(name), digest)
         try:
             first = next(entries, None)
         except DamagedShardError as e:

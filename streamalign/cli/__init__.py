@@ -18,6 +18,7 @@ import typer
 from .. import __version__
 from ..buffer.inspect import BufferRun, VerifyRun
 from ..buffer.stats import StatsRun
+from ..buffer.urls import local_folder
 from ..collect.run import CollectRun
 from ..evaluate.config import DemoRun, EvaluateRun, MergeRun, NoiseSourcesRun, ObjectivesRun, RegimesRun
 from ..generate.run import GenerateRun
@@ -59,7 +60,7 @@ STAGES = (
     ("shapes", "distill", DistillConfig, "worlds.shapes.distill:distill_stage", "Weights, recipe, curve.",
      "runs/shapes-distill"),
     ("shapes", "check", CheckRun, "worlds.shapes.quality:check_stage", None, None),
-    (None, "plan", PlanRun, "plan:plan_command", None, None),
+    (None, "plan", PlanRun, "train.plan:plan_command", None, None),
     (None, "collect", CollectRun, "collect.run:collect_stage", "Buffer folder (shards + manifest/).", None),
     (None, "evaluate", EvaluateRun, "evaluate.report:evaluate_stage", "Report folder.", None),
     (None, "merge", MergeRun, "evaluate.sweep:merge_stage", "Sweep folder (sweep.*, adapters/, adapter/).", None),
@@ -91,17 +92,23 @@ def call(target: str, *args):
     return getattr(importlib.import_module(f"streamalign.{module}"), func)(*args)
 
 
+def out_folder(out: str) -> Path:
+    """The local folder an ``--out`` names (a path or file:// URL; as a Path, file:// would lose a slash)."""
+    return local_folder(out, "--out", "outputs are written to a local folder (or one a store mounts); copy a "
+                        "buffer to its store after collect, then read it by URL (s3://, gs://, pipe:)")  # fmt: skip
+
+
 def register(group: str | None, name: str, config: type, target: str, out_help: str | None, out_default: str | None):
     """Command `name`: the run config's flags (and ``--out``); help from the run config's docstring."""
 
     def command(cfg, **out) -> None:
-        emit(call(target, cfg, *out.values()))
+        emit(call(target, cfg, *(out_folder(v) for v in out.values())))
 
     params = [inspect.Parameter("cfg", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     if out_help is not None:
-        default = Path(out_default) if out_default else inspect.Parameter.empty
+        default = out_default or inspect.Parameter.empty
         params.append(inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=default,
-                                        annotation=Annotated[Path, typer.Option(help=out_help)]))  # fmt: skip
+                                        annotation=Annotated[str, typer.Option(help=out_help)]))  # fmt: skip
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = config.__doc__
     stage_command(sub[group] if group else app, name, config, group)(command)

@@ -10,15 +10,28 @@ NaN/inf rewards are rejected, counted and logged in the manifest part's metadata
 The collection's settings are recorded in the buffer before its first shard and a re-run with other
 ones is refused (``buffer.collection``); a larger ``--groups`` extends it. Rank 0 holds the buffer's
 lock while the collection runs, so a second collect into the same folder is refused naming the holder.
+
+``branch_ranks`` n: teams of n consecutive ranks take shards as single ranks do; every rank of a team
+computes each group's prefix and rolls out its G/n branches, the team's first rank gathers them, scores
+and writes (same bytes as one process when the branch batch divides G/n). ``upload``: each finished
+shard, then its manifest part, is put at a buffer URL and the local shard deleted (the local manifest
+parts say what is done).
+A group's G branches are scored as one batch (each reward model splits it by its ``batch_size``); reward
+models load once per process (``rewards.sources``). ``--background-scoring`` scores group i in a worker
+thread while group i+1 rolls out: the same entries in the same order, at most one group waiting.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,14 +42,15 @@ from pydantic import Field
 
 from ..buffer.collection import BufferLock, Collection, claim_collection, read_collection, record_path, shard_name
 from ..buffer.formats import FormatName, ShardFormat, ShardInfo, get_format, write_shard
-from ..buffer.manifest import MANIFEST_DIR, write_manifest_part
-from ..io.files import checksum, tree_bytes
+from ..buffer.manifest import MANIFEST_DIR, write_index, write_manifest_part
+from ..buffer.urls import local_folder, location
+from ..io.files import checksum, remove_path, tree_bytes
 from ..io.outputs import open_output
 from ..io.progress import progress_bar
 from ..models.kv_cache import compute_dtype
 from ..models.noise import derive_seed
 from ..models.placement import DTYPES
-from ..models.sampler import Sampler
+from ..models.sampler import ForkGroup, Sampler
 from ..pipeline import Pipeline
 from ..rewards import CompositeReward
 from ..rewards.sources import reward_of
@@ -45,7 +59,7 @@ from ..schemas.config import ModelConfig
 from ..schemas.run import arg
 from ..schemas.sections import DtypeName, PromptSection, RewardSection
 from ..worlds import default_prompts, default_rewards
-from .distributed import barrier, rank0_agrees
+from .distributed import barrier, gather_rows, rank0_agrees, team_agrees, team_groups
 
 # the arguments a collection's id hashes (fields added later hash only when they differ from their default)
 RUN_ID_FIELDS = ("prompts", "groups", "group_size", "strength", "pivot", "seed", "format", "entries_per_shard",
@@ -74,6 +88,15 @@ class CollectConfig(PromptSection, RewardSection):
     store_dtype: DtypeName = arg("auto", "Dtype of the stored latents: auto (the compute dtype) | fp32 | bf16 | fp16.")
     # how many branches run at once: memory only (branch i's output does not depend on it), not in the run id
     branch_batch: int | None = Field(None, ge=1, description="Branches rolled out at once (default: from memory).")
+    # how many ranks share one group's branches: where the work runs only (the entries' bytes do not change)
+    branch_ranks: int = Field(1, ge=1, description="Ranks that split each fork group's branches (torchrun; "
+                              "divides -G and the number of ranks).")  # fmt: skip
+    # where the shards end up: the bytes are the same wherever they go, so not in the run id either
+    upload: str | None = Field(None, description="Put each finished shard, then its manifest part, at this "
+                               "buffer URL (s3://, gs://, file://) and delete the local shard (--out keeps the "
+                               "manifest).")  # fmt: skip
+    # throughput only (entries are the same bytes either way), not in the run id
+    background_scoring: bool = arg(False, "Score each group in a worker thread while the next one rolls out.")
 
     def latent_dtype(self, compute: torch.dtype) -> torch.dtype:
         """The dtype entries store their latents in (auto: the generator's compute dtype)."""
@@ -97,6 +120,13 @@ class CollectConfig(PromptSection, RewardSection):
         if self.pivot != "uniform" and not (self.pivot.isdigit() and int(self.pivot) < num_chunks):
             raise ValueError(f"--pivot must be 'uniform' or a chunk index 0..{num_chunks - 1}, got {self.pivot!r}")
         get_format(self.format)
+        if self.upload is not None:  # refused before any work: a read-only URL, a missing fsspec package
+            if self.upload.startswith("pipe:"):
+                raise ValueError(f"--upload {self.upload}: pipe: URLs are read-only; upload to s3://, gs:// or file://")
+            location(self.upload)
+        if self.group_size % self.branch_ranks:
+            raise ValueError(f"--branch-ranks {self.branch_ranks} must divide -G {self.group_size} "
+                             "(each rank rolls out G/N branches of every group)")  # fmt: skip
         if self.fork not in ("initial", "solver"):
             raise ValueError(f"--fork must be 'initial' or 'solver', got {self.fork!r}")
         if self.clip_chunks is not None and not 1 <= self.clip_chunks <= num_chunks:
@@ -137,6 +167,40 @@ class CollectConfig(PromptSection, RewardSection):
         return derive_seed(self.seed, 4, i) % (num_chunks - (self.clip_chunks or 1) + 1)
 
 
+@dataclass(frozen=True)
+class BranchTeam:
+    """The ranks that split each fork group's branches: `size` ranks, this one the `index`-th; the first
+    gathers the group, scores and writes it. `group`: the team's process group (None when alone)."""
+
+    size: int = 1
+    index: int = 0
+    group: object = None
+
+    @staticmethod
+    def check(size: int, world: int) -> None:
+        if world % size:
+            raise ValueError(f"--branch-ranks {size} must divide the {world} ranks of the run "
+                             "(torchrun --nproc_per_node x --nnodes)")  # fmt: skip
+
+    @classmethod
+    def of(cls, size: int, world: int) -> BranchTeam:
+        """This rank's team in a world of `world` ranks split into teams of `size` consecutive ranks."""
+        cls.check(size, world)
+        return cls() if size == 1 else cls(size, *team_groups(size))
+
+    def share(self, group_size: int) -> tuple[int, int] | None:
+        """The branches this rank rolls out (None: all of them)."""
+        n = group_size // self.size
+        return None if self.size == 1 else (self.index * n, (self.index + 1) * n)
+
+    def gather(self, group: ForkGroup) -> ForkGroup | None:
+        """The whole group on the team's first rank (the ranks' branch rows in order), None elsewhere."""
+        if self.size == 1:
+            return group
+        rows = {name: gather_rows(getattr(group, name), self.group) for name in group.BRANCH_FIELDS}
+        return None if self.index else dataclasses.replace(group, **rows)
+
+
 @dataclass
 class CollectSummary:
     shards_written: int = 0
@@ -158,12 +222,26 @@ def prefix_kv(sampler: Sampler, context: torch.Tensor, text: torch.Tensor) -> di
     return {f"{kind}.{i}": t[0, :s].clone() for kind in "kv" for i, t in enumerate(getattr(cache, kind))}
 
 
+@dataclass
+class RolledGroup:
+    """Fork group i rolled out and decoded, not yet scored: its videos [G, F, 3, H, W] in [0, 1], the
+    group's tensors and the entry's identity fields (everything but the rewards)."""
+
+    i: int
+    prompt: str
+    group: ForkGroup
+    videos: torch.Tensor
+    identity: dict
+    store_dtype: torch.dtype
+
+
 @torch.no_grad()
-def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward, i: int, run_id: str | None = None
-                  ) -> Entry:  # fmt: skip
-    """Fork group i (prompt, seed and pivot fixed by i), scored, its latents on the CPU in the store dtype;
-    raises SchemaError on bad rewards. `run_id`: the collection's (default: that of `cfg`; an extended
-    collection keeps its first one)."""
+def roll_out_group(policy: Pipeline, cfg: CollectConfig, i: int, run_id: str | None = None,
+                   team: BranchTeam = BranchTeam()) -> RolledGroup | None:  # fmt: skip
+    """Fork group i (prompt, seed and pivot fixed by i) rolled out and decoded. `run_id`: the collection's
+    (default: that of `cfg`; an extended collection keeps its first one). In a branch `team` every rank
+    computes the prefix and rolls out its share of the branches; the first rank gathers them (None
+    elsewhere)."""
     run_id = run_id or cfg.run_id
     prompt = cfg.prompts[i % len(cfg.prompts)]
     seed = derive_seed(cfg.seed, 2, i)
@@ -172,16 +250,15 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
     sampler = policy.sampler
     text = policy.text.encode([prompt])
     group = sampler.fork_group(text, sampler.noise_bank(seed), pivot, cfg.group_size, cfg.strength, fork=cfg.fork,
-                               branch_batch=cfg.branch_batch)  # fmt: skip
+                               branch_batch=cfg.branch_batch, branches=team.share(cfg.group_size))  # fmt: skip
+    group = team.gather(group)
+    if group is None:
+        return None
     latents = group.videos()
     if cfg.clip_chunks is not None:  # streaming: the local clip that starts at the pivot
         c = sampler.chunk_frames
         latents = latents[:, pivot * c : (pivot + cfg.clip_chunks) * c]
-    videos = policy.decode(latents)
-    scores = reward(videos, [prompt] * cfg.group_size)
-    scores.pop("composite")
-    entry = Entry.from_fork_group(
-        group,
+    identity = dict(
         entry_id=f"{run_id}-{i:07d}",
         run_id=run_id,
         policy_id=policy.policy_id,
@@ -190,12 +267,82 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
         config_name=policy.config.name,
         arch_id=policy.config.arch_id,
         timesteps=[float(t) for t in sampler.schedule.timesteps],
-        rewards={k: v.float().cpu() for k, v in scores.items()},
-        reward_weights=reward.weights,
         kv=prefix_kv(sampler, group.context, text) if cfg.store_kv else {},
         text_hash=policy.text.embedding_hash(prompt),
     )
-    return entry.cast(cfg.latent_dtype(compute_dtype(policy.model)), "cpu").validate("collected group")
+    store = cfg.latent_dtype(compute_dtype(policy.model))
+    return RolledGroup(i, prompt, group, policy.decode(latents), identity, store)
+
+
+@torch.no_grad()
+def score_group(rolled: RolledGroup, reward: CompositeReward) -> Entry:
+    """The scored entry of a rolled-out group, its latents on the CPU in the store dtype (the G branches
+    scored as one batch: each reward splits it as its model needs); raises SchemaError on bad rewards."""
+    scores = reward(rolled.videos, [rolled.prompt] * rolled.videos.shape[0])
+    scores.pop("composite")
+    rewards = {k: v.float().cpu() for k, v in scores.items()}
+    entry = Entry.from_fork_group(rolled.group, rewards=rewards, reward_weights=reward.weights, **rolled.identity)
+    return entry.cast(rolled.store_dtype, "cpu").validate("collected group")
+
+
+def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward, i: int, run_id: str | None = None,
+                  team: BranchTeam = BranchTeam()) -> Entry | None:  # fmt: skip
+    """Fork group i rolled out and scored (:func:`roll_out_group` then :func:`score_group`; None on the
+    branch ranks of a `team` other than its first)."""
+    rolled = roll_out_group(policy, cfg, i, run_id, team)
+    return None if rolled is None else score_group(rolled, reward)
+
+
+Outcome = Entry | SchemaError  # a group's entry, or why it was rejected
+
+
+def _outcome(fn, *args) -> Outcome:
+    try:
+        return fn(*args)
+    except SchemaError as e:
+        return e
+
+
+def _in_caller_context(fn):
+    """`fn` run in a worker thread under the caller's thread-local torch state (autocast per device type,
+    the current CUDA device); grad mode is set by the functions themselves."""
+    casts = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+    cuda = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def run(*args):
+        if cuda is not None:
+            torch.cuda.set_device(cuda)
+        with contextlib.ExitStack() as stack:
+            for dev, dtype in casts:
+                stack.enter_context(torch.autocast(dev, dtype=dtype))
+            return fn(*args)
+
+    return run
+
+
+def scored_groups(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward, indices: Iterable[int],
+                  run_id: str | None = None, team: BranchTeam = BranchTeam()
+                  ) -> Iterator[tuple[int, Outcome]]:  # fmt: skip
+    """(i, entry or rejection) of every group in `indices`, in order. With ``cfg.background_scoring`` group
+    i is scored in one worker thread while group i+1 rolls out (at most one group waits for its scores);
+    the entries are the same either way, and a reward's error is raised here as it would be without."""
+    if not cfg.background_scoring:
+        for i in indices:
+            yield i, _outcome(collect_group, policy, cfg, reward, i, run_id, team)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="streamalign-scoring") as pool:
+        pending: tuple[int, Future] | None = None
+        for i in indices:
+            rolled = _outcome(roll_out_group, policy, cfg, i, run_id, team)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+                pending = None
+            if isinstance(rolled, SchemaError):
+                yield i, rolled
+            else:
+                pending = (i, pool.submit(_in_caller_context(_outcome), score_group, rolled, reward))
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 def claim(out: Path, policy: Pipeline, cfg: CollectConfig, rank: int, world: int, prefix: str) -> Collection:
@@ -234,53 +381,99 @@ def collect(
     """Write this rank's shards of the collection into `out` (resuming); returns what it did.
     `shard_prefix` lets several collections share one buffer folder (on-policy iterations)."""
     cfg, fmt, reward = prepare(cfg, policy.config)
-    out = Path(out)
+    team = BranchTeam.of(cfg.branch_ranks, world)
+    out = collect_folder(out)
     if rank == 0:  # checked, created (with its marker) or cleaned of killed runs' temporaries, once all is valid
         open_output(out, "collect")
     barrier()
     with BufferLock(out) if rank == 0 else contextlib.nullcontext():
         record = claim(out, policy, cfg, rank, world, shard_prefix)
-        summary = _collect_shards(policy, cfg, fmt, reward, out, record, rank, world, progress)
+        summary = _collect_shards(policy, cfg, fmt, reward, out, record, rank, world, progress, team)
         if world > 1:
             dist.barrier()  # the lock is released only when every rank is done
+        if rank == 0:  # every rank's parts are written: list them for readers that cannot list (pipe: URLs)
+            write_index(out)
+            if cfg.upload is not None:  # the records and the index beside the uploaded parts
+                remote = location(cfg.upload)
+                for f in sorted((out / MANIFEST_DIR).glob("*")):
+                    if f.is_file() and f.suffix in (".json", ".txt"):
+                        remote.put(f, f"{MANIFEST_DIR}/{f.name}")
     return summary
 
 
+def upload_shard(cfg: CollectConfig, path: Path, part: Path) -> None:
+    """Put a finished shard, then its manifest part, at ``cfg.upload`` (a reader there never finds a part
+    whose shard is missing), then delete the local shard: its local manifest part says it is done."""
+    remote = location(cfg.upload)
+    remote.put(path, path.name)
+    remote.put(part, f"{MANIFEST_DIR}/{part.name}")
+    remove_path(path)
+
+
+def collect_folder(out: str | Path) -> Path:
+    """The local folder `collect` writes (a path or file:// URL); other URLs are refused before any work."""
+    return local_folder(out, "collect --out", "collect into a local folder (or one your store mounts), copy it "
+                        "to the store, then read it through its URL (s3://, gs://, pipe:)")  # fmt: skip
+
+
 def _collect_shards(policy: Pipeline, cfg: CollectConfig, fmt: ShardFormat, reward: CompositeReward, out: Path,
-                    record: Collection, rank: int, world: int, progress: bool) -> CollectSummary:  # fmt: skip
-    """Write this rank's shards of the recorded plan that are not finished yet."""
-    mine = [(k, lo, hi) for k, lo, hi in record.plan() if k % world == rank]
+                    record: Collection, rank: int, world: int, progress: bool, team: BranchTeam = BranchTeam()
+                    ) -> CollectSummary:  # fmt: skip
+    """Write this rank's shards of the recorded plan that are not finished yet. Branch teams take shards
+    as ranks do alone (team t of n: the shards k with ``k % n == t``); their first rank decides what is
+    left to do, reads and writes, the others only roll out their branches."""
+    teams, me, writer = world // team.size, rank // team.size, team.index == 0
+    mine = [(k, lo, hi) for k, lo, hi in record.plan() if k % teams == me]
     # every prompt of this rank's groups encoded once, up front (then the encoder may leave the device)
     policy.text.prefetch([cfg.prompts[i % len(cfg.prompts)] for _, lo, hi in mine for i in range(lo, hi)])
     summary, t0 = CollectSummary(), time.time()
     total = sum(hi - lo for _, lo, hi in mine)
-    bar = progress_bar(total=total, desc=f"collect[{rank}]" if world > 1 else "collect", unit="group", show=progress)
-    for k, lo, hi in mine:
-        path = out / shard_name(k, fmt.suffix, record.prefix)
-        part = out / MANIFEST_DIR / f"{path.name}.parquet"
-        if path.exists() and part.exists():
-            summary.shards_skipped += 1
-            bar.update(hi - lo)
-            continue
-        if path.exists():  # killed between the shard and its manifest part: the shard is complete
-            entries = list(fmt.read(path))
-            info = ShardInfo(path, fmt.name, len(entries), tree_bytes(path), checksum(path))
-            rejected: list[dict] = []
-        else:
-            entries, rejected = [], []
-            for i in range(lo, hi):
-                try:
-                    entries.append(collect_group(policy, cfg, reward, i, record.run_id))
-                except SchemaError as e:
-                    log.warning("group %d rejected: %s", i, e)
-                    rejected.append({"group": i, "reason": str(e)})
-                bar.update(1)
-            info = write_shard(fmt, path, entries)
-            summary.shards_written += 1
-            summary.bytes += info.bytes
-        write_manifest_part(out, entries, info, extra={"rejected": rejected})
-        summary.groups += len(entries)
-        summary.rejected += len(rejected)
+    desc = f"collect[{rank}]" if world > 1 else "collect"
+    bar = progress_bar(total=total, desc=desc, unit="group", show=progress and writer)
+    paths = {k: out / shard_name(k, fmt.suffix, record.prefix) for k, _, _ in mine}
+    parts = {k: out / MANIFEST_DIR / f"{paths[k].name}.parquet" for k in paths}
+    # a shard is rolled out unless it is on disk, or uploaded (its local manifest part says so)
+    needed = {k: not paths[k].exists() and not (cfg.upload is not None and parts[k].exists()) for k in paths}
+    if team.size > 1:  # the writer's view of the files decides for the whole team, before any roll-out, so
+        needed = {k: team_agrees(writer and v, team.group) for k, v in needed.items()}  # gathers stay in step
+    # the groups of the shards to roll out, as one stream (background scoring overlaps across shards)
+    todo = [i for k, lo, hi in mine if needed[k] for i in range(lo, hi)]
+    if not writer:  # a branch rank: its share of every group the team's writer rolls out
+        for i in todo:
+            roll_out_group(policy, cfg, i, record.run_id, team)
+        bar.close()
+        summary.seconds = time.time() - t0
+        return summary
+    with contextlib.closing(scored_groups(policy, cfg, reward, todo, record.run_id, team)) as groups:
+        for k, lo, hi in mine:
+            path, part = paths[k], parts[k]
+            if path.exists() and part.exists() and cfg.upload is not None:
+                upload_shard(cfg, path, part)  # killed before its local copy was deleted: put it again
+            if part.exists() and (path.exists() or cfg.upload is not None):
+                summary.shards_skipped += 1
+                bar.update(hi - lo)
+                continue
+            if path.exists():  # killed between the shard and its manifest part: the shard is complete
+                entries = list(fmt.read(path))
+                info = ShardInfo(path, fmt.name, len(entries), tree_bytes(path), checksum(path))
+                rejected: list[dict] = []
+            else:
+                entries, rejected = [], []
+                for i, got in itertools.islice(groups, hi - lo):
+                    if isinstance(got, SchemaError):
+                        log.warning("group %d rejected: %s", i, got)
+                        rejected.append({"group": i, "reason": str(got)})
+                    else:
+                        entries.append(got)
+                    bar.update(1)
+                info = write_shard(fmt, path, entries)
+                summary.shards_written += 1
+                summary.bytes += info.bytes
+            write_manifest_part(out, entries, info, extra={"rejected": rejected})
+            if cfg.upload is not None:
+                upload_shard(cfg, path, part)
+            summary.groups += len(entries)
+            summary.rejected += len(rejected)
     bar.close()
     summary.seconds = time.time() - t0
     return summary

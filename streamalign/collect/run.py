@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..buffer.collection import check_collection
 from ..buffer.inspect import buffer_info
+from ..buffer.urls import location
 from ..io.files import write_atomic
 from ..models.placement import Placement
 from ..pipeline import Pipeline, resolve_config
@@ -13,13 +15,14 @@ from ..plan import check_stage
 from ..rewards.sources import reward_of
 from ..schemas.run import RUN_FILE, RunConfig, run_record
 from ..schemas.sections import Hardware, PolicySection
-from .collector import CollectConfig, CollectSummary, collect
+from .collector import BranchTeam, CollectConfig, CollectSummary, collect, collect_folder
 from .distributed import rank_and_world
 
 
 class CollectRun(RunConfig):
     """Roll out fork groups from a policy, score every branch and write a sharded replay buffer (re-running
-    resumes). Under `torchrun --nproc_per_node N` each rank writes a disjoint set of shards."""
+    resumes). Under `torchrun --nproc_per_node N` each rank writes a disjoint set of shards; with
+    `--branch-ranks n` teams of n ranks split each group's branches (the team's first rank writes)."""
 
     model: PolicySection = PolicySection()
     collect: CollectConfig = CollectConfig()
@@ -29,10 +32,12 @@ class CollectRun(RunConfig):
 def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     """Collect into the buffer `out` (resuming) on this rank; rank 0 records the resolved run in ``run.yaml``.
     Returns (rank, what this rank did)."""
-    m, out = cfg.model, Path(out)
+    m, out = cfg.model, collect_folder(out)
     model = resolve_config(m.config, m.wan_dir)
     early = cfg.collect.resolve(model)  # other settings than the buffer's are refused before the weights load
     reward_of(early)  # reward names, paths and plug-ins checked before any model loads
+    early.check(model.num_chunks)
+    BranchTeam.check(early.branch_ranks, int(os.environ.get("WORLD_SIZE", "1")))
     check_collection(out, "", early.run_id, early.settings(model), early.groups)
     placement = Placement.of(cfg.hardware)
     check_stage("collect", model, placement, group_size=early.group_size, branch_batch=early.branch_batch,
@@ -43,6 +48,8 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
         summary = collect(policy, resolved.collect, out, rank, world)
     if rank == 0:
         write_atomic(out / RUN_FILE, run_record(resolved, "collect"))
+        if resolved.collect.upload is not None:
+            location(resolved.collect.upload).put(out / RUN_FILE, RUN_FILE)
     return rank, summary
 
 
@@ -61,4 +68,4 @@ def summary_lines(out: str | Path, s: CollectSummary) -> list[str]:
 def collect_stage(cfg: CollectRun, out: Path) -> str:
     """The stage behind the command (what it prints)."""
     rank, s = run_collect(cfg, out)
-    return "\n".join(summary_lines(out, s)) if rank == 0 else ""
+    return "\n".join(summary_lines(cfg.collect.upload or out, s)) if rank == 0 else ""  # where the shards are

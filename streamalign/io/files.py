@@ -57,6 +57,19 @@ def checksum(path: Path) -> str:
     return _hash_tree(path)
 
 
+def files_digest(files: dict[str, bytes]) -> str:
+    """The :func:`checksum` of a file (``{'': bytes}``) or a folder (relative '/' path -> bytes) held in
+    memory, as it would be on disk: files in the order :func:`tree_files` lists them."""
+    from pathlib import PurePosixPath
+
+    h = hashlib.sha256()
+    for rel in sorted(files, key=lambda r: PurePosixPath(r).parts):
+        if rel:
+            h.update(rel.encode() + b"\0")
+        h.update(files[rel])
+    return h.hexdigest()
+
+
 def read_tree(path: Path) -> tuple[str, dict[str, bytes]]:
     """(checksum, bytes) of a file or folder read once: the digest :func:`checksum` gives, computed while
     reading, and every file's bytes by relative path ('' for a file)."""

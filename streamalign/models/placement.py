@@ -23,14 +23,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def resolve_device(spec: str) -> torch.device:
-    """'auto': cuda:LOCAL_RANK when CUDA is available, else cpu; a CUDA device on a machine without one
-    is a clear error."""
+    """'auto': cuda:LOCAL_RANK when CUDA is available, else cpu; 'cuda' under a launcher (``LOCAL_RANK``
+    set: torchrun, accelerate) is also this rank's own GPU, not GPU 0 for every rank; a CUDA device on a
+    machine without one is a clear error."""
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {spec}: CUDA is not available on this machine (use cpu or auto)")
+    if spec == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(spec)
 
 

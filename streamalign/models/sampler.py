@@ -299,6 +299,7 @@ class Sampler:
         solver_steps: Sequence[int] | None = None,
         branch_batch: int | None = None,
         memory_budget: int | None = None,
+        branches: tuple[int, int] | None = None,
     ) -> ForkGroup:
         """Roll out chunks < pivot once (batch 1), then G branches that differ only in the pivot chunk's
         initial noise (``fork="initial"``), or only in its solver noise at `solver_steps` (``"solver"``;
@@ -307,7 +308,12 @@ class Sampler:
         The branches attend to the batch-1 prefix KV without copies of it (:meth:`KVCache.expand`) and
         run in batches of `branch_batch` branches (default: as many as `memory_budget` bytes allow, see
         :meth:`auto_branch_batch`); each batch's KV is freed before the next starts. Branch i's output does
-        not depend on the batching: it equals an independent rollout fed the same noises."""
+        not depend on the batching: it equals an independent rollout fed the same noises.
+
+        `branches` (start, stop): roll out only those branches of the group (one rank's share of a group
+        split over ranks); the per-branch tensors then hold those rows, in batches that are the whole
+        group's batches cut at start and stop (so a share whose bounds fall on batch bounds gives the
+        whole group's bytes)."""
         n = num_chunks or self.config.num_chunks
         if len(bank.seeds) != 1:
             raise ValueError("fork_group takes a NoiseBank with exactly one seed")
@@ -317,6 +323,9 @@ class Sampler:
             raise ValueError(f"group size must be >= 1, got {group_size}")
         if branch_batch is not None and branch_batch < 1:
             raise ValueError(f"branch_batch must be >= 1, got {branch_batch}")
+        first, last = branches or (0, group_size)
+        if not 0 <= first < last <= group_size:
+            raise ValueError(f"branches {first}..{last - 1} are outside the group of {group_size}")
         if fork == "initial":
             noise = ForkNoise(bank, pivot, torch.cat([bank.delta(pivot, i) for i in range(group_size)]), strength)
         elif fork == "solver":
@@ -333,8 +342,8 @@ class Sampler:
         prefix = [self.denoise_chunk(prefix_cache, j, bank, context).x0 for j in range(pivot)]
         bb = branch_batch or self.auto_branch_batch(group_size, pivot, n, memory_budget)
         x_t, x0s, latents = [], [], []
-        for lo in range(0, group_size, bb):
-            hi = min(lo + bb, group_size)
+        for start in range(first - first % bb, last, bb):
+            lo, hi = max(start, first), min(start + bb, last)
             sub = noise.branches(lo, hi)
             cache = prefix_cache.expand(hi - lo, n * c) if prefix_cache is not None else self.new_cache(hi - lo, n)
             trace = self.denoise_chunk(cache, pivot, sub, context, record=True)

@@ -51,6 +51,9 @@ class GroupTensors:
     x0_old: torch.Tensor
     branch_latents: torch.Tensor
 
+    # the tensors with one row per branch (the rest are shared by the group's branches)
+    BRANCH_FIELDS = ("branch_noise", "x_t", "x0_old", "branch_latents")
+
     @property
     def group_size(self) -> int:
         return self.branch_noise.shape[0]

@@ -7,13 +7,13 @@ Flat keywords are routed to their section: ``TrainConfig(mode="semi", buffer="bu
 from __future__ import annotations
 
 import typing
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from ..adapters.lora import LoraSettings
 from ..buffer.formats import FormatName
+from ..buffer.urls import local_path
 from ..schemas.config import ModelConfig
 from ..schemas.run import RUN_FILE, RunConfig, Section, arg
 from ..schemas.sections import Hardware, ModelSection, PromptSection, RewardSection
@@ -102,6 +102,9 @@ class TrainHardware(Hardware):
     replay_batch: int | None = arg(None, "Replay rows per forward/backward (default: from the memory budget).")
     checkpointing: Literal["auto", "on", "off"] = arg("auto", "Activation checkpointing per block: auto (on CUDA) "
                                                       "| on | off.")  # fmt: skip
+    # a frozen base too big to replicate: FSDP2 shards it over the ranks (per block + root), the LoRA stays
+    # replicated and is reduced as without; every rank then runs the same model passes (see train/shard.py)
+    shard_base: bool = arg(False, "Shard the frozen base weights over the ranks with FSDP2 (torchrun, --mode semi).")
 
     def resolved(self, device_type: str) -> tuple[bool, bool]:
         """(bf16 autocast, activation checkpointing) on a device of `device_type` ('cuda', 'cpu')."""
@@ -134,6 +137,9 @@ class TrainConfig(RunConfig):
         if self.hardware.replay_batch is not None and self.hardware.replay_batch < 1:
             raise ValueError(f"--replay-batch {self.hardware.replay_batch} must be >= 1 (or omit it: automatic)")
         LoraSettings(self.lora.lora_rank, self.lora.lora_alpha).check()
+        if self.hardware.shard_base and (self.mode == "on" or self.logging.eval_every):
+            raise ValueError("--shard-base runs the updates of --mode semi only (rollouts and --eval-every would "
+                             "need the same model passes on every rank): drop --mode on / --eval-every")  # fmt: skip
         return self
 
     def resolve(self) -> TrainConfig:
@@ -142,9 +148,12 @@ class TrainConfig(RunConfig):
 
         model = ModelConfig.load(self.model.config)
         ro = self.rollouts
-        recorded = self.mode == "semi" and (Path(self.data.buffer) / RUN_FILE).is_file()
+        # a buffer's recorded run is read where the buffer is local (a path or file://; over other URLs the
+        # rewards are given with --rewards)
+        local = local_path(self.data.buffer) if self.mode == "semi" else None
+        recorded = local is not None and (local / RUN_FILE).is_file()
         if recorded and self.logging.eval_every and not (ro.rewards or ro.rewards_from):
-            return self.replace(rewards_from=self.data.buffer).resolve()  # the rewards the buffer was scored by
+            return self.replace(rewards_from=str(local)).resolve()  # the rewards the buffer was scored by
         changes: dict = {}
         needs_prompts = self.mode == "on" or (self.logging.eval_every and not self.logging.eval_prompts)
         texts = default_prompts(model, self.rollouts.prompts, self.rollouts.prompt_set) if needs_prompts else None

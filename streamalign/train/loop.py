@@ -23,8 +23,9 @@ import torch.distributed as dist
 from ..adapters.lora import LoraSettings, attach_lora, cast_lora_inputs, load_lora, lora_parameters, save_lora
 from ..buffer.manifest import read_manifest
 from ..buffer.reader import BufferReader
+from ..buffer.urls import local_path
 from ..collect.collector import CollectConfig, collect, prepare
-from ..collect.distributed import rank_and_world
+from ..collect.distributed import all_reduce, all_reduce_grads, rank_and_world
 from ..extras import require
 from ..io.files import require_paths, staged_folder, write_atomic
 from ..io.outputs import open_output, overwrite_permitted, permit_overwrite
@@ -33,7 +34,8 @@ from ..models.noise import derive_seed
 from ..models.placement import Placement
 from ..models.sampler import Sampler
 from ..optim import lr_at
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, resolve_config
+from ..plan import check_stage
 from ..rewards.sources import reward_of
 from ..schemas.buffer import Entry, SchemaError
 from ..schemas.run import RUN_FILE, run_record
@@ -44,7 +46,9 @@ from .identity import Resume, check_run_folder
 from .metrics import MetricsLog, read_metrics
 from .objectives import GroupInput
 from .objectives.base import composite_rewards
+from .plan import plan_train  # noqa: F401  (registers the train stage that check_stage plans)
 from .replay import PivotReplay
+from .shard import shard_base, stand_in
 from .state import Progress, resume_checkpoint, save_checkpoint
 
 log = logging.getLogger("streamalign.train")
@@ -102,6 +106,13 @@ class Trainer:
         self.params = [p for _, p in lora_parameters(self.peft)]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.objective.bind(self.params)  # objectives with policy copies (NFT: old and reference) keep them
+        self.lockstep = hw.shard_base and world > 1  # every rank runs the same model passes
+        if self.lockstep:
+            kept = shard_base(self.model, self.params, self.device)
+            self.replay.lockstep = True
+            if rank == 0:
+                log.info("--shard-base: the frozen base is sharded over %d ranks with FSDP2 (%.1f MiB of base "
+                         "weights kept per rank)", world, kept / 2**20)  # fmt: skip
         self.text_mismatches = 0  # entries whose prompt embedding hash differs from this run's encoding
 
     def autocast(self) -> torch.autocast:
@@ -148,20 +159,32 @@ class Trainer:
         for e in groups:
             self.check_entry(e)
             e = e.cast(torch.float32)  # stored bf16/fp16 latents: the sampler works in float32
-            if (rewards := self.bad_reward(e)) is not None:
+            seed = entry_seed(self.cfg.seed, step, e.entry_id)
+            if bad is None and (rewards := self.bad_reward(e)) is not None:
                 bad = f"non-finite reward ({rewards}) in entry {e.entry_id}"
-                break
-            g = torch.Generator().manual_seed(entry_seed(self.cfg.seed, step, e.entry_id))
+            if bad is not None:  # the step will not be applied
+                if not self.lockstep:
+                    break
+                self.stand_in(e, seed)
+                continue
+            g = torch.Generator().manual_seed(seed)
             with self.autocast():
                 out = self.objective.group_loss(GroupInput(e, self.text(e.prompt), g), self.replay)
+            if self.lockstep and not out.loss.requires_grad:  # a group without replay (no reward variance)
+                self.stand_in(e, seed)
             if not torch.isfinite(out.loss.detach()):
                 bad = f"non-finite loss ({float(out.loss.detach())}) in entry {e.entry_id}"
-                break
+                if not self.lockstep:
+                    break
+                out.loss = out.loss * 0  # this group's passes still run (its gradient is not applied)
             if out.loss.requires_grad:
                 (out.loss / (global_batch * self.cfg.optim.accum)).backward()
-                if not self.grads_finite():  # finite before this group's backward: this group's gradient
+                if bad is None and not self.grads_finite():  # finite before this group's backward: its gradient
                     bad = f"non-finite gradient from entry {e.entry_id}"
-                    break
+                    if not self.lockstep:
+                        break
+            if bad is not None:
+                continue
             for k, v in {"loss": float(out.loss.detach()), **out.stats}.items():
                 acc = sums.setdefault(k, [0.0, 0.0])
                 acc[0] += v
@@ -170,7 +193,7 @@ class Trainer:
         totals = torch.tensor([sums.get(k, [0.0, 0.0]) for k in keys] + [[float(bad is not None), 0.0]],
                               dtype=torch.float64)  # fmt: skip
         if self.world > 1:
-            dist.all_reduce(totals)  # every rank learns of a non-finite value anywhere, and stops with it
+            totals = all_reduce(totals)  # every rank learns of a non-finite value anywhere, and stops with it
         if totals[-1, 0] > 0:
             where = bad or f"non-finite values on {int(totals[-1, 0])} other rank(s)"
             raise NonFiniteError(f"update {step + 1}: {where}: training stopped before this update; "
@@ -181,14 +204,7 @@ class Trainer:
         del stats["zero_variance"]
         if apply:
             if self.world > 1:
-                flat = torch.cat(
-                    [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params]
-                )
-                dist.all_reduce(flat)
-                i = 0
-                for p in self.params:
-                    p.grad = flat[i : i + p.numel()].view_as(p).clone()
-                    i += p.numel()
+                all_reduce_grads(self.params)
             o = self.cfg.optim
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip))
             if not math.isfinite(stats["grad_norm"]):  # the same on every rank (reduced)
@@ -202,6 +218,15 @@ class Trainer:
             stats["lr"] = lr
             self.objective.after_step(step + 1, stats)  # same global stats on every rank: same updates
         return stats
+
+    def stand_in(self, e: Entry, seed: int) -> None:
+        """--shard-base: the model passes (forwards, backward) of a group with a replay, for a group that has
+        none here; its loss times zero adds nothing to the gradient (see :func:`~.shard.stand_in`)."""
+        with self.autocast():
+            out = self.objective.group_loss(
+                GroupInput(stand_in(e), self.text(e.prompt), torch.Generator().manual_seed(seed)), self.replay
+            )
+        (out.loss * 0).backward()
 
     @torch.no_grad()
     def evaluate(self, prompts: tuple[str, ...], seed: int) -> dict[str, float]:
@@ -222,6 +247,20 @@ def _entries(reader: BufferReader, epoch: int, skip: int):
             if i >= skip:
                 yield e, epoch, i + 1
         epoch, skip = epoch + 1, 0
+
+
+def _check_fits(cfg: TrainConfig, world: int) -> None:
+    """``plan``'s train stage at this run's settings (group size: the buffer's largest, semi) on its device."""
+    m, hw = cfg.model, cfg.hardware
+    placement = Placement.of(hw, apply_threads=False)
+    if placement.device.type != "cuda" or (hw.shard_base and world > 1):  # the plan replicates the base weights
+        return
+    g = cfg.rollouts.group_size
+    if cfg.mode == "semi":
+        g = max(read_manifest(cfg.data.buffer).column("group_size").to_pylist(), default=g)
+    check_stage("train", resolve_config(m.config, m.wan_dir), placement, group_size=g, objective=cfg.objective.name,
+                replay_batch=hw.replay_batch, checkpointing=hw.checkpointing, autocast=hw.autocast,
+                lora_rank=cfg.lora.lora_rank, batch_groups=cfg.optim.batch_groups, gpus=world)  # fmt: skip
 
 
 def _check_buffer(cfg: TrainConfig, trainer: Trainer) -> None:
@@ -269,6 +308,7 @@ def train(
         if cfg.mode == "on" or cfg.logging.eval_every:
             reward_of(cfg.rollouts)  # reward names, paths and plug-ins checked before any model loads
         resume = check_run_folder(out, cfg, resume, overwrite)
+        _check_fits(cfg, world)  # on a GPU: refused in one line before the weights load when it will not fit
         trainer = Trainer(cfg, rank, world)
         if cfg.mode == "semi":
             _check_buffer(cfg, trainer)
@@ -372,7 +412,8 @@ def train(
 
 def train_stage(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> str:
     """The `train` command: check the input paths, run, and return the summary line."""
-    require_paths((cfg.data.buffer, "buffer"), (cfg.lora.init_adapter, "adapter"), (cfg.model.checkpoint, "checkpoint"))
+    buffer = cfg.data.buffer and local_path(cfg.data.buffer)  # a URL's files are checked as they are read
+    require_paths((buffer, "buffer"), (cfg.lora.init_adapter, "adapter"), (cfg.model.checkpoint, "checkpoint"))
     return train(cfg, out, resume=resume, overwrite=overwrite).line(out)
 
 
@@ -381,7 +422,7 @@ def _all_damaged(reader: BufferReader, world: int) -> list[str]:
     names = sorted(reader.shards)
     hot = torch.tensor([float(n in reader.damaged) for n in names], dtype=torch.float64)
     if world > 1:
-        dist.all_reduce(hot, op=dist.ReduceOp.MAX)
+        hot = all_reduce(hot, dist.ReduceOp.MAX)
     return [n for n, h in zip(names, hot.tolist(), strict=True) if h]
 
 

@@ -16,6 +16,7 @@ import torch
 from ..models.kv_cache import KVCache
 from ..models.sampler import Sampler
 from ..schemas.buffer import Entry
+from .shard import Lockstep
 
 CONTEXT_MODES = ("recompute", "stored")
 
@@ -35,12 +36,17 @@ class PivotReplay:
         self.batch = batch
         self.memory_budget = memory_budget
         self.last_batch: int | None = None  # rows per forward of the last predict (reports)
+        self.lockstep = False  # --shard-base: every rank runs the same model passes (see train/shard.py)
 
     @torch.no_grad()
     def prefix(self, entry: Entry, text: torch.Tensor) -> KVCache:
         """A batch-1 cache holding the clean prefix of `entry` (text [1, L, D])."""
         s = self.sampler
         cache = s.new_cache(1, entry.pivot + 1)  # a global cache only as long as the pivot needs
+        passes = entry.pivot if self.context == "recompute" else 0
+        if self.lockstep:  # forwards of the prefix (one per chunk), up to the longest of any rank: thrown away
+            for _ in range(Lockstep.most(passes)[0] - passes):
+                s.write_context(s.new_cache(1, 1), torch.zeros(1, *entry.eps_star.shape), text)
         if entry.pivot == 0:
             return cache
         if self.context == "stored":
@@ -66,7 +72,10 @@ class PivotReplay:
         sigma = torch.tensor(s.schedule.sigmas, dtype=torch.float64)[steps]
         dev = next(s.model.parameters()).device
         n = x_t.shape[0]
-        batch = self.last_batch = self.batch or s.auto_replay_batch(n, entry.pivot, self.memory_budget)
+        batch = self.batch or s.auto_replay_batch(n, entry.pivot, self.memory_budget)
+        if self.lockstep:  # one number of micro-batches on every rank
+            batch = Lockstep.rows_batch(n, batch)
+        self.last_batch = batch
         return s.predict_rows(
             x_t.to(dev, torch.float32), t.to(dev), sigma.to(dev), text, cache, entry.pivot * s.chunk_frames, batch
         )

@@ -1,0 +1,63 @@
+"""The train stage of ``streamalign plan``: one group of a training update, the real ``Trainer.update`` run on
+fake tensors at full size (:func:`~streamalign.train.memory.train_update_memory`, every layer: no depth
+extrapolation), at the given pivot or the first and the last; registered into ``streamalign.plan``."""
+
+from __future__ import annotations
+
+import math
+
+from ..plan import CUDA_RESERVE, Phase, PlanContext, PlanRun, StagePlan, register_stage, storage_bytes
+from ..plan import plan_command as _plan_command
+from .config import TrainConfig
+
+
+def train_settings(run: PlanRun) -> TrainConfig:
+    """The ``train`` settings of the plan's flags (a TrainConfig; auto autocast / checkpointing as on CUDA)."""
+    from .memory import SIMULATED  # the trainer's module: it imports this one (through train.loop)
+
+    t = run.train
+    return TrainConfig(buffer=SIMULATED, objective=t.objective, replay_batch=t.replay_batch, lora_rank=t.lora_rank,
+                       checkpointing=t.checkpointing, autocast=t.autocast, batch_groups=t.batch_groups)  # fmt: skip
+
+
+def plan_train(ctx: PlanContext) -> StagePlan:
+    """One group of a training update (``Trainer.update`` as ``train.memory.train_update_memory`` runs it:
+    the objective's replay of one fork group of G branches, backward, clip, AdamW step) at the given pivot,
+    or the first and the last, every layer run; the replay batch chosen from the GPU's memory as on CUDA.
+    Held besides: the codec and (when it stays on the GPU) the text encoder, as the stages hold them; the
+    text phase encodes a prompt the first time it is met. Per group: the text, plus the mean of the
+    planned pivots' update FLOPs (exact with ``--pivot``; the first and last otherwise). Per update:
+    ``--batch-groups`` groups, split over the GPUs."""
+    from .memory import train_update_memory
+
+    run, cfg = ctx.run, ctx.cfg
+    n, g = cfg.num_chunks, run.rollouts.group_size
+    pivots = [run.rollouts.pivot] if run.rollouts.pivot is not None else sorted({0, n - 1})
+    if any(p >= n for p in pivots):
+        raise ValueError(f"--pivot {run.rollouts.pivot} is outside chunks 0..{n - 1} of {cfg.name}")
+    if g < 2:
+        raise ValueError(f"-G {g}: a training group needs at least 2 branches (advantages)")
+    settings = train_settings(run)
+    held = storage_bytes(ctx.others())
+    phases, batches, notes = [ctx.text_phase(1)], {}, {}
+    for p in pivots:
+        rep = train_update_memory(cfg, settings, pivot=p, group_size=g, device="cuda", dtype=ctx.dtype,
+                                  device_memory=run.memory - CUDA_RESERVE - held, flops=ctx.flops)  # fmt: skip
+        batches[p] = rep.notes["replay_batch"]
+        notes = rep.notes
+        phases.append(Phase(f"update p={p} (rb {batches[p]})", rep.peak + held, rep.flops or 0, batches[p]))
+    per_rank = math.ceil(run.train.batch_groups / run.device.gpus)
+    total = phases[0].flops + sum(ph.flops for ph in phases[1:]) // len(pivots)
+    work = f"{run.train.steps} updates of {run.train.batch_groups} groups" + (
+        f" on {run.device.gpus} GPUs" if run.device.gpus > 1 else "")  # fmt: skip
+    info = {k: notes[k] for k in ("objective", "autocast", "checkpointing", "lora_rank", "lora_bytes")}
+    return StagePlan("train", "group", run.train.steps * per_rank, phases, unit_flops=total, workload=work,
+                     notes={"replay_batch": batches, "pivots": pivots, **info})  # fmt: skip
+
+
+register_stage("train", plan_train)
+
+
+def plan_command(cfg: PlanRun) -> str:
+    """The `plan` command, every stage's planner loaded."""
+    return _plan_command(cfg)
