@@ -28,6 +28,7 @@ from ..plan import PlanRun
 from ..schemas.run import RunConfig
 from ..train.config import TrainConfig
 from ..train.health import ReportRun
+from ..worlds.shapes.distill import DistillConfig
 from ..worlds.shapes.pretrain import PretrainConfig
 from ..worlds.shapes.quality import CheckRun, PromptsRun
 from .flags import stage_command
@@ -36,7 +37,7 @@ app = typer.Typer(name="streamalign", no_args_is_help=True, pretty_exceptions_en
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Align streaming (chunk-autoregressive, few-step) text-to-video generators with reward models.")
 GROUPS = {"model": "Inspect, validate and convert generator checkpoints.",
-          "shapes": "The built-in shapes world: prompts, generator pre-training, sample quality.",
+          "shapes": "The built-in shapes world: prompts, generator pre-training and distillation, sample quality.",
           "buffer": "Inspect and verify replay buffers.",
           "experiment": "The AR-CoPO analyses: noise sources, objectives, training regimes, a CoPO sweep."}  # fmt: skip
 sub = {name: typer.Typer(help=text, no_args_is_help=True) for name, text in GROUPS.items()}
@@ -56,6 +57,8 @@ STAGES = (
     ("shapes", "prompts", PromptsRun, "worlds.shapes.quality:prompts_stage", None, None),
     ("shapes", "pretrain", PretrainConfig, "worlds.shapes.pretrain:pretrain_stage", "Weights, recipe, curve.",
      "runs/shapes-pretrain"),
+    ("shapes", "distill", DistillConfig, "worlds.shapes.distill:distill_stage", "Weights, recipe, curve.",
+     "runs/shapes-distill"),
     ("shapes", "check", CheckRun, "worlds.shapes.quality:check_stage", None, None),
     (None, "plan", PlanRun, "train.plan:plan_command", None, None),
     (None, "collect", CollectRun, "collect.run:collect_stage", "Buffer folder (shards + manifest/).", None),

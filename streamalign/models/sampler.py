@@ -171,10 +171,14 @@ class Sampler:
         record: bool = False,
         noise_chunk: int | None = None,
         refresh: bool = True,
+        ode: bool = False,
     ) -> ChunkTrace:
         """Denoise chunk `chunk` (frames chunk*c ...) against `cache`, then write its clean K/V.
 
         `noise_chunk` is the address used for the noise (defaults to `chunk`; differs after a hard cut).
+        `ode`: re-noise with the noise the step's input implies, ``(x - (1 - sigma_i) x0) / sigma_i``, instead
+        of solver noise (the deterministic DDIM path of the flow: the chunk is a function of its initial
+        noise; the distillation teacher of :mod:`streamalign.worlds.shapes.distill`).
         Gradients flow if the caller enables them (training replays the pivot chunk with grad).
         """
         dev = self._device()
@@ -190,7 +194,8 @@ class Sampler:
                 x0s.append(x0)
             if i + 1 < len(sched):
                 s_next = sched.sigmas[i + 1]
-                x = (1.0 - s_next) * x0 + s_next * noise.solver(nc, i + 1).to(dev, torch.float32)
+                eps = (x - (1.0 - s_i) * x0) / s_i if ode else noise.solver(nc, i + 1).to(dev, torch.float32)
+                x = (1.0 - s_next) * x0 + s_next * eps
         if refresh:
             self._write_clean(cache, start, x0.detach(), context)
         if not record:

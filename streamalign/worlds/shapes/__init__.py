@@ -1,5 +1,6 @@
 """The built-in shapes world: prompt grammar, renderer, its rewards and OOD metrics, the shipped generator's
-weights and their pre-training, sample quality. Its model configs are the presets ``shapes`` and ``shapes-long``."""
+weights, their pre-training and self-distillation, sample quality. Its model configs are the presets ``shapes``,
+``shapes-long`` and ``shapes-distilled``."""
 
 from .world import (
     BACKGROUNDS,

@@ -19,6 +19,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,9 +56,8 @@ from .world import (
 )
 
 
-class PretrainConfig(RunConfig):
-    """Pre-train the shapes generator (x0-prediction, clean causal context, sampler sigmas). The shipped
-    weights came from this command (see the recipes next to them)."""
+class TrainingRecipe(RunConfig):
+    """The optimiser, EMA and check settings a shapes training stage (pre-training, distillation) shares."""
 
     model: str = arg("shapes", "Model config (a shapes-world preset or YAML).", flag="--config", short="-c")
     seed: int = arg(0, "Seed of the initialisation and of every data/noise draw.")
@@ -72,6 +72,12 @@ class PretrainConfig(RunConfig):
     eval_every: int = Field(250, gt=0, description="Steps between sample-quality checks.")
     eval_videos: int = Field(32, gt=0, description="Videos per sample-quality check.")
     threads: int = Field(2, gt=0, description="torch CPU threads (results are reproducible per count).")
+
+
+class PretrainConfig(TrainingRecipe):
+    """Pre-train the shapes generator (x0-prediction, clean causal context, sampler sigmas). The shipped
+    weights came from this command (see the recipes next to them)."""
+
     # share of training videos whose shape stays still until a later chunk boundary, then moves: it
     # teaches the model to start moving as prompted when its own first chunk came out static
     late_onset: float = Field(0.3, ge=0, le=1, description="Share of videos whose motion starts at chunk 1 or 2.")
@@ -162,6 +168,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, command: str, progress: bool) -> d
     curve.write_text("")
     t_start, losses = time.time(), []
     bar = progress_bar(range(cfg.steps), desc="pretrain shapes", show=progress)
+    st = Step(model, ema, opt, cfg, mcfg, curve, bar, losses, t_start, eval_prompts, eval_seeds)
     for step in bar:
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, 1, step))
         idx = torch.randint(len(train_prompts), (cfg.batch_size,), generator=g)
@@ -190,23 +197,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, command: str, progress: bool) -> d
         pred = model(torch.cat([z, noisy], 1), t, table[idx], positions=positions, mask=mask)[:, nf:]
         err = (pred - z).pow(2)
         loss = (err.mean((2, 3, 4)) * keep).sum() / keep.sum() if n_sr else err.mean()  # plain mean: bitwise recipe
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        decay = min(cfg.ema, (1 + step) / (10 + step))  # EMA warm-up: early weights fade fast
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        row = {"step": step + 1, "loss": losses[-1], "grad_norm": gnorm.item(), "lr": lr}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            q = sample_quality(Pipeline.of_model(mcfg, ema), eval_prompts, eval_seeds)["model"]
-            row.update({"colour_rate": q["colour_ok"], "direction_rate": q["direction_ok"]})
-            row["elapsed_s"] = time.time() - t_start
-            bar.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
-        append_line(curve, json.dumps(row))
+        optimise(st, loss, step, lr)
     wall = time.time() - t_start
 
     save_safetensors(ema.state_dict(), out / "shapes.safetensors")
@@ -219,8 +210,8 @@ def _pretrain(cfg: PretrainConfig, out: Path, command: str, progress: bool) -> d
         "model_config": mcfg.model_dump(mode="json"),
         "torch": str(torch.__version__),
         "wall_time_s": round(wall, 1),
-        "init_sha256": _sha256(cfg.init) if cfg.init is not None else None,
-        "weights_sha256": _sha256(out / "shapes.safetensors"),
+        "init_sha256": sha256_of(cfg.init) if cfg.init is not None else None,
+        "weights_sha256": sha256_of(out / "shapes.safetensors"),
         "final_loss_mean_last_50": sum(losses[-50:]) / len(losses[-50:]),
         "held_in": held_in,
         "held_out": held_out,
@@ -230,11 +221,51 @@ def _pretrain(cfg: PretrainConfig, out: Path, command: str, progress: bool) -> d
     return report
 
 
-def _sha256(path: str | Path) -> str:
+@dataclass
+class Step:
+    """What one optimiser step of a shapes training loop (pre-training, distillation) works on."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    cfg: TrainingRecipe
+    mcfg: ModelConfig
+    curve: Path
+    bar: object
+    losses: list[float]
+    t_start: float
+    eval_prompts: list
+    eval_seeds: list[int]
+
+
+def optimise(st: Step, loss: torch.Tensor, step: int, lr: float) -> None:
+    """Backward `loss`, clip the gradient norm, step, update the EMA (with warm-up), append the curve row
+    (with the EMA model's colour / direction rates on the eval prompts every ``eval_every`` steps)."""
+    cfg = st.cfg
+    st.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip)
+    st.opt.step()
+    decay = min(cfg.ema, (1 + step) / (10 + step))  # EMA warm-up: early weights fade fast
+    with torch.no_grad():
+        for pe, pm in zip(st.ema.parameters(), st.model.parameters(), strict=True):
+            pe.lerp_(pm, 1 - decay)
+    st.losses.append(loss.item())
+    st.bar.set_postfix(loss=f"{st.losses[-1]:.4f}")
+    row = {"step": step + 1, "loss": st.losses[-1], "grad_norm": gnorm.item(), "lr": lr}
+    if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        q = sample_quality(Pipeline.of_model(st.mcfg, st.ema), st.eval_prompts, st.eval_seeds)["model"]
+        row.update({"colour_rate": q["colour_ok"], "direction_rate": q["direction_ok"]})
+        row["elapsed_s"] = time.time() - st.t_start
+        st.bar.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    append_line(st.curve, json.dumps(row))
+
+
+def sha256_of(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def plot_curve(curve_jsonl: str | Path, png: str | Path) -> None:
+def plot_curve(curve_jsonl: str | Path, png: str | Path, title: str = "shapes generator pre-training") -> None:
     """Loss (smoothed) and the sample colour/direction rates against the step."""
     rows = [json.loads(line) for line in Path(curve_jsonl).read_text().splitlines()]
     steps = [r["step"] for r in rows]
@@ -255,14 +286,14 @@ def plot_curve(curve_jsonl: str | Path, png: str | Path) -> None:
     b.set_xlabel("step")
     b.set_ylabel("rate (EMA samples, held-in)")
     b.legend()
-    fig.suptitle("shapes generator pre-training")
+    fig.suptitle(title)
     save(fig, png, dpi=110)
 
 
-def summary_line(report: dict, out: str | Path) -> str:
-    """What `shapes pretrain` prints: where the weights went and the final rates."""
+def summary_line(report: dict, out: str | Path, weights: str = "shapes.safetensors") -> str:
+    """What `shapes pretrain` (and `shapes distill`) prints: where the weights went and the final rates."""
     m, o = report["held_in"]["model"], report["held_out"]["model"]
-    return (f"wrote {out}/shapes.safetensors in {report['wall_time_s'] / 60:.1f} min: held-in colour "
+    return (f"wrote {out}/{weights} in {report['wall_time_s'] / 60:.1f} min: held-in colour "
             f"{m['colour_ok']:.0%} direction {m['direction_ok']:.0%}; held-out colour {o['colour_ok']:.0%} "
             f"direction {o['direction_ok']:.0%}")
 
