@@ -79,9 +79,11 @@ OUT_COMMANDS = {
     "demo": ["demo", "--quick"],
     "generate": ["generate", PROMPT],
     "shapes pretrain": ["shapes", "pretrain"],
+    "shapes distill": ["shapes", "distill"],
     "experiment noise-sources": ["experiment", "noise-sources"],
     "experiment objectives": ["experiment", "objectives"],
     "experiment regimes": ["experiment", "regimes"],
+    "experiment sweep": ["experiment", "sweep"],
 }
 
 
