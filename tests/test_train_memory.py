@@ -65,11 +65,19 @@ def _gradients(model, cfg, objective, entry, text, batch, checkpointing):
     return torch.cat([p.grad.flatten() for p in params]), out.loss.detach(), replay.last_batch
 
 
+# Relative gradient error allowed between row batchings (their matmuls round differently in fp32). CoPO's
+# per-step temperature (the default) is up to ~5e4x smaller at the last steps than at step 0, where the
+# branches nearly coincide, so d / tau magnifies the predictions' rounding: measured up to 1.5e-5 on the
+# shapes model, against 1.6e-7 with the pooled temperature (kept at 1e-6 below: the batching itself is exact
+# to rounding). Recomputation (checkpointing) stays bit-exact in every case.
+TOLERANCE = {"copo-no-clip": 1e-4}
+
 CASES = {
     # CoPO's first update (policy == rollout, ratios inside the clip), NFT and SDE-GRPO off the rollout policy
     # (objective, fork, perturbed policy, rows: 4 anchors x 4 steps | G branches | 4 anchors x 3 transitions)
     "copo": (lambda: CoPO(), "initial", False, 16),
     "copo-no-clip": (lambda: CoPO(clip=False), "initial", True, 16),
+    "copo-no-clip-pooled": (lambda: CoPO(clip=False, tau_mode="pooled"), "initial", True, 16),
     "nft": (lambda: NFT(kl_w=1.0), "initial", True, 6),
     "sde-grpo": (lambda: SDEGRPO(), "solver", True, 12),
 }
@@ -96,8 +104,9 @@ def test_micro_batches_and_checkpointing_give_the_plain_gradient(name, config, p
     for batch, checkpointing in [(5, False), (2, True)]:
         grad, loss_b, used = _gradients(model, cfg, objective, entry, text, batch, checkpointing)
         assert used == batch
-        assert float((grad - plain).norm() / plain.norm()) < 1e-6, (batch, checkpointing)
-        assert float((loss_b - loss).abs()) <= 1e-6 * max(1.0, float(loss.abs()))
+        tol = TOLERANCE.get(name, 1e-6)
+        assert float((grad - plain).norm() / plain.norm()) < tol, (batch, checkpointing)
+        assert float((loss_b - loss).abs()) <= tol * max(1.0, float(loss.abs()))
 
 
 def test_micro_batched_rows_equal_one_batch_and_hold_one_micro_batch(tiny, text):
