@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -196,16 +197,7 @@ def check_memory(check: Check) -> dict:
                                       branch_batch=bb)  # fmt: skip
 
     if check.device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(check.device)
-        check.sync()
-        t0 = time.perf_counter()
-        group()
-        check.sync()
-        seconds = time.perf_counter() - t0
-        measured = torch.cuda.max_memory_allocated(check.device)
-        reserved = torch.cuda.max_memory_reserved(check.device)
-        how = "torch.cuda.max_memory_allocated"
+        seconds, measured, reserved, how = cuda_peak(check, group)
     else:
         tracker = LiveBytes(device="cpu")
         tracker.track([*model.parameters(), *model.buffers(), text])
@@ -217,6 +209,20 @@ def check_memory(check: Check) -> dict:
     return {"group_size": check.group_size, "pivot": check.pivot, "branch_batch": bb, "measured": measured,
             "reserved": reserved, "predicted": phase.peak, "ratio": measured / phase.peak, "measured_by": how,
             "seconds": seconds}  # fmt: skip
+
+
+def cuda_peak(check: Check, fn: Callable[[], object]) -> tuple[float, int, int, str]:
+    """Seconds of ``fn()`` on the check's CUDA device (synchronised) and its peak bytes allocated and
+    reserved, counted from a reset after emptying the allocator's cache."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(check.device)
+    check.sync()
+    t0 = time.perf_counter()
+    fn()
+    check.sync()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(check.device), torch.cuda.max_memory_reserved(check.device)
+    return seconds, *peak, "torch.cuda.max_memory_allocated"
 
 
 def check_train(check: Check) -> dict:
@@ -246,15 +252,7 @@ def check_train(check: Check) -> dict:
     entry = simulated_entry(check.cfg, check.pivot, check.group_size, trainer.objective.fork)
     trainer.update(0, [entry], 1)  # warm-up: kernels, allocator, the optimizer's state
     if check.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(check.device)
-        check.sync()
-        t0 = time.perf_counter()
-        trainer.update(1, [entry], 1)
-        check.sync()
-        seconds = time.perf_counter() - t0
-        measured = torch.cuda.max_memory_allocated(check.device)
-        reserved = torch.cuda.max_memory_reserved(check.device)
-        how = "torch.cuda.max_memory_allocated"
+        seconds, measured, reserved, how = cuda_peak(check, functools.partial(trainer.update, 1, [entry], 1))
     else:
         t0 = time.perf_counter()
         measured = update_memory(trainer, entry, text, tracker=LiveBytes(device="cpu")).peak
