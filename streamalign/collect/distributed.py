@@ -93,11 +93,7 @@ def all_reduce_grads(params: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_
 
 def rank0_agrees(ok: bool, world: int) -> bool:
     """Rank 0's `ok`, on every rank (a broadcast; no communication in a single process)."""
-    if world == 1:
-        return ok
-    flag = torch.tensor([float(ok)], device=comm_device())
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
+    return ok if world == 1 else team_agrees(ok, dist.group.WORLD)
 
 
 def team_groups(size: int) -> tuple[int, object]:
@@ -109,7 +105,8 @@ def team_groups(size: int) -> tuple[int, object]:
 
 
 def team_agrees(ok: bool, group: object) -> bool:
-    """The team's first rank's `ok`, on every rank of the team (a broadcast within `group`)."""
+    """The team's first rank's `ok`, on every rank of the team (a broadcast within `group`; the whole world
+    for :func:`rank0_agrees`)."""
     flag = torch.tensor([float(ok)], device=comm_device())
     dist.broadcast(flag, src=dist.get_global_rank(group, 0), group=group)
     return bool(flag.item())
