@@ -34,7 +34,10 @@ def test_objectives_comparison_runs_every_objective(tmp_path):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads((out / "objectives.json").read_text())
-    assert set(res["runs"]) == {"copo", "copo-offpolicy", "nft", "sde-grpo"}
+    assert set(res["runs"]) == {"copo", "copo-offpolicy", "nft", "sde-grpo", "sde-grpo-eps0.2"}
+    clips = {n: yaml.safe_load((out / n / "run.yaml").read_text())["config"]["objective"]["clip_eps"]
+             for n in ("sde-grpo", "sde-grpo-eps0.2")}  # fmt: skip
+    assert clips == {"sde-grpo": 1e-4, "sde-grpo-eps0.2": 0.2}
     assert all(run["curve"] and "composite" in run["vs_base"] for run in res["runs"].values())
     # sde-grpo collected solver forks: its rollouts share the pivot's initial noise within a group
     assert (out / "sde-grpo" / "rollouts").is_dir() and (out / "objectives.png").is_file()

@@ -158,7 +158,7 @@ class BudgetStudy(Section):
     iterations: int = Field(15, ge=1, description="On-policy iterations per run (equal budget).")
     batch_groups: int = Field(8, ge=1, description="Fresh groups per iteration.")
     group_size: int = Field(8, ge=2, description="Branches per group.", json_schema_extra={"short": "-G"})
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (all runs).")
+    lr: float = Field(3e-5, gt=0, description="AdamW learning rate (all runs; the demo's, from `experiment sweep`).")
     eval_every: int = Field(6, ge=1, description="Updates between curve points.")
     eval_seeds: int = Field(4, ge=1, description="Fresh seeds per prompt for the curves and the table.")
     seed: int = arg(0, "Seed of every run.")
@@ -167,8 +167,9 @@ class BudgetStudy(Section):
 class ObjectiveStudy(BudgetStudy):
     """Study"""
 
-    runs: tuple[str, ...] = arg(("copo", "copo-offpolicy", "nft", "sde-grpo"),
-                                "Comma-separated: copo, copo-offpolicy, nft, sde-grpo.")  # fmt: skip
+    runs: tuple[str, ...] = arg(("copo", "copo-offpolicy", "nft", "sde-grpo", "sde-grpo-eps0.2"),
+                                "Comma-separated: copo, copo-offpolicy, nft, sde-grpo, sde-grpo-eps0.2 "
+                                "(sde-grpo with --clip-eps 0.2).")  # fmt: skip
 
 
 class ObjectivesRun(RunConfig):

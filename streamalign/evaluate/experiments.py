@@ -132,6 +132,8 @@ OBJECTIVE_RUNS = (
     ObjectiveRun("copo-offpolicy", {"objective": "copo", "clip": False}),
     ObjectiveRun("nft", {"objective": "nft"}),
     ObjectiveRun("sde-grpo", {"objective": "sde-grpo"}),
+    # SDE-GRPO with CoPO's swept clip: its own eps 1e-4 clips ~all ratios, so a failure there could be the clip's
+    ObjectiveRun("sde-grpo-eps0.2", {"objective": "sde-grpo", "clip_eps": 0.2}),
 )
 
 
