@@ -33,7 +33,7 @@ def test_semi_on_policy_run_raises_the_composite(tmp_path):
     cfg = TrainConfig(mode="semi", buffer=str(tmp_path / "buf"), steps=40, batch_groups=8, lr=3e-5)
     train(cfg, tmp_path / "semi", progress=False)
     g = gain(tmp_path / "semi" / "adapter")["composite"]
-    assert g["ci_low"] > 0 and g["diff"] > 0.03, g
+    assert g["ci_low"] > 0 and g["diff"] > 0.15, g
 
 
 @pytest.mark.slow
@@ -42,4 +42,4 @@ def test_on_policy_run_raises_the_composite(tmp_path):
     cfg = TrainConfig(mode="on", prompts=PROMPTS, steps=15, batch_groups=8, group_size=8, lr=3e-5)
     train(cfg, tmp_path / "on", progress=False)
     g = gain(tmp_path / "on" / "adapter")["composite"]
-    assert g["ci_low"] > 0 and g["diff"] > 0.03, g
+    assert g["ci_low"] > 0 and g["diff"] > 0.15, g
