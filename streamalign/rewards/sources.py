@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from ..schemas.sections import plugin_parts
 from .external import import_factory
 from .models.preprocess import grayscale3
 from .registry import CompositeReward, RewardError, RewardSpec, register
@@ -50,6 +51,7 @@ class RewardSource:
     path: str | None = None
     target: str | None = None  # plug-in: 'module:factory' or 'file.py:factory'
     options: dict = field(default_factory=dict)
+    sha256: str | None = None  # file plug-in: the hash of the file to import (recorded with the run)
 
     def outputs(self) -> list[tuple[str, str | None]]:
         """(registered name, model output or None) of every reward this source provides."""
@@ -66,7 +68,7 @@ class RewardSource:
             flag = "--reward-plugin" if self.kind == "plugin" else "--reward-path"
             raise RewardError(f"{flag} {self.name}: {self.path} does not exist (give the local folder of the weights)")
         if self.kind == "plugin":
-            import_factory(self.target)
+            import_factory(self.target, self.sha256)
 
     def register(self, device: str | None) -> list[str]:
         """Register every output (lazily loaded; the source is checked by :func:`register_sources`);
@@ -94,7 +96,8 @@ _LOADED: dict[tuple, object] = {}  # one loaded scorer per (source, device) for 
 
 
 def _freeze(source: RewardSource, device: str | None) -> tuple:
-    return (source.kind, source.name, source.path, source.target, tuple(sorted(source.options.items())), device)
+    return (source.kind, source.name, source.path, source.target, tuple(sorted(source.options.items())),
+            source.sha256, device)  # fmt: skip
 
 
 def loaded(source: RewardSource, device: str | None):
@@ -104,7 +107,7 @@ def loaded(source: RewardSource, device: str | None):
     if key not in _LOADED:
         if source.kind == "plugin":
             kwargs = {k: v for k, v in source.options.items() if k not in PLUGIN_FLAGS}
-            factory = import_factory(source.target)
+            factory = import_factory(source.target, source.sha256)
             _LOADED[key] = factory(source.path, **kwargs) if source.path is not None else factory(**kwargs)
         else:
             from .models import all_outputs, load_reward_model
@@ -147,12 +150,12 @@ def sources_of(paths: Mapping[str, str], options: Mapping[str, str], plugins: Ma
     for name, spec in plugins.items():
         if name in paths:
             raise RewardError(f"--reward-plugin {name}: the name is already a --reward-path model")
-        target, _, path = spec.partition("@")
+        target, path, sha = plugin_parts(spec)
         if ":" not in target:
             raise RewardError(
                 f"--reward-plugin {name}={spec}: expected NAME=module:factory or NAME=file.py:factory[@PATH]"
             )
-        out.append(RewardSource(name, "plugin", path or None, target, opts.get(name, {})))
+        out.append(RewardSource(name, "plugin", path, target, opts.get(name, {}), sha))
     return out
 
 

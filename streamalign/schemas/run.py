@@ -36,7 +36,8 @@ def arg(default: Any = ..., help: str = "", **cli: Any) -> Any:
 class Section(BaseModel):
     """A component's settings (one help panel on the command line)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # a NaN or infinite number is never a setting (--tau nan, --scales nan,1): refused where it is given
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def section_types(annotation: Any) -> list[type[Section]]:
@@ -73,6 +74,10 @@ def leaves(cls: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tuple
 def flag_name(name: str, info: FieldInfo) -> str:
     """The command-line flag of a leaf field: its ``flag`` metadata, else ``--name-with-dashes``."""
     return (info.json_schema_extra or {}).get("flag", "--" + name.replace("_", "-"))
+
+
+class SettingError(ValueError):
+    """A validator's message that is already one whole line (what, where, how to fix): shown as it is."""
 
 
 class UnknownSettingError(ValueError):
@@ -198,6 +203,8 @@ def describe(e: ValidationError, file: str | Path | None = None, cls: type[BaseM
     cause = (err.get("ctx") or {}).get("error")
     if isinstance(cause, UnknownSettingError):
         return unknown_setting(".".join([*names, cause.key]), cause.cls, file)
+    if isinstance(cause, SettingError):
+        return str(cause)
     if err["type"] == "extra_forbidden":
         return unknown_setting(where, cls, file)
     if err["type"] == "union_tag_invalid":  # e.g. objective: {name: ...}

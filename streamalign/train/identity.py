@@ -15,9 +15,10 @@ from ..schemas.run import RUN_FILE, differences
 from .config import TrainConfig
 from .state import CHECKPOINTS, checkpoints
 
-# settings a resume may change: how long to train, and whether damaged shards are skipped (a run that met
-# none reads the same data either way; one that met one stopped there)
-RESUME_MAY_CHANGE = frozenset({"schedule.steps", "data.skip_damaged"})
+# settings a resume may change: how long to train, whether damaged shards are skipped (a run that met
+# none reads the same data either way; one that met one stopped there) and whether recorded plug-ins are
+# trusted (the plug-ins themselves are compared, with their files' hashes)
+RESUME_MAY_CHANGE = frozenset({"schedule.steps", "data.skip_damaged", "rollouts.trust_plugins"})
 ROLLOUTS = "rollouts"
 
 Resume = bool | Literal["auto"]
