@@ -86,7 +86,16 @@ def manifest_parts(buffer: str | Path) -> list[str]:
 def read_part(buffer: str | Path, rel: str, schema_only: bool = False) -> pa.Table | pa.Schema:
     """One manifest part (or only its schema, which holds the part's metadata) of the buffer at a path or URL."""
     data = pa.BufferReader(location(buffer).read(rel))
-    return pq.read_schema(data) if schema_only else pq.read_table(data)
+    try:
+        return pq.read_schema(data) if schema_only else pq.read_table(data)
+    except pa.ArrowException as e:  # garbage or a truncated file: name it (pyarrow says '<Buffer>')
+        raise ValueError(f"manifest part {part_name(buffer, rel)} is not a readable parquet file "
+                         f"({str(e).splitlines()[0].split(': ', 1)[-1]}): restore it or re-collect its shard") from None
+
+
+def part_name(buffer: str | Path, rel: str) -> str:
+    """How messages name the manifest part at `rel` of a buffer given by path or URL."""
+    return f"{str(buffer).rstrip('/')}/{rel}"
 
 
 def read_manifest(buffer_dir: str | Path) -> pa.Table:
@@ -95,4 +104,23 @@ def read_manifest(buffer_dir: str | Path) -> pa.Table:
     parts = manifest_parts(buffer_dir)
     if not parts:
         raise FileNotFoundError(f"no manifest in {buffer_dir}: not a streamalign buffer, or an empty one")
-    return pa.concat_tables([read_part(buffer_dir, p) for p in parts], promote_options="default")
+    tables = [read_part(buffer_dir, p) for p in parts]
+    for rel, table in zip(parts, tables, strict=True):
+        check_column_types(part_name(buffer_dir, rel), table.schema)
+    return pa.concat_tables(tables, promote_options="default")
+
+
+# the type of every column manifest_rows writes (reward_<name> columns and composite: float64)
+COLUMN_TYPES = {**dict.fromkeys(("entry_id", "shard", "format", "checksum", "run_id", "policy_id", "prompt",
+                                 "prompt_id", "config_name", "store_dtype", "text_hash"), pa.string()),
+                **dict.fromkeys(("seed", "num_chunks", "pivot", "group_size", "branch"), pa.int64()),
+                "strength": pa.float64(), "composite": pa.float64()}  # fmt: skip
+
+
+def check_column_types(name: str, schema: pa.Schema) -> None:
+    """One line naming the part and column whose type is not the one collect writes (an edited part)."""
+    for f in schema:
+        want = COLUMN_TYPES.get(f.name, pa.float64() if f.name.startswith("reward_") else None)
+        if want is not None and f.type != want and not pa.types.is_null(f.type):
+            raise ValueError(f"manifest part {name}: column '{f.name}' is {f.type}, collect writes {want}: the "
+                             "part is damaged; restore it or re-collect its shard")  # fmt: skip

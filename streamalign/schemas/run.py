@@ -122,13 +122,35 @@ def route(cls: type[BaseModel], data: dict) -> dict:
     return out
 
 
+def default_members(cls: type[BaseModel], data: dict) -> dict:
+    """A union section given without its ``name`` (``--clip-eps 0.3`` alone) is the field's default member:
+    the default objective's flags work without ``--objective``."""
+    out = dict(data)
+    for key, info in cls.model_fields.items():
+        members = section_types(info.annotation)
+        default = info.get_default(call_default_factory=True)
+        given = out.get(key)
+        if len(members) < 2 or not isinstance(given, dict) or "name" in given or not isinstance(default, Section):
+            continue
+        for leaf in given:  # a flag of another member only: say which --KEY NAME it needs
+            if leaf not in type(default).model_fields:
+                owners = [m for m in members if leaf in m.model_fields]
+                if owners:
+                    names = " or ".join(m.model_fields["name"].default for m in owners)
+                    flag = flag_name(leaf, owners[0].model_fields[leaf])
+                    raise SettingError(f"{flag} is a setting of --{key} {names}, not of the default "
+                                       f"{default.name}: add --{key} {names.split(' or ')[0]}")  # fmt: skip
+        out[key] = {"name": default.name, **given}
+    return out
+
+
 class RunConfig(Section):
     """A whole run's settings; built from nested data, flat keywords, or a run file plus overrides."""
 
     @model_validator(mode="before")
     @classmethod
     def _route_flat(cls, data: Any) -> Any:
-        return route(cls, data) if isinstance(data, dict) else data
+        return default_members(cls, route(cls, data)) if isinstance(data, dict) else data
 
     @classmethod
     def build(cls, file: str | Path | None = None, **overrides: Any):
