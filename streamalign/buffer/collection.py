@@ -155,8 +155,7 @@ class BufferLock:
             except BlockingIOError:
                 holder = _holder(os.pread(fd, 4096, 0))
                 os.close(fd)
-                raise BufferBusyError(f"buffer {self.folder} is being written by another collect ({holder}): wait "
-                                      "for it to finish, or collect into another --out") from None  # fmt: skip
+                raise busy_error(self.folder, holder) from None
             try:  # the holder may have released (and removed) the file between our open and flock
                 current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -173,11 +172,44 @@ class BufferLock:
         self.fd = fd
         return self
 
+    def moved(self, folder: str | Path) -> BufferLock:
+        """The lock, still held, after its folder was moved to `folder` (``collect --overwrite`` swaps in a
+        fresh folder whose lock it took first)."""
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        return self
+
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
-            self.path.unlink(missing_ok=True)  # while still held: a waiting opener retries on a fresh file
+            try:  # our own file only (after a swap the path may hold the next lock), while still held:
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:  # a waiting opener retries on a new one
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
             os.close(self.fd)
             self.fd = None
+
+
+def lock_holder(folder: str | Path) -> str | None:
+    """Who holds the buffer's lock (PID, host, since) while a live process does, else None: a check made
+    before any model loads (the lock itself is taken before the folder is touched)."""
+    try:
+        fd = os.open(Path(folder) / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return _holder(os.pread(fd, 4096, 0))
+    finally:
+        os.close(fd)
+
+
+def busy_error(folder: str | Path, holder: str) -> BufferBusyError:
+    return BufferBusyError(f"buffer {folder} is being written by another collect ({holder}): wait for it to "
+                           "finish, or collect into another --out")  # fmt: skip
 
 
 def _holder(data: bytes) -> str:

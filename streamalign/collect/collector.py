@@ -44,8 +44,8 @@ from ..buffer.collection import BufferLock, Collection, claim_collection, read_c
 from ..buffer.formats import FormatName, ShardFormat, ShardInfo, get_format, write_shard
 from ..buffer.manifest import MANIFEST_DIR, write_index, write_manifest_part
 from ..buffer.urls import local_folder, location
-from ..io.files import checksum, remove_path, tree_bytes
-from ..io.outputs import open_output
+from ..io.files import checksum, remove_path, tree_bytes, write_atomic
+from ..io.outputs import check_output, open_output
 from ..io.progress import progress_bar
 from ..models.kv_cache import compute_dtype
 from ..models.noise import derive_seed
@@ -383,12 +383,13 @@ def collect(
     cfg, fmt, reward = prepare(cfg, policy.config)
     team = BranchTeam.of(cfg.branch_ranks, world)
     out = collect_folder(out)
-    if rank == 0:  # checked, created (with its marker) or cleaned of killed runs' temporaries, once all is valid
-        open_output(out, "collect")
-    barrier()
-    with BufferLock(out) if rank == 0 else contextlib.nullcontext():
-        record = claim(out, policy, cfg, rank, world, shard_prefix)
-        summary = _collect_shards(policy, cfg, fmt, reward, out, record, rank, world, progress, team)
+    # rank 0: checked, locked, then created (with its marker), replaced (--overwrite) or cleaned of killed
+    # runs' temporaries, once all is valid
+    with locked_output(out) if rank == 0 else contextlib.nullcontext():
+        barrier()
+        with undone_unless_durable(out, shard_prefix) if rank == 0 else contextlib.nullcontext():
+            record = claim(out, policy, cfg, rank, world, shard_prefix)
+            summary = _collect_shards(policy, cfg, fmt, reward, out, record, rank, world, progress, team)
         if world > 1:
             dist.barrier()  # the lock is released only when every rank is done
         if rank == 0:  # every rank's parts are written: list them for readers that cannot list (pipe: URLs)
@@ -399,6 +400,55 @@ def collect(
                     if f.is_file() and f.suffix in (".json", ".txt"):
                         remote.put(f, f"{MANIFEST_DIR}/{f.name}")
     return summary
+
+
+@contextlib.contextmanager
+def undone_unless_durable(out: Path, prefix: str) -> Iterator[None]:
+    """A collection that fails before its first shard is finished (shard and manifest part) leaves its
+    record as it was (none, or the one it extended): a leftover record would pin the settings of the next
+    collect into `out` for a collection that holds nothing. One that fails later keeps it: a re-run resumes."""
+    record, manifest = record_path(out, prefix), out / MANIFEST_DIR
+    before = record.read_bytes() if record.is_file() else None
+    parts = set(manifest.glob("*.parquet"))
+    try:
+        yield
+    except BaseException:
+        if set(manifest.glob("*.parquet")) <= parts:
+            if before is None:
+                record.unlink(missing_ok=True)
+            else:
+                write_atomic(record, before)
+            with contextlib.suppress(OSError):  # an empty manifest folder (this run made it) goes too
+                manifest.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def locked_output(out: Path) -> Iterator[None]:
+    """Open the buffer folder `out` with its writer lock held throughout: taken before anything in the
+    folder is moved or deleted, so a live collect's buffer is never touched (refused naming its PID). With
+    ``--overwrite`` the fresh folder is locked too before it is swapped in, and the lock held from then on."""
+    check_output(out, "collect")
+    held: list[BufferLock] = []
+    old = BufferLock(out).__enter__() if out.is_dir() else None
+    try:
+        open_output(out, "collect", lambda fresh: held.append(BufferLock(fresh).__enter__()))
+        if held:  # swapped: the old folder (its lock file with it) is gone
+            held[0].moved(out)
+        else:
+            held.append(old or BufferLock(out).__enter__())
+            old = None
+    except BaseException:
+        for lock in held:
+            lock.__exit__(None, None, None)
+        raise
+    finally:
+        if old is not None:
+            old.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        held[0].__exit__(None, None, None)
 
 
 def upload_shard(cfg: CollectConfig, path: Path, part: Path) -> None:

@@ -28,7 +28,7 @@ from ..collect.collector import CollectConfig, collect, prepare
 from ..collect.distributed import all_reduce, all_reduce_grads, rank_and_world
 from ..extras import require
 from ..io.files import require_paths, staged_folder, write_atomic
-from ..io.outputs import open_output, overwrite_permitted, permit_overwrite
+from ..io.outputs import MARKER, open_output, overwrite_permitted, permit_overwrite
 from ..io.progress import progress_bar
 from ..models.noise import derive_seed
 from ..models.placement import Placement
@@ -42,8 +42,8 @@ from ..schemas.run import RUN_FILE, run_record
 from ..scoring import bootstrap_ci, score_policy
 from .config import TrainConfig
 from .health import CURVE_KEYS, health, plot_rows
-from .identity import Resume, check_run_folder
-from .metrics import MetricsLog, read_metrics
+from .identity import Resume, UnfinishedRun, check_run_folder
+from .metrics import METRICS, MetricsLog, read_metrics
 from .objectives import GroupInput
 from .objectives.base import composite_rewards
 from .plan import plan_train  # noqa: F401  (registers the train stage that check_stage plans)
@@ -306,7 +306,7 @@ def train(
     out = Path(out)
     cfg = cfg.resolve()
     optim, sched, log_cfg, ro = cfg.optim, cfg.schedule, cfg.logging, cfg.rollouts
-    with rank_and_world() as (rank, world):
+    with rank_and_world() as (rank, world), UnfinishedRun(out) as unfinished:
         if cfg.hardware.threads:
             torch.set_num_threads(cfg.hardware.threads)
         if optim.batch_groups % world:
@@ -328,6 +328,8 @@ def train(
         if rank == 0:  # an earlier run is replaced only now that the inputs are known good
             with permit_overwrite(out) if overwrite else contextlib.nullcontext():
                 open_output(out, "train")
+            # what an earlier run left (its rollouts, reused: a run is deterministic) is kept if this one fails
+            unfinished.arm({e.name for e in out.iterdir()} - {MARKER, RUN_FILE, METRICS})
             write_atomic(out / RUN_FILE, run_record(cfg, "train"))
         if world > 1:
             dist.barrier()  # nobody writes into `out` before it is ready
@@ -421,7 +423,7 @@ def train(
             with staged_folder(out / "adapter") as tmp:  # never a half-written final adapter
                 save_lora(trainer.peft, tmp)
             logger.close()
-            rows = read_metrics(out / "metrics.jsonl")
+            rows = read_metrics(out / METRICS)
             plot_rows(rows, out / "curves.png", CURVE_KEYS)
             summary = {"steps": state.step, "final": last, "health": health(rows, cfg.model_dump(mode="json")),
                        **({} if damaged is None else {"damaged_shards": damaged})}  # fmt: skip
