@@ -137,7 +137,7 @@ def stage_command(app: typer.Typer, name: str, config: type[RunConfig], group: s
         @clear_errors
         def command(**kwargs: Any) -> Any:
             run_file = kwargs.pop("run_config")
-            overwrite = kwargs.pop("overwrite", False)
+            overwrite = kwargs.pop("overwrite", False) if writes else False  # else a setting (stats --overwrite)
             given = {k: convert[k](kwargs.pop(k)) for k in list(convert) if kwargs.get(k) is not None}
             for k in list(convert):
                 kwargs.pop(k, None)

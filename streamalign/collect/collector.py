@@ -45,7 +45,7 @@ from ..buffer.formats import FormatName, ShardFormat, ShardInfo, get_format, wri
 from ..buffer.manifest import MANIFEST_DIR, write_index, write_manifest_part
 from ..buffer.urls import local_folder, location
 from ..io.files import checksum, remove_path, tree_bytes, write_atomic
-from ..io.outputs import check_output, open_output
+from ..io.outputs import check_output, is_empty, open_output
 from ..io.progress import progress_bar
 from ..models.kv_cache import compute_dtype
 from ..models.noise import derive_seed
@@ -430,7 +430,7 @@ def locked_output(out: Path) -> Iterator[None]:
     ``--overwrite`` the fresh folder is locked too before it is swapped in, and the lock held from then on."""
     check_output(out, "collect")
     held: list[BufferLock] = []
-    old = BufferLock(out).__enter__() if out.is_dir() else None
+    old = BufferLock(out).__enter__() if out.is_dir() and not is_empty(out) else None  # (empty: nothing to touch)
     try:
         open_output(out, "collect", lambda fresh: held.append(BufferLock(fresh).__enter__()))
         if held:  # swapped: the old folder (its lock file with it) is gone
