@@ -98,4 +98,3 @@ class UnfinishedRun:
                 remove_path(entry)
         if not self.kept and is_empty(self.out):
             (self.out / MARKER).unlink(missing_ok=True)
-
