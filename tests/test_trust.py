@@ -202,8 +202,12 @@ def added(*names: str) -> Callable[[Path, dict, dict], None]:
     return check
 
 
-def trained_with_plugin(root: Path, before: dict, now: dict) -> None:
-    assert (root / "PWNED").is_file() and (root / "T" / "adapter" / "adapter_model.safetensors").is_file()
+def scored_with_plugin(root: Path, before: dict, now: dict) -> None:
+    """The trusted plug-in ran (it wrote PWNED) and scored the new buffer; its record pins the file's hash."""
+    assert (root / "PWNED").is_file() and (root / "C" / "shard-000000.tar").is_file()
+    sha = hashlib.sha256((root / "evil.py").read_bytes()).hexdigest()
+    record = yaml.safe_load((root / "C" / "run.yaml").read_text())["config"]["collect"]
+    assert record["reward_plugins"] == {"evil": f"{root / 'evil.py'}:make#sha256={sha}"}, record
 
 
 def started_afresh(root: Path, before: dict, now: dict) -> None:
@@ -228,8 +232,8 @@ def kept_for_resume(root: Path, before: dict, now: dict) -> None:
 def train_kept_for_resume(root: Path, before: dict, now: dict) -> None:
     """A training run that failed after its first checkpoint: what --resume uses, nothing unfinished."""
     t = root / "T"
-    assert [p.name for p in (t / "checkpoints").iterdir()] == ["step-0000002"]  # iteration 1: K=2 updates
-    assert [json.loads(x)["step"] for x in (t / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [p.name for p in (t / "checkpoints").iterdir()] == ["step-0000001"]  # iteration 1 (one update)
+    assert [json.loads(x)["step"] for x in (t / "metrics.jsonl").read_text().splitlines()] == [1]
     assert (t / "run.yaml").is_file() and not (t / "adapter").exists() and not (t / "summary.json").exists()
     assert sorted(p.name for p in (t / "rollouts" / "manifest").glob("*collection.json")) == [
         "it00000-collection.json"]  # the failed iteration left no record  # fmt: skip
@@ -278,8 +282,9 @@ CASES: dict[str, Case] = {
         expect=("--reward-plugin evil: ", "evil.py has changed since it was recorded", "name it again"),
         before_model=True),
     "--trust-plugins imports the recorded plug-in": Case(
-        recorded, lambda r, s, b: [*SEMI_EVAL, "--buffer", str(b), "--trust-plugins", "--out", str(r / "T")],
-        code=0, after=trained_with_plugin),
+        recorded, lambda r, s, b: ["collect", "--rewards-from", str(b), "--trust-plugins", "--groups", "1", "-G", "2",
+                                   "--threads", "1", "--out", str(r / "C")],
+        code=0, after=scored_with_plugin),
     # 3. no file replaced unasked, no lock bypassed
     "stats --output replaces a user's file": Case(
         lambda r, s: (buffer_copy(r, s), (r / "mine.txt").write_text("keep")),
@@ -340,7 +345,8 @@ CASES: dict[str, Case] = {
                                   "--reward-plugin", f"fail={s['failing']}:make", "--out", str(r / "T")],
         expect=("plug-in refuses call 1",)),
     "train failing after its first checkpoint": Case(
-        nothing, lambda r, s, x: [*ON, "--steps", "2", "--save-every", "1", "--prompts", str(s["prompts"]),
+        nothing, lambda r, s, x: [*ON, "--steps", "2", "--updates-per-iter", "1", "--save-every", "1",
+                                  "--prompts", str(s["prompts"]),
                                   "--rewards", "fail=1", "--metrics", "", "--reward-plugin",
                                   f"fail={s['failing']}:make", "--reward-option", "fail.fail_at=2",
                                   "--out", str(r / "T")],
@@ -422,7 +428,7 @@ def test_case(name, tmp_path, shared, monkeypatch, request):
             assert e.format(B=tmp_path / "B", root=tmp_path) in lines[0], lines[0]
     (case.after or (lambda root, b, n: None if n == b else pytest.fail(f"files changed: {sorted(set(n) ^ set(b))}")))(
         tmp_path, before, now)
-    assert not (tmp_path / "PWNED").exists() or case.after is trained_with_plugin
+    assert not (tmp_path / "PWNED").exists() or case.after is scored_with_plugin
 
 
 def test_a_plugin_named_again_is_imported(tmp_path, shared):
