@@ -135,7 +135,7 @@ def main() -> None:
                               "streaming, 2 workers"], ["{}", "{:.1f}", "{:.0f}", "{:.0f}", "{:.0f}", "{:.0f}"],
                              format_rows),
             "entry_bytes": table(["model", "MB per entry with context latents", "MB more with `--store-kv`",
-                                  "`--store-kv` / context"], ["{}", "{:.3g}", "{:.3g}", "{:.2f}x"], entry_rows),
+                                  "`--store-kv` / context"], ["{}", "{:.4g}", "{:.4g}", "{:.2f}x"], entry_rows),
         }, data={"collect_groups_per_s": args.groups / dt, "groups": args.groups, "shards": args.shards})  # fmt: skip
     finally:
         shutil.rmtree(tmp)
