@@ -13,7 +13,8 @@
     python bench/bench_train.py [--batch 8] [--threads 2]
     python bench/bench_train.py --memory-only     # the memory ratios only (seconds)
 
-The tables go to ``--json-out`` (default ``results/bench_train.json``; with --memory-only the speed table is left out).
+The speed table goes to ``--json-out`` (default ``results/bench_train.json``; not with --memory-only), the memory
+tables (exact byte counts, independent of the machine's load) beside it, to ``<stem>_memory.json``.
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def main() -> None:
     add_json_out(ap, "bench_train")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tables = {} if args.memory_only else {"speed": speed(args)}
+    if not args.memory_only:
+        save(args, {"speed": speed(args)})
+    tables = {}
     act = []
     for config in ("shapes", "tiny"):
         ps, f, n = memory(config)
@@ -136,7 +139,7 @@ def main() -> None:
     tables["streaming"] = table(["video (chunks)", *(str(n) for n, _, _ in stream)], ["{}"] + ["{:.1f}"] * len(stream),
                                 [["rolling window, MiB", *(r / 2**20 for _, r, _ in stream)],
                                  ["global cache, MiB", *(g / 2**20 for _, _, g in stream)]])  # fmt: skip
-    save(args, tables)
+    save(args, tables, path=args.json_out.with_name(f"{args.json_out.stem}_memory.json"))
 
 
 def speed(args: argparse.Namespace) -> dict:

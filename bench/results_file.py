@@ -18,8 +18,9 @@ def add_json_out(ap: argparse.ArgumentParser, name: str) -> None:
                     "python bench/render_results.py).")  # fmt: skip
 
 
-def save(args: argparse.Namespace, tables: dict[str, dict], data: object = None) -> None:
-    """Write `tables` (``streamalign.io.results.table``) with the command and the machine to ``--json-out``."""
+def save(args: argparse.Namespace, tables: dict[str, dict], data: object = None, path: Path | None = None) -> None:
+    """Write `tables` (``streamalign.io.results.table``) with the command and the machine to `path`
+    (default ``--json-out``)."""
     import torch  # here, not above: bench_memory's workers import this module against older code
 
     from streamalign.io.results import write_results
@@ -30,4 +31,4 @@ def save(args: argparse.Namespace, tables: dict[str, dict], data: object = None)
     meta = {**provenance(" ".join(["python", shown.as_posix(), *sys.argv[1:]])), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "machine": platform.machine()}  # fmt: skip
-    print(f"wrote {write_results(args.json_out, meta, tables, data)}")
+    print(f"wrote {write_results(path or args.json_out, meta, tables, data)}")
