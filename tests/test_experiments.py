@@ -62,10 +62,18 @@ def test_objectives_comparison_runs_every_objective(tmp_path):
 def test_regimes_run_at_equal_budget(tmp_path):
     out = tmp_path / "reg"
     args = ["experiment", "regimes", "--out", str(out), "--iterations", "1", "--n-prompts", "2", "--eval-seeds",
-            "1", "--batch-groups", "2", "-G", "3", "--eval-every", "1", "--updates-per-iter", "2"]  # fmt: skip
+            "1", "--batch-groups", "2", "-G", "3", "--eval-every", "1", "--updates-per-iter", "2",
+            "--json-out", str(tmp_path / "regimes.json")]  # fmt: skip
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads((out / "regimes.json").read_text())
+    runs = json.loads((tmp_path / "regimes.json").read_text())["tables"]["runs"]
+    assert [row[0] for row in runs["rows"]] == list(res["runs"]) and runs["columns"][3:] == list(
+        res["runs"]["on-policy"]["vs_base"]
+    )
+    first = runs["columns"][3]  # each cell: the paired difference and its interval, as in regimes.json
+    want = [[r["vs_base"][first][k] for k in ("diff", "ci_low", "ci_high")] for r in res["runs"].values()]
+    assert [row[3] for row in runs["rows"]] == want
     assert set(res["runs"]) == {"on-policy", "semi-on-policy", "off-policy"}
     assert res["budget"] == {"rollout_groups": 2, "updates": 2, "groups_per_update": 2}
     assert all(run["updates"] == 2 and "composite" in run["vs_base"] for run in res["runs"].values())
