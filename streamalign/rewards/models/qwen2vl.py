@@ -193,7 +193,11 @@ def build(
         )
         peft.inject_adapter_in_model(cfg, net.model)
     sd = {k: v for k, v in sd.items() if not k.endswith("inv_freq")}
-    result = net.load_state_dict(sd, strict=False, assign=True)
+    try:
+        result = net.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches: the first one, on one line
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise RewardModelError(f"{who}: {source} does not match the Qwen2-VL config: {first}") from None
     missing = [k for k in result.missing_keys if not k.endswith("inv_freq")]
     if missing or result.unexpected_keys:
         raise RewardModelError(
