@@ -17,7 +17,7 @@ from streamalign.rewards.models import load_reward_model, preprocess, register_m
 from streamalign.rewards.models.base import pick_device
 from streamalign.rewards.sources import _LOADED, reward_of
 from streamalign.schemas.sections import RewardSection
-from tests.test_reward_models import one_thread, old_layout, save_videoalign, tiny_qwen, tiny_qwen_tokenizer, videos
+from tests.test_reward_models import old_layout, one_thread, save_videoalign, tiny_qwen, tiny_qwen_tokenizer, videos
 
 __all__ = ["one_thread"]  # the module's autouse fixture applies here too
 
@@ -163,7 +163,7 @@ def test_hpsv3_reads_its_yaml_head_and_base(tmp_path):
     head.add_module("output_layer", torch.nn.Linear(8, 2, bias=False))
     cfg = save_hpsv3(tmp_path, head, {"rm_head_type": "ranknet", "output_dim": 2, "use_special_tokens": True,
                                       "rm_head_kwargs": {"hidden_size": 8, "num_layers": 3}})  # fmt: skip
-    with pytest.raises(RewardError, match="looked in .*Qwen/Qwen2-VL-7B-Instruct"):
+    with pytest.raises(RewardError, match=r"looked in .*Qwen/Qwen2-VL-7B-Instruct"):
         load_reward_model("hpsv3", tmp_path, device="cpu", pixels=3136)  # no yaml: the released base path
     with pytest.raises(RewardError, match="does not match the Qwen2-VL config"):  # ... and the released head
         load_reward_model("hpsv3", tmp_path, base=tmp_path / "base", device="cpu", pixels=3136)
