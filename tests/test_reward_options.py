@@ -61,7 +61,7 @@ def test_num_frames_rule_is_smart_nframes_with_nframes(total, n):
 
 
 def test_videoalign_num_frames_and_sample_fps_per_call_and_at_load(folder, model):
-    v, prompts = videos(2, 12, 48, 80, seed=21), ["a red circle", "a blue square"]
+    v, prompts = videos(1, 12, 48, 80, seed=21), ["a red circle"]
     idx = [round(i * 11 / 5) for i in range(6)]  # linspace(0, 11, 6).round(): 0 2 4 7 9 11
     assert idx == [0, 2, 4, 7, 9, 11]
     six = model(v, prompts, fps=16, num_frames=6)
@@ -99,6 +99,9 @@ def test_a_configured_num_frames_wins_over_the_rate_and_refuses_sample_fps(folde
     assert torch.equal(configured(v, prompts, fps=16)["TA_raw"], per_call["TA_raw"])
     with pytest.raises(RewardError, match="sets num_frames=6"):
         load_reward_model("videoalign", tmp_path / "m", device="cpu", sample_fps=2.0)
+    with pytest.raises(RewardError, match="per-call sample_fps would be ignored"):
+        configured(v, prompts, fps=16, sample_fps=2.0)
+    assert torch.equal(configured(v, prompts, fps=16, num_frames=6)["TA_raw"], per_call["TA_raw"])
 
 
 # ---------------------------------------------------------------------------------------------- Astrolabe
@@ -231,7 +234,7 @@ def test_collect_keeps_videos_uint8_for_8bit_rewards_with_the_same_rewards(folde
     _LOADED.clear()
     section = dict(rewards="videoalign.MQ=1,videoalign.VQ:gray=0.5", reward_paths=f"videoalign={folder}",
                    reward_device="cpu", reward_options="videoalign.min_pixels=3136")  # fmt: skip
-    cfg = CollectConfig(prompts=prompts, groups=1, group_size=3, **section).resolve(policy.config)
+    cfg = CollectConfig(prompts=prompts, groups=1, group_size=2, **section).resolve(policy.config)
     reward = reward_of(cfg)
     assert reward.reads_levels and not CompositeReward.parse("sharpness=1").reads_levels
     before = roll_out_group(policy, cfg, 0)  # float32, as every collect did before

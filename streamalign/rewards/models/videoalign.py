@@ -13,7 +13,8 @@ Local layout (nothing is downloaded)::
 
 ``preprocess="files"`` (default) follows ``VideoVLMRewardInference.reward`` on video files: frames sampled at
 ``sample_fps`` (``data_config.fps``, 2.0) from the video's `fps`, or ``num_frames`` of them (the two are
-exclusive, per call or at load; ``data_config.num_frames`` wins over the rate as in the reference),
+exclusive, per call or at load; a configured ``data_config.num_frames`` is used as the reference uses it,
+and a rate given beside it is refused where the reference would ignore it),
 ``smart_resize`` (min 128*28*28, max ``max_frame_pixels`` = 200704), bicubic antialiased resize of 8-bit
 frames (``resample="uint8"``, torchvision on decoded uint8 video). ``preprocess="astrolabe"`` follows
 Astrolabe's ``reward_from_frames`` (franklinz233/Astrolabe@35a5347, ``process_wanvideo_tensor``): 10 frames
@@ -170,6 +171,9 @@ class VideoAlignReward(RewardModel):
                 raise RewardModelError("videoalign: preprocess=astrolabe always samples 10 frames; drop sample_fps "
                                        "and num_frames")  # fmt: skip
             return P.uniform_indices(t, P.ASTROLABE_FRAMES)
+        if sample_fps is not None and self.num_frames is not None:  # the reference would silently ignore the rate
+            raise RewardModelError(f"videoalign: this model samples num_frames={self.num_frames} (its config or "
+                                   "load options); a per-call sample_fps would be ignored, so it is refused")
         num_frames = self.num_frames if num_frames is None else self._count(num_frames)
         try:
             if num_frames is not None:  # the reference: a number of frames (given or configured) wins over a rate
