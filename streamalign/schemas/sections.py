@@ -45,7 +45,8 @@ class RewardSection(Section):
                                          flag="--reward-option")  # fmt: skip
     reward_plugins: dict[str, str] = arg({}, "Plug-in rewards: NAME=module:factory[@PATH] or "
                                          "NAME=file.py:factory[@PATH],...", flag="--reward-plugin")  # fmt: skip
-    reward_device: str | None = arg(None, "Device of the reward models (default: cuda if available, else cpu).")
+    reward_device: str | None = arg(None, "Device of the reward models (default: cuda if available, else cpu; "
+                                    "under torchrun cuda is each rank's GPU and cuda:N is refused).")  # fmt: skip
     rewards_from: str | None = arg(None, "Take the rewards not given here (names, weights, models, plug-ins) from "
                                    "the run.yaml of a buffer or run folder.")  # fmt: skip
 

@@ -85,10 +85,10 @@ def smart_nframes(
     return n
 
 
-def count_nframes(total: int, num_frames: int) -> int:
+def count_nframes(total: int, num_frames: float) -> int:
     """Number of frames VideoAlign samples when asked for `num_frames` (``smart_nframes`` with ``nframes``)."""
-    if total < 1 or isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"need total >= 1 frames and a positive whole num_frames, got {total} and {num_frames!r}")
+    if total < 1 or isinstance(num_frames, bool) or not isinstance(num_frames, (int, float)) or not num_frames > 0:
+        raise ValueError(f"need total >= 1 frames and a positive num_frames, got {total} and {num_frames!r}")
     n = min(round_by_factor(num_frames, FRAME_FACTOR), total)
     if not FRAME_FACTOR <= n <= total:
         raise ValueError(f"num_frames={num_frames} of a {total}-frame video gives {n}; VideoAlign needs at least "
@@ -102,7 +102,7 @@ def uniform_indices(total: int, n: int) -> list[int]:
 
 
 def sample_indices(
-    total: int, video_fps: float, sample_fps: float | None = 2.0, num_frames: int | None = None
+    total: int, video_fps: float, sample_fps: float | None = 2.0, num_frames: float | None = None
 ) -> list[int]:
     """VideoAlign's uniformly sampled frame indices: ``num_frames`` (the frame count rule) or ``sample_fps``
     (the rate rule), never both."""

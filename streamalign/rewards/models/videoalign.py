@@ -75,7 +75,7 @@ class VideoAlignReward(RewardModel):
         checkpoint_step: int | None = None,
         grayscale: bool = False,
         sample_fps: float | None = None,
-        num_frames: int | None = None,
+        num_frames: float | None = None,
         max_pixels: int | None = None,
         min_pixels: int = P.VIDEO_MIN_PIXELS,
         resample: str = "uint8",
@@ -144,9 +144,10 @@ class VideoAlignReward(RewardModel):
         self._place()
 
     @staticmethod
-    def _count(num_frames) -> int:
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-            raise RewardModelError(f"videoalign: num_frames must be a positive whole number, got {num_frames!r}")
+    def _count(num_frames) -> float:
+        """A frame count as the reference takes it (a number; rounded to a multiple of 2 when sampling)."""
+        if isinstance(num_frames, bool) or not isinstance(num_frames, (int, float)) or not num_frames > 0:
+            raise RewardModelError(f"videoalign: num_frames must be a positive number, got {num_frames!r}")
         return num_frames
 
     @classmethod
@@ -160,7 +161,7 @@ class VideoAlignReward(RewardModel):
         return Q.render_chat(self.tokenizer, items)
 
     def frames_of(self, video: torch.Tensor, fps: float, sample_fps: float | None = None,
-                  num_frames: int | None = None) -> list[int]:  # fmt: skip
+                  num_frames: float | None = None) -> list[int]:  # fmt: skip
         """Indices of the frames the reference feeds from a ``T``-frame video at `fps` (per-call `sample_fps` /
         `num_frames`, exclusive, else the loaded ones; see the module doc)."""
         t = video.shape[0]
@@ -183,7 +184,7 @@ class VideoAlignReward(RewardModel):
             raise RewardModelError(f"videoalign: {e}") from None
 
     def sample(self, video: torch.Tensor, fps: float, sample_fps: float | None = None,
-               num_frames: int | None = None) -> torch.Tensor:  # fmt: skip
+               num_frames: float | None = None) -> torch.Tensor:  # fmt: skip
         """The frames the reference feeds: [n, 3, h, w] (uint8 stays uint8), grayscale first if asked."""
         if self.grayscale:
             video = P.grayscale3(video)
@@ -197,14 +198,14 @@ class VideoAlignReward(RewardModel):
 
     @torch.no_grad()
     def __call__(self, videos: torch.Tensor, prompts, fps: float = 16.0, sample_fps: float | None = None,
-                 num_frames: int | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+                 num_frames: float | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
         """{output: float32 [B]}; `sample_fps` / `num_frames` (exclusive) as in the reference's ``reward()``."""
         if sample_fps is not None or num_frames is not None:
             self.frames_of(videos[0], fps, sample_fps, num_frames)  # a bad choice fails before any forward
         return self.score_batches(videos, prompts, fps, sample_fps=sample_fps, num_frames=num_frames)
 
     def _score(self, videos: torch.Tensor, prompts: list[str], fps: float, sample_fps: float | None = None,
-               num_frames: int | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+               num_frames: float | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
         patches = []
         for video in videos:
             frames = as_float(self.sample(video, fps, sample_fps, num_frames).to(self.device))
