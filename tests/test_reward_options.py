@@ -206,6 +206,10 @@ def test_hpsv3_without_sigma_and_unsupported_yaml(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- device
 def test_reward_device_under_a_launcher(monkeypatch, folder):
+    if not torch.cuda.is_available():
+        with pytest.raises(RewardError, match="--reward-device cuda: CUDA is not available"):
+            pick_device("cuda")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only device names are made below
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
@@ -242,6 +246,8 @@ def test_collect_keeps_videos_uint8_for_8bit_rewards_with_the_same_rewards(folde
     assert before.videos.dtype == torch.float32 and rolled.videos.dtype == torch.uint8
     assert torch.equal(rolled.videos, to_uint8(before.videos))
     assert rolled.videos.nbytes * 4 == before.videos.nbytes
+    pixel = Reward("sharpness")  # a float reward given uint8 converts it whole: the same as its floats
+    assert torch.equal(pixel(rolled.videos, ["x"] * 2), pixel(rolled.videos.float() / 255, ["x"] * 2))
     want = score_group(before, reward).rewards
     got = collect_group(policy, cfg, reward, 0).rewards  # the collector's own path: uint8 videos
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

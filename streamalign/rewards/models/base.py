@@ -79,6 +79,8 @@ def pick_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise RewardModelError(f"--reward-device {device}: not a torch device (give cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RewardModelError(f"--reward-device {device}: CUDA is not available on this machine (use cpu)")
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if dev.type == "cuda" and dev.index is not None and launched():
