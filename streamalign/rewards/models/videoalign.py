@@ -185,10 +185,10 @@ class VideoAlignReward(RewardModel):
 
     def sample(self, video: torch.Tensor, fps: float, sample_fps: float | None = None,
                num_frames: float | None = None) -> torch.Tensor:  # fmt: skip
-        """The frames the reference feeds: [n, 3, h, w] (uint8 stays uint8), grayscale first if asked."""
-        if self.grayscale:
-            video = P.grayscale3(video)
-        return video[self.frames_of(video, fps, sample_fps, num_frames)]
+        """The frames the reference feeds: [n, 3, h, w] (uint8 stays uint8), in gray if asked (the reference
+        grays the whole video first; per pixel, so graying the sampled frames gives the same)."""
+        frames = video[self.frames_of(video, fps, sample_fps, num_frames)]
+        return P.grayscale3(frames) if self.grayscale else frames
 
     def size_of(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the resized frames."""
