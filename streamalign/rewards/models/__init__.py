@@ -1,11 +1,12 @@
 """Real reward models from local folders: VideoAlign (VQ/MQ/TA), HPSv3, HPSv2.1, CLIP.
 
 ``load_reward_model(name, path, **options)`` returns a :class:`~.base.RewardModel`:
-``model(videos [B, F, 3, H, W] float in [0, 1], prompts, fps) -> {output: float32 [B]}`` and, for the
+``model(videos [B, F, 3, H, W] float in [0, 1] or uint8, prompts, fps) -> {output: float32 [B]}`` and, for the
 frame-based ones, ``model.frame_scores(videos, prompts) -> {output: float32 [B, F]}``; ``model.offload()``
 moves it off the accelerator between uses. ``register_model_reward(name, path, **options)`` puts every
-output into the reward registry (``videoalign_mq``, ``hpsv3``, ...) so composites use it like a built-in.
-Nothing is downloaded; see each module for its folder layout and options.
+output into the reward registry (``videoalign_mq``, ``hpsv3``, ``hpsv3_sigma``, ...) so composites use it
+like a built-in. Nothing is downloaded; see each module for its folder layout and options, and
+docs/rewards.md for all of them with their references.
 """
 
 from __future__ import annotations
