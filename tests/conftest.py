@@ -23,7 +23,7 @@ INTEGRATION = frozenset({
     "test_collect_overlap.py", "test_crash_matrix.py", "test_distributed.py", "test_dtype_device.py",
     "test_error_catalogue.py", "test_experiments.py", "test_gpu_check.py", "test_integrity.py",
     "test_merge_evaluate.py", "test_outputs.py", "test_readme.py", "test_reward_sources.py", "test_run_config.py",
-    "test_shard_base.py", "test_streaming.py", "test_train.py", "test_train_gain.py", "test_urls.py",
+    "test_shard_base.py", "test_streaming.py", "test_train.py", "test_train_gain.py", "test_trust.py", "test_urls.py",
     "test_vbench.py",
 })  # fmt: skip
 
