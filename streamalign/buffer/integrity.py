@@ -249,9 +249,13 @@ def unsealed_message(buffer: str | Path, prefix: str, plan: Collection | None, w
 
 
 def plan_problem(seal: Seal, plan: Collection | None) -> str | None:
-    """How a finished collection's record differs from its plan (None: the same shards)."""
-    if plan is None or seal.groups != plan.groups:
+    """How a collection's record contradicts its plan (None: it does not; a record of fewer groups is
+    that of a collection being extended)."""
+    if plan is None or seal.groups is None or seal.groups < plan.groups:
         return None
+    if seal.groups > plan.groups:
+        return (f"the integrity record of {_what(seal.prefix)} is of {seal.groups} groups, its plan of {plan.groups} "
+                "(edited?): restore collection.json and the record from a copy")  # fmt: skip
     planned = set(plan.shard_names())
     if set(seal.shards) != planned:
         lost = sorted(planned - set(seal.shards)) + sorted(set(seal.shards) - planned)
@@ -289,6 +293,10 @@ def checked_manifest(buffer: str | Path, prefix: str | None = None) -> CheckedMa
         plans = {k: v for k, v in plans.items() if k == prefix}
     if not parts and not seals:
         raise FileNotFoundError(f"no manifest in {buffer}: not a streamalign buffer, or an empty one")
+    for seal in seals:
+        problem = plan_problem(seal, plans.get(seal.prefix))
+        if problem is not None:
+            raise IntegrityError(f"buffer {buffer}: {problem}")
     by_prefix = {s.prefix: s for s in seals}
     for key, plan in sorted(plans.items()):
         if not finished(by_prefix.get(key), plan):
@@ -299,10 +307,6 @@ def checked_manifest(buffer: str | Path, prefix: str | None = None) -> CheckedMa
     if loose:
         key = part_prefix(loose[0])
         raise IntegrityError(unsealed_message(buffer, key, None, sum(part_prefix(p) == key for p in loose)))
-    for seal in seals:
-        problem = plan_problem(seal, plans.get(seal.prefix))
-        if problem is not None:
-            raise IntegrityError(f"buffer {buffer}: {problem}")
     tables = []
     for rel, rec in sorted(listed.items()):
         try:
@@ -312,9 +316,30 @@ def checked_manifest(buffer: str | Path, prefix: str | None = None) -> CheckedMa
         problem = part_problem(rel, data, rec)
         if problem is not None:
             raise IntegrityError(f"buffer {buffer}: {problem}")
-        tables.append(parse_part(data, f"{where.name}/{rel}"))
+        table = parse_part(data, f"{where.name}/{rel}")
+        problem = record_problem(rel, table, data, rec, next(s.shards[shard_of(rel)] for s in seals if rel in s.parts))
+        if problem is not None:
+            raise IntegrityError(f"buffer {buffer}: {problem}")
+        tables.append(table)
     table = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
     return CheckedManifest(table, {n: r for s in seals for n, r in s.shards.items()})
+
+
+def record_problem(rel: str, table: pa.Table, data: bytes, rec: PartRecord, shard: ShardRecord) -> str | None:
+    """How the record of a part whose sha256 matched disagrees with it (its rows, columns, shard, format,
+    checksum or entry count; a record edited by hand), or None."""
+    name = shard_of(rel)
+    agrees = describe_part(table, data) == rec and shard.format == format_of(name)
+    if agrees and table.num_rows == 0:
+        agrees = shard.entries == 0
+    elif agrees:
+        agrees = (set(table.column("shard").to_pylist()) == {name}
+                  and set(table.column("checksum").to_pylist()) == {shard.checksum}
+                  and len(set(table.column("entry_id").to_pylist())) == shard.entries)  # fmt: skip
+    if agrees:
+        return None
+    return (f"the integrity record of {rel} and of its shard disagree with the part (the record edited?): restore "
+            "the record from a copy")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------

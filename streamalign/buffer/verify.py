@@ -30,6 +30,7 @@ from .integrity import (
     plan_problem,
     planned_entries,
     read_seals,
+    record_problem,
     shard_of,
     unsealed_message,
     write_seal,
@@ -111,7 +112,11 @@ def _read_parts(folder: Path, report: VerifyReport, rels: list[str], seal: Seal 
             problem = part_problem(rel, data, rec) if rec is not None else None
             if problem is not None:
                 raise IntegrityError(problem)
-            digest, entries = check_part(parse_part(data, rel), rel, shard)
+            table = parse_part(data, rel)
+            problem = record_problem(rel, table, data, rec, seal.shards[shard]) if rec is not None else None
+            if problem is not None:
+                raise IntegrityError(problem)
+            digest, entries = check_part(table, rel, shard)
         except IntegrityError as e:
             report.problems.append(f"{shard}: {e}")
             continue
@@ -172,7 +177,7 @@ def verify_buffer(folder: str | Path, deep: bool = False) -> VerifyReport:
         report.problems += shard_problems(folder, name, want.digest, want.entries, want.size, deep)
     suffixes = tuple(f.suffix for f in FORMATS.values())
     for path in sorted(folder.glob("shard-*")):
-        if path.name.endswith(suffixes) and path.name not in expected:
+        if path.name.endswith(suffixes) and path.name not in expected and not (folder / part_of(path.name)).exists():
             report.problems.append(f"{path.name}: not in the manifest (collection interrupted? re-run collect)")
     for path in sorted([*folder.glob(".*.tmp-*"), *(folder / MANIFEST_DIR).glob(".*.tmp-*")]):
         report.problems.append(f"{path.name}: temporary of an interrupted run (re-run collect to clean up)")
