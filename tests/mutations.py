@@ -110,7 +110,7 @@ def delete_rows(buf: Path, rng: random.Random) -> str:
     p = rng.choice(_parts(buf))
     t = pq.read_table(p)
     gone = sorted(rng.sample(range(t.num_rows), rng.randint(1, t.num_rows)))
-    _rewrite(p, t.take([i for i in range(t.num_rows) if i not in gone]))
+    _rewrite(p, t.take(pa.array([i for i in range(t.num_rows) if i not in gone], pa.int64())))
     return f"{p.name}: rows {gone} deleted"
 
 
