@@ -5,7 +5,8 @@ is recorded in ``manifest/<prefix>collection.json`` before its first shard is wr
 decide its content (by flag), its run id, the target number of groups and its shard plan. A re-run with
 other settings is refused naming each one; the same settings with a larger ``--groups`` extend the plan
 (the new groups go into new shards after the existing ones, so a finished shard never changes) and keep
-the run id; ``buffer verify`` compares the plan with the shards written to tell an interrupted collection.
+the run id; ``buffer verify`` compares the plan with the shards written to tell an interrupted collection,
+and readers compare it with the collection's integrity record (``buffer.integrity``).
 
 ``collect.lock`` is an advisory ``flock`` held while a collect writes the buffer. The kernel releases it
 when its holder exits or is killed (kill -9 included), so the lock of a dead process is simply taken

@@ -10,6 +10,8 @@ NaN/inf rewards are rejected, counted and logged in the manifest part's metadata
 The collection's settings are recorded in the buffer before its first shard and a re-run with other
 ones is refused (``buffer.collection``); a larger ``--groups`` extends it. Rank 0 holds the buffer's
 lock while the collection runs, so a second collect into the same folder is refused naming the holder.
+When every shard is written, rank 0 writes the collection's integrity record (``buffer.integrity``); a
+re-run checks the parts it keeps against the record it finds, so an edited part is never recorded as good.
 
 ``branch_ranks`` n: teams of n consecutive ranks take shards as single ranks do; every rank of a team
 computes each group's prefix and rolls out its G/n branches, the team's first rank gathers them, scores
