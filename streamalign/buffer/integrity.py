@@ -40,7 +40,7 @@ from .urls import location
 
 SEAL = "integrity.json"
 SEAL_VERSION = 1
-SHARD_NAME = re.compile(r"shard-(?P<prefix>[A-Za-z0-9_-]*?)\d{6}(?P<suffix>\.[a-z]+)")
+SHARD_NAME = re.compile(r"shard-(?P<prefix>(?:[A-Za-z0-9_-]*[A-Za-z_-])?)\d{6,}(?P<suffix>\.[a-z]+)")
 HEX64 = re.compile(r"[0-9a-f]{64}")
 # the columns every row must hold, and their types: what the readers and `train` use
 KEY_COLUMNS = {"entry_id": pa.string(), "shard": pa.string(), "format": pa.string(), "checksum": pa.string(),
@@ -206,6 +206,10 @@ def parse_seal(data: bytes, where: str) -> Seal:
                              "copy, or delete it and re-run the collect command") from None  # fmt: skip
     for name in seal.shards:
         check_shard_name(name, where)
+    own = {SHARD_NAME.fullmatch(n)["prefix"] for n in seal.shards} <= {seal.prefix}
+    if not own or not str(where).endswith(f"/{seal.prefix}{SEAL}"):
+        raise IntegrityError(f"integrity record {where} is damaged (of collection {seal.prefix!r}, or listing another "
+                             "collection's shards): restore it from a copy")  # fmt: skip
     if {part_of(n) for n in seal.shards} != set(seal.parts):
         raise IntegrityError(f"integrity record {where} is damaged (its shards and parts differ): restore it from a "
                              "copy, or delete it and re-run the collect command")  # fmt: skip

@@ -144,6 +144,8 @@ def verify_buffer(folder: str | Path, deep: bool = False) -> VerifyReport:
             continue
         seals[seal.prefix] = seal
     parts = set(manifest_parts(folder))
+    if not plans and not seals and not parts and not report.problems:
+        raise FileNotFoundError(f"no manifest in {folder}: not a streamalign buffer, or an empty one")
     expected: dict[str, _Expected] = {}
     for prefix, seal in sorted(seals.items()):
         problem = plan_problem(seal, plans.get(prefix))
