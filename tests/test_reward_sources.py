@@ -53,6 +53,10 @@ def test_section_parses_flags_and_makes_paths_absolute(tmp_path, plugin, monkeyp
     assert s.reward_paths == {"clip": str(tmp_path / "models" / "clip")}
     assert s.reward_plugins == {"bright": f"{plugin}:make"} and s.reward_options == {"bright.offset": "0.5"}
     assert RewardSection(reward_plugins="m=my_pkg.mod:make@w").reward_plugins == {"m": f"my_pkg.mod:make@{tmp_path}/w"}
+    opts = RewardSection(reward_paths="hpsv3=m", reward_options="hpsv3.config=m/c.yaml,hpsv3.base=q,hpsv3.topk=0.5",
+                         reward_plugins="p=my_pkg.mod:make").reward_options  # fmt: skip
+    assert opts == {"hpsv3.config": str(tmp_path / "m" / "c.yaml"), "hpsv3.base": str(tmp_path / "q"),
+                    "hpsv3.topk": "0.5"}  # a model's base/config paths are recorded absolute, like its folder
     with pytest.raises(ValueError, match=r"--reward-path: 'clip' is not MODEL=DIR"):
         RewardSection(reward_paths="clip")
 

@@ -45,7 +45,8 @@ class RewardSection(Section):
                                          flag="--reward-option")  # fmt: skip
     reward_plugins: dict[str, str] = arg({}, "Plug-in rewards: NAME=module:factory[@PATH] or "
                                          "NAME=file.py:factory[@PATH],...", flag="--reward-plugin")  # fmt: skip
-    reward_device: str | None = arg(None, "Device of the reward models (default: cuda if available, else cpu).")
+    reward_device: str | None = arg(None, "Device of the reward models (default: cuda if available, else cpu; "
+                                    "under torchrun cuda is each rank's GPU and cuda:N is refused).")  # fmt: skip
     rewards_from: str | None = arg(None, "Take the rewards not given here (names, weights, models, plug-ins) from "
                                    "the run.yaml of a buffer or run folder.")  # fmt: skip
 
@@ -67,6 +68,9 @@ class RewardSection(Section):
                 data["reward_paths"] = {k: os.path.abspath(v) for k, v in data["reward_paths"].items()}
             if isinstance(data.get("reward_plugins"), dict):
                 data["reward_plugins"] = {k: absolute_plugin(v) for k, v in data["reward_plugins"].items()}
+            if isinstance(data.get("reward_options"), dict) and isinstance(data.get("reward_paths"), dict):
+                data["reward_options"] = {k: absolute_option(k, v, data["reward_paths"])
+                                          for k, v in data["reward_options"].items()}  # fmt: skip
         return data
 
 
@@ -82,6 +86,17 @@ def recorded_rewards(path: str | Path) -> dict[str, Any]:
         if isinstance(section, dict) and section.get("rewards"):
             return {k: section[k] for k in REWARD_FIELDS if k in section}
     raise ValueError(f"--rewards-from {path}: {file} records no rewards (give a buffer or a run folder)")
+
+
+MODEL_PATH_OPTIONS = ("base", "config")  # reward-model options that name local paths (videoalign, hpsv3)
+
+
+def absolute_option(key: str, value, models: dict) -> Any:
+    """A model's ``NAME.base`` / ``NAME.config`` made absolute (like its --reward-path), others as given."""
+    name, _, opt = key.partition(".")
+    if name in models and opt in MODEL_PATH_OPTIONS and isinstance(value, str) and value:
+        return os.path.abspath(value)
+    return value
 
 
 def absolute_plugin(spec: str) -> str:
