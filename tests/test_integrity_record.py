@@ -330,3 +330,14 @@ def test_random_damage_many_seeds_and_train_itself_refuses(tmp_path, monkeypatch
     outcome = check_mutations(pristine[fmt], tmp_path, seed=2026, count=400, train_every=20, monkeypatch=monkeypatch)
     print(f"{fmt}: 400 mutations: {outcome}")
     assert sum(outcome.values()) == 400 and outcome.get("refused", 0) >= 0.9 * 400
+
+
+def test_records_are_checked_through_urls_and_verify_needs_a_buffer(tmp_path, pristine):
+    buf = copy(pristine["webdataset"], tmp_path)
+    drop_checksum(buf)
+    for url in (f"file://{buf}", f"pipe:cat {buf}/{{}}"):  # pipe: finds the record through manifest/index.txt
+        with pytest.raises(IntegrityError, match="lacks the column"):
+            BufferReader(url)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        verify_buffer(tmp_path / "empty")
