@@ -2,7 +2,8 @@
 
 A part ``manifest/<shard name>.parquet`` is written (atomically) right after its shard is finalized, so
 every manifest row points at a complete shard whose checksum it records. ``read_manifest`` is the union
-of the parts; it is what ``stats`` queries and what the reader filters and re-weights with.
+of the parts, checked against the integrity record of their collection; it is what ``stats`` queries and
+what the reader filters and re-weights with.
 """
 
 from __future__ import annotations
@@ -98,29 +99,11 @@ def part_name(buffer: str | Path, rel: str) -> str:
     return f"{str(buffer).rstrip('/')}/{rel}"
 
 
-def read_manifest(buffer_dir: str | Path) -> pa.Table:
-    """Union of the manifest parts (reward columns missing from a part are null), sorted by shard name;
-    `buffer_dir` is the buffer's path or URL (:mod:`streamalign.buffer.urls`)."""
-    parts = manifest_parts(buffer_dir)
-    if not parts:
-        raise FileNotFoundError(f"no manifest in {buffer_dir}: not a streamalign buffer, or an empty one")
-    tables = [read_part(buffer_dir, p) for p in parts]
-    for rel, table in zip(parts, tables, strict=True):
-        check_column_types(part_name(buffer_dir, rel), table.schema)
-    return pa.concat_tables(tables, promote_options="default")
+def read_manifest(buffer_dir: str | Path, prefix: str | None = None) -> pa.Table:
+    """Union of the manifest parts (of the collection of shard-name `prefix`, or of all; reward columns
+    missing from a collection are null), each part checked against the buffer's integrity record first
+    (:mod:`streamalign.buffer.integrity`); `buffer_dir` is the buffer's path or URL
+    (:mod:`streamalign.buffer.urls`)."""
+    from .integrity import checked_manifest  # it builds on this module's parts
 
-
-# the type of every column manifest_rows writes (reward_<name> columns and composite: float64)
-COLUMN_TYPES = {**dict.fromkeys(("entry_id", "shard", "format", "checksum", "run_id", "policy_id", "prompt",
-                                 "prompt_id", "config_name", "store_dtype", "text_hash"), pa.string()),
-                **dict.fromkeys(("seed", "num_chunks", "pivot", "group_size", "branch"), pa.int64()),
-                "strength": pa.float64(), "composite": pa.float64()}  # fmt: skip
-
-
-def check_column_types(name: str, schema: pa.Schema) -> None:
-    """One line naming the part and column whose type is not the one collect writes (an edited part)."""
-    for f in schema:
-        want = COLUMN_TYPES.get(f.name, pa.float64() if f.name.startswith("reward_") else None)
-        if want is not None and f.type != want and not pa.types.is_null(f.type):
-            raise ValueError(f"manifest part {name}: column '{f.name}' is {f.type}, collect writes {want}: the "
-                             "part is damaged; restore it or re-collect its shard")  # fmt: skip
+    return checked_manifest(buffer_dir, prefix).table
