@@ -255,7 +255,6 @@ def extended_buffer(root: Path, shared: dict) -> None:
 
 
 NAMES_PLUGIN = ("names the reward plug-in 'evil'", "never imported unless you name it", "--trust-plugins")
-PART1 = "manifest/shard-000001.tar.parquet"
 
 # fmt: off
 CASES: dict[str, Case] = {
@@ -360,20 +359,24 @@ CASES: dict[str, Case] = {
         lambda r, s: (r / "bad.yaml").write_text("name: x\narch: {dim: 1\n"),
         lambda r, s, x: ["model", "info", "-c", str(r / "bad.yaml")],
         expect=("bad.yaml:3 is not valid YAML",), before_model=True),
+    # (the buffer's integrity record, docs/buffer-integrity.md, names the part first; verify lists it)
     **{f"a manifest column of the wrong type ({name})": Case(
-        retyped, cmd, expect=(f"manifest part {{B}}/{PART1}: column 'seed' is string, collect writes int64",))
-       for name, cmd in (("buffer verify", lambda r, s, b: ["buffer", "verify", "--deep", str(b)]),
-                         ("buffer info", lambda r, s, b: ["buffer", "info", str(b)]),
-                         ("stats", lambda r, s, b: ["stats", str(b), "--report", "per-prompt"]),
-                         ("train", lambda r, s, b: ["train", "--buffer", str(b), "--steps", "1", *TINY,
-                                                    "--out", str(r / "T")]))},
+        retyped, cmd, code=code,
+        expect=(f"{where}manifest/shard-000001.tar.parquet: column seed is string, recorded int64",))
+       for name, code, where, cmd in (
+           ("buffer verify", 1, "DAMAGED shard-000001.tar: ", lambda r, s, b: ["buffer", "verify", "--deep", str(b)]),
+           ("buffer info", 2, "buffer {B}: ", lambda r, s, b: ["buffer", "info", str(b)]),
+           ("stats", 2, "buffer {B}: ", lambda r, s, b: ["stats", str(b), "--report", "per-prompt"]),
+           ("train", 2, "buffer {B}: ", lambda r, s, b: ["train", "--buffer", str(b), "--steps", "1", *TINY,
+                                                        "--out", str(r / "T")]))},
     **{f"a garbage manifest part ({name})": Case(
-        garbage, cmd, expect=(f"manifest part {{B}}/{PART1} is not a readable parquet file",))
-       for name, cmd in (("buffer verify", lambda r, s, b: ["buffer", "verify", str(b)]),
-                         ("buffer info", lambda r, s, b: ["buffer", "info", str(b)]),
-                         ("stats", lambda r, s, b: ["stats", str(b), "--sql", "SELECT 1"]),
-                         ("train", lambda r, s, b: ["train", "--buffer", str(b), "--steps", "1", *TINY,
-                                                    "--out", str(r / "T")]))},
+        garbage, cmd, code=code, expect=(f"{where}manifest/shard-000001.tar.parquet: not a readable parquet file",))
+       for name, code, where, cmd in (
+           ("buffer verify", 1, "DAMAGED shard-000001.tar: ", lambda r, s, b: ["buffer", "verify", str(b)]),
+           ("buffer info", 2, "buffer {B}: ", lambda r, s, b: ["buffer", "info", str(b)]),
+           ("stats", 2, "buffer {B}: ", lambda r, s, b: ["stats", str(b), "--sql", "SELECT 1"]),
+           ("train", 2, "buffer {B}: ", lambda r, s, b: ["train", "--buffer", str(b), "--steps", "1", *TINY,
+                                                        "--out", str(r / "T")]))},
     "--clip-eps without --objective (the default objective's flag)": Case(
         nothing, lambda r, s, x: [*ON, "--clip-eps", "0.3", "--batch-groups", "0", "--out", str(r / "T")],
         expect=("--batch-groups",), before_model=True),  # past the objective: the next setting's error
@@ -426,6 +429,9 @@ def test_case(name, tmp_path, shared, monkeypatch, request):
         assert "Traceback" not in r.output and "<Buffer>" not in lines[0], lines[0]
         for e in case.expect:
             assert e.format(B=tmp_path / "B", root=tmp_path) in lines[0], lines[0]
+    if case.code == 1:  # a report of problems (buffer verify): its first line names the problem
+        first = r.stdout.splitlines()[0]
+        assert "Traceback" not in r.output and all(e.format(B=tmp_path / "B") in first for e in case.expect), first
     (case.after or (lambda root, b, n: None if n == b else pytest.fail(f"files changed: {sorted(set(n) ^ set(b))}")))(
         tmp_path, before, now)
     assert not (tmp_path / "PWNED").exists() or case.after is scored_with_plugin
