@@ -143,9 +143,12 @@ class Sampler:
     def noise_bank(self, seeds: int | Sequence[int]) -> NoiseBank:
         return NoiseBank(seeds, self.chunk_shape)
 
-    def new_cache(self, batch: int, num_chunks: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(
+        self, batch: int, num_chunks: int | None = None, dtype: torch.dtype | None = None, history: int = 0
+    ) -> KVCache:
         """A cache by the config's policy: rolling when a window is set, else global for `num_chunks`; in
-        `dtype` (default the model's compute dtype: bf16 weights, bf16 cache)."""
+        `dtype` (default the model's compute dtype: bf16 weights, bf16 cache). `history`: extra ring slots of
+        a rolling cache (older frames kept resident for KV routing; attention is unchanged)."""
         cc = self.config.cache
         frames = (num_chunks or self.config.num_chunks) * self.chunk_frames
         return KVCache.for_model(
@@ -156,6 +159,7 @@ class Sampler:
             sink=cc.sink,
             window=cc.window,
             dtype=dtype,
+            history=history,
         )
 
     def _device(self) -> torch.device:
