@@ -50,11 +50,12 @@ from ..io.progress import progress_bar
 from ..models.kv_cache import compute_dtype
 from ..models.noise import derive_seed
 from ..models.placement import DTYPES
+from ..models.routed_group import routed_group, routing_geometry
 from ..models.sampler import ForkGroup, Sampler
 from ..pipeline import Pipeline
 from ..rewards import CompositeReward
 from ..rewards.sources import reward_of
-from ..schemas.buffer import Entry, SchemaError
+from ..schemas.buffer import LOCAL_REWARD_PREFIX, Entry, SchemaError
 from ..schemas.config import ModelConfig
 from ..schemas.run import arg
 from ..schemas.sections import DtypeName, PromptSection, RewardSection
@@ -63,8 +64,17 @@ from .distributed import barrier, gather_rows, rank0_agrees, team_agrees, team_g
 
 # the arguments a collection's id hashes (fields added later hash only when they differ from their default)
 RUN_ID_FIELDS = ("prompts", "groups", "group_size", "strength", "pivot", "seed", "format", "entries_per_shard",
-                 "store_kv", "rewards", "metrics", "fork", "clip_chunks", "store_dtype")  # fmt: skip
-LATER_FIELDS = {"fork": "initial", "clip_chunks": None, "store_dtype": "auto"}  # hashed only when not these
+                 "store_kv", "rewards", "metrics", "fork", "clip_chunks", "store_dtype", "kv_history", "m_nearest",
+                 "perturb_blocks", "perturb_first")  # fmt: skip
+LATER_FIELDS = {
+    "fork": "initial",
+    "clip_chunks": None,
+    "store_dtype": "auto",
+    "kv_history": 21,
+    "m_nearest": 4,
+    "perturb_blocks": 5,
+    "perturb_first": 7,
+}  # hashed only when not these
 
 log = logging.getLogger("streamalign.collect")
 
@@ -80,8 +90,14 @@ class CollectConfig(PromptSection, RewardSection):
     format: FormatName = arg("webdataset", "Shard format.")
     entries_per_shard: int = arg(16, "Groups per shard.")
     store_kv: bool = arg(False, "Also store the prefix KV of each group.")
-    fork: Literal["initial", "solver"] = arg("initial", "initial: branches differ in the pivot's initial noise; "
-                                             "solver: in its re-noising.")  # fmt: skip
+    fork: Literal["initial", "solver", "kv-routing"] = arg(
+        "initial", "initial: branches differ in the pivot's initial noise; solver: in its re-noising; kv-routing: "
+        "in the cached frames they attend to (KVPO; row 0 the anchor, rolling cache only).")  # fmt: skip
+    # KV routing (--fork kv-routing), defaults from KVPO's configs/train_kvpo_longlive.yaml
+    kv_history: int = arg(21, "kv-routing: extra ring slots keeping older frames resident (repo slice_last_frames).")
+    m_nearest: int = arg(4, "kv-routing: newest frames every branch keeps (its own chunk included).")
+    perturb_blocks: int = arg(5, "kv-routing: consecutive routed chunks (repo perturb_num_blocks).")
+    perturb_first: int = arg(7, "kv-routing: the first routed chunk lies among chunks 0..this-1.")
     # streaming long tuning: score only the clip of this many chunks that starts at the pivot (pivots drawn
     # so the clip fits); None scores the whole video
     clip_chunks: int | None = arg(None, "Streaming: score only this many chunks from the pivot (long configs).")
@@ -127,8 +143,10 @@ class CollectConfig(PromptSection, RewardSection):
         if self.group_size % self.branch_ranks:
             raise ValueError(f"--branch-ranks {self.branch_ranks} must divide -G {self.group_size} "
                              "(each rank rolls out G/N branches of every group)")  # fmt: skip
-        if self.fork not in ("initial", "solver"):
-            raise ValueError(f"--fork must be 'initial' or 'solver', got {self.fork!r}")
+        if self.fork not in ("initial", "solver", "kv-routing"):
+            raise ValueError(f"--fork must be 'initial', 'solver' or 'kv-routing', got {self.fork!r}")
+        if self.fork == "kv-routing" and self.branch_ranks != 1:
+            raise ValueError("--fork kv-routing rolls out every row of a group on one rank: use --branch-ranks 1")
         if self.clip_chunks is not None and not 1 <= self.clip_chunks <= num_chunks:
             raise ValueError(f"--clip-chunks {self.clip_chunks} must lie in 1..{num_chunks} (the video's chunks)")
         if self.clip_chunks is not None and self.pivot != "uniform" and int(self.pivot) + self.clip_chunks > num_chunks:
@@ -234,6 +252,7 @@ class RolledGroup:
     videos: torch.Tensor
     identity: dict
     store_dtype: torch.dtype
+    local_videos: torch.Tensor | None = None  # kv-routing: the routed chunks' clip, scored as ``local.NAME``
 
 
 @torch.no_grad()
@@ -251,14 +270,24 @@ def roll_out_group(policy: Pipeline, cfg: CollectConfig, i: int, run_id: str | N
     pivot = cfg.pivot_of(i, n)
     sampler = policy.sampler
     text = policy.text.encode([prompt])
-    group = sampler.fork_group(text, sampler.noise_bank(seed), pivot, cfg.group_size, cfg.strength, fork=cfg.fork,
-                               branch_batch=cfg.branch_batch, branches=team.share(cfg.group_size))  # fmt: skip
-    group = team.gather(group)
-    if group is None:
-        return None
-    latents = group.videos()
+    local = None
+    c = sampler.chunk_frames
+    if cfg.fork == "kv-routing":  # the start chunk is drawn among those eligible (or the fixed --pivot)
+        geo = routing_geometry(sampler, cfg.kv_history, cfg.m_nearest, cfg.perturb_blocks, cfg.perturb_first)
+        start = None if cfg.pivot == "uniform" else int(cfg.pivot)
+        group = routed_group(sampler, text, sampler.noise_bank(seed), cfg.group_size, geo, start)
+        pivot = group.pivot
+        latents = group.videos()
+        local = policy.decode(latents[:, pivot * c : (pivot + cfg.perturb_blocks) * c], uint8=uint8)
+        latents = latents[:, pivot * c :] if cfg.clip_chunks is None else latents  # global: the post-fork video
+    else:
+        group = sampler.fork_group(text, sampler.noise_bank(seed), pivot, cfg.group_size, cfg.strength, fork=cfg.fork,
+                                   branch_batch=cfg.branch_batch, branches=team.share(cfg.group_size))  # fmt: skip
+        group = team.gather(group)
+        if group is None:
+            return None
+        latents = group.videos()
     if cfg.clip_chunks is not None:  # streaming: the local clip that starts at the pivot
-        c = sampler.chunk_frames
         latents = latents[:, pivot * c : (pivot + cfg.clip_chunks) * c]
     identity = dict(
         entry_id=f"{run_id}-{i:07d}",
@@ -273,16 +302,21 @@ def roll_out_group(policy: Pipeline, cfg: CollectConfig, i: int, run_id: str | N
         text_hash=policy.text.embedding_hash(prompt),
     )
     store = cfg.latent_dtype(compute_dtype(policy.model))
-    return RolledGroup(i, prompt, group, policy.decode(latents, uint8=uint8), identity, store)
+    return RolledGroup(i, prompt, group, policy.decode(latents, uint8=uint8), identity, store, local)
 
 
 @torch.no_grad()
 def score_group(rolled: RolledGroup, reward: CompositeReward) -> Entry:
     """The scored entry of a rolled-out group, its latents on the CPU in the store dtype (the G branches
     scored as one batch: each reward splits it as its model needs); raises SchemaError on bad rewards."""
-    scores = reward(rolled.videos, [rolled.prompt] * rolled.videos.shape[0])
+    prompts = [rolled.prompt] * rolled.videos.shape[0]
+    scores = reward(rolled.videos, prompts)
     scores.pop("composite")
     rewards = {k: v.float().cpu() for k, v in scores.items()}
+    if rolled.local_videos is not None:
+        local = reward(rolled.local_videos, prompts)
+        local.pop("composite")
+        rewards.update({LOCAL_REWARD_PREFIX + k: v.float().cpu() for k, v in local.items()})
     entry = Entry.from_fork_group(rolled.group, rewards=rewards, reward_weights=reward.weights, **rolled.identity)
     return entry.cast(rolled.store_dtype, "cpu").validate("collected group")
 

@@ -56,7 +56,7 @@ def routed_group(
     if group_size < 2:
         raise ValueError(f"a routed group needs the anchor and >= 1 branch (group size >= 2), got {group_size}")
     plan = plan_routing(geometry, group_size - 1, bank.seeds[0], start)
-    n, c, pivot = geometry.num_chunks, sampler.chunk_frames, plan.start
+    n, pivot = geometry.num_chunks, plan.start
     prefix_cache = sampler.new_cache(1, pivot, history=geometry.history)
     prefix = [sampler.denoise_chunk(prefix_cache, j, bank, context).x0 for j in range(pivot)]
     x_t, x0s, latents = [], [], []

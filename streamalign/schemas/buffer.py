@@ -35,6 +35,7 @@ SCHEMA_VERSION = 1
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LATENT_FIELDS = ("context", "eps_star", "branch_noise", "init_noise", "solver_noise", "x_t", "x0_old", "branch_latents")
 _HASH = re.compile(r"^[0-9a-f]{16}$")
+LOCAL_REWARD_PREFIX = "local."  # kv-routing entries: rewards of the routed chunks' clip beside the global ones
 
 
 class SchemaError(ValueError):
