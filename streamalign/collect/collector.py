@@ -58,7 +58,7 @@ from ..rewards.sources import reward_of
 from ..schemas.buffer import LOCAL_REWARD_PREFIX, Entry, SchemaError
 from ..schemas.config import ModelConfig
 from ..schemas.run import arg
-from ..schemas.sections import DtypeName, PromptSection, RewardSection
+from ..schemas.sections import DtypeName, PromptSection, RewardSection, RoutingSection
 from ..worlds import default_prompts, default_rewards
 from .distributed import barrier, gather_rows, rank0_agrees, team_agrees, team_groups
 
@@ -79,7 +79,7 @@ LATER_FIELDS = {
 log = logging.getLogger("streamalign.collect")
 
 
-class CollectConfig(PromptSection, RewardSection):
+class CollectConfig(PromptSection, RewardSection, RoutingSection):
     """Collection"""
 
     groups: int = arg(64, "Fork groups to collect.")
@@ -93,11 +93,6 @@ class CollectConfig(PromptSection, RewardSection):
     fork: Literal["initial", "solver", "kv-routing"] = arg(
         "initial", "initial: branches differ in the pivot's initial noise; solver: in its re-noising; kv-routing: "
         "in the cached frames they attend to (KVPO; row 0 the anchor, rolling cache only).")  # fmt: skip
-    # KV routing (--fork kv-routing), defaults from KVPO's configs/train_kvpo_longlive.yaml
-    kv_history: int = arg(21, "kv-routing: extra ring slots keeping older frames resident (repo slice_last_frames).")
-    m_nearest: int = arg(4, "kv-routing: newest frames every branch keeps (its own chunk included).")
-    perturb_blocks: int = arg(5, "kv-routing: consecutive routed chunks (repo perturb_num_blocks).")
-    perturb_first: int = arg(7, "kv-routing: the first routed chunk lies among chunks 0..this-1.")
     # streaming long tuning: score only the clip of this many chunks that starts at the pivot (pivots drawn
     # so the clip fits); None scores the whole video
     clip_chunks: int | None = arg(None, "Streaming: score only this many chunks from the pivot (long configs).")

@@ -96,8 +96,8 @@ def kvpo_loss(
     loss = (1 - pi_anchor) * (-surrogate.mean() + kl_coef * kl)
     with torch.no_grad():
         clipped = ((rho < 1 - low) | (rho > 1 + high)).double().mean()
-    stats = {**ratio_stats(log_ratio, high, True), "clip_frac": float(clipped), "pi_anchor": float(pi_anchor),
-             "branch_kl": float(kl), "safe": float(safe)}  # fmt: skip
+    stats = {**ratio_stats(log_ratio, high, True), "clip_frac": float(clipped), "pi_anchor": float(pi_anchor.detach()),
+             "branch_kl": float(kl.detach()), "safe": float(safe)}  # fmt: skip
     return loss.float(), stats
 
 
