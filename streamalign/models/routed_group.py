@@ -72,7 +72,7 @@ def routed_group(
         del cache, trace, rest  # this row's KV leaves the device before the next row
     x_t_all = torch.cat(x_t)
     unrouted = unrouted_predictions(sampler, prefix_cache, x_t_all, context, pivot)
-    t = len(sampler.schedule)
+    init_noise, solver_noise = bank.shared(n, len(sampler.schedule))
     return RoutedGroup(
         pivot=pivot,
         strength=0.0,  # no noise perturbation: the rows share every noise
@@ -80,10 +80,8 @@ def routed_group(
         context=torch.cat(prefix, dim=1)[0].cpu(),
         eps_star=bank.initial(pivot)[0],
         branch_noise=x_t_all[:, 0],
-        init_noise=torch.cat([bank.initial(j) for j in range(n)]),
-        solver_noise=torch.stack([torch.cat([bank.solver(j, i) for i in range(1, t)]) for j in range(n)])
-        if t > 1
-        else torch.zeros(n, 0, *sampler.chunk_shape),
+        init_noise=init_noise,
+        solver_noise=solver_noise,
         x_t=x_t_all,
         x0_old=torch.cat(x0s),
         branch_latents=torch.cat(latents),

@@ -356,7 +356,7 @@ class Sampler:
             x0s.append(trace.x0s.cpu())
             latents.append(torch.cat(rest, dim=1).cpu())
             del cache, trace, rest  # this batch's KV and outputs leave the device before the next batch
-        t = len(self.schedule)
+        init_noise, solver_noise = bank.shared(n, len(self.schedule))
         x_t_all = torch.cat(x_t)
         ctx = torch.cat(prefix, dim=1)[0] if prefix else torch.zeros(0, *self.chunk_shape[1:])
         return ForkGroup(
@@ -366,10 +366,8 @@ class Sampler:
             context=ctx.cpu(),
             eps_star=bank.initial(pivot)[0],
             branch_noise=x_t_all[:, 0],  # the pivot step-0 input is the branch noise
-            init_noise=torch.cat([bank.initial(j) for j in range(n)]),
-            solver_noise=torch.stack([torch.cat([bank.solver(j, i) for i in range(1, t)]) for j in range(n)])
-            if t > 1
-            else torch.zeros(n, 0, *self.chunk_shape),
+            init_noise=init_noise,
+            solver_noise=solver_noise,
             x_t=x_t_all,
             x0_old=torch.cat(x0s),
             branch_latents=torch.cat(latents),
