@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from streamalign.models.kv_cache import KVCache
 from streamalign.models.kv_routing import RoutingGeometry, RoutingPlan, eligible_starts, plan_routing
 from streamalign.models.noise import derive_seed
 from streamalign.models.routed_group import routed_group, routing_geometry
@@ -129,6 +130,27 @@ def test_routed_branches_differ_and_store_unrouted_predictions(routed):
     # routed rows replay exactly: the same seed gives the same bytes
     again = routed_group(sampler, text, sampler.noise_bank(5), 4, geo)
     assert torch.equal(again.branch_latents, grp.branch_latents) and again.routing == grp.routing
+
+
+def test_routed_rows_equal_rollouts_through_a_global_cache_told_every_frame():
+    """LongLive's geometry (sink 3, window 9) and the repo's defaults (m 4, 5 blocks, history 21): each row
+    equals a rollout through a global cache (every frame kept) whose routes name, chunk by chunk, the frames
+    the reference rule says it reads: the rolling ring with history keeps exactly the frames routing needs."""
+    cfg = tiny_config(frames=27, sink=3, window=9)
+    sampler = Sampler(make_model(cfg, seed=2), cfg)
+    text = torch.randn(1, 7, cfg.arch.text_dim, generator=torch.Generator().manual_seed(4))
+    geo = routing_geometry(sampler, history=21, m_nearest=4, blocks=5, first_chunks=7)
+    grp = routed_group(sampler, text, sampler.noise_bank(8), 3, geo)
+    plan = RoutingPlan.from_json(grp.routing)
+    n, c = cfg.num_chunks, sampler.chunk_frames
+    for row in range(3):
+        cache = KVCache.for_model(sampler.model, 1, cfg.tokens_per_frame, max_frames=n * c)
+        for j in range(n):
+            e = (j + 1) * c
+            routed = plan.attended(row - 1, j) if row else None
+            cache.routes[j * c] = routed or [*range(3), *range(max(3, e - 9), e)]
+        solo = sampler.rollout(text, sampler.noise_bank(8), cache=cache)[0]
+        assert (grp.videos()[row] - solo).abs().max().item() < 1e-5, row
 
 
 def _entry(grp, sampler, rewards: dict[str, list[float]], weights=None) -> Entry:
