@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from streamalign.models.kv_cache import KVCache
 from streamalign.models.kv_routing import RoutingGeometry, RoutingPlan, eligible_starts, plan_routing
@@ -266,26 +267,55 @@ def _short_long_config(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_collect_kv_routing_then_train_kvpo_semi_and_on(tmp_path):
+ROUTE = ["--kv-history", "12", "--m-nearest", "6", "--perturb-blocks", "2", "--perturb-first", "8"]
+TRAIN = ["--lr", "1e-3", "--lora-rank", "4", "--lora-alpha", "8", "--threads", "1"]
+
+
+def _cli(*args, launcher=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cfg = str(_short_long_config(tmp_path))
-    route = ["--kv-history", "12", "--m-nearest", "6", "--perturb-blocks", "2", "--perturb-first", "8"]
+    r = subprocess.run([sys.executable, *launcher, "-m", "streamalign.cli", *args], env=env, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
 
-    def cli(*args):
-        r = subprocess.run([sys.executable, "-m", "streamalign.cli", *args], env=env, capture_output=True, text=True,
-                           timeout=600)  # fmt: skip
-        assert r.returncode == 0, r.stderr[-3000:]
 
-    cli("collect", "--config", cfg, "--fork", "kv-routing", *route, "--groups", "2", "-G", "4", "--seed", "3",
-        "--out", str(tmp_path / "buf"))  # fmt: skip
-    cli("train", "--config", cfg, "--objective", "kvpo", "--buffer", str(tmp_path / "buf"), "--steps", "2",
-        "--batch-groups", "2", "--lr", "1e-3", "--lora-rank", "4", "--lora-alpha", "8",
-        "--out", str(tmp_path / "semi"))  # fmt: skip
-    rows = [json.loads(line) for line in (tmp_path / "semi" / "metrics.jsonl").read_text().splitlines()]
+@pytest.fixture(scope="module")
+def kv_buffer(tmp_path_factory):
+    """(config path, a 4-group KV-routed buffer) on shapes-long cut to 8 chunks."""
+    tmp = tmp_path_factory.mktemp("kv")
+    cfg = str(_short_long_config(tmp))
+    _cli("collect", "--config", cfg, "--fork", "kv-routing", *ROUTE, "--groups", "4", "-G", "4", "--seed", "3",
+         "--entries-per-shard", "2", "--out", str(tmp / "buf"))  # fmt: skip
+    return cfg, tmp / "buf"
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_collect_kv_routing_then_train_kvpo_semi_and_on(tmp_path, kv_buffer):
+    cfg, buf = kv_buffer
+    _cli("train", "--config", cfg, "--objective", "kvpo", "--buffer", str(buf), "--steps", "2",
+         "--batch-groups", "2", *TRAIN, "--out", str(tmp_path / "semi"))  # fmt: skip
+    rows = _rows(tmp_path / "semi")
     assert rows[0]["ratio_dev_max"] < 1e-4 and all(math.isfinite(r["loss"]) for r in rows)
-    cli("train", "--config", cfg, "--mode", "on", "--objective", "kvpo", "-G", "3", "--steps", "1",
-        "--updates-per-iter", "1", "--batch-groups", "1", "--lr", "1e-3", "--lora-rank", "4", "--lora-alpha", "8",
-        *route, "--out", str(tmp_path / "on"))  # fmt: skip
-    rows = [json.loads(line) for line in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
+    _cli("train", "--config", cfg, "--mode", "on", "--objective", "kvpo", "-G", "3", "--steps", "1",
+         "--updates-per-iter", "1", "--batch-groups", "1", *TRAIN, *ROUTE, "--out", str(tmp_path / "on"))  # fmt: skip
+    rows = _rows(tmp_path / "on")
     assert rows and rows[0]["ratio_dev_max"] < 1e-4
+
+
+@pytest.mark.slow
+def test_kvpo_two_ranks_equal_one(tmp_path, kv_buffer):
+    cfg, buf = kv_buffer
+    args = ["train", "--config", cfg, "--objective", "kvpo", "--buffer", str(buf), "--steps", "2",
+            "--batch-groups", "4", *TRAIN]  # fmt: skip
+    _cli(*args, "--out", str(tmp_path / "one"))
+    _cli(*args, "--out", str(tmp_path / "two"),
+         launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537"))  # fmt: skip
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 0.05 * 1e-3, worst  # within 5% of one Adam step, as for the other objectives (test_train)
+    ra, rb = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert ra[0]["loss"] == pytest.approx(rb[0]["loss"], rel=1e-5, abs=1e-9)
