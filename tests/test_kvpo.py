@@ -319,3 +319,15 @@ def test_kvpo_two_ranks_equal_one(tmp_path, kv_buffer):
     assert worst < 0.05 * 1e-3, worst  # within 5% of one Adam step, as for the other objectives (test_train)
     ra, rb = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     assert ra[0]["loss"] == pytest.approx(rb[0]["loss"], rel=1e-5, abs=1e-9)
+
+
+def test_routing_settings_count_only_for_kv_routed_collections():
+    from streamalign.collect.collector import CollectConfig
+    from streamalign.schemas.config import ModelConfig
+
+    model = ModelConfig.load("tiny")
+    plain, other = CollectConfig(prompts=("a",)), CollectConfig(prompts=("a",), kv_history=5, m_nearest=6)
+    assert plain.run_id == other.run_id and "--kv-history" not in plain.settings(model)  # older buffers unchanged
+    routed = CollectConfig(prompts=("a",), fork="kv-routing")
+    assert routed.settings(model)["--kv-history"] == 21 and routed.run_id != plain.run_id
+    assert CollectConfig(prompts=("a",), fork="kv-routing", kv_history=5).run_id != routed.run_id

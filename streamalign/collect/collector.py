@@ -152,12 +152,17 @@ class CollectConfig(PromptSection, RewardSection, RoutingSection):
     @property
     def run_id(self) -> str:
         """Stable id of the collection's arguments (entry ids derive from it)."""
-        args = self.model_dump(mode="json", include=set(RUN_ID_FIELDS))
+        args = self.model_dump(mode="json", include=self._content_fields())
         args["prompts"] = list(self.prompts or ())
         for key, default in LATER_FIELDS.items():  # later fields: earlier ids stay valid
-            if args[key] == default:
-                del args[key]
+            if args.get(key, default) == default:
+                args.pop(key, None)
         return "r" + hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
+
+    def _content_fields(self) -> set[str]:
+        """The fields that decide a collection's content: the routing settings only for KV-routed groups."""
+        fields = set(RUN_ID_FIELDS)
+        return fields if self.fork == "kv-routing" else fields - set(RoutingSection.model_fields)
 
     def settings(self, model: ModelConfig, policy_id: str | None = None) -> dict:
         """The settings that decide the collection's content, by flag (what a re-run must repeat; the
@@ -165,7 +170,7 @@ class CollectConfig(PromptSection, RewardSection, RoutingSection):
         they load)."""
         flags = {name: (info.json_schema_extra or {}).get("flag", "--" + name.replace("_", "-"))
                  for name, info in type(self).model_fields.items()}  # fmt: skip
-        args = self.model_dump(mode="json", include=set(RUN_ID_FIELDS) - {"groups"})
+        args = self.model_dump(mode="json", include=self._content_fields() - {"groups"})
         out = {"--config": model.name, **{flags[k]: v for k, v in sorted(args.items())}}
         # where the rewards come from (only when given: buffers written before these fields compare equal)
         out.update({flags[k]: getattr(self, k) for k in ("reward_paths", "reward_options", "reward_plugins")
