@@ -562,9 +562,9 @@ def test_readme_reward_models_snippet_runs():
     import sys
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (Path(__file__).resolve().parent.parent / "docs" / "reward-models.md").read_text()
     m = re.search(r"<!-- reward-models-snippet -->\s*```python\n(.*?)```", text, re.S)
-    assert m, "README lost its reward-models snippet"
+    assert m, "docs/reward-models.md lost its reward-models snippet"
     r = subprocess.run([sys.executable, "-c", m.group(1)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "torch.Size([2]) torch.Size([2, 6])" in r.stdout

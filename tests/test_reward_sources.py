@@ -23,6 +23,7 @@ from streamalign.rewards.registry import parse_term
 from streamalign.rewards.sources import _LOADED, reward_of
 from streamalign.schemas.sections import RewardSection
 from streamalign.train.config import TrainConfig
+from tests.conftest import free_port
 from tests.test_rewards import _tiny_clip
 
 PLUGIN = '''
@@ -158,7 +159,7 @@ def test_torchrun_collect_with_a_plugin_then_train_on_and_evaluate_rebuild_it(tm
     `evaluate` take the rewards from the buffer's run.yaml."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     buf = tmp_path / "buf"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "streamalign.cli", "collect", "--groups", "2", "-G", "2", "--entries-per-shard", "1",
            "--out", str(buf), "--rewards", "sharpness=1,bright=1",
            "--reward-plugin", f"bright={plugin}:make"]  # fmt: skip

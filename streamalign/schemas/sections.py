@@ -155,3 +155,18 @@ class Hardware(Section):
         if v != "auto" and not (v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {v!r}")
         return v
+
+
+class ResultsOut(Section):
+    """Results"""
+
+    # the experiments' measured tables as data: docs/*.md tables are rendered from results/*.json
+    json_out: str | None = arg(None, "Also write the result tables as JSON to this file (e.g. results/NAME.json, "
+                               "which docs tables are rendered from: python bench/render_results.py).")  # fmt: skip
+
+    @field_validator("json_out")
+    @classmethod
+    def _file(cls, v: str | None) -> str | None:
+        if v is not None and Path(v).is_dir():
+            raise ValueError(f"--json-out {v} is a folder: give a file name, e.g. {Path(v) / 'result.json'}")
+        return v
