@@ -106,7 +106,7 @@ def routed():
 
 def test_zero_randomness_every_branch_equals_the_anchor(routed):
     _cfg, sampler, text = routed
-    geo = routing_geometry(sampler, history=6, m_nearest=6, blocks=2, first_chunks=8)  # budget == nearest
+    geo = routing_geometry(sampler.config, history=6, m_nearest=6, blocks=2, first_chunks=8)  # budget == nearest
     grp = routed_group(sampler, text, sampler.noise_bank(5), 3, geo)
     plain = sampler.rollout(text, sampler.noise_bank(5))[0]
     for row in grp.videos():
@@ -116,7 +116,7 @@ def test_zero_randomness_every_branch_equals_the_anchor(routed):
 
 def test_routed_branches_differ_and_store_unrouted_predictions(routed):
     _cfg, sampler, text = routed
-    geo = routing_geometry(sampler, history=12, m_nearest=3, blocks=2, first_chunks=8)
+    geo = routing_geometry(sampler.config, history=12, m_nearest=3, blocks=2, first_chunks=8)
     grp = routed_group(sampler, text, sampler.noise_bank(5), 4, geo)
     plain = sampler.rollout(text, sampler.noise_bank(5))[0]
     v = grp.videos()
@@ -140,7 +140,7 @@ def test_routed_rows_equal_rollouts_through_a_global_cache_told_every_frame():
     cfg = tiny_config(frames=27, sink=3, window=9)
     sampler = Sampler(make_model(cfg, seed=2), cfg)
     text = torch.randn(1, 7, cfg.arch.text_dim, generator=torch.Generator().manual_seed(4))
-    geo = routing_geometry(sampler, history=21, m_nearest=4, blocks=5, first_chunks=7)
+    geo = routing_geometry(sampler.config, history=21, m_nearest=4, blocks=5, first_chunks=7)
     grp = routed_group(sampler, text, sampler.noise_bank(8), 3, geo)
     plan = RoutingPlan.from_json(grp.routing)
     n, c = cfg.num_chunks, sampler.chunk_frames
@@ -164,7 +164,7 @@ def _entry(grp, sampler, rewards: dict[str, list[float]], weights=None) -> Entry
 
 def test_routed_entry_round_trips_and_plain_entries_keep_their_record(routed):
     _cfg, sampler, text = routed
-    geo = routing_geometry(sampler, history=12, m_nearest=3, blocks=2, first_chunks=8)
+    geo = routing_geometry(sampler.config, history=12, m_nearest=3, blocks=2, first_chunks=8)
     grp = routed_group(sampler, text, sampler.noise_bank(5), 3, geo)
     e = _entry(grp, sampler, {"a": [0.1, 0.2, 0.3]})
     meta, tensors = e.to_record()
@@ -208,7 +208,7 @@ def test_tve_scores_and_loss_equal_a_hand_computation():
 
 def test_advantages_equal_a_hand_computation(routed):
     _cfg, sampler, text = routed
-    geo = routing_geometry(sampler, history=12, m_nearest=3, blocks=2, first_chunks=8)
+    geo = routing_geometry(sampler.config, history=12, m_nearest=3, blocks=2, first_chunks=8)
     grp = routed_group(sampler, text, sampler.noise_bank(5), 4, geo)
     r_g, r_l = [0.5, 0.2, 0.9, 0.4], [0.3, 0.1, 0.2, 0.25]  # row 0 the anchor; no branch beats it locally
     e = _entry(grp, sampler, {"a": r_g, "local.a": r_l}, {"a": 2.0})
@@ -233,7 +233,7 @@ def test_advantages_equal_a_hand_computation(routed):
 
 def test_group_loss_old_policy_is_the_rollout_policy_and_gradients_flow(routed):
     _cfg, sampler, text = routed
-    geo = routing_geometry(sampler, history=12, m_nearest=3, blocks=2, first_chunks=8)
+    geo = routing_geometry(sampler.config, history=12, m_nearest=3, blocks=2, first_chunks=8)
     grp = routed_group(sampler, text, sampler.noise_bank(5), 4, geo)
     e = _entry(grp, sampler, {"a": [0.5, 0.2, 0.9, 0.4]})
     params = [p for p in sampler.model.parameters()]
@@ -331,3 +331,19 @@ def test_routing_settings_count_only_for_kv_routed_collections():
     routed = CollectConfig(prompts=("a",), fork="kv-routing")
     assert routed.settings(model)["--kv-history"] == 21 and routed.run_id != plain.run_id
     assert CollectConfig(prompts=("a",), fork="kv-routing", kv_history=5).run_id != routed.run_id
+
+
+@pytest.mark.parametrize(
+    ("extra", "msg"),
+    [([], "needs a rolling KV cache"), (["--config", "shapes-long", "--perturb-blocks", "16"], "no chunk can start"),
+     (["--config", "shapes-long", "--pivot", "1"], "--pivot 1 cannot start")],
+)  # fmt: skip
+def test_collect_kv_routing_refuses_bad_geometry_in_one_line(tmp_path, extra, msg):
+    from typer.testing import CliRunner
+
+    from streamalign.cli import app
+
+    r = CliRunner().invoke(app, ["collect", "--out", str(tmp_path / "x"), "--groups", "1", "--fork", "kv-routing",
+                                 *extra])  # fmt: skip
+    assert r.exit_code == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "x").exists()

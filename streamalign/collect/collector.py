@@ -51,6 +51,7 @@ from ..io.files import checksum, remove_path, tree_bytes
 from ..io.outputs import open_output
 from ..io.progress import progress_bar
 from ..models.kv_cache import compute_dtype
+from ..models.kv_routing import RoutingGeometry
 from ..models.noise import derive_seed
 from ..models.placement import DTYPES
 from ..models.routed_group import routed_group, routing_geometry
@@ -151,6 +152,15 @@ class CollectConfig(PromptSection, RewardSection, RoutingSection):
             raise ValueError(
                 f"--pivot {self.pivot} + --clip-chunks {self.clip_chunks} runs past the {num_chunks} chunks"
             )
+
+    def check_routing(self, model: ModelConfig) -> tuple[RoutingGeometry | None, int | None]:
+        """KV routing: (the checked geometry, the fixed start chunk or None); raises ValueError when the
+        model's cache or the routing flags leave no chunk to start at. (None, None) for other forks."""
+        if self.fork != "kv-routing":
+            return None, None
+        start = None if self.pivot == "uniform" else int(self.pivot)
+        return routing_geometry(model, self.kv_history, self.m_nearest, self.perturb_blocks, self.perturb_first,
+                                start), start  # fmt: skip
 
     @property
     def run_id(self) -> str:
@@ -276,8 +286,7 @@ def roll_out_group(policy: Pipeline, cfg: CollectConfig, i: int, run_id: str | N
     local = None
     c = sampler.chunk_frames
     if cfg.fork == "kv-routing":  # the start chunk is drawn among those eligible (or the fixed --pivot)
-        geo = routing_geometry(sampler, cfg.kv_history, cfg.m_nearest, cfg.perturb_blocks, cfg.perturb_first)
-        start = None if cfg.pivot == "uniform" else int(cfg.pivot)
+        geo, start = cfg.check_routing(policy.config)
         group = routed_group(sampler, text, sampler.noise_bank(seed), cfg.group_size, geo, start)
         pivot = group.pivot
         latents = group.videos()
@@ -405,6 +414,7 @@ def prepare(cfg: CollectConfig, model: ModelConfig) -> tuple[CollectConfig, Shar
     its shard format, its reward)."""
     cfg = cfg.resolve(model)
     cfg.check(model.num_chunks)
+    cfg.check_routing(model)
     return cfg, get_format(cfg.format), reward_of(cfg)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..schemas.config import ModelConfig
 from .kv_routing import RoutingGeometry, RoutingPlan, plan_routing
 from .noise import NoiseBank
 from .sampler import ForkGroup, Sampler
@@ -29,14 +30,17 @@ class RoutedGroup(ForkGroup):
     x0_unrouted: torch.Tensor | None = None
 
 
-def routing_geometry(sampler: Sampler, history: int, m_nearest: int, blocks: int, first_chunks: int,
-                     num_chunks: int | None = None) -> RoutingGeometry:  # fmt: skip
-    """The routing geometry of `sampler`'s config (its rolling cache's sink and window)."""
-    cc = sampler.config.cache
+def routing_geometry(config: ModelConfig, history: int, m_nearest: int, blocks: int, first_chunks: int,
+                     start: int | None = None) -> RoutingGeometry:  # fmt: skip
+    """The routing geometry of a model config (its rolling cache's sink and window), checked: some chunk (or
+    the given `start`) can begin the perturbation; raises ValueError naming the flag to change otherwise."""
+    cc = config.cache
     if cc.window is None:
         raise ValueError("--fork kv-routing needs a rolling KV cache (cache.window set; e.g. --config shapes-long)")
-    n = num_chunks or sampler.config.num_chunks
-    return RoutingGeometry(n, sampler.chunk_frames, cc.sink, cc.window, history, m_nearest, blocks, first_chunks)
+    geo = RoutingGeometry(config.num_chunks, config.sampler.chunk_frames, cc.sink, cc.window, history, m_nearest,
+                          blocks, first_chunks)  # fmt: skip
+    plan_routing(geo, 1, 0, start)  # the same checks a group's planning makes
+    return geo
 
 
 @torch.no_grad()
