@@ -51,28 +51,39 @@ from ..io.files import checksum, remove_path, tree_bytes, write_atomic
 from ..io.outputs import check_output, is_empty, open_output
 from ..io.progress import progress_bar
 from ..models.kv_cache import compute_dtype
+from ..models.kv_routing import RoutingGeometry
 from ..models.noise import derive_seed
 from ..models.placement import DTYPES
+from ..models.routed_group import routed_group, routing_geometry
 from ..models.sampler import ForkGroup, Sampler
 from ..pipeline import Pipeline
 from ..rewards import CompositeReward
 from ..rewards.sources import reward_of
-from ..schemas.buffer import Entry, SchemaError
+from ..schemas.buffer import LOCAL_REWARD_PREFIX, Entry, SchemaError
 from ..schemas.config import ModelConfig
 from ..schemas.run import arg
-from ..schemas.sections import DtypeName, PromptSection, RewardSection
+from ..schemas.sections import DtypeName, PromptSection, RewardSection, RoutingSection
 from ..worlds import default_prompts, default_rewards
 from .distributed import barrier, gather_rows, rank0_agrees, team_agrees, team_groups
 
 # the arguments a collection's id hashes (fields added later hash only when they differ from their default)
 RUN_ID_FIELDS = ("prompts", "groups", "group_size", "strength", "pivot", "seed", "format", "entries_per_shard",
-                 "store_kv", "rewards", "metrics", "fork", "clip_chunks", "store_dtype")  # fmt: skip
-LATER_FIELDS = {"fork": "initial", "clip_chunks": None, "store_dtype": "auto"}  # hashed only when not these
+                 "store_kv", "rewards", "metrics", "fork", "clip_chunks", "store_dtype", "kv_history", "m_nearest",
+                 "perturb_blocks", "perturb_first")  # fmt: skip
+LATER_FIELDS = {
+    "fork": "initial",
+    "clip_chunks": None,
+    "store_dtype": "auto",
+    "kv_history": 21,
+    "m_nearest": 4,
+    "perturb_blocks": 5,
+    "perturb_first": 7,
+}  # hashed only when not these
 
 log = logging.getLogger("streamalign.collect")
 
 
-class CollectConfig(PromptSection, RewardSection):
+class CollectConfig(PromptSection, RewardSection, RoutingSection):
     """Collection"""
 
     groups: int = arg(64, "Fork groups to collect.")
@@ -83,8 +94,9 @@ class CollectConfig(PromptSection, RewardSection):
     format: FormatName = arg("webdataset", "Shard format.")
     entries_per_shard: int = arg(16, "Groups per shard.")
     store_kv: bool = arg(False, "Also store the prefix KV of each group.")
-    fork: Literal["initial", "solver"] = arg("initial", "initial: branches differ in the pivot's initial noise; "
-                                             "solver: in its re-noising.")  # fmt: skip
+    fork: Literal["initial", "solver", "kv-routing"] = arg(
+        "initial", "initial: branches differ in the pivot's initial noise; solver: in its re-noising; kv-routing: "
+        "in the cached frames they attend to (KVPO; row 0 the anchor, rolling cache only).")  # fmt: skip
     # streaming long tuning: score only the clip of this many chunks that starts at the pivot (pivots drawn
     # so the clip fits); None scores the whole video
     clip_chunks: int | None = arg(None, "Streaming: score only this many chunks from the pivot (long configs).")
@@ -130,8 +142,10 @@ class CollectConfig(PromptSection, RewardSection):
         if self.group_size % self.branch_ranks:
             raise ValueError(f"--branch-ranks {self.branch_ranks} must divide -G {self.group_size} "
                              "(each rank rolls out G/N branches of every group)")  # fmt: skip
-        if self.fork not in ("initial", "solver"):
-            raise ValueError(f"--fork must be 'initial' or 'solver', got {self.fork!r}")
+        if self.fork not in ("initial", "solver", "kv-routing"):
+            raise ValueError(f"--fork must be 'initial', 'solver' or 'kv-routing', got {self.fork!r}")
+        if self.fork == "kv-routing" and self.branch_ranks != 1:
+            raise ValueError("--fork kv-routing rolls out every row of a group on one rank: use --branch-ranks 1")
         if self.clip_chunks is not None and not 1 <= self.clip_chunks <= num_chunks:
             raise ValueError(f"--clip-chunks {self.clip_chunks} must lie in 1..{num_chunks} (the video's chunks)")
         if self.clip_chunks is not None and self.pivot != "uniform" and int(self.pivot) + self.clip_chunks > num_chunks:
@@ -139,15 +153,29 @@ class CollectConfig(PromptSection, RewardSection):
                 f"--pivot {self.pivot} + --clip-chunks {self.clip_chunks} runs past the {num_chunks} chunks"
             )
 
+    def check_routing(self, model: ModelConfig) -> tuple[RoutingGeometry | None, int | None]:
+        """KV routing: (the checked geometry, the fixed start chunk or None); raises ValueError when the
+        model's cache or the routing flags leave no chunk to start at. (None, None) for other forks."""
+        if self.fork != "kv-routing":
+            return None, None
+        start = None if self.pivot == "uniform" else int(self.pivot)
+        return routing_geometry(model, self.kv_history, self.m_nearest, self.perturb_blocks, self.perturb_first,
+                                start), start  # fmt: skip
+
     @property
     def run_id(self) -> str:
         """Stable id of the collection's arguments (entry ids derive from it)."""
-        args = self.model_dump(mode="json", include=set(RUN_ID_FIELDS))
+        args = self.model_dump(mode="json", include=self._content_fields())
         args["prompts"] = list(self.prompts or ())
         for key, default in LATER_FIELDS.items():  # later fields: earlier ids stay valid
-            if args[key] == default:
-                del args[key]
+            if args.get(key, default) == default:
+                args.pop(key, None)
         return "r" + hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
+
+    def _content_fields(self) -> set[str]:
+        """The fields that decide a collection's content: the routing settings only for KV-routed groups."""
+        fields = set(RUN_ID_FIELDS)
+        return fields if self.fork == "kv-routing" else fields - set(RoutingSection.model_fields)
 
     def settings(self, model: ModelConfig, policy_id: str | None = None) -> dict:
         """The settings that decide the collection's content, by flag (what a re-run must repeat; the
@@ -155,7 +183,7 @@ class CollectConfig(PromptSection, RewardSection):
         they load)."""
         flags = {name: (info.json_schema_extra or {}).get("flag", "--" + name.replace("_", "-"))
                  for name, info in type(self).model_fields.items()}  # fmt: skip
-        args = self.model_dump(mode="json", include=set(RUN_ID_FIELDS) - {"groups"})
+        args = self.model_dump(mode="json", include=self._content_fields() - {"groups"})
         out = {"--config": model.name, **{flags[k]: v for k, v in sorted(args.items())}}
         # where the rewards come from (only when given: buffers written before these fields compare equal)
         out.update({flags[k]: getattr(self, k) for k in ("reward_paths", "reward_options", "reward_plugins")
@@ -237,6 +265,7 @@ class RolledGroup:
     videos: torch.Tensor
     identity: dict
     store_dtype: torch.dtype
+    local_videos: torch.Tensor | None = None  # kv-routing: the routed chunks' clip, scored as ``local.NAME``
 
 
 @torch.no_grad()
@@ -254,14 +283,23 @@ def roll_out_group(policy: Pipeline, cfg: CollectConfig, i: int, run_id: str | N
     pivot = cfg.pivot_of(i, n)
     sampler = policy.sampler
     text = policy.text.encode([prompt])
-    group = sampler.fork_group(text, sampler.noise_bank(seed), pivot, cfg.group_size, cfg.strength, fork=cfg.fork,
-                               branch_batch=cfg.branch_batch, branches=team.share(cfg.group_size))  # fmt: skip
-    group = team.gather(group)
-    if group is None:
-        return None
-    latents = group.videos()
+    local = None
+    c = sampler.chunk_frames
+    if cfg.fork == "kv-routing":  # the start chunk is drawn among those eligible (or the fixed --pivot)
+        geo, start = cfg.check_routing(policy.config)
+        group = routed_group(sampler, text, sampler.noise_bank(seed), cfg.group_size, geo, start)
+        pivot = group.pivot
+        latents = group.videos()
+        local = policy.decode(latents[:, pivot * c : (pivot + cfg.perturb_blocks) * c], uint8=uint8)
+        latents = latents[:, pivot * c :] if cfg.clip_chunks is None else latents  # global: the post-fork video
+    else:
+        group = sampler.fork_group(text, sampler.noise_bank(seed), pivot, cfg.group_size, cfg.strength, fork=cfg.fork,
+                                   branch_batch=cfg.branch_batch, branches=team.share(cfg.group_size))  # fmt: skip
+        group = team.gather(group)
+        if group is None:
+            return None
+        latents = group.videos()
     if cfg.clip_chunks is not None:  # streaming: the local clip that starts at the pivot
-        c = sampler.chunk_frames
         latents = latents[:, pivot * c : (pivot + cfg.clip_chunks) * c]
     identity = dict(
         entry_id=f"{run_id}-{i:07d}",
@@ -276,16 +314,21 @@ def roll_out_group(policy: Pipeline, cfg: CollectConfig, i: int, run_id: str | N
         text_hash=policy.text.embedding_hash(prompt),
     )
     store = cfg.latent_dtype(compute_dtype(policy.model))
-    return RolledGroup(i, prompt, group, policy.decode(latents, uint8=uint8), identity, store)
+    return RolledGroup(i, prompt, group, policy.decode(latents, uint8=uint8), identity, store, local)
 
 
 @torch.no_grad()
 def score_group(rolled: RolledGroup, reward: CompositeReward) -> Entry:
     """The scored entry of a rolled-out group, its latents on the CPU in the store dtype (the G branches
     scored as one batch: each reward splits it as its model needs); raises SchemaError on bad rewards."""
-    scores = reward(rolled.videos, [rolled.prompt] * rolled.videos.shape[0])
+    prompts = [rolled.prompt] * rolled.videos.shape[0]
+    scores = reward(rolled.videos, prompts)
     scores.pop("composite")
     rewards = {k: v.float().cpu() for k, v in scores.items()}
+    if rolled.local_videos is not None:
+        local = reward(rolled.local_videos, prompts)
+        local.pop("composite")
+        rewards.update({LOCAL_REWARD_PREFIX + k: v.float().cpu() for k, v in local.items()})
     entry = Entry.from_fork_group(rolled.group, rewards=rewards, reward_weights=reward.weights, **rolled.identity)
     return entry.cast(rolled.store_dtype, "cpu").validate("collected group")
 
@@ -371,6 +414,7 @@ def prepare(cfg: CollectConfig, model: ModelConfig) -> tuple[CollectConfig, Shar
     its shard format, its reward)."""
     cfg = cfg.resolve(model)
     cfg.check(model.num_chunks)
+    cfg.check_routing(model)
     return cfg, get_format(cfg.format), reward_of(cfg)
 
 

@@ -38,6 +38,7 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     early = cfg.collect.resolve(model)  # other settings than the buffer's are refused before the weights load
     reward_of(early)  # reward names, paths and plug-ins checked before any model loads
     early.check(model.num_chunks)
+    early.check_routing(model)
     BranchTeam.check(early.branch_ranks, int(os.environ.get("WORLD_SIZE", "1")))
     holder = lock_holder(out)
     if holder is not None:  # a live collect writes there: refused before the weights load (and again, locked)

@@ -171,7 +171,7 @@ class ObjectiveStudy(BudgetStudy):
 
     runs: tuple[str, ...] = arg(("copo", "copo-offpolicy", "nft", "sde-grpo", "sde-grpo-eps0.2"),
                                 "Comma-separated: copo, copo-offpolicy, nft, sde-grpo, sde-grpo-eps0.2 "
-                                "(sde-grpo with --clip-eps 0.2).")  # fmt: skip
+                                "(sde-grpo with --clip-eps 0.2), kvpo (a rolling-cache --config).")  # fmt: skip
 
 
 class ObjectivesRun(RunConfig):

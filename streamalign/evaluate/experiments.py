@@ -137,6 +137,8 @@ OBJECTIVE_RUNS = (
     ObjectiveRun("sde-grpo", {"objective": "sde-grpo"}),
     # SDE-GRPO with CoPO's swept clip: its own eps 1e-4 clips ~all ratios, so a failure there could be the clip's
     ObjectiveRun("sde-grpo-eps0.2", {"objective": "sde-grpo", "clip_eps": 0.2}),
+    # KV-routed groups (row 0 the anchor): needs a rolling-cache config (--config shapes-long), so not a default run
+    ObjectiveRun("kvpo", {"objective": "kvpo"}),
 )
 
 

@@ -168,6 +168,18 @@ def absolute_option(key: str, value, models: dict) -> Any:
 PromptSet = Literal["held-in", "held-out"]
 
 
+class RoutingSection(Section):
+    """KV routing (``--fork kv-routing``, KVPO's exploration; defaults from KVPO's train_kvpo_longlive.yaml)."""
+
+    kv_history: int = arg(21, "kv-routing: extra ring slots keeping older frames resident (repo slice_last_frames).")
+    m_nearest: int = arg(4, "kv-routing: newest frames every branch keeps (its own chunk included).")
+    perturb_blocks: int = arg(5, "kv-routing: consecutive routed chunks (repo perturb_num_blocks).")
+    perturb_first: int = arg(7, "kv-routing: the first routed chunk lies among chunks 0..this-1.")
+
+    def routing_settings(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in RoutingSection.model_fields}
+
+
 class PromptSection(Section):
     """Prompts"""
 

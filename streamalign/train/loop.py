@@ -293,6 +293,7 @@ def _rollout_config(cfg: TrainConfig, trainer: Trainer, world: int, it: int) -> 
         reward_paths=ro.reward_paths, reward_options=ro.reward_options, reward_plugins=ro.reward_plugins,
         reward_device=ro.reward_device,
         entries_per_shard=max(1, groups // world), fork=trainer.objective.fork, clip_chunks=ro.clip_chunks,
+        **ro.routing_settings(),
     )  # fmt: skip
 
 
