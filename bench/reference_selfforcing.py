@@ -112,7 +112,8 @@ class ReferencePipeline:
         wrapper = wrapper_mod.WanDiffusionWrapper.__new__(wrapper_mod.WanDiffusionWrapper)
         torch.nn.Module.__init__(wrapper)
         wrapper.model, wrapper.uniform_timestep, wrapper.seq_len = model, False, 10**9
-        wrapper.scheduler = scheduler_mod.FlowMatchScheduler(shift=cfg.sampler.shift, sigma_min=0.0, extra_one_step=True)
+        flow = scheduler_mod.FlowMatchScheduler(shift=cfg.sampler.shift, sigma_min=0.0, extra_one_step=True)
+        wrapper.scheduler = flow
         wrapper.scheduler.set_timesteps(cfg.sampler.num_train_timesteps, training=True)
         wrapper.post_init()
         args = types.SimpleNamespace(
@@ -134,9 +135,7 @@ class ReferencePipeline:
             {"k": torch.zeros(shape), "v": torch.zeros(shape), **{k: v.clone() for k, v in zeros.items()}}
             for _ in range(arch.num_layers)
         ]
-        self.pipe.crossattn_cache = [
-            {"k": None, "v": None, "is_init": False} for _ in range(arch.num_layers)
-        ]
+        self.pipe.crossattn_cache = [{"k": None, "v": None, "is_init": False} for _ in range(arch.num_layers)]
         self._batch = batch
 
     @torch.no_grad()

@@ -11,14 +11,17 @@ the chunk. The schedule warps the step list onto the shift-s flow schedule: ``s 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ..schemas.buffer import GroupTensors
 from ..schemas.config import ModelConfig, SamplerConfig
-from .kv_cache import KVCache, compute_dtype, kv_bytes
+from .host_heap import keep_host_heap
+from .kv_cache import KVBuffers, KVCache, compute_dtype, kv_bytes
 from .noise import ForkNoise, NoiseBank, NoiseSource
 from .protocol import ChunkModel
 
@@ -133,6 +136,9 @@ class Sampler:
         self.schedule = Schedule.from_config(config.sampler)
         self.chunk_frames = config.sampler.chunk_frames
         self.context_t = config.sampler.context_t
+        # KV storage kept between the rollouts, fork groups and batches whose caches the sampler owns, one
+        # per role ("main": a rollout's or a group's prefix cache; "branches": a group's branch batches)
+        self._buffers: dict[str, KVBuffers] = {}
 
     # -- helpers -------------------------------------------------------------------------------------
     @property
@@ -143,9 +149,15 @@ class Sampler:
     def noise_bank(self, seeds: int | Sequence[int]) -> NoiseBank:
         return NoiseBank(seeds, self.chunk_shape)
 
-    def new_cache(self, batch: int, num_chunks: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(
+        self,
+        batch: int,
+        num_chunks: int | None = None,
+        dtype: torch.dtype | None = None,
+        buffers: KVBuffers | None = None,
+    ) -> KVCache:
         """A cache by the config's policy: rolling when a window is set, else global for `num_chunks`; in
-        `dtype` (default the model's compute dtype: bf16 weights, bf16 cache)."""
+        `dtype` (default the model's compute dtype: bf16 weights, bf16 cache); storage from `buffers`."""
         cc = self.config.cache
         frames = (num_chunks or self.config.num_chunks) * self.chunk_frames
         return KVCache.for_model(
@@ -156,10 +168,34 @@ class Sampler:
             sink=cc.sink,
             window=cc.window,
             dtype=dtype,
+            buffers=buffers,
         )
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def _reuses_storage(self) -> bool:
+        """Whether owned caches reuse kept storage: on the CPU, with real weights. A fresh CPU cache per
+        rollout is zero-filled new memory (page faults every time); CUDA's caching allocator already reuses
+        freed blocks (and kept storage would hold device memory others need, e.g. the reward models);
+        fake tensors measure what a call allocates (plans)."""
+        p = next(self.model.parameters())
+        return p.device.type == "cpu" and not is_fake(p)
+
+    @contextmanager
+    def _owned_buffers(self, role: str) -> Iterator[KVBuffers | None]:
+        """The kept storage of `role` for the caches of one call (None: allocate as usual). Taken out while
+        in use, so a concurrent or nested call of the same role gets fresh storage. On the CPU this also
+        sets the host heap to keep freed memory (:func:`~streamalign.models.host_heap.keep_host_heap`)."""
+        if not self._reuses_storage():
+            yield None
+            return
+        keep_host_heap()  # the activations' memory too stays in the heap between forwards
+        buffers = self._buffers.pop(role, None) or KVBuffers()
+        try:
+            yield buffers
+        finally:
+            self._buffers[role] = buffers
 
     # -- one chunk -----------------------------------------------------------------------------------
     def denoise_chunk(
@@ -282,9 +318,11 @@ class Sampler:
     ) -> torch.Tensor:
         """Generate `num_chunks` chunks; context [B or 1, L, D]. Returns latents [B, F, C, H, W]."""
         n = num_chunks or self.config.num_chunks
-        x = noise.initial(0)
-        cache = cache or self.new_cache(x.shape[0], n)
-        return torch.cat([self.denoise_chunk(cache, j, noise, context).x0 for j in range(n)], dim=1)
+        if cache is not None:
+            return torch.cat([self.denoise_chunk(cache, j, noise, context).x0 for j in range(n)], dim=1)
+        with self._owned_buffers("main") as buffers:
+            own = self.new_cache(noise.initial(0).shape[0], n, buffers=buffers)
+            return torch.cat([self.denoise_chunk(own, j, noise, context).x0 for j in range(n)], dim=1)
 
     @torch.no_grad()
     def fork_group(
@@ -338,20 +376,24 @@ class Sampler:
             raise ValueError(f"fork must be 'initial' or 'solver', got {fork!r}")
         c = self.chunk_frames
         # the batch-1 prefix cache holds only the prefix; each branch batch gets its own frames' storage
-        prefix_cache = self.new_cache(1, pivot) if pivot > 0 else None
-        prefix = [self.denoise_chunk(prefix_cache, j, bank, context).x0 for j in range(pivot)]
-        bb = branch_batch or self.auto_branch_batch(group_size, pivot, n, memory_budget)
-        x_t, x0s, latents = [], [], []
-        for start in range(first - first % bb, last, bb):
-            lo, hi = max(start, first), min(start + bb, last)
-            sub = noise.branches(lo, hi)
-            cache = prefix_cache.expand(hi - lo, n * c) if prefix_cache is not None else self.new_cache(hi - lo, n)
-            trace = self.denoise_chunk(cache, pivot, sub, context, record=True)
-            rest = [trace.x0] + [self.denoise_chunk(cache, j, sub, context).x0 for j in range(pivot + 1, n)]
-            x_t.append(trace.x_t.cpu())
-            x0s.append(trace.x0s.cpu())
-            latents.append(torch.cat(rest, dim=1).cpu())
-            del cache, trace, rest  # this batch's KV and outputs leave the device before the next batch
+        with self._owned_buffers("main") as prefix_buffers, self._owned_buffers("branches") as branch_buffers:
+            prefix_cache = self.new_cache(1, pivot, buffers=prefix_buffers) if pivot > 0 else None
+            prefix = [self.denoise_chunk(prefix_cache, j, bank, context).x0 for j in range(pivot)]
+            bb = branch_batch or self.auto_branch_batch(group_size, pivot, n, memory_budget)
+            x_t, x0s, latents = [], [], []
+            for start in range(first - first % bb, last, bb):
+                lo, hi = max(start, first), min(start + bb, last)
+                sub = noise.branches(lo, hi)
+                if prefix_cache is not None:
+                    cache = prefix_cache.expand(hi - lo, n * c, buffers=branch_buffers)
+                else:
+                    cache = self.new_cache(hi - lo, n, buffers=branch_buffers)
+                trace = self.denoise_chunk(cache, pivot, sub, context, record=True)
+                rest = [trace.x0] + [self.denoise_chunk(cache, j, sub, context).x0 for j in range(pivot + 1, n)]
+                x_t.append(trace.x_t.cpu())
+                x0s.append(trace.x0s.cpu())
+                latents.append(torch.cat(rest, dim=1).cpu())
+                del cache, trace, rest  # this batch's KV and outputs leave the device before the next batch
         t = len(self.schedule)
         x_t_all = torch.cat(x_t)
         ctx = torch.cat(prefix, dim=1)[0] if prefix else torch.zeros(0, *self.chunk_shape[1:])
@@ -471,11 +513,15 @@ class Sampler:
         Returns [B, F_total, C, H, W]."""
         if not segments:
             raise ValueError("no segments to generate")
-        total = sum(s.num_chunks for s in segments)
         b = noise.initial(0).shape[0]
-        if cache is None:
-            longest = max(s.num_chunks for s in segments) if all(s.hard_cut for s in segments[1:]) else total
-            cache = self.new_cache(b, longest)
+        if cache is not None:
+            return self._run_segments(segments, noise, cache)
+        total = sum(s.num_chunks for s in segments)
+        longest = max(s.num_chunks for s in segments) if all(s.hard_cut for s in segments[1:]) else total
+        with self._owned_buffers("main") as buffers:
+            return self._run_segments(segments, noise, self.new_cache(b, longest, buffers=buffers))
+
+    def _run_segments(self, segments: Sequence[Segment], noise: NoiseSource, cache: KVCache) -> torch.Tensor:
         out, g, local = [], 0, 0
         for k, seg in enumerate(segments):
             if k > 0:
