@@ -55,3 +55,64 @@ def test_fake_weights_never_keep_storage(tiny):
         with sampler._owned_buffers("main") as buffers:
             assert buffers is None
     assert not sampler._buffers
+
+
+class _CountRefreshes:
+    """Wraps a model, counting its K/V-only (clean-context refresh) forwards."""
+
+    def __init__(self, model) -> None:
+        self.model, self.refreshes = model, 0
+
+    def __call__(self, *args, kv_only: bool = False, **kwargs):
+        self.refreshes += kv_only
+        return self.model(*args, kv_only=kv_only, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_the_refresh_is_skipped_only_where_nothing_reads_it(tiny, text):
+    cfg, model, _ = tiny
+    n = cfg.num_chunks
+    counted = _CountRefreshes(model)
+    sampler = Sampler(model, cfg)
+    sampler.model = counted
+    bank = sampler.noise_bank([0])
+    with torch.no_grad():
+        owned = sampler.rollout(text, bank)
+        assert counted.refreshes == n - 1
+        given = sampler.rollout(text, bank, cache=sampler.new_cache(1))  # the caller's cache may go on
+        assert counted.refreshes == 2 * n - 1
+        assert torch.equal(owned, given)
+        counted.refreshes = 0
+        sampler.fork_group(text, sampler.noise_bank(1), 1, 4, branch_batch=2)
+        assert counted.refreshes == 1 + 2 * (n - 2)  # the prefix once, each of 2 batches up to chunk n-2
+        counted.refreshes = 0
+        scenes = [Segment(text, 2), Segment(text, 2, hard_cut=True), Segment(text, 1)]
+        cut = sampler.generate(scenes, bank)
+        assert counted.refreshes == 5 - 2  # not before the cut, not the last
+        counted.refreshes = 0
+        kept = sampler.generate(scenes, bank, sampler.new_cache(1, 3))
+        assert counted.refreshes == 5 - 1  # the cut flushes it; the caller's cache keeps the last one
+        assert torch.equal(cut, kept)
+
+
+@pytest.mark.parametrize("sink,window", [(0, None), (1, 5)])
+def test_kv_only_forward_writes_the_full_forwards_keys_and_values(text, sink, window):
+    cfg = tiny_config(frames=12, sink=sink, window=window)
+    model = make_model(cfg)
+    sampler = Sampler(model, cfg)
+    full, only = sampler.new_cache(2), sampler.new_cache(2)
+    x = torch.randn(2, cfg.latent.frames, *sampler.chunk_shape[1:])
+    c = sampler.chunk_frames
+    with torch.no_grad():
+        for j in range(cfg.num_chunks):
+            t = torch.zeros(2, c)
+            chunk = x[:, j * c : (j + 1) * c]
+            model(chunk, t, text if j == 0 else None, full, start_frame=j * c)
+            assert model(chunk, t, text if j == 0 else None, only, start_frame=j * c, kv_only=True) is None
+            for layer in range(cfg.arch.num_layers):
+                assert torch.equal(full.k[layer], only.k[layer]) and torch.equal(full.v[layer], only.v[layer])
+                assert torch.equal(full.cross_k[layer], only.cross_k[layer])
+    with pytest.raises(ValueError, match="storing KV cache"):
+        model(x[:, :c], torch.zeros(2, c), text, kv_only=True)

@@ -255,6 +255,19 @@ class KVCache:
             self.own_ready[layer] = True
         return self.k[layer], self.v[layer]
 
+    def write(self, layer: int, plan: CachePlan, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this chunk's rotated k, v ``[B, n, H, D]`` at the plan's slots; returns the layer's storage."""
+        if not self.store:
+            raise ValueError("a non-storing expansion keeps no k/v")
+        kc, vc = self._own(layer)
+        if isinstance(plan.write, slice):
+            kc[:, plan.write] = k.to(kc.dtype)
+            vc[:, plan.write] = v.to(vc.dtype)
+        else:
+            kc.index_copy_(1, plan.write, k.to(kc.dtype))
+            vc.index_copy_(1, plan.write, v.to(vc.dtype))
+        return kc, vc
+
     def write_and_read_parts(
         self, layer: int, plan: CachePlan, k: torch.Tensor, v: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -269,13 +282,7 @@ class KVCache:
             if plan.prefix_read is None:
                 return [own]
             return [(_take(self.prefix_k[layer], plan.prefix_read), _take(self.prefix_v[layer], plan.prefix_read)), own]
-        kc, vc = self._own(layer)
-        if isinstance(plan.write, slice):
-            kc[:, plan.write] = k.to(kc.dtype)
-            vc[:, plan.write] = v.to(vc.dtype)
-        else:
-            kc.index_copy_(1, plan.write, k.to(kc.dtype))
-            vc.index_copy_(1, plan.write, v.to(vc.dtype))
+        kc, vc = self.write(layer, plan, k, v)
         own = (_take(kc, plan.read), _take(vc, plan.read))
         if plan.prefix_read is None:
             return [own]

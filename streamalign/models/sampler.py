@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..schemas.buffer import GroupTensors
 from ..schemas.config import ModelConfig, SamplerConfig
@@ -178,9 +179,9 @@ class Sampler:
         """Whether owned caches reuse kept storage: on the CPU, with real weights. A fresh CPU cache per
         rollout is zero-filled new memory (page faults every time); CUDA's caching allocator already reuses
         freed blocks (and kept storage would hold device memory others need, e.g. the reward models);
-        fake tensors measure what a call allocates (plans)."""
+        fake weights and measuring modes (plans, memory checks) see what a call allocates, as on a GPU."""
         p = next(self.model.parameters())
-        return p.device.type == "cpu" and not is_fake(p)
+        return p.device.type == "cpu" and not is_fake(p) and _get_current_dispatch_mode() is None
 
     @contextmanager
     def _owned_buffers(self, role: str) -> Iterator[KVBuffers | None]:
@@ -302,10 +303,11 @@ class Sampler:
 
     @torch.no_grad()
     def _write_clean(self, cache: KVCache, start: int, x0: torch.Tensor, context: torch.Tensor | None) -> None:
-        """Run the model on clean latents x0 [B, c, C, H, W] at t = context_t to write their K/V."""
+        """Run the model on clean latents x0 [B, c, C, H, W] at t = context_t to write their K/V (only the
+        K/V: the model's last block and head are not run, see ``CausalWanModel.forward(kv_only=True)``)."""
         dev = self._device()
         t = torch.full((x0.shape[0], x0.shape[1]), self.context_t, device=dev)
-        self.model(x0.to(dev, torch.float32), t, context, cache, start_frame=start)
+        self.model(x0.to(dev, torch.float32), t, context, cache, start_frame=start, kv_only=True)
 
     # -- rollouts ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -318,11 +320,13 @@ class Sampler:
     ) -> torch.Tensor:
         """Generate `num_chunks` chunks; context [B or 1, L, D]. Returns latents [B, F, C, H, W]."""
         n = num_chunks or self.config.num_chunks
-        if cache is not None:
+        if cache is not None:  # the caller's cache: every chunk's clean K/V is written (it may go on)
             return torch.cat([self.denoise_chunk(cache, j, noise, context).x0 for j in range(n)], dim=1)
         with self._owned_buffers("main") as buffers:
             own = self.new_cache(noise.initial(0).shape[0], n, buffers=buffers)
-            return torch.cat([self.denoise_chunk(own, j, noise, context).x0 for j in range(n)], dim=1)
+            # nothing reads the last chunk's clean K/V: its refresh is skipped
+            chunks = [self.denoise_chunk(own, j, noise, context, refresh=j + 1 < n).x0 for j in range(n)]
+            return torch.cat(chunks, dim=1)
 
     @torch.no_grad()
     def fork_group(
@@ -388,8 +392,10 @@ class Sampler:
                     cache = prefix_cache.expand(hi - lo, n * c, buffers=branch_buffers)
                 else:
                     cache = self.new_cache(hi - lo, n, buffers=branch_buffers)
-                trace = self.denoise_chunk(cache, pivot, sub, context, record=True)
-                rest = [trace.x0] + [self.denoise_chunk(cache, j, sub, context).x0 for j in range(pivot + 1, n)]
+                # the last chunk's clean K/V (its refresh) would be read by nothing
+                trace = self.denoise_chunk(cache, pivot, sub, context, record=True, refresh=pivot + 1 < n)
+                rest = [trace.x0]
+                rest += [self.denoise_chunk(cache, j, sub, context, refresh=j + 1 < n).x0 for j in range(pivot + 1, n)]
                 x_t.append(trace.x_t.cpu())
                 x0s.append(trace.x0s.cpu())
                 latents.append(torch.cat(rest, dim=1).cpu())
@@ -506,22 +512,35 @@ class Sampler:
         return default
 
     @torch.no_grad()
-    def generate(self, segments: Sequence[Segment], noise: NoiseSource, cache: KVCache | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        segments: Sequence[Segment],
+        noise: NoiseSource,
+        cache: KVCache | None = None,
+        final_refresh: bool | None = None,
+    ) -> torch.Tensor:
         """Multi-scene rollout (long videos: give a rolling cache). A soft transition keeps the KV cache
         and swaps the cross-attention text; a hard cut flushes the KV and restarts frame positions, so the
         new scene does not depend on anything before it. Noise is addressed by the global chunk index.
+        Clean K/V are written for every chunk something reads: not for the chunk before a hard cut, nor for
+        the last chunk unless `final_refresh` (default: when the caller gives the cache, which may go on).
         Returns [B, F_total, C, H, W]."""
         if not segments:
             raise ValueError("no segments to generate")
         b = noise.initial(0).shape[0]
         if cache is not None:
-            return self._run_segments(segments, noise, cache)
+            return self._run_segments(segments, noise, cache, final_refresh is not False)
         total = sum(s.num_chunks for s in segments)
         longest = max(s.num_chunks for s in segments) if all(s.hard_cut for s in segments[1:]) else total
         with self._owned_buffers("main") as buffers:
-            return self._run_segments(segments, noise, self.new_cache(b, longest, buffers=buffers))
+            return self._run_segments(segments, noise, self.new_cache(b, longest, buffers=buffers), bool(final_refresh))
 
-    def _run_segments(self, segments: Sequence[Segment], noise: NoiseSource, cache: KVCache) -> torch.Tensor:
+    def _run_segments(
+        self, segments: Sequence[Segment], noise: NoiseSource, cache: KVCache, final_refresh: bool
+    ) -> torch.Tensor:
+        # the global index of each chunk whose clean K/V nothing reads (before a hard cut, or the last one)
+        ends = [sum(s.num_chunks for s in segments[:k]) - 1 for k, s in enumerate(segments) if k and s.hard_cut]
+        unread = {*ends, *([] if final_refresh else [sum(s.num_chunks for s in segments) - 1])}
         out, g, local = [], 0, 0
         for k, seg in enumerate(segments):
             if k > 0:
@@ -530,6 +549,7 @@ class Sampler:
                     cache.clear()
                     local = 0
             for _ in range(seg.num_chunks):
-                out.append(self.denoise_chunk(cache, local, noise, seg.context, noise_chunk=g).x0)
+                refresh = g not in unread
+                out.append(self.denoise_chunk(cache, local, noise, seg.context, noise_chunk=g, refresh=refresh).x0)
                 g, local = g + 1, local + 1
         return torch.cat(out, dim=1)

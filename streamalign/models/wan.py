@@ -152,6 +152,15 @@ class Attention(nn.Module):
 
 
 class SelfAttention(Attention):
+    def _heads(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        return (*x.shape[:2], self.num_heads, self.head_dim)
+
+    def keys_values(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated keys and the values of x [B, S, dim]: each [B, S, heads, head_dim]."""
+        return apply_rope(self.norm_k(self.k(x)).view(self._heads(x)), *rope), self.v(x).view(self._heads(x))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -161,11 +170,8 @@ class SelfAttention(Attention):
         layer: int,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        b, s = x.shape[:2]
-        heads = (b, s, self.num_heads, self.head_dim)
-        q = apply_rope(self.norm_q(self.q(x)).view(heads), *rope)
-        k = apply_rope(self.norm_k(self.k(x)).view(heads), *rope)
-        v = self.v(x).view(heads)
+        q = apply_rope(self.norm_q(self.q(x)).view(self._heads(x)), *rope)
+        k, v = self.keys_values(x, rope)
         if cache is not None:  # a fork group's shared prefix comes as its own batch-1 part (no copies)
             return self.o(attend_parts(q, cache.write_and_read_parts(layer, plan, k, v)).flatten(2))
         return self.o(attend(q, k, v, mask).flatten(2))
@@ -177,17 +183,24 @@ class CrossAttention(Attention):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
         b = x.shape[0]
         q = self.norm_q(self.q(x)).view(b, -1, self.num_heads, self.head_dim)
-        if cache is not None and cache.cross_k[layer] is not None:
-            k, v = cache.cross_k[layer], cache.cross_v[layer]
-        else:
-            if context is None:
-                raise ValueError("no text context given and none cached")
-            bc = context.shape[0]
-            k = self.norm_k(self.k(context)).view(bc, -1, self.num_heads, self.head_dim)
-            v = self.v(context).view(bc, -1, self.num_heads, self.head_dim)
-            if cache is not None and cache.store:
-                cache.cross_k[layer], cache.cross_v[layer] = k, v
+        k, v = self.text_keys_values(context, cache, layer)
         return self.o(attend(q, k, v).flatten(2))
+
+    def text_keys_values(
+        self, context: torch.Tensor | None, cache: KVCache | None, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text k, v [B or 1, text_len, heads, head_dim]: the cache's, or computed (and kept in a
+        storing cache)."""
+        if cache is not None and cache.cross_k[layer] is not None:
+            return cache.cross_k[layer], cache.cross_v[layer]
+        if context is None:
+            raise ValueError("no text context given and none cached")
+        bc = context.shape[0]
+        k = self.norm_k(self.k(context)).view(bc, -1, self.num_heads, self.head_dim)
+        v = self.v(context).view(bc, -1, self.num_heads, self.head_dim)
+        if cache is not None and cache.store:
+            cache.cross_k[layer], cache.cross_v[layer] = k, v
+        return k, v
 
 
 class Block(nn.Module):
@@ -202,17 +215,30 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, arch.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(arch.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
+    def _attn_input(self, x: torch.Tensor, mods: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The self-attention's input: LN1(x) * (1 + scale1) + shift1, per frame."""
+        shift1, scale1 = mods[:2]
+        return (self.norm1(x).unflatten(1, (mods[0].shape[1], -1)) * (1 + scale1) + shift1).flatten(1, 2)
+
+    def write_kv(self, x, e0, context, rope, cache: KVCache, plan: CachePlan, layer: int) -> None:
+        """Only what this block stores in the cache for x (its self-attention k/v, and the text k/v if not
+        yet kept): the same tensors :meth:`forward` stores, without computing its output."""
+        k, v = self.self_attn.keys_values(
+            self._attn_input(x, (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)), rope
+        )
+        cache.write(layer, plan, k, v)
+        self.cross_attn.text_keys_values(context, cache, layer)
+
     def forward(self, x, e0, context, rope, cache, plan, layer, mask) -> torch.Tensor:
         """x [B, F*T, dim]; e0 [B, F, 6, dim] per-frame time projection."""
         nf = e0.shape[1]
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+        mods = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+        _shift1, _scale1, gate1, shift2, scale2, gate2 = mods
 
         def per_frame(h: torch.Tensor) -> torch.Tensor:
             return h.unflatten(1, (nf, -1))
 
-        y = self.self_attn(
-            (per_frame(self.norm1(x)) * (1 + scale1) + shift1).flatten(1, 2), rope, cache, plan, layer, mask
-        )
+        y = self.self_attn(self._attn_input(x, mods), rope, cache, plan, layer, mask)
         x = x + (per_frame(y) * gate1).flatten(1, 2)
         x = x + self.cross_attn(self.norm3(x), context, cache, layer)
         y = self.ffn((per_frame(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2))
@@ -291,7 +317,8 @@ class CausalWanModel(nn.Module):
         window: int | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        kv_only: bool = False,
+    ) -> torch.Tensor | None:
         """The head's prediction: the flow ``v = noise - x0`` (Wan) or x0 (``arch.prediction: x0``).
 
         x: [B, F, C, H, W] latents of frames ``start_frame .. start_frame+F-1``; t: [B, F] or [B] timesteps.
@@ -301,7 +328,11 @@ class CausalWanModel(nn.Module):
         (default: F, i.e. one chunk) and the optional sink/window limits, or under an explicit boolean
         token `mask` [F*T, F*T] with explicit frame `positions` [F] (teacher forcing, see
         :func:`teacher_forcing_mask`). Returns [B, F, C_out, H, W].
+        ``kv_only``: only write the frames' K/V to the (storing) cache and return None: the last block stops
+        after its k/v projections and the head is skipped (the clean-context refresh needs nothing else).
         """
+        if kv_only and (cache is None or not cache.store):
+            raise ValueError("kv_only writes a cache: give a storing KV cache")
         b, nf, _, h, w = x.shape
         _, ph, pw = self.arch.patch_size
         gh, gw = h // ph, w // pw
@@ -333,6 +364,9 @@ class CausalWanModel(nn.Module):
 
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and (cache is None or not cache.store)
         for i, block in enumerate(self.blocks):
+            if kv_only and i == len(self.blocks) - 1:
+                block.write_kv(tokens, e0, ctx, rope, cache, plan, i)
+                return None
             if recompute:
                 tokens = checkpoint(block, tokens, e0, ctx, rope, cache, plan, i, mask, use_reentrant=False)
             else:
