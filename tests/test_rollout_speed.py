@@ -116,3 +116,31 @@ def test_kv_only_forward_writes_the_full_forwards_keys_and_values(text, sink, wi
                 assert torch.equal(full.cross_k[layer], only.cross_k[layer])
     with pytest.raises(ValueError, match="storing KV cache"):
         model(x[:, :c], torch.zeros(2, c), text, kv_only=True)
+
+
+def test_complex_rope_equals_the_real_rotation_of_each_pair():
+    from streamalign.models.wan import RopeTable, apply_rope, rope_angles
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3 * 4 * 5, 3, 16, generator=g)
+    cos, sin = rope_angles(16, torch.arange(7, 10), 4, 5)
+    a, b = x[..., 0::2], x[..., 1::2]  # the pairs, rotated as written: (a cos - b sin, a sin + b cos)
+    plain = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    table = RopeTable(16, size=2)
+    rot = table.get(7, 3, 4, 5, x)
+    assert (apply_rope(x, rot) - plain).abs().max().item() <= 1e-6
+    assert apply_rope(x.bfloat16(), rot).dtype == torch.bfloat16
+    assert table.get(7, 3, 4, 5, x) is rot  # kept
+    table.get(0, 3, 4, 5, x), table.get(3, 3, 4, 5, x)
+    assert len(table._kept) == 2 and table.get(7, 3, 4, 5, x) is not rot  # least recently used dropped
+
+
+def test_fake_inputs_get_rotations_that_are_not_kept():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from streamalign.models.wan import RopeTable
+
+    table = RopeTable(16)
+    with FakeTensorMode():
+        table.get(0, 3, 4, 5, torch.zeros(1))
+    assert not table._kept

@@ -14,9 +14,11 @@ Two ways to run it:
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 
 from ..schemas.config import ArchConfig
@@ -68,12 +70,40 @@ def rope_angles(head_dim: int, frames: torch.Tensor, h: int, w: int) -> tuple[to
     return torch.cos(full).float(), torch.sin(full).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x [B, L, H, D] by the angles (cos, sin [L, 1, D/2])."""
-    xr = x.float().unflatten(-1, (-1, 2))
-    a, b = xr[..., 0], xr[..., 1]
-    out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
-    return out.type_as(x)
+class RopeTable:
+    """The complex rotations ``cos + i sin`` [F*h*w, 1, head_dim/2] (complex64) of :func:`rope_angles`, kept
+    per (first frame, frames, h, w, device): a chunk's rotations are built once, not on every forward.
+    At most `size` kept (least recently used dropped: a rolling cache's positions grow without end)."""
+
+    def __init__(self, head_dim: int, size: int = 64) -> None:
+        self.head_dim, self.size = head_dim, size
+        self._kept: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def build(head_dim: int, frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return torch.complex(*rope_angles(head_dim, frames, h, w))
+
+    def get(self, start: int, nf: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+        """The rotations of frames ``start .. start+nf-1`` on `like`'s device (fake inputs, as in a plan,
+        get fake rotations, never kept)."""
+        if is_fake(like):
+            return self.build(self.head_dim, torch.arange(start, start + nf, device=like.device), h, w)
+        key = (start, nf, h, w, like.device)
+        table = self._kept.get(key)
+        if table is None:
+            table = self.build(self.head_dim, torch.arange(start, start + nf, device=like.device), h, w)
+            self._kept[key] = table
+            if len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+        self._kept.move_to_end(key)
+        return table
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x [B, L, H, D] by the complex rotations rot [L, 1, D/2]: one complex
+    multiply, ``(a + ib)(cos + i sin)`` = ``(a cos - b sin) + i (a sin + b cos)`` in float32."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
 def block_causal_mask(
@@ -155,22 +185,20 @@ class SelfAttention(Attention):
     def _heads(self, x: torch.Tensor) -> tuple[int, int, int, int]:
         return (*x.shape[:2], self.num_heads, self.head_dim)
 
-    def keys_values(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotated keys and the values of x [B, S, dim]: each [B, S, heads, head_dim]."""
-        return apply_rope(self.norm_k(self.k(x)).view(self._heads(x)), *rope), self.v(x).view(self._heads(x))
+        return apply_rope(self.norm_k(self.k(x)).view(self._heads(x)), rope), self.v(x).view(self._heads(x))
 
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,
         cache: KVCache | None,
         plan: CachePlan | None,
         layer: int,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        q = apply_rope(self.norm_q(self.q(x)).view(self._heads(x)), *rope)
+        q = apply_rope(self.norm_q(self.q(x)).view(self._heads(x)), rope)
         k, v = self.keys_values(x, rope)
         if cache is not None:  # a fork group's shared prefix comes as its own batch-1 part (no copies)
             return self.o(attend_parts(q, cache.write_and_read_parts(layer, plan, k, v)).flatten(2))
@@ -280,6 +308,7 @@ class CausalWanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList([Block(arch) for _ in range(arch.num_layers)])
         self.head = Head(arch)
+        self.rope = RopeTable(arch.head_dim)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -348,9 +377,10 @@ class CausalWanModel(nn.Module):
 
         need_text = cache is None or cache.cross_k[0] is None
         ctx = self.embed_text(context.to(x.device)) if (need_text and context is not None) else None  # any device
-        frames = torch.arange(start_frame, start_frame + nf, device=x.device) if positions is None else positions
-        rope = rope_angles(self.arch.head_dim, frames, gh, gw)
-        rope = (rope[0].to(x.device), rope[1].to(x.device))
+        if positions is None:
+            rope = self.rope.get(start_frame, nf, gh, gw, x)
+        else:
+            rope = RopeTable.build(self.arch.head_dim, positions, gh, gw).to(x.device)
 
         plan = None
         if cache is not None:
