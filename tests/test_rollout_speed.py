@@ -144,3 +144,73 @@ def test_fake_inputs_get_rotations_that_are_not_kept():
     with FakeTensorMode():
         table.get(0, 3, 4, 5, torch.zeros(1))
     assert not table._kept
+
+
+def test_noise_bank_draws_the_same_bytes_into_pinned_buffers(monkeypatch):
+    import streamalign.models.noise as noise_mod
+    from streamalign.models.noise import NoiseBank, derive_seed
+
+    shape = (3, 4, 2, 2)
+    plain = NoiseBank([5, 9], shape).draw(2, 1, 3)
+    by_hand = torch.stack(  # the draw written out: one generator per (seed, address)
+        [torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(s, 2, 1, 4))) for s in (5, 9)]
+    )
+    assert torch.equal(plain, by_hand)
+    asked = []
+    monkeypatch.setattr(noise_mod, "host_empty", lambda *a, pinned=False, **k: asked.append(a[2]) or torch.empty(a[0]))
+    assert torch.equal(NoiseBank([5, 9], shape, pinned=True).draw(2, 1, 3), plain) and asked == [True]
+
+
+def test_the_cuda_copy_path_gives_the_same_bytes_and_waits_once_per_group(tiny, text, monkeypatch):
+    """The pinned, non-blocking path forced on the CPU (pinned buffers stood in by plain ones): the same
+    outputs; one device-to-host copy per branch batch (plus the prefix) and one wait per group."""
+    import streamalign.models.noise as noise_mod
+    import streamalign.models.sampler as sampler_mod
+    import streamalign.models.transfer as transfer
+
+    _, _, sampler = tiny
+    with torch.no_grad():
+        before = [sampler.rollout(text, sampler.noise_bank([0, 1]))]
+        g = sampler.fork_group(text, sampler.noise_bank(3), 1, 5, branch_batch=2)
+        before += [g.x_t, g.x0_old, g.branch_latents, g.context, g.branch_noise]
+    copies, waits, staged = [], [], []
+    real_to_host = transfer.to_host
+
+    def host_empty(shape, dtype, pinned):
+        staged.append(pinned)
+        return torch.empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(transfer, "pins", lambda device: True)
+    monkeypatch.setattr(transfer, "host_empty", host_empty)
+    monkeypatch.setattr(noise_mod, "host_empty", host_empty)
+    monkeypatch.setattr(sampler_mod, "pins", lambda device: True)
+    monkeypatch.setattr(sampler_mod, "to_host", lambda t: copies.append(t.shape) or real_to_host(t))
+    monkeypatch.setattr(sampler_mod, "wait_for_copies", lambda device: waits.append(device))
+    with torch.no_grad():
+        after = [sampler.rollout(text, sampler.noise_bank([0, 1]))]
+        g = sampler.fork_group(text, sampler.noise_bank(3), 1, 5, branch_batch=2)
+        after += [g.x_t, g.x0_old, g.branch_latents, g.context, g.branch_noise]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert len(copies) == 3 + 1 and len(waits) == 1  # batches of 2, 2, 1, and the prefix; one wait
+    assert staged and all(staged)
+
+
+def test_device_memory_is_asked_of_the_driver_once(tiny, monkeypatch):
+    _, _, sampler = tiny
+    state = dict(asked=0, reserved=2 * 2**30, allocated=1 * 2**30)
+
+    def mem_get_info(dev):
+        state["asked"] += 1
+        return 10 * 2**30, 80 * 2**30
+
+    monkeypatch.setattr(Sampler, "_device", lambda self: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: state["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: state["allocated"])
+    assert sampler.free_memory() == int(0.9 * (10 + 1) * 2**30)
+    state.update(reserved=5 * 2**30, allocated=4 * 2**30)  # PyTorch took 3 GiB more from the driver
+    assert sampler.free_memory() == int(0.9 * (7 + 1) * 2**30)
+    for _ in range(3):
+        sampler.auto_branch_batch(8, 1)
+    assert state["asked"] == 1

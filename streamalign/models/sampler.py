@@ -25,6 +25,7 @@ from .host_heap import keep_host_heap
 from .kv_cache import KVBuffers, KVCache, compute_dtype, kv_bytes
 from .noise import ForkNoise, NoiseBank, NoiseSource
 from .protocol import ChunkModel
+from .transfer import pins, to_device, to_host, wait_for_copies
 
 # Fork-group branch batching (see Sampler.auto_branch_batch / branch_bytes). Without a device to ask
 # (CPU, fake tensors) the branch batches may hold this many bytes beyond the weights and shared prefix:
@@ -140,6 +141,7 @@ class Sampler:
         # KV storage kept between the rollouts, fork groups and batches whose caches the sampler owns, one
         # per role ("main": a rollout's or a group's prefix cache; "branches": a group's branch batches)
         self._buffers: dict[str, KVBuffers] = {}
+        self._driver_free: tuple[int, int] | None = None  # (free bytes the driver reported, reserved then)
 
     # -- helpers -------------------------------------------------------------------------------------
     @property
@@ -148,7 +150,8 @@ class Sampler:
         return (self.chunk_frames, lat.channels, lat.height, lat.width)
 
     def noise_bank(self, seeds: int | Sequence[int]) -> NoiseBank:
-        return NoiseBank(seeds, self.chunk_shape)
+        """Noise of `seeds` (one per row), drawn into pinned memory when the model is on CUDA."""
+        return NoiseBank(seeds, self.chunk_shape, pinned=pins(self._device()))
 
     def new_cache(
         self,
@@ -221,7 +224,7 @@ class Sampler:
         dev = self._device()
         nc = chunk if noise_chunk is None else noise_chunk
         start = chunk * self.chunk_frames
-        x = noise.initial(nc).to(dev, torch.float32).contiguous()  # shared noise may be a stride-0 view
+        x = to_device(noise.initial(nc), dev)  # contiguous: shared noise may be a stride-0 view
         xs, x0s = [], []
         sched = self.schedule
         for i, (t_i, s_i) in enumerate(zip(sched.timesteps, sched.sigmas, strict=True)):
@@ -231,7 +234,7 @@ class Sampler:
                 x0s.append(x0)
             if i + 1 < len(sched):
                 s_next = sched.sigmas[i + 1]
-                eps = (x - (1.0 - s_i) * x0) / s_i if ode else noise.solver(nc, i + 1).to(dev, torch.float32)
+                eps = (x - (1.0 - s_i) * x0) / s_i if ode else to_device(noise.solver(nc, i + 1), dev)
                 x = (1.0 - s_next) * x0 + s_next * eps
         if refresh:
             self._write_clean(cache, start, x0.detach(), context)
@@ -396,18 +399,23 @@ class Sampler:
                 trace = self.denoise_chunk(cache, pivot, sub, context, record=True, refresh=pivot + 1 < n)
                 rest = [trace.x0]
                 rest += [self.denoise_chunk(cache, j, sub, context, refresh=j + 1 < n).x0 for j in range(pivot + 1, n)]
-                x_t.append(trace.x_t.cpu())
-                x0s.append(trace.x0s.cpu())
-                latents.append(torch.cat(rest, dim=1).cpu())
-                del cache, trace, rest  # this batch's KV and outputs leave the device before the next batch
+                # one copy to the host per batch, not waited for until the group is done
+                parts = (trace.x_t, trace.x0s, torch.cat(rest, dim=1))
+                packed = to_host(torch.cat([t.flatten(1) for t in parts], dim=1))
+                sizes = [t[0].numel() for t in parts]
+                for out, part, flat in zip((x_t, x0s, latents), parts, packed.split(sizes, dim=1), strict=True):
+                    out.append(flat.view(part.shape))
+                del cache, trace, rest, parts  # this batch's KV and outputs leave the device before the next
+            prefix_host = to_host(torch.cat(prefix, dim=1)[0]) if prefix else None
+            wait_for_copies(self._device())
         t = len(self.schedule)
         x_t_all = torch.cat(x_t)
-        ctx = torch.cat(prefix, dim=1)[0] if prefix else torch.zeros(0, *self.chunk_shape[1:])
+        ctx = prefix_host if prefix_host is not None else torch.zeros(0, *self.chunk_shape[1:])
         return ForkGroup(
             pivot=pivot,
             strength=strength,
             seed=bank.seeds[0],
-            context=ctx.cpu(),
+            context=ctx,
             eps_star=bank.initial(pivot)[0],
             branch_noise=x_t_all[:, 0],  # the pivot step-0 input is the branch noise
             init_noise=torch.cat([bank.initial(j) for j in range(n)]),
@@ -503,11 +511,18 @@ class Sampler:
 
     def free_memory(self, default: int = DEFAULT_BRANCH_MEMORY) -> int:
         """Bytes the sampler may still allocate on the model's device (see :meth:`auto_branch_batch`);
-        `default` where there is no device to ask."""
+        `default` where there is no device to ask.
+
+        The driver is asked once per sampler (``mem_get_info`` waits for the device); later calls take the
+        free memory it reported less what PyTorch has reserved since, plus what PyTorch holds unused now."""
         dev = self._device()
-        if dev.type == "cuda" and torch.cuda.is_available():  # pragma: no cover - needs a GPU
-            free, _total = torch.cuda.mem_get_info(dev)
-            idle = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        if dev.type == "cuda" and torch.cuda.is_available():
+            reserved = torch.cuda.memory_reserved(dev)
+            if self._driver_free is None:
+                self._driver_free = (torch.cuda.mem_get_info(dev)[0], reserved)
+            free_then, reserved_then = self._driver_free
+            free = max(0, free_then - (reserved - reserved_then))
+            idle = reserved - torch.cuda.memory_allocated(dev)
             return int(FREE_FRACTION * (free + idle))
         return default
 
