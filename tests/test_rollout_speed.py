@@ -214,3 +214,30 @@ def test_device_memory_is_asked_of_the_driver_once(tiny, monkeypatch):
     for _ in range(3):
         sampler.auto_branch_batch(8, 1)
     assert state["asked"] == 1
+
+
+def test_decoding_to_the_host_waits_once_per_batch_and_keeps_the_bytes(monkeypatch):
+    """The CUDA decode path forced on the CPU (pinned buffers stood in by plain ones): the same frames,
+    every slice copied without waiting into one host buffer, one wait for the batch."""
+    from diffusers import AutoencoderKLWan
+
+    import streamalign.models.codec as codec_mod
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])  # fmt: skip
+    codec = codec_mod.WanVAECodec(vae)
+    z = torch.randn(2, 2, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = codec.decode(z, device="cpu")
+        waits, pinned = [], []
+
+        def host_empty(shape, dtype, pinned_: bool = False) -> torch.Tensor:
+            pinned.append(pinned_)
+            return torch.empty(shape, dtype=dtype)
+
+        monkeypatch.setattr(codec_mod, "pins", lambda device: True)
+        monkeypatch.setattr(codec_mod, "host_empty", lambda shape, dtype, pinned: host_empty(shape, dtype, pinned))
+        monkeypatch.setattr(codec_mod, "wait_for_copies", lambda device: waits.append(device))
+        forced = codec.decode(z, device="cpu")
+    assert torch.equal(plain, forced) and pinned == [True] and len(waits) == 1
