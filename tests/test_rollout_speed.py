@@ -163,7 +163,8 @@ def test_noise_bank_draws_the_same_bytes_into_pinned_buffers(monkeypatch):
 
 def test_the_cuda_copy_path_gives_the_same_bytes_and_waits_once_per_group(tiny, text, monkeypatch):
     """The pinned, non-blocking path forced on the CPU (pinned buffers stood in by plain ones): the same
-    outputs; one device-to-host copy per branch batch (plus the prefix) and one wait per group."""
+    outputs; the device-to-host copies of each branch batch (and the prefix) not waited for, one wait per
+    group."""
     import streamalign.models.noise as noise_mod
     import streamalign.models.sampler as sampler_mod
     import streamalign.models.transfer as transfer
@@ -191,7 +192,7 @@ def test_the_cuda_copy_path_gives_the_same_bytes_and_waits_once_per_group(tiny, 
         g = sampler.fork_group(text, sampler.noise_bank(3), 1, 5, branch_batch=2)
         after += [g.x_t, g.x0_old, g.branch_latents, g.context, g.branch_noise]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
-    assert len(copies) == 3 + 1 and len(waits) == 1  # batches of 2, 2, 1, and the prefix; one wait
+    assert len(copies) == 3 * 3 + 1 and len(waits) == 1  # x_t, x0s, latents of 3 batches, the prefix; one wait
     assert staged and all(staged)
 
 

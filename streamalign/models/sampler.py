@@ -399,13 +399,11 @@ class Sampler:
                 trace = self.denoise_chunk(cache, pivot, sub, context, record=True, refresh=pivot + 1 < n)
                 rest = [trace.x0]
                 rest += [self.denoise_chunk(cache, j, sub, context, refresh=j + 1 < n).x0 for j in range(pivot + 1, n)]
-                # one copy to the host per batch, not waited for until the group is done
-                parts = (trace.x_t, trace.x0s, torch.cat(rest, dim=1))
-                packed = to_host(torch.cat([t.flatten(1) for t in parts], dim=1))
-                sizes = [t[0].numel() for t in parts]
-                for out, part, flat in zip((x_t, x0s, latents), parts, packed.split(sizes, dim=1), strict=True):
-                    out.append(flat.view(part.shape))
-                del cache, trace, rest, parts  # this batch's KV and outputs leave the device before the next
+                # to the host without waiting (on CUDA: into pinned memory); the host waits once per group
+                x_t.append(to_host(trace.x_t))
+                x0s.append(to_host(trace.x0s))
+                latents.append(to_host(torch.cat(rest, dim=1)))
+                del cache, trace, rest  # this batch's KV and outputs leave the device before the next batch
             prefix_host = to_host(torch.cat(prefix, dim=1)[0]) if prefix else None
             wait_for_copies(self._device())
         t = len(self.schedule)

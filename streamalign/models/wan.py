@@ -19,6 +19,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 
 from ..schemas.config import ArchConfig
@@ -84,9 +85,10 @@ class RopeTable:
         return torch.complex(*rope_angles(head_dim, frames, h, w))
 
     def get(self, start: int, nf: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
-        """The rotations of frames ``start .. start+nf-1`` on `like`'s device (fake inputs, as in a plan,
-        get fake rotations, never kept)."""
-        if is_fake(like):
+        """The rotations of frames ``start .. start+nf-1`` on `like`'s device. Fake inputs (a plan) and
+        forwards under a measuring dispatch mode get rotations built for the call, never kept (a plan and
+        the real tensors it is checked against then allocate the same)."""
+        if is_fake(like) or _get_current_dispatch_mode() is not None:
             return self.build(self.head_dim, torch.arange(start, start + nf, device=like.device), h, w)
         key = (start, nf, h, w, like.device)
         table = self._kept.get(key)
