@@ -11,12 +11,13 @@
    arithmetic ratio G*L / (p + G*(L-p)) in chunk generations (0-based pivot p).
 3. Forward throughput (tokens/s) and peak memory of a chunked rollout for a small and a medium config.
 
-    python bench/bench_rollout.py --reference DIR --reference-deps DIR   # 1 + 2 + 3, ~10 min on 2 cores
+    python bench/bench_rollout.py --reference DIR --reference-deps DIR   # 1 + 2 + 3, ~20 min on 2 cores
     python bench/bench_rollout.py --section stages --reference DIR       # 1 only
+    python bench/bench_rollout.py --json-out results/bench_rollout.json   # where the tables go (the default)
 
 DIR: a Self-Forcing checkout (github guandeh17/Self-Forcing, commit 33593df); its imports need ``einops``
 (``pip install --target DEPS einops``, then ``--reference-deps DEPS``). Without --reference, section 1
-compares the stages only.
+compares the stages only. A run of some sections keeps the other sections' tables in the results file.
 
 The wan-1.3b rollout at full size on a GPU (seconds per chunk, frames/s, memory vs the plan) is
 ``bench/gpu_check.py``.
@@ -33,8 +34,10 @@ import time
 from pathlib import Path
 
 import torch
-from rollout_stages import CONFIGS, run_stages
+from results_file import add_json_out, save
+from rollout_stages import CONFIGS, run_stages, stage_tables
 
+from streamalign.io.results import table
 from streamalign.models.sampler import Sampler
 from streamalign.models.wan import CausalWanModel
 from streamalign.schemas.config import ModelConfig
@@ -96,8 +99,9 @@ def _chunk_costs(sampler: Sampler, ctx, batches, n: int, repeats: int, device: s
     return cost
 
 
-def bench_fork(device: str, group: int = 12, repeats: int = 5) -> None:
-    """Independent = G rollouts batched together (the fast baseline), re-measured beside every pivot."""
+def bench_fork(device: str, group: int = 12, repeats: int = 5) -> dict:
+    """Independent = G rollouts batched together (the fast baseline), re-measured beside every pivot; the
+    results table (one row per pivot, then the mean speed-up)."""
     cfg, sampler = make("small", device)
     n = cfg.num_chunks
     ctx = torch.randn(1, 16, cfg.arch.text_dim, device=device)
@@ -113,7 +117,7 @@ def bench_fork(device: str, group: int = 12, repeats: int = 5) -> None:
         + ", ".join(f"{c * 1e3:.0f}" for c in cost[group])
     )
     print("pivot  indep_ms  fork_ms  speedup  arithmetic  efficiency  cost-weighted  efficiency")
-    speedups = []
+    speedups, rows = [], []
     for p in range(n):
         pair = []
         for _ in range(repeats):  # interleave so both see the same machine conditions
@@ -127,11 +131,15 @@ def bench_fork(device: str, group: int = 12, repeats: int = 5) -> None:
         arith = group * n / (p + group * (n - p))
         weighted = sum(cost[group]) / (sum(cost[1][:p]) + sum(cost[group][p:]))
         speedups.append(indep / t)
+        rows.append([p, indep * 1e3, t * 1e3, indep / t, arith, indep / t / arith, weighted, indep / t / weighted])
         print(
             f"{p:5d}  {indep * 1e3:8.0f}  {t * 1e3:7.0f}  {indep / t:6.2f}x  {arith:9.2f}x  {indep / t / arith:9.2f}"
             f"  {weighted:12.2f}x  {indep / t / weighted:9.2f}"
         )
     print(f"mean speed-up over pivots: {statistics.mean(speedups):.2f}x")
+    rows.append(["mean", None, None, statistics.mean(speedups), None, None, None, None])
+    return table(["pivot", "independent", "fork", "speed-up", "arithmetic", "eff.", "cost-weighted", "eff."],
+                 ["{}", "{:.0f} ms", "{:.0f} ms", "{:.2f}x", "{:.2f}x", "{:.2f}", "{:.2f}x", "{:.2f}"], rows)
 
 
 def _rss_kib(field: str) -> int:
@@ -157,7 +165,8 @@ def _throughput_worker(size: str, device: str, q) -> None:
     q.put((size, params, cfg.tokens_per_frame, tokens / t, t, peak))
 
 
-def bench_throughput(device: str) -> None:
+def bench_throughput(device: str) -> dict:
+    """Tokens/s, rollout seconds and peak memory of each config; the results table."""
     print(
         f"\n== forward throughput, chunked rollout of 12 latent frames ({device}, {torch.get_num_threads()} threads) =="
     )
@@ -173,6 +182,10 @@ def bench_throughput(device: str) -> None:
     for size, params, tpf, tps, t, peak in rows:
         print(f"{size:7s} {params / 1e6:6.1f}M  {tpf:12d}  {tps:9.0f}  {t:9.2f}  {peak / 2**20:11.1f}")
     print(f"small/medium tokens/s ratio: {rows[0][3] / rows[1][3]:.1f}x")
+    label = {k: f"{k} (dim {v['arch']['dim']}, {v['arch']['num_layers']} layers)" for k, v in SIZES.items()}
+    return table(["config", "params", "tokens/frame", "tokens/s", "rollout", "peak memory"],
+                 ["{}", "{:.1f} M", "{}", "{:.0f}", "{:.2f} s", "{:.1f} MB"],
+                 [[label[size], params / 1e6, tpf, tps, t, peak / 2**20] for size, params, tpf, tps, t, peak in rows])
 
 
 if __name__ == "__main__":
@@ -184,23 +197,24 @@ if __name__ == "__main__":
     ap.add_argument("--reference-deps", help="a folder with the reference's extra imports (einops)")
     ap.add_argument("--repeats", type=int, default=3, help="alternated runs per variant in section 1 (best kept)")
     ap.add_argument("--configs", default="small,rolling,medium", help="section 1's configs, comma-separated")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "results" / "bench_rollout.json"))
+    add_json_out(ap, "bench_rollout")
     args = ap.parse_args()
     if args.reference and not Path(args.reference, "pipeline", "causal_inference.py").is_file():
-        sys.exit(
-            f"error: --reference {args.reference}: no pipeline/causal_inference.py there; give a Self-Forcing checkout"
-        )
+        sys.exit(f"error: --reference {args.reference}: no pipeline/causal_inference.py; give a Self-Forcing checkout")
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         sys.exit(f"error: --configs: unknown {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}")
+    if args.section in ("all", "stages") and args.device != "cpu":
+        sys.exit("error: section 1 (stages) runs on the CPU only; use --section fork or throughput with --device")
+    # the sections not run keep their tables (and data) from the results file
+    old = json.loads(args.json_out.read_text()) if args.json_out.is_file() else {}
+    tables, data = dict(old.get("tables", {})), dict(old.get("data") or {})
     if args.section in ("all", "stages"):
-        if args.device != "cpu":
-            sys.exit("error: section 1 (stages) runs on the CPU only; use --section fork or throughput with --device")
-        results = run_stages(args.reference, args.reference_deps, args.repeats, configs=tuple(args.configs.split(",")))
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {args.out}")
+        configs = tuple(args.configs.split(","))
+        data["stages"] = run_stages(args.reference, args.reference_deps, args.repeats, configs=configs)
+        tables.update(stage_tables(data["stages"]))
     if args.section in ("all", "fork"):
-        bench_fork(args.device, args.group)
+        tables["fork"] = bench_fork(args.device, args.group)
     if args.section in ("all", "throughput"):
-        bench_throughput(args.device)
+        tables["throughput"] = bench_throughput(args.device)
+    save(args, tables, data or None)

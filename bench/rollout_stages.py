@@ -114,6 +114,31 @@ def worker(reference: str | None, deps: str | None, out_dir: str) -> None:
         print(json.dumps(reply), flush=True)
 
 
+def stage_tables(results: dict) -> dict[str, dict]:
+    """The results tables of :func:`run_stages`'s numbers: one per config (``stages_<config>``) and the
+    FLOP bound of each config's last stage (``stages_bound``)."""
+    from streamalign.io.results import table
+
+    out = {}
+    for name, r in results["configs"].items():
+        out[f"stages_{name}"] = table(
+            ["variant", "s / video", "vs stage before", "vs before", "reference / ours", "page faults / video",
+             "max abs diff vs before"],
+            ["{}", "{:.3f}", "{:.2f}x", "{:.2f}x", "{:.2f}x", "{}", "{:.1e}"],
+            [[label, v["seconds"], v["vs_prev"], v["vs_before"], v["ref_over_ours"], v["faults"], v["max_abs_diff"]]
+             for label, v in r["variants"].items()],
+        )  # fmt: skip
+    out["stages_bound"] = table(
+        ["config", "latent frames", "GFLOP / video", "matmul GFLOP/s", "frames/s", "frames/s the FLOPs allow",
+         "achieved"],
+        ["{}", "{}", "{:.2f}", "{:.1f}", "{:.2f}", "{:.2f}", "{:.0%}"],
+        [[name, r["frames"], r["flops"] / 1e9, results["matmul_gflops"], r["frames_per_s"],
+          r["flop_bound_frames_per_s"], r["frames_per_s"] / r["flop_bound_frames_per_s"]]
+         for name, r in results["configs"].items()],
+    )  # fmt: skip
+    return out
+
+
 # -- driver ----------------------------------------------------------------------------------------------
 class Variant:
     """One worker process: our code at a commit (or this tree), or the reference pipeline."""

@@ -224,8 +224,9 @@ def prefix_kv(sampler: Sampler, context: torch.Tensor, text: torch.Tensor) -> di
 
 @dataclass
 class RolledGroup:
-    """Fork group i rolled out and decoded, not yet scored: its videos [G, F, 3, H, W] in [0, 1], the
-    group's tensors and the entry's identity fields (everything but the rewards)."""
+    """Fork group i rolled out and decoded, not yet scored: its videos [G, F, 3, H, W] (floats in [0, 1], or
+    uint8 levels when every reward reads 8-bit frames first), the group's tensors and the entry's identity
+    fields (everything but the rewards)."""
 
     i: int
     prompt: str
@@ -237,11 +238,12 @@ class RolledGroup:
 
 @torch.no_grad()
 def roll_out_group(policy: Pipeline, cfg: CollectConfig, i: int, run_id: str | None = None,
-                   team: BranchTeam = BranchTeam()) -> RolledGroup | None:  # fmt: skip
+                   team: BranchTeam = BranchTeam(), uint8: bool = False) -> RolledGroup | None:  # fmt: skip
     """Fork group i (prompt, seed and pivot fixed by i) rolled out and decoded. `run_id`: the collection's
     (default: that of `cfg`; an extended collection keeps its first one). In a branch `team` every rank
     computes the prefix and rolls out its share of the branches; the first rank gathers them (None
-    elsewhere)."""
+    elsewhere). `uint8`: the videos wait as uint8 levels (a quarter of float32's bytes; the reward models
+    convert them batch by batch), for rewards that read 8-bit frames first (``CompositeReward.reads_levels``)."""
     run_id = run_id or cfg.run_id
     prompt = cfg.prompts[i % len(cfg.prompts)]
     seed = derive_seed(cfg.seed, 2, i)
@@ -271,7 +273,7 @@ def roll_out_group(policy: Pipeline, cfg: CollectConfig, i: int, run_id: str | N
         text_hash=policy.text.embedding_hash(prompt),
     )
     store = cfg.latent_dtype(compute_dtype(policy.model))
-    return RolledGroup(i, prompt, group, policy.decode(latents), identity, store)
+    return RolledGroup(i, prompt, group, policy.decode(latents, uint8=uint8), identity, store)
 
 
 @torch.no_grad()
@@ -289,7 +291,7 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
                   team: BranchTeam = BranchTeam()) -> Entry | None:  # fmt: skip
     """Fork group i rolled out and scored (:func:`roll_out_group` then :func:`score_group`; None on the
     branch ranks of a `team` other than its first)."""
-    rolled = roll_out_group(policy, cfg, i, run_id, team)
+    rolled = roll_out_group(policy, cfg, i, run_id, team, reward.reads_levels)
     return None if rolled is None else score_group(rolled, reward)
 
 
@@ -333,7 +335,7 @@ def scored_groups(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
     with ThreadPoolExecutor(1, thread_name_prefix="streamalign-scoring") as pool:
         pending: tuple[int, Future] | None = None
         for i in indices:
-            rolled = _outcome(roll_out_group, policy, cfg, i, run_id, team)
+            rolled = _outcome(roll_out_group, policy, cfg, i, run_id, team, reward.reads_levels)
             if pending is not None:
                 yield pending[0], pending[1].result()
                 pending = None
