@@ -206,15 +206,18 @@ if __name__ == "__main__":
         sys.exit(f"error: --configs: unknown {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}")
     if args.section in ("all", "stages") and args.device != "cpu":
         sys.exit("error: section 1 (stages) runs on the CPU only; use --section fork or throughput with --device")
-    # the sections not run keep their tables (and data) from the results file
+    # the sections not run keep their tables (and data) from the results file, named in the note
     old = json.loads(args.json_out.read_text()) if args.json_out.is_file() else {}
-    tables, data = dict(old.get("tables", {})), dict(old.get("data") or {})
+    new, data = {}, dict(old.get("data") or {})
     if args.section in ("all", "stages"):
         configs = tuple(args.configs.split(","))
         data["stages"] = run_stages(args.reference, args.reference_deps, args.repeats, configs=configs)
-        tables.update(stage_tables(data["stages"]))
+        new.update(stage_tables(data["stages"]))
     if args.section in ("all", "fork"):
-        tables["fork"] = bench_fork(args.device, args.group)
+        new["fork"] = bench_fork(args.device, args.group)
     if args.section in ("all", "throughput"):
-        tables["throughput"] = bench_throughput(args.device)
-    save(args, tables, data or None)
+        new["throughput"] = bench_throughput(args.device)
+    kept = {k: v for k, v in old.get("tables", {}).items() if k not in new}
+    meta = old.get("meta", {})
+    note = f"tables {', '.join(kept)} from `{meta.get('command')}` ({meta.get('note', 'no note')})" if kept else ""
+    save(args, {**kept, **new}, data or None, note=note)
