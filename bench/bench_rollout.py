@@ -1,11 +1,23 @@
 """Rollout-engine benchmarks (CPU by default, CUDA with --device cuda). Prints ratios measured in one run.
 
-1. Fork group vs independent rollouts (L=4 chunks, G=12, every pivot): measured speed-up vs the
+1. Ours vs the reference Self-Forcing pipeline, before and after each speed-up (issue 29): seconds per video
+   of a batch-1 rollout on three configs (small, rolling, medium), best of --repeats runs alternated across
+   one worker process per variant (the reference's ``CausalInferencePipeline`` from a checkout given with
+   --reference; ours at each stage's commit, its ``streamalign`` exported with ``git archive``), the ratio
+   of each stage to the one before and to the reference, page faults per video, max |diff| of the latents
+   vs the first stage, and the frames/s the FLOP count allows at this CPU's measured matmul rate (the
+   achieved fraction). Writes results/bench_rollout.json.
+2. Fork group vs independent rollouts (L=4 chunks, G=12, every pivot): measured speed-up vs the
    arithmetic ratio G*L / (p + G*(L-p)) in chunk generations (0-based pivot p).
-2. Forward throughput (tokens/s) and peak memory of a chunked rollout for a small and a medium config.
+3. Forward throughput (tokens/s) and peak memory of a chunked rollout for a small and a medium config.
 
-    python bench/bench_rollout.py            # 1 + 2 on CPU, a few minutes on 2 cores
+    python bench/bench_rollout.py --reference DIR --reference-deps DIR   # 1 + 2 + 3, ~20 min on 2 cores
+    python bench/bench_rollout.py --section stages --reference DIR       # 1 only
     python bench/bench_rollout.py --json-out results/bench_rollout.json   # where the tables go (the default)
+
+DIR: a Self-Forcing checkout (github guandeh17/Self-Forcing, commit 33593df); its imports need ``einops``
+(``pip install --target DEPS einops``, then ``--reference-deps DEPS``). Without --reference, section 1
+compares the stages only. A run of some sections keeps the other sections' tables in the results file.
 
 The wan-1.3b rollout at full size on a GPU (seconds per chunk, frames/s, memory vs the plan) is
 ``bench/gpu_check.py``.
@@ -14,12 +26,16 @@ The wan-1.3b rollout at full size on a GPU (seconds per chunk, frames/s, memory 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from results_file import add_json_out, save
+from rollout_stages import CONFIGS, run_stages, stage_tables
 
 from streamalign.io.results import table
 from streamalign.models.sampler import Sampler
@@ -176,6 +192,32 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--group", type=int, default=12)
+    ap.add_argument("--section", choices=["all", "stages", "fork", "throughput"], default="all")
+    ap.add_argument("--reference", help="a Self-Forcing checkout: its pipeline is timed beside ours (section 1)")
+    ap.add_argument("--reference-deps", help="a folder with the reference's extra imports (einops)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternated runs per variant in section 1 (best kept)")
+    ap.add_argument("--configs", default="small,rolling,medium", help="section 1's configs, comma-separated")
     add_json_out(ap, "bench_rollout")
     args = ap.parse_args()
-    save(args, {"fork": bench_fork(args.device, args.group), "throughput": bench_throughput(args.device)})
+    if args.reference and not Path(args.reference, "pipeline", "causal_inference.py").is_file():
+        sys.exit(f"error: --reference {args.reference}: no pipeline/causal_inference.py; give a Self-Forcing checkout")
+    unknown = set(args.configs.split(",")) - set(CONFIGS)
+    if unknown:
+        sys.exit(f"error: --configs: unknown {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}")
+    if args.section in ("all", "stages") and args.device != "cpu":
+        sys.exit("error: section 1 (stages) runs on the CPU only; use --section fork or throughput with --device")
+    # the sections not run keep their tables (and data) from the results file, named in the note
+    old = json.loads(args.json_out.read_text()) if args.json_out.is_file() else {}
+    new, data = {}, dict(old.get("data") or {})
+    if args.section in ("all", "stages"):
+        configs = tuple(args.configs.split(","))
+        data["stages"] = run_stages(args.reference, args.reference_deps, args.repeats, configs=configs)
+        new.update(stage_tables(data["stages"]))
+    if args.section in ("all", "fork"):
+        new["fork"] = bench_fork(args.device, args.group)
+    if args.section in ("all", "throughput"):
+        new["throughput"] = bench_throughput(args.device)
+    kept = {k: v for k, v in old.get("tables", {}).items() if k not in new}
+    meta = old.get("meta", {})
+    note = f"tables {', '.join(kept)} from `{meta.get('command')}` ({meta.get('note', 'no note')})" if kept else ""
+    save(args, {**kept, **new}, data or None, note=note)

@@ -18,9 +18,11 @@ def add_json_out(ap: argparse.ArgumentParser, name: str) -> None:
                     "python bench/render_results.py).")  # fmt: skip
 
 
-def save(args: argparse.Namespace, tables: dict[str, dict], data: object = None, path: Path | None = None) -> None:
+def save(
+    args: argparse.Namespace, tables: dict[str, dict], data: object = None, path: Path | None = None, note: str = ""
+) -> None:
     """Write `tables` (``streamalign.io.results.table``) with the command and the machine to `path`
-    (default ``--json-out``)."""
+    (default ``--json-out``); `note`: shown under every rendered table of the file."""
     import torch  # here, not above: bench_memory's workers import this module against older code
 
     from streamalign.io.results import write_results
@@ -30,5 +32,5 @@ def save(args: argparse.Namespace, tables: dict[str, dict], data: object = None,
     shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
     meta = {**provenance(" ".join(["python", shown.as_posix(), *sys.argv[1:]])), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "machine": platform.machine()}  # fmt: skip
+            "machine": platform.machine(), **({"note": note} if note else {})}  # fmt: skip
     print(f"wrote {write_results(path or args.json_out, meta, tables, data)}")

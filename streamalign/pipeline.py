@@ -201,7 +201,7 @@ class Pipeline:
         self.model.eval()
         segments = [Segment(self.text.encode([p]), n, cut) for p, n, cut in scenes]
         sampler = self.sampler
-        latents = sampler.generate(segments, sampler.noise_bank([seed]), cache)
+        latents = sampler.generate(segments, sampler.noise_bank([seed]), cache, final_refresh=False)  # video only
         runs: list[int] = []
         for k, (_, n, cut) in enumerate(scenes):
             if k == 0 or cut:

@@ -582,8 +582,9 @@ class PlanContext:
         return Phase(f"decode ({videos} video{'s' if videos > 1 else ''})", peak, flops * videos, 1)
 
     def chunk_flops(self) -> tuple[list[int], int]:
-        """FLOPs of each chunk of a batch-1 rollout (denoising steps + the clean K/V pass), and the part of
-        chunk 0 spent on the text (its MLP and the cross-attention k/v, computed once per cache)."""
+        """FLOPs of each chunk of a batch-1 rollout (denoising steps + the clean K/V pass, which the last
+        chunk skips: nothing reads it), and the part of chunk 0 spent on the text (its MLP and the
+        cross-attention k/v, computed once per cache)."""
 
         def at(depth: int) -> list[int]:
             cfg, model = self.generator(depth)
@@ -592,7 +593,8 @@ class PlanContext:
             cache = self.measure(lambda: sampler.new_cache(1), [], flops=False)[0]
 
             def chunk(j: int) -> int:
-                return self.measure(lambda: sampler.denoise_chunk(cache, j, bank, ctx), [])[1].flops
+                refresh = j + 1 < cfg.num_chunks
+                return self.measure(lambda: sampler.denoise_chunk(cache, j, bank, ctx, refresh=refresh), [])[1].flops
 
             first = chunk(0)
             again = chunk(0)  # the same chunk with the text k/v cached (re-running a chunk is idempotent)

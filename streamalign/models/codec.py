@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.media import to_uint8
+from .transfer import host_empty, pins, wait_for_copies
 
 
 class LatentCodec(Protocol):
@@ -74,16 +75,22 @@ class WanVAECodec:
     ) -> torch.Tensor:
         """Normalised latents [B, f, 16, h, w] -> video [B, F, 3, 8h, 8w] on `device` (None: the latents'
         device), in [0, 1] (or uint8 levels, :func:`~streamalign.io.media.to_uint8`). Video by video, latent
-        frame by latent frame (:meth:`decode_slices`); the result equals one ``vae.decode`` of the batch."""
-        out = None
+        frame by latent frame (:meth:`decode_slices`); the result equals one ``vae.decode`` of the batch.
+        From a CUDA VAE to the host, each slice is copied into pinned memory without waiting, and the host
+        waits once, for the whole batch."""
+        out, target = None, torch.device(latents.device if device is None else device)
         for b, start, frames in self.decode_slices(latents):
             frames = to_uint8(frames) if uint8 else frames
             if out is None:
                 b_, f = latents.shape[:2]
                 shape = (b_, self.temporal * (f - 1) + 1, *frames.shape[1:])
-                out = torch.empty(shape, dtype=frames.dtype, device=latents.device if device is None else device)
-            out[b, start : start + frames.shape[0]] = frames.to(out.device)
+                if target.type == "cpu":
+                    out = host_empty(shape, frames.dtype, pinned=pins(frames.device))
+                else:
+                    out = torch.empty(shape, dtype=frames.dtype, device=target)
+            out[b, start : start + frames.shape[0]].copy_(frames, non_blocking=True)
             del frames  # the next slice is decoded without this one on the device
+        wait_for_copies(self._param().device)
         return out
 
     def decode_slices(self, latents: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:

@@ -25,6 +25,11 @@ over the two parts separately and merges them exactly by their log-sum-exp
 training replay) keeps nothing at all: each forward attends to the prefix and to the chunk it is given,
 taken straight from the forward's own k/v, and text k/v are recomputed every forward, so no state
 survives a forward (activation checkpointing can recompute any block). :meth:`clone` is a deep copy.
+
+Storage reuse: a cache given :class:`KVBuffers` takes its per-layer k/v as views of those buffers instead
+of allocating zeroed tensors (the sampler keeps one per role across rollouts on the CPU, where a fresh
+cache per rollout costs page faults). Their contents are stale, which no read sees: a cache reads only
+slots it has written.
 """
 
 from __future__ import annotations
@@ -76,6 +81,32 @@ def kv_bytes(
     return 2 * num_layers * frames * tokens_per_frame * num_heads * head_dim * dtype.itemsize
 
 
+class KVBuffers:
+    """Reusable storage for the k/v of the caches of one role (one live cache at a time): per (layer, k|v)
+    one buffer ``[B, S, heads, head_dim]``, grown to the largest batch B and tokens S asked for (never
+    shrunk; a new dtype, device or head shape replaces it) and handed out as views ``buf[:b, :s]``."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[int, str], torch.Tensor] = {}
+
+    def take(
+        self, layer: int, kind: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A view of shape `shape` of the (layer, kind) buffer; its contents are whatever was there."""
+        buf = self._bufs.get((layer, kind))
+        fits = (
+            buf is not None and buf.dtype == dtype and buf.device == device and tuple(buf.shape[2:]) == tuple(shape[2:])
+        )
+        if not fits or buf.shape[0] < shape[0] or buf.shape[1] < shape[1]:
+            size = shape if not fits else (max(buf.shape[0], shape[0]), max(buf.shape[1], shape[1]), *shape[2:])
+            del buf  # the old buffer's memory is free before the new one is taken
+            buf = self._bufs[(layer, kind)] = torch.empty(size, dtype=dtype, device=device)
+        return buf[: shape[0], : shape[1]]
+
+    def nbytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self._bufs.values())
+
+
 class KVCache:
     def __init__(
         self,
@@ -90,7 +121,9 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         history: int = 0,
+        buffers: KVBuffers | None = None,
     ) -> None:
+        """`buffers`: take the k/v storage from these (stale contents) instead of allocating zeros."""
         if window is None and max_frames is None:
             raise ValueError("a global KV cache needs max_frames (or give a rolling window)")
         self.num_layers = num_layers
@@ -105,9 +138,10 @@ class KVCache:
         self.routes: dict[int, list[int]] = {}  # KV routing: chunk start frame -> the frames it attends to
         self.dtype = dtype
         self.device = torch.device(device)
+        self.buffers = buffers
         shape = (batch, self.capacity * tokens_per_frame, num_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.k = [self._storage(layer, "k", shape) for layer in range(num_layers)]
+        self.v = [self._storage(layer, "v", shape) for layer in range(num_layers)]
         self.cross_k: list[torch.Tensor | None] = [None] * num_layers
         self.cross_v: list[torch.Tensor | None] = [None] * num_layers
         self.slot_frame = [-1] * self.capacity  # absolute frame index held by each slot
@@ -132,9 +166,10 @@ class KVCache:
         window: int | None = None,
         dtype: torch.dtype | None = None,
         history: int = 0,
+        buffers: KVBuffers | None = None,
     ) -> KVCache:
         """A cache shaped for `model`, in `dtype` (default: the model's compute dtype, see
-        :func:`compute_dtype`) on the model's device."""
+        :func:`compute_dtype`) on the model's device (storage from `buffers` when given)."""
         arch = model.arch
         return cls(
             arch.num_layers,
@@ -148,6 +183,7 @@ class KVCache:
             dtype=dtype or compute_dtype(model),
             device=next(model.parameters()).device,
             history=history,
+            buffers=buffers,
         )
 
     @property
@@ -211,15 +247,33 @@ class KVCache:
         )
 
     # -- per-layer access ----------------------------------------------------------------------------
+    def _storage(self, layer: int, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.buffers is None:
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return self.buffers.take(layer, kind, shape, self.dtype, self.device)
+
     def _own(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This cache's writable storage of `layer`; an expansion allocates it at its first write, only for
         slots ``own_base .. capacity`` (the prefix frames stay in the parent's batch-1 storage)."""
         if not self.own_ready[layer]:
             shape = (self.batch, (self.capacity - self.own_base) * self.tokens_per_frame, self.num_heads, self.head_dim)
-            self.k[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self.v[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.k[layer] = self._storage(layer, "k", shape)
+            self.v[layer] = self._storage(layer, "v", shape)
             self.own_ready[layer] = True
         return self.k[layer], self.v[layer]
+
+    def write(self, layer: int, plan: CachePlan, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this chunk's rotated k, v ``[B, n, H, D]`` at the plan's slots; returns the layer's storage."""
+        if not self.store:
+            raise ValueError("a non-storing expansion keeps no k/v")
+        kc, vc = self._own(layer)
+        if isinstance(plan.write, slice):
+            kc[:, plan.write] = k.to(kc.dtype)
+            vc[:, plan.write] = v.to(vc.dtype)
+        else:
+            kc.index_copy_(1, plan.write, k.to(kc.dtype))
+            vc.index_copy_(1, plan.write, v.to(vc.dtype))
+        return kc, vc
 
     def write_and_read_parts(
         self, layer: int, plan: CachePlan, k: torch.Tensor, v: torch.Tensor
@@ -235,13 +289,7 @@ class KVCache:
             if plan.prefix_read is None:
                 return [own]
             return [(_take(self.prefix_k[layer], plan.prefix_read), _take(self.prefix_v[layer], plan.prefix_read)), own]
-        kc, vc = self._own(layer)
-        if isinstance(plan.write, slice):
-            kc[:, plan.write] = k.to(kc.dtype)
-            vc[:, plan.write] = v.to(vc.dtype)
-        else:
-            kc.index_copy_(1, plan.write, k.to(kc.dtype))
-            vc.index_copy_(1, plan.write, v.to(vc.dtype))
+        kc, vc = self.write(layer, plan, k, v)
         own = (_take(kc, plan.read), _take(vc, plan.read))
         if plan.prefix_read is None:
             return [own]
@@ -297,7 +345,9 @@ class KVCache:
                 self.own_ready = [False] * self.num_layers
 
     # -- batch sharing -------------------------------------------------------------------------------
-    def expand(self, batch: int, max_frames: int | None = None, store: bool = True) -> KVCache:
+    def expand(
+        self, batch: int, max_frames: int | None = None, store: bool = True, buffers: KVBuffers | None = None
+    ) -> KVCache:
         """A cache for `batch` branches that share this batch-1 prefix without copies of it.
 
         The prefix frames (everything written so far) are read from this cache's storage; the branches'
@@ -307,7 +357,9 @@ class KVCache:
 
         ``store=False``: nothing is stored (no own storage, no text k/v, not even the prefix's): each forward
         attends to the prefix and to the one chunk it writes, read from its own k/v, and recomputes the
-        text k/v (inside the autograd graph). For training replays of one chunk."""
+        text k/v (inside the autograd graph). For training replays of one chunk.
+
+        `buffers`: the branches' own storage comes from these (not this cache's: the prefix lives there)."""
         if self.batch != 1:
             raise ValueError(f"only a batch-1 cache can be expanded (this one has batch {self.batch})")
         if self.is_expansion:
@@ -328,6 +380,7 @@ class KVCache:
         out.v = [t.expand(batch, *t.shape[1:]) for t in self.v]
         out.own_ready = [False] * self.num_layers
         out.store = store
+        out.buffers = buffers
         # batch-1 text k/v are shared as they are (see attend()); a non-storing expansion recomputes them
         out.cross_k = list(self.cross_k) if store else [None] * self.num_layers
         out.cross_v = list(self.cross_v) if store else [None] * self.num_layers
@@ -346,6 +399,7 @@ class KVCache:
             return t.clone()
 
         out = copy.copy(self)
+        out.buffers = None  # the copy's storage is its own
         if self.is_expansion:
             out.prefix_k = [t.clone() for t in self.prefix_k]
             out.prefix_v = [t.clone() for t in self.prefix_v]

@@ -16,6 +16,8 @@ from typing import Protocol
 
 import torch
 
+from .transfer import host_empty
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -43,20 +45,22 @@ class NoiseSource(Protocol):
 
 
 class NoiseBank:
-    """Noise derived from one seed per batch row. `chunk_shape` = (chunk_frames, C, H, W)."""
+    """Noise derived from one seed per batch row. `chunk_shape` = (chunk_frames, C, H, W). `pinned`: draw
+    into page-locked host memory (bound for a CUDA device: copied without the host waiting)."""
 
-    def __init__(self, seeds: int | Sequence[int], chunk_shape: Sequence[int]) -> None:
+    def __init__(self, seeds: int | Sequence[int], chunk_shape: Sequence[int], pinned: bool = False) -> None:
         self.seeds = [seeds] if isinstance(seeds, int) else list(seeds)
         self.chunk_shape = tuple(chunk_shape)
+        self.pinned = pinned
 
     def draw(self, chunk: int, step: int, branch: int | None = None) -> torch.Tensor:
         """[B, *chunk_shape] standard normal noise at address (chunk, step, branch)."""
         b = 0 if branch is None else branch + 1
-        out = []
-        for seed in self.seeds:
+        out = host_empty((len(self.seeds), *self.chunk_shape), torch.float32, self.pinned)
+        for row, seed in zip(out, self.seeds, strict=True):
             g = torch.Generator().manual_seed(derive_seed(seed, chunk, step, b))
-            out.append(torch.randn(self.chunk_shape, generator=g, dtype=torch.float32))
-        return torch.stack(out)
+            torch.randn(self.chunk_shape, generator=g, dtype=torch.float32, out=row)
+        return out
 
     def initial(self, chunk: int) -> torch.Tensor:
         return self.draw(chunk, 0)

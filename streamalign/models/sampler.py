@@ -11,16 +11,21 @@ the chunk. The schedule warps the step list onto the shift-s flow schedule: ``s 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..schemas.buffer import GroupTensors
 from ..schemas.config import ModelConfig, SamplerConfig
-from .kv_cache import KVCache, compute_dtype, kv_bytes
+from .host_heap import keep_host_heap
+from .kv_cache import KVBuffers, KVCache, compute_dtype, kv_bytes
 from .noise import ForkNoise, NoiseBank, NoiseSource
 from .protocol import ChunkModel
+from .transfer import pins, to_device, to_host, wait_for_copies
 
 # Fork-group branch batching (see Sampler.auto_branch_batch / branch_bytes). Without a device to ask
 # (CPU, fake tensors) the branch batches may hold this many bytes beyond the weights and shared prefix:
@@ -133,6 +138,10 @@ class Sampler:
         self.schedule = Schedule.from_config(config.sampler)
         self.chunk_frames = config.sampler.chunk_frames
         self.context_t = config.sampler.context_t
+        # KV storage kept between the rollouts, fork groups and batches whose caches the sampler owns, one
+        # per role ("main": a rollout's or a group's prefix cache; "branches": a group's branch batches)
+        self._buffers: dict[str, KVBuffers] = {}
+        self._driver_free: tuple[int, int] | None = None  # (free bytes the driver reported, reserved then)
 
     # -- helpers -------------------------------------------------------------------------------------
     @property
@@ -141,14 +150,21 @@ class Sampler:
         return (self.chunk_frames, lat.channels, lat.height, lat.width)
 
     def noise_bank(self, seeds: int | Sequence[int]) -> NoiseBank:
-        return NoiseBank(seeds, self.chunk_shape)
+        """Noise of `seeds` (one per row), drawn into pinned memory when the model is on CUDA."""
+        return NoiseBank(seeds, self.chunk_shape, pinned=pins(self._device()))
 
     def new_cache(
-        self, batch: int, num_chunks: int | None = None, dtype: torch.dtype | None = None, history: int = 0
+        self,
+        batch: int,
+        num_chunks: int | None = None,
+        dtype: torch.dtype | None = None,
+        history: int = 0,
+        buffers: KVBuffers | None = None,
     ) -> KVCache:
         """A cache by the config's policy: rolling when a window is set, else global for `num_chunks`; in
-        `dtype` (default the model's compute dtype: bf16 weights, bf16 cache). `history`: extra ring slots of
-        a rolling cache (older frames kept resident for KV routing; attention is unchanged)."""
+        `dtype` (default the model's compute dtype: bf16 weights, bf16 cache); storage from `buffers`.
+        `history`: extra ring slots of a rolling cache (older frames kept resident for KV routing; attention
+        is unchanged)."""
         cc = self.config.cache
         frames = (num_chunks or self.config.num_chunks) * self.chunk_frames
         return KVCache.for_model(
@@ -160,10 +176,34 @@ class Sampler:
             window=cc.window,
             dtype=dtype,
             history=history,
+            buffers=buffers,
         )
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def _reuses_storage(self) -> bool:
+        """Whether owned caches reuse kept storage: on the CPU, with real weights. A fresh CPU cache per
+        rollout is zero-filled new memory (page faults every time); CUDA's caching allocator already reuses
+        freed blocks (and kept storage would hold device memory others need, e.g. the reward models);
+        fake weights and measuring modes (plans, memory checks) see what a call allocates, as on a GPU."""
+        p = next(self.model.parameters())
+        return p.device.type == "cpu" and not is_fake(p) and _get_current_dispatch_mode() is None
+
+    @contextmanager
+    def _owned_buffers(self, role: str) -> Iterator[KVBuffers | None]:
+        """The kept storage of `role` for the caches of one call (None: allocate as usual). Taken out while
+        in use, so a concurrent or nested call of the same role gets fresh storage. On the CPU this also
+        sets the host heap to keep freed memory (:func:`~streamalign.models.host_heap.keep_host_heap`)."""
+        if not self._reuses_storage():
+            yield None
+            return
+        keep_host_heap()  # the activations' memory too stays in the heap between forwards
+        buffers = self._buffers.pop(role, None) or KVBuffers()
+        try:
+            yield buffers
+        finally:
+            self._buffers[role] = buffers
 
     # -- one chunk -----------------------------------------------------------------------------------
     def denoise_chunk(
@@ -188,7 +228,7 @@ class Sampler:
         dev = self._device()
         nc = chunk if noise_chunk is None else noise_chunk
         start = chunk * self.chunk_frames
-        x = noise.initial(nc).to(dev, torch.float32).contiguous()  # shared noise may be a stride-0 view
+        x = to_device(noise.initial(nc), dev)  # contiguous: shared noise may be a stride-0 view
         xs, x0s = [], []
         sched = self.schedule
         for i, (t_i, s_i) in enumerate(zip(sched.timesteps, sched.sigmas, strict=True)):
@@ -198,7 +238,7 @@ class Sampler:
                 x0s.append(x0)
             if i + 1 < len(sched):
                 s_next = sched.sigmas[i + 1]
-                eps = (x - (1.0 - s_i) * x0) / s_i if ode else noise.solver(nc, i + 1).to(dev, torch.float32)
+                eps = (x - (1.0 - s_i) * x0) / s_i if ode else to_device(noise.solver(nc, i + 1), dev)
                 x = (1.0 - s_next) * x0 + s_next * eps
         if refresh:
             self._write_clean(cache, start, x0.detach(), context)
@@ -270,10 +310,11 @@ class Sampler:
 
     @torch.no_grad()
     def _write_clean(self, cache: KVCache, start: int, x0: torch.Tensor, context: torch.Tensor | None) -> None:
-        """Run the model on clean latents x0 [B, c, C, H, W] at t = context_t to write their K/V."""
+        """Run the model on clean latents x0 [B, c, C, H, W] at t = context_t to write their K/V (only the
+        K/V: the model's last block and head are not run, see ``CausalWanModel.forward(kv_only=True)``)."""
         dev = self._device()
         t = torch.full((x0.shape[0], x0.shape[1]), self.context_t, device=dev)
-        self.model(x0.to(dev, torch.float32), t, context, cache, start_frame=start)
+        self.model(x0.to(dev, torch.float32), t, context, cache, start_frame=start, kv_only=True)
 
     # -- rollouts ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -286,9 +327,13 @@ class Sampler:
     ) -> torch.Tensor:
         """Generate `num_chunks` chunks; context [B or 1, L, D]. Returns latents [B, F, C, H, W]."""
         n = num_chunks or self.config.num_chunks
-        x = noise.initial(0)
-        cache = cache or self.new_cache(x.shape[0], n)
-        return torch.cat([self.denoise_chunk(cache, j, noise, context).x0 for j in range(n)], dim=1)
+        if cache is not None:  # the caller's cache: every chunk's clean K/V is written (it may go on)
+            return torch.cat([self.denoise_chunk(cache, j, noise, context).x0 for j in range(n)], dim=1)
+        with self._owned_buffers("main") as buffers:
+            own = self.new_cache(noise.initial(0).shape[0], n, buffers=buffers)
+            # nothing reads the last chunk's clean K/V: its refresh is skipped
+            chunks = [self.denoise_chunk(own, j, noise, context, refresh=j + 1 < n).x0 for j in range(n)]
+            return torch.cat(chunks, dim=1)
 
     @torch.no_grad()
     def fork_group(
@@ -342,28 +387,37 @@ class Sampler:
             raise ValueError(f"fork must be 'initial' or 'solver', got {fork!r}")
         c = self.chunk_frames
         # the batch-1 prefix cache holds only the prefix; each branch batch gets its own frames' storage
-        prefix_cache = self.new_cache(1, pivot) if pivot > 0 else None
-        prefix = [self.denoise_chunk(prefix_cache, j, bank, context).x0 for j in range(pivot)]
-        bb = branch_batch or self.auto_branch_batch(group_size, pivot, n, memory_budget)
-        x_t, x0s, latents = [], [], []
-        for start in range(first - first % bb, last, bb):
-            lo, hi = max(start, first), min(start + bb, last)
-            sub = noise.branches(lo, hi)
-            cache = prefix_cache.expand(hi - lo, n * c) if prefix_cache is not None else self.new_cache(hi - lo, n)
-            trace = self.denoise_chunk(cache, pivot, sub, context, record=True)
-            rest = [trace.x0] + [self.denoise_chunk(cache, j, sub, context).x0 for j in range(pivot + 1, n)]
-            x_t.append(trace.x_t.cpu())
-            x0s.append(trace.x0s.cpu())
-            latents.append(torch.cat(rest, dim=1).cpu())
-            del cache, trace, rest  # this batch's KV and outputs leave the device before the next batch
+        with self._owned_buffers("main") as prefix_buffers, self._owned_buffers("branches") as branch_buffers:
+            prefix_cache = self.new_cache(1, pivot, buffers=prefix_buffers) if pivot > 0 else None
+            prefix = [self.denoise_chunk(prefix_cache, j, bank, context).x0 for j in range(pivot)]
+            bb = branch_batch or self.auto_branch_batch(group_size, pivot, n, memory_budget)
+            x_t, x0s, latents = [], [], []
+            for start in range(first - first % bb, last, bb):
+                lo, hi = max(start, first), min(start + bb, last)
+                sub = noise.branches(lo, hi)
+                if prefix_cache is not None:
+                    cache = prefix_cache.expand(hi - lo, n * c, buffers=branch_buffers)
+                else:
+                    cache = self.new_cache(hi - lo, n, buffers=branch_buffers)
+                # the last chunk's clean K/V (its refresh) would be read by nothing
+                trace = self.denoise_chunk(cache, pivot, sub, context, record=True, refresh=pivot + 1 < n)
+                rest = [trace.x0]
+                rest += [self.denoise_chunk(cache, j, sub, context, refresh=j + 1 < n).x0 for j in range(pivot + 1, n)]
+                # to the host without waiting (on CUDA: into pinned memory); the host waits once per group
+                x_t.append(to_host(trace.x_t))
+                x0s.append(to_host(trace.x0s))
+                latents.append(to_host(torch.cat(rest, dim=1)))
+                del cache, trace, rest  # this batch's KV and outputs leave the device before the next batch
+            prefix_host = to_host(torch.cat(prefix, dim=1)[0]) if prefix else None
+            wait_for_copies(self._device())
         init_noise, solver_noise = bank.shared(n, len(self.schedule))
         x_t_all = torch.cat(x_t)
-        ctx = torch.cat(prefix, dim=1)[0] if prefix else torch.zeros(0, *self.chunk_shape[1:])
+        ctx = prefix_host if prefix_host is not None else torch.zeros(0, *self.chunk_shape[1:])
         return ForkGroup(
             pivot=pivot,
             strength=strength,
             seed=bank.seeds[0],
-            context=ctx.cpu(),
+            context=ctx,
             eps_star=bank.initial(pivot)[0],
             branch_noise=x_t_all[:, 0],  # the pivot step-0 input is the branch noise
             init_noise=init_noise,
@@ -457,27 +511,51 @@ class Sampler:
 
     def free_memory(self, default: int = DEFAULT_BRANCH_MEMORY) -> int:
         """Bytes the sampler may still allocate on the model's device (see :meth:`auto_branch_batch`);
-        `default` where there is no device to ask."""
+        `default` where there is no device to ask.
+
+        The driver is asked once per sampler (``mem_get_info`` waits for the device); later calls take the
+        free memory it reported less what PyTorch has reserved since, plus what PyTorch holds unused now."""
         dev = self._device()
-        if dev.type == "cuda" and torch.cuda.is_available():  # pragma: no cover - needs a GPU
-            free, _total = torch.cuda.mem_get_info(dev)
-            idle = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        if dev.type == "cuda" and torch.cuda.is_available():
+            reserved = torch.cuda.memory_reserved(dev)
+            if self._driver_free is None:
+                self._driver_free = (torch.cuda.mem_get_info(dev)[0], reserved)
+            free_then, reserved_then = self._driver_free
+            free = max(0, free_then - (reserved - reserved_then))
+            idle = reserved - torch.cuda.memory_allocated(dev)
             return int(FREE_FRACTION * (free + idle))
         return default
 
     @torch.no_grad()
-    def generate(self, segments: Sequence[Segment], noise: NoiseSource, cache: KVCache | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        segments: Sequence[Segment],
+        noise: NoiseSource,
+        cache: KVCache | None = None,
+        final_refresh: bool | None = None,
+    ) -> torch.Tensor:
         """Multi-scene rollout (long videos: give a rolling cache). A soft transition keeps the KV cache
         and swaps the cross-attention text; a hard cut flushes the KV and restarts frame positions, so the
         new scene does not depend on anything before it. Noise is addressed by the global chunk index.
+        Clean K/V are written for every chunk something reads: not for the chunk before a hard cut, nor for
+        the last chunk unless `final_refresh` (default: when the caller gives the cache, which may go on).
         Returns [B, F_total, C, H, W]."""
         if not segments:
             raise ValueError("no segments to generate")
-        total = sum(s.num_chunks for s in segments)
         b = noise.initial(0).shape[0]
-        if cache is None:
-            longest = max(s.num_chunks for s in segments) if all(s.hard_cut for s in segments[1:]) else total
-            cache = self.new_cache(b, longest)
+        if cache is not None:
+            return self._run_segments(segments, noise, cache, final_refresh is not False)
+        total = sum(s.num_chunks for s in segments)
+        longest = max(s.num_chunks for s in segments) if all(s.hard_cut for s in segments[1:]) else total
+        with self._owned_buffers("main") as buffers:
+            return self._run_segments(segments, noise, self.new_cache(b, longest, buffers=buffers), bool(final_refresh))
+
+    def _run_segments(
+        self, segments: Sequence[Segment], noise: NoiseSource, cache: KVCache, final_refresh: bool
+    ) -> torch.Tensor:
+        # the global index of each chunk whose clean K/V nothing reads (before a hard cut, or the last one)
+        ends = [sum(s.num_chunks for s in segments[:k]) - 1 for k, s in enumerate(segments) if k and s.hard_cut]
+        unread = {*ends, *([] if final_refresh else [sum(s.num_chunks for s in segments) - 1])}
         out, g, local = [], 0, 0
         for k, seg in enumerate(segments):
             if k > 0:
@@ -486,6 +564,7 @@ class Sampler:
                     cache.clear()
                     local = 0
             for _ in range(seg.num_chunks):
-                out.append(self.denoise_chunk(cache, local, noise, seg.context, noise_chunk=g).x0)
+                refresh = g not in unread
+                out.append(self.denoise_chunk(cache, local, noise, seg.context, noise_chunk=g, refresh=refresh).x0)
                 g, local = g + 1, local + 1
         return torch.cat(out, dim=1)

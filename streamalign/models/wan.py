@@ -14,9 +14,12 @@ Two ways to run it:
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 
 from ..schemas.config import ArchConfig
@@ -68,12 +71,41 @@ def rope_angles(head_dim: int, frames: torch.Tensor, h: int, w: int) -> tuple[to
     return torch.cos(full).float(), torch.sin(full).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x [B, L, H, D] by the angles (cos, sin [L, 1, D/2])."""
-    xr = x.float().unflatten(-1, (-1, 2))
-    a, b = xr[..., 0], xr[..., 1]
-    out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
-    return out.type_as(x)
+class RopeTable:
+    """The complex rotations ``cos + i sin`` [F*h*w, 1, head_dim/2] (complex64) of :func:`rope_angles`, kept
+    per (first frame, frames, h, w, device): a chunk's rotations are built once, not on every forward.
+    At most `size` kept (least recently used dropped: a rolling cache's positions grow without end)."""
+
+    def __init__(self, head_dim: int, size: int = 64) -> None:
+        self.head_dim, self.size = head_dim, size
+        self._kept: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def build(head_dim: int, frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return torch.complex(*rope_angles(head_dim, frames, h, w))
+
+    def get(self, start: int, nf: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+        """The rotations of frames ``start .. start+nf-1`` on `like`'s device. Fake inputs (a plan) and
+        forwards under a measuring dispatch mode get rotations built for the call, never kept (a plan and
+        the real tensors it is checked against then allocate the same)."""
+        if is_fake(like) or _get_current_dispatch_mode() is not None:
+            return self.build(self.head_dim, torch.arange(start, start + nf, device=like.device), h, w)
+        key = (start, nf, h, w, like.device)
+        table = self._kept.get(key)
+        if table is None:
+            table = self.build(self.head_dim, torch.arange(start, start + nf, device=like.device), h, w)
+            self._kept[key] = table
+            if len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+        self._kept.move_to_end(key)
+        return table
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x [B, L, H, D] by the complex rotations rot [L, 1, D/2]: one complex
+    multiply, ``(a + ib)(cos + i sin)`` = ``(a cos - b sin) + i (a sin + b cos)`` in float32."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
 def block_causal_mask(
@@ -152,20 +184,24 @@ class Attention(nn.Module):
 
 
 class SelfAttention(Attention):
+    def _heads(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        return (*x.shape[:2], self.num_heads, self.head_dim)
+
+    def keys_values(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated keys and the values of x [B, S, dim]: each [B, S, heads, head_dim]."""
+        return apply_rope(self.norm_k(self.k(x)).view(self._heads(x)), rope), self.v(x).view(self._heads(x))
+
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,
         cache: KVCache | None,
         plan: CachePlan | None,
         layer: int,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        b, s = x.shape[:2]
-        heads = (b, s, self.num_heads, self.head_dim)
-        q = apply_rope(self.norm_q(self.q(x)).view(heads), *rope)
-        k = apply_rope(self.norm_k(self.k(x)).view(heads), *rope)
-        v = self.v(x).view(heads)
+        q = apply_rope(self.norm_q(self.q(x)).view(self._heads(x)), rope)
+        k, v = self.keys_values(x, rope)
         if cache is not None:  # a fork group's shared prefix comes as its own batch-1 part (no copies)
             return self.o(attend_parts(q, cache.write_and_read_parts(layer, plan, k, v)).flatten(2))
         return self.o(attend(q, k, v, mask).flatten(2))
@@ -177,17 +213,24 @@ class CrossAttention(Attention):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
         b = x.shape[0]
         q = self.norm_q(self.q(x)).view(b, -1, self.num_heads, self.head_dim)
-        if cache is not None and cache.cross_k[layer] is not None:
-            k, v = cache.cross_k[layer], cache.cross_v[layer]
-        else:
-            if context is None:
-                raise ValueError("no text context given and none cached")
-            bc = context.shape[0]
-            k = self.norm_k(self.k(context)).view(bc, -1, self.num_heads, self.head_dim)
-            v = self.v(context).view(bc, -1, self.num_heads, self.head_dim)
-            if cache is not None and cache.store:
-                cache.cross_k[layer], cache.cross_v[layer] = k, v
+        k, v = self.text_keys_values(context, cache, layer)
         return self.o(attend(q, k, v).flatten(2))
+
+    def text_keys_values(
+        self, context: torch.Tensor | None, cache: KVCache | None, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text k, v [B or 1, text_len, heads, head_dim]: the cache's, or computed (and kept in a
+        storing cache)."""
+        if cache is not None and cache.cross_k[layer] is not None:
+            return cache.cross_k[layer], cache.cross_v[layer]
+        if context is None:
+            raise ValueError("no text context given and none cached")
+        bc = context.shape[0]
+        k = self.norm_k(self.k(context)).view(bc, -1, self.num_heads, self.head_dim)
+        v = self.v(context).view(bc, -1, self.num_heads, self.head_dim)
+        if cache is not None and cache.store:
+            cache.cross_k[layer], cache.cross_v[layer] = k, v
+        return k, v
 
 
 class Block(nn.Module):
@@ -202,17 +245,30 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, arch.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(arch.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
+    def _attn_input(self, x: torch.Tensor, mods: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The self-attention's input: LN1(x) * (1 + scale1) + shift1, per frame."""
+        shift1, scale1 = mods[:2]
+        return (self.norm1(x).unflatten(1, (mods[0].shape[1], -1)) * (1 + scale1) + shift1).flatten(1, 2)
+
+    def write_kv(self, x, e0, context, rope, cache: KVCache, plan: CachePlan, layer: int) -> None:
+        """Only what this block stores in the cache for x (its self-attention k/v, and the text k/v if not
+        yet kept): the same tensors :meth:`forward` stores, without computing its output."""
+        k, v = self.self_attn.keys_values(
+            self._attn_input(x, (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)), rope
+        )
+        cache.write(layer, plan, k, v)
+        self.cross_attn.text_keys_values(context, cache, layer)
+
     def forward(self, x, e0, context, rope, cache, plan, layer, mask) -> torch.Tensor:
         """x [B, F*T, dim]; e0 [B, F, 6, dim] per-frame time projection."""
         nf = e0.shape[1]
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+        mods = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+        _shift1, _scale1, gate1, shift2, scale2, gate2 = mods
 
         def per_frame(h: torch.Tensor) -> torch.Tensor:
             return h.unflatten(1, (nf, -1))
 
-        y = self.self_attn(
-            (per_frame(self.norm1(x)) * (1 + scale1) + shift1).flatten(1, 2), rope, cache, plan, layer, mask
-        )
+        y = self.self_attn(self._attn_input(x, mods), rope, cache, plan, layer, mask)
         x = x + (per_frame(y) * gate1).flatten(1, 2)
         x = x + self.cross_attn(self.norm3(x), context, cache, layer)
         y = self.ffn((per_frame(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2))
@@ -254,6 +310,7 @@ class CausalWanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList([Block(arch) for _ in range(arch.num_layers)])
         self.head = Head(arch)
+        self.rope = RopeTable(arch.head_dim)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -291,7 +348,8 @@ class CausalWanModel(nn.Module):
         window: int | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        kv_only: bool = False,
+    ) -> torch.Tensor | None:
         """The head's prediction: the flow ``v = noise - x0`` (Wan) or x0 (``arch.prediction: x0``).
 
         x: [B, F, C, H, W] latents of frames ``start_frame .. start_frame+F-1``; t: [B, F] or [B] timesteps.
@@ -301,7 +359,11 @@ class CausalWanModel(nn.Module):
         (default: F, i.e. one chunk) and the optional sink/window limits, or under an explicit boolean
         token `mask` [F*T, F*T] with explicit frame `positions` [F] (teacher forcing, see
         :func:`teacher_forcing_mask`). Returns [B, F, C_out, H, W].
+        ``kv_only``: only write the frames' K/V to the (storing) cache and return None: the last block stops
+        after its k/v projections and the head is skipped (the clean-context refresh needs nothing else).
         """
+        if kv_only and (cache is None or not cache.store):
+            raise ValueError("kv_only writes a cache: give a storing KV cache")
         b, nf, _, h, w = x.shape
         _, ph, pw = self.arch.patch_size
         gh, gw = h // ph, w // pw
@@ -317,9 +379,10 @@ class CausalWanModel(nn.Module):
 
         need_text = cache is None or cache.cross_k[0] is None
         ctx = self.embed_text(context.to(x.device)) if (need_text and context is not None) else None  # any device
-        frames = torch.arange(start_frame, start_frame + nf, device=x.device) if positions is None else positions
-        rope = rope_angles(self.arch.head_dim, frames, gh, gw)
-        rope = (rope[0].to(x.device), rope[1].to(x.device))
+        if positions is None:
+            rope = self.rope.get(start_frame, nf, gh, gw, x)
+        else:
+            rope = RopeTable.build(self.arch.head_dim, positions, gh, gw).to(x.device)
 
         plan = None
         if cache is not None:
@@ -333,6 +396,9 @@ class CausalWanModel(nn.Module):
 
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and (cache is None or not cache.store)
         for i, block in enumerate(self.blocks):
+            if kv_only and i == len(self.blocks) - 1:
+                block.write_kv(tokens, e0, ctx, rope, cache, plan, i)
+                return None
             if recompute:
                 tokens = checkpoint(block, tokens, e0, ctx, rope, cache, plan, i, mask, use_reentrant=False)
             else:
