@@ -123,7 +123,7 @@ def run_generate(cfg: GenerateRun, out: str | Path) -> list[Path]:
     g, m = cfg.generate, cfg.model
     if not g.prompts:
         raise ValueError("give a PROMPT argument or --prompts FILE (one of them)")
-    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir, Placement.of(cfg.hardware))
+    policy = Pipeline.of_section(m, Placement.of(cfg.hardware))
     return generate(policy, g.prompts, out, seed=g.seed, fps=g.fps, frames=g.frames, sink=g.sink, window=g.window,
                     run=run_record(cfg, "generate"))  # fmt: skip
 
