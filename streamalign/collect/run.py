@@ -9,8 +9,9 @@ from ..buffer.collection import check_collection
 from ..buffer.inspect import buffer_info
 from ..buffer.urls import location
 from ..io.files import write_atomic
+from ..models.checkpoint import shipped_lora
 from ..models.placement import Placement
-from ..pipeline import Pipeline, resolve_config, shipped_lora
+from ..pipeline import Pipeline, resolve_config
 from ..plan import check_stage
 from ..rewards.sources import reward_of
 from ..schemas.run import RUN_FILE, RunConfig, run_record

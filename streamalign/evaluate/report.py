@@ -15,8 +15,9 @@ import torch
 from ..io.media import frame_grid, save_gif, save_mp4
 from ..io.outputs import output_folder
 from ..io.plots import save, subplots
+from ..models.checkpoint import NO_LORA
 from ..models.placement import CPU_FP32, Placement
-from ..pipeline import NO_LORA, Pipeline, resolve_config
+from ..pipeline import Pipeline, resolve_config
 from ..plan import check_stage
 from ..schemas.run import run_record
 from ..schemas.sections import ModelSection

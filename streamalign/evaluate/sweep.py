@@ -12,9 +12,9 @@ from ..adapters.merge import Selection, check_adapter_modules, combine_adapters,
 from ..io.files import require_paths
 from ..io.outputs import output_folder
 from ..io.plots import save, subplots
-from ..models.checkpoint import read_adapter
+from ..models.checkpoint import NO_LORA, read_adapter, shipped_lora
 from ..models.placement import CPU_FP32, Placement
-from ..pipeline import NO_LORA, base_checkpoint, resolve_config, shipped_lora
+from ..pipeline import base_checkpoint, resolve_config
 from ..plan import check_stage
 from ..schemas.config import ModelConfig
 from ..schemas.run import run_record

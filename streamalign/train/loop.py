@@ -30,11 +30,12 @@ from ..extras import require
 from ..io.files import require_paths, staged_folder, write_atomic
 from ..io.outputs import open_output, overwrite_permitted, permit_overwrite
 from ..io.progress import progress_bar
+from ..models.checkpoint import shipped_lora
 from ..models.noise import derive_seed
 from ..models.placement import Placement
 from ..models.sampler import Sampler
 from ..optim import lr_at
-from ..pipeline import Pipeline, base_checkpoint, describe_policy, policy_id, resolve_config, shipped_lora
+from ..pipeline import Pipeline, base_checkpoint, describe_policy, policy_id, resolve_config
 from ..plan import check_stage
 from ..rewards.sources import reward_of
 from ..schemas.buffer import Entry, SchemaError
