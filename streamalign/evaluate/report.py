@@ -105,7 +105,9 @@ def _evaluate(models: Sequence[ModelSpec], prompts: list[str], st: EvalSettings,
         policy.text.prefetch(prompts)  # once per process: later models find them cached
         scores[m.name] = score_policy(policy, ps, seeds, reward, st.batch)
         # kept for the media only: 8-bit frames on the host
-        sample_videos[m.name] = policy.generate([p for p, _ in chosen], [s for _, s in chosen], st.batch, uint8=True)
+        if chosen:  # --samples 0: no media
+            sample_videos[m.name] = policy.generate([p for p, _ in chosen], [s for _, s in chosen], st.batch,
+                                                    uint8=True)  # fmt: skip
         if export is not None:
             export.write(export_dir, m.name, policy.generate)
     base = models[0].name
