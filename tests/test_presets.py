@@ -221,7 +221,8 @@ def test_train_refuses_a_buffer_of_another_policy(stand_in):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMED)
 def test_plan_at_full_width(name):
-    """Every named preset at full width on fake tensors: collect, train, evaluate and generate are planned."""
-    out = json.loads(ok("plan", "-c", name, "--stages", "collect,train,evaluate,generate", "--json"))
-    assert set(out["stages"]) == {"collect", "train", "evaluate", "generate"}
-    assert all(s["peak"] > out["weights"]["generator"] for s in out["stages"].values())
+    """Every named preset at full width on fake tensors (its cache policy, rollout length and 14B weights):
+    a training update and a generated video are planned and fit an 80 GB GPU (bf16)."""
+    out = json.loads(ok("plan", "-c", name, "--stages", "train,generate", "--json"))
+    assert set(out["stages"]) == {"train", "generate"}
+    assert all(s["fits"] and s["peak"] > out["weights"]["generator"] for s in out["stages"].values())

@@ -20,7 +20,8 @@ def model_summary(config: str, checkpoint: str | Path | None = None, which: str 
     adapter merged), saying which entry was read and which LoRAs were merged with which alpha."""
     cfg = ModelConfig.load(config)
     if (lora is not None or base_lora is not None) and checkpoint is None:
-        raise ValueError("--lora / --base-lora need --checkpoint (the base weights the LoRA is merged into)")
+        flag = "--lora" if lora is not None else "--base-lora"
+        raise ValueError(f"{flag} needs --checkpoint (the base weights the LoRA is merged into)")
     if checkpoint is None:
         with torch.device("meta"):
             model = CausalWanModel(cfg.arch)
