@@ -17,6 +17,7 @@ from ..schemas.sections import (
     PolicySection,
     PromptSection,
     PromptSet,
+    ResultsOut,
     RewardSection,
     absolute,
     absolute_fields,
@@ -171,6 +172,7 @@ class NoiseSourcesRun(RunConfig):
     rewards: RewardSection = RewardSection()
     study: NoiseStudy = NoiseStudy()
     hardware: Hardware = Hardware()
+    results: ResultsOut = ResultsOut()
 
 
 class BudgetStudy(Section):
@@ -201,6 +203,7 @@ class ObjectivesRun(RunConfig):
     prompts: PromptSection = PromptSection()
     study: ObjectiveStudy = ObjectiveStudy()
     hardware: Hardware = Hardware()
+    results: ResultsOut = ResultsOut()
 
 
 class RegimeStudy(BudgetStudy):
@@ -217,6 +220,7 @@ class RegimesRun(RunConfig):
     rewards: RewardSection = RewardSection()
     study: RegimeStudy = RegimeStudy()
     hardware: Hardware = Hardware()
+    results: ResultsOut = ResultsOut()
 
 
 class SweepStudy(RegimeStudy):
@@ -237,6 +241,7 @@ class SweepRun(RunConfig):
     rewards: RewardSection = RewardSection()
     study: SweepStudy = SweepStudy()
     hardware: Hardware = Hardware()
+    results: ResultsOut = ResultsOut()
 
 
 class DemoRun(RunConfig):

@@ -236,12 +236,17 @@ def git_commit() -> str | None:
         return None
 
 
-def run_record(cfg: BaseModel, stage: str) -> str:
-    """``run.yaml`` text: provenance (version, git commit, command line) and the resolved config."""
+def provenance(command: str | None = None) -> dict:
+    """Version, git commit and command line (default: ``streamalign`` + this process's arguments)."""
     from .. import __version__
 
-    meta = {"stage": stage, "version": __version__, "git_commit": git_commit(),
-            "command": " ".join(["streamalign", *sys.argv[1:]])}  # fmt: skip
+    return {"version": __version__, "git_commit": git_commit(),
+            "command": command or " ".join(["streamalign", *sys.argv[1:]])}  # fmt: skip
+
+
+def run_record(cfg: BaseModel, stage: str) -> str:
+    """``run.yaml`` text: provenance (version, git commit, command line) and the resolved config."""
+    meta = {"stage": stage, **provenance()}
     return yaml.safe_dump({"streamalign": meta, "config": cfg.model_dump(mode="json")}, sort_keys=False)
 
 
