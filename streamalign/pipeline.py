@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .io.files import checksum, require_paths
-from .models.checkpoint import load_generator
+from .models.checkpoint import load_generator, shipped_lora
 from .models.codec import LatentCodec, PixelUnshuffleCodec, WanVAECodec
 from .models.kv_cache import KVCache, compute_dtype
 from .models.placement import CPU_FP32, Placement
@@ -26,6 +27,7 @@ from .models.protocol import ChunkModel
 from .models.sampler import Sampler, Segment
 from .models.text import MiniLMTextEncoder, TextEncoder, UMT5TextEncoder
 from .schemas.config import ModelConfig
+from .schemas.sections import ModelSection
 
 
 @cache
@@ -83,7 +85,20 @@ def base_checkpoint(cfg: ModelConfig, checkpoint: str | Path | None = None) -> s
         return checkpoint
     if cfg.checkpoint is not None:
         return cfg.checkpoint
-    raise ValueError(f"config {cfg.name!r} needs --checkpoint (local generator weights)")
+    w = cfg.weights
+    where = f" ({w.file} of the Hugging Face repo {w.repo})" if w.repo and w.file else ""
+    raise ValueError(f"config {cfg.name!r} needs --checkpoint (local generator weights{where})")
+
+
+def describe_policy(checkpoint: str | Path, base_lora: str | Path | None = None,
+                    base_lora_alpha: float | None = None) -> str:  # fmt: skip
+    """The base policy in words, as adapters record it (``base_model_name_or_path``): the checkpoint's
+    absolute path, plus the shipped LoRA and its alpha when one is merged."""
+    text = os.path.abspath(checkpoint)
+    if base_lora is not None:
+        alpha = "" if base_lora_alpha is None else f" (alpha {base_lora_alpha:g})"
+        text += f" + LoRA {os.path.abspath(base_lora)}{alpha}"
+    return text
 
 
 @dataclass
@@ -135,15 +150,33 @@ class Pipeline:
         lora_alpha: float | None = None,
         wan_dir: str | Path | None = None,
         placement: Placement = CPU_FP32,
+        base_lora: str | Path | None = None,
+        base_lora_alpha: float | None = None,
     ) -> Pipeline:
-        """Generator (weights straight into the placement's dtype and device), text encoder and codec."""
+        """Generator (weights straight into the placement's dtype and device; the config's shipped LoRA
+        `base_lora` merged, then the adapter `lora`), text encoder and codec."""
         cfg = resolve_config(config, wan_dir)
         checkpoint = base_checkpoint(cfg, checkpoint)
-        require_paths((checkpoint, "checkpoint"), (lora, "LoRA adapter"), (wan_dir, "Wan folder"))
+        base_lora = shipped_lora(cfg, base_lora)
+        require_paths((checkpoint, "checkpoint"), (base_lora, "base LoRA"), (lora, "LoRA adapter"),
+                      (wan_dir, "Wan folder"))  # fmt: skip
         model = load_generator(cfg, checkpoint, lora=lora, lora_alpha=lora_alpha, dtype=placement.dtype,
-                               device=placement.device)  # fmt: skip
-        pid = policy_id(checkpoint, lora, lora_alpha)
+                               device=placement.device, base_lora=base_lora,
+                               base_lora_alpha=base_lora_alpha)  # fmt: skip
+        pid = policy_id(checkpoint, lora, lora_alpha, base_lora, base_lora_alpha)
         return cls(cfg, model, build_text(cfg, placement), build_codec(cfg, placement), pid)
+
+    @classmethod
+    def of_section(
+        cls, model: ModelSection, placement: Placement = CPU_FP32, lora: str | Path | None = None,
+        lora_alpha: float | None = None, config: ModelConfig | None = None,
+    ) -> Pipeline:  # fmt: skip
+        """The policy a stage's model section names (base weights + shipped LoRA, and its own ``--lora``
+        when it has one, else `lora`) on `placement`; `config`: the section's config already resolved (e.g.
+        with another cache policy)."""
+        lora, lora_alpha = getattr(model, "lora", None) or lora, getattr(model, "lora_alpha", None) or lora_alpha
+        return cls.load(config or model.config, model.checkpoint, lora, lora_alpha, model.wan_dir, placement,
+                        model.base_lora, model.base_lora_alpha)  # fmt: skip
 
     @classmethod
     def of_model(
@@ -210,11 +243,15 @@ class Pipeline:
         return self.decode_scenes(latents, runs)[0]
 
 
-def policy_id(checkpoint: str | Path, lora: str | Path | None = None, lora_alpha: float | None = None) -> str:
-    """16 hex digits of sha256 over the weights' checksums (the base's, and the LoRA's with its alpha)."""
+def policy_id(checkpoint: str | Path, lora: str | Path | None = None, lora_alpha: float | None = None,
+              base_lora: str | Path | None = None, base_lora_alpha: float | None = None) -> str:  # fmt: skip
+    """16 hex digits of sha256 over the weights' checksums (the base's, and the LoRA's with its alpha; a
+    shipped LoRA's, with its alpha, after them: ids of policies without one are those they always were)."""
     h = hashlib.sha256()
     for p in (checkpoint, lora):
         if p is not None:
             h.update(checksum(Path(p)).encode())
     h.update(repr(lora_alpha).encode())
+    if base_lora is not None:
+        h.update(b"base-lora" + checksum(Path(base_lora)).encode() + repr(base_lora_alpha).encode())
     return h.hexdigest()[:16]

@@ -66,7 +66,8 @@ def load_lora(model: ChunkModel, folder: str | Path, trainable: bool = True) -> 
 def save_lora(peft_model: PeftModel, folder: str | Path) -> Path:
     """Save the adapter in peft format atomically: written to a temp folder, then renamed into place."""
     with staged_folder(folder) as tmp:
-        peft_model.save_pretrained(str(tmp))
+        # no embedding layer is adapted: saying so keeps peft from looking the base (a file) up on the Hub
+        peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
         config = tmp / ADAPTER_CONFIG  # peft writes target_modules from a set: sort it so the bytes repeat
         data = json.loads(config.read_text())
         if isinstance(data.get("target_modules"), list):

@@ -115,10 +115,12 @@ def check_adapter_modules(
 
 
 def merged_generator(
-    config: str | ModelConfig, checkpoint: str | Path | None, adapters: Sequence[tuple[str | Path, float]]
+    config: str | ModelConfig, checkpoint: str | Path | None, adapters: Sequence[tuple[str | Path, float]],
+    base_lora: str | Path | None = None, base_lora_alpha: float | None = None,
 ) -> torch.nn.Module:
-    """The base generator with every (adapter folder, scale) merged into its weights (float64 sums)."""
-    model = load_generator(config, checkpoint)
+    """The base generator (with the model's shipped LoRA, when given) with every (adapter folder, scale)
+    merged into its weights (float64 sums)."""
+    model = load_generator(config, checkpoint, base_lora=base_lora, base_lora_alpha=base_lora_alpha)
     for folder, s in adapters:
         weights, alpha = read_lora(folder)
         merge_lora(model, weights, alpha=alpha, scale=float(s))
@@ -126,10 +128,12 @@ def merged_generator(
 
 
 def save_merged_weights(
-    config: str | ModelConfig, checkpoint: str | Path | None, adapters: Sequence[tuple[str | Path, float]], path: Path
+    config: str | ModelConfig, checkpoint: str | Path | None, adapters: Sequence[tuple[str | Path, float]], path: Path,
+    base_lora: str | Path | None = None, base_lora_alpha: float | None = None,
 ) -> Path:
-    """Full merged weights as .safetensors, loadable with ``--checkpoint`` by every command."""
-    save_safetensors(merged_generator(config, checkpoint, adapters).state_dict(), path)
+    """Full merged weights as .safetensors, loadable with ``--checkpoint`` by every command (a model that
+    ships a LoRA: with ``--base-lora none``, the LoRA is in them)."""
+    save_safetensors(merged_generator(config, checkpoint, adapters, base_lora, base_lora_alpha).state_dict(), path)
     return path
 
 

@@ -188,6 +188,8 @@ class CollectConfig(PromptSection, RewardSection, RoutingSection):
         # where the rewards come from (only when given: buffers written before these fields compare equal)
         out.update({flags[k]: getattr(self, k) for k in ("reward_paths", "reward_options", "reward_plugins")
                     if getattr(self, k)})  # fmt: skip
+        if model.cache.window is not None or model.cache.sink:  # (global caches: as buffers always compared)
+            out["cache (--sink, --window)"] = [model.cache.sink, model.cache.window]
         if policy_id is not None:
             out["weights (--checkpoint, --lora, --lora-alpha)"] = policy_id
         return out

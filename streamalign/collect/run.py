@@ -10,12 +10,13 @@ from ..buffer.inspect import buffer_info
 from ..buffer.urls import location
 from ..io.files import write_atomic
 from ..io.outputs import overwrite_permitted
+from ..models.checkpoint import shipped_lora
 from ..models.placement import Placement
 from ..pipeline import Pipeline, resolve_config
 from ..plan import check_stage
 from ..rewards.sources import reward_of
 from ..schemas.run import RUN_FILE, RunConfig, run_record
-from ..schemas.sections import Hardware, PolicySection
+from ..schemas.sections import CacheSection, Hardware, PolicySection
 from .collector import BranchTeam, CollectConfig, CollectSummary, collect, collect_folder
 from .distributed import rank_and_world
 
@@ -26,6 +27,7 @@ class CollectRun(RunConfig):
     `--branch-ranks n` teams of n ranks split each group's branches (the team's first rank writes)."""
 
     model: PolicySection = PolicySection()
+    cache: CacheSection = CacheSection()
     collect: CollectConfig = CollectConfig()
     hardware: Hardware = Hardware()
 
@@ -34,7 +36,8 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     """Collect into the buffer `out` (resuming) on this rank; rank 0 records the resolved run in ``run.yaml``.
     Returns (rank, what this rank did)."""
     m, out = cfg.model, collect_folder(out)
-    model = resolve_config(m.config, m.wan_dir)
+    model = cfg.cache.apply(resolve_config(m.config, m.wan_dir))
+    shipped_lora(model, m.base_lora)  # a model that ships a LoRA is refused without it before anything loads
     early = cfg.collect.resolve(model)  # other settings than the buffer's are refused before the weights load
     reward_of(early)  # reward names, paths and plug-ins checked before any model loads
     early.check(model.num_chunks)
@@ -48,8 +51,8 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     placement = Placement.of(cfg.hardware)
     check_stage("collect", model, placement, group_size=early.group_size, branch_batch=early.branch_batch,
                 pivot=None if early.pivot == "uniform" else int(early.pivot), groups=early.groups)  # fmt: skip
-    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir, placement)
-    resolved = cfg.replace(collect=cfg.collect.resolve(policy.config))
+    policy = Pipeline.of_section(m, placement, config=model)
+    resolved = cfg.replace(collect=cfg.collect.resolve(policy.config), cache=CacheSection.of(model))
     with rank_and_world() as (rank, world):
         summary = collect(policy, resolved.collect, out, rank, world)
     if rank == 0:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -19,6 +19,8 @@ from ..schemas.sections import (
     PromptSet,
     ResultsOut,
     RewardSection,
+    absolute,
+    absolute_fields,
 )
 from ..worlds import default_prompts, default_rewards
 
@@ -50,6 +52,15 @@ class Compare(Section):
 
     lora: list[str] = arg([], "Adapter to compare with the base (repeatable; NAME=PATH names it).")
     weights: list[str] = arg([], "Full merged weights to compare (repeatable; NAME=PATH names it).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("lora", "weights"):
+                if isinstance(data.get(key), list):
+                    data = {**data, key: [absolute_named(v) for v in data[key]]}
+        return data
 
 
 class VBenchSection(Section):
@@ -90,19 +101,24 @@ class MergeSettings(Section):
     semi: str | None = arg(None, "Semi-on-policy LoRA (peft folder), at --s-semi.")
     s_semi: float = arg(1.0, "Scale of the semi-on-policy LoRA.")
     scales: tuple[float, ...] = arg((0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "s_on values to evaluate, comma-separated.")
-    ood_metric: str = arg("background_cleanliness", "OOD metric of the dual criterion: a scored reward/metric, or "
-                          "vbench:<dimension> read from --ood-results.")  # fmt: skip
+    ood_metric: str | None = arg(None, "OOD metric of the dual criterion: a scored reward/metric, or "
+                                 "vbench:<dimension> read from --ood-results (default: the world's).")  # fmt: skip
     ood_results: str | None = arg(None, "Folder of VBench results per row (<row>/*_eval_results.json or "
                                   "<row>_eval_results.json; rows base, s0.2, ...) for a vbench: OOD "
                                   "metric.")  # fmt: skip
     ood_tolerance: float = arg(0.0, "Allowed drop of the OOD metric vs base.")
     full_weights: bool = arg(False, "Also write merged.safetensors.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute(cls, data: Any) -> Any:
+        return absolute_fields(data, ("on", "semi", "ood_results"))
+
     @model_validator(mode="after")
     def _scales(self) -> MergeSettings:
         if not self.scales or any(s < 0 for s in self.scales):
             raise ValueError(f"--scales must be non-negative numbers, got {list(self.scales)}")
-        if self.ood_metric.startswith("vbench:") and self.ood_results is None:
+        if self.ood_metric and self.ood_metric.startswith("vbench:") and self.ood_results is None:
             raise ValueError(f"--ood-metric {self.ood_metric} needs --ood-results DIR (the VBench results per row)")
         return self
 
@@ -121,6 +137,12 @@ class MergeRun(RunConfig):
     eval: SweepEval = SweepEval()
     vbench: VBenchSection = VBenchSection()
     hardware: Hardware = Hardware()
+
+
+def absolute_named(spec: str) -> str:
+    """'NAME=PATH' or 'PATH' with the path made absolute (a bare path keeps the name it was given)."""
+    name, path = named(spec)
+    return f"{name}={absolute(path)}"
 
 
 def named(spec: str) -> tuple[str, str]:

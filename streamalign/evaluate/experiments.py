@@ -102,7 +102,7 @@ def noise_sources_report(rows: list[dict], out: Path) -> None:
 def run_noise_sources(cfg: NoiseSourcesRun, out: str | Path) -> list[dict]:
     """The `experiment noise-sources` stage: ``noise_sources.md/json/png`` in `out`."""
     m, st = cfg.model, cfg.study
-    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir, Placement.of(cfg.hardware))
+    policy = Pipeline.of_section(m, Placement.of(cfg.hardware))
     texts = spread(list(default_prompts(policy.config, cfg.prompts.prompts, cfg.prompts.prompt_set)), st.n_prompts)
     policy.text.prefetch(texts)
     reward = reward_of(cfg.rewards, *default_rewards(policy.config, cfg.rewards.rewards, cfg.rewards.metrics))
@@ -168,14 +168,14 @@ def compare_runs(
     ps = [p for p in prompts for _ in range(eval_seeds)]
     seeds = [4_000_000 + i for i in range(len(ps))]
     m, place = base.model, Placement.of(base.hardware)
-    base_scores = score_policy(ModelSpec("base").load(m.config, m.checkpoint, m.wan_dir, place), ps, seeds, reward)
+    base_scores = score_policy(ModelSpec("base").load(m, place), ps, seeds, reward)
     result: dict = {"prompts": list(prompts), "eval_pairs": len(ps), **(extra or {}),
                     "ood_metrics": [r.label for r in reward.metrics], "runs": {}}  # fmt: skip
     for r in runs:
         cfg = base.replace(**r.overrides, eval_prompts=tuple(ps))  # validated
         summary = train(cfg, tmp / r.name, progress=progress)
         spec = ModelSpec(r.name, lora=str(summary.adapter))
-        sc = score_policy(spec.load(m.config, m.checkpoint, m.wan_dir, place), ps, seeds, reward)
+        sc = score_policy(spec.load(m, place), ps, seeds, reward)
         rows = read_metrics(tmp / r.name / "metrics.jsonl")
         moved = moved_rows([row for row in rows if "loss" in row])  # ratio 1 by construction left out
         clip = [row["clip_frac"] for row in moved if "clip_frac" in row]
@@ -259,7 +259,7 @@ class EqualBudget:
 
     def collect_buffer(self, buffer: Path) -> None:
         m = self.base.model
-        policy = Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, placement=Placement.of(self.base.hardware))
+        policy = Pipeline.of_section(m, Placement.of(self.base.hardware))
         collect(policy, self.collect, buffer, progress=False)
 
 

@@ -15,10 +15,12 @@ import torch
 from ..io.media import frame_grid, save_gif, save_mp4
 from ..io.outputs import output_folder
 from ..io.plots import save, subplots
+from ..models.checkpoint import NO_LORA
 from ..models.placement import CPU_FP32, Placement
 from ..pipeline import Pipeline, resolve_config
 from ..plan import check_stage
 from ..schemas.run import run_record
+from ..schemas.sections import ModelSection
 from ..scoring import paired_differences, score_policy
 from .config import EvalSettings, EvaluateRun, named
 from .vbench import VBenchExport
@@ -26,17 +28,18 @@ from .vbench import VBenchExport
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model to evaluate: the base weights (``checkpoint=None``: the config's shipped/base weights),
-    optionally with a peft adapter folder merged in."""
+    """A model to evaluate: the policy of the model section (its base weights and shipped LoRA), optionally
+    with a peft adapter folder merged on top, or full merged weights (``checkpoint``: the shipped LoRA is
+    in them already)."""
 
     name: str
     checkpoint: str | None = None
     lora: str | None = None
 
-    def load(
-        self, config: str, base_checkpoint: str | None, wan_dir: str | None, placement: Placement = CPU_FP32
-    ) -> Pipeline:
-        return Pipeline.load(config, self.checkpoint or base_checkpoint, self.lora, None, wan_dir, placement)
+    def load(self, model: ModelSection, placement: Placement = CPU_FP32) -> Pipeline:
+        if self.checkpoint is not None:
+            return Pipeline.load(model.config, self.checkpoint, self.lora, None, model.wan_dir, placement, NO_LORA)
+        return Pipeline.of_section(model, placement, self.lora)
 
 
 def pairs(prompts: Sequence[str], seeds_per_prompt: int, seed: int) -> tuple[list[str], list[int]]:
@@ -98,11 +101,13 @@ def _evaluate(models: Sequence[ModelSpec], prompts: list[str], st: EvalSettings,
     sample_videos: dict[str, torch.Tensor] = {}
     chosen = spread(list(zip(ps, seeds, strict=True)), st.samples)  # the (prompt, seed) pairs shown as samples
     for m in models:
-        policy = m.load(st.config, st.checkpoint, st.wan_dir, placement)
+        policy = m.load(st, placement)
         policy.text.prefetch(prompts)  # once per process: later models find them cached
         scores[m.name] = score_policy(policy, ps, seeds, reward, st.batch)
         # kept for the media only: 8-bit frames on the host
-        sample_videos[m.name] = policy.generate([p for p, _ in chosen], [s for _, s in chosen], st.batch, uint8=True)
+        if chosen:  # --samples 0: no media
+            sample_videos[m.name] = policy.generate([p for p, _ in chosen], [s for _, s in chosen], st.batch,
+                                                    uint8=True)  # fmt: skip
         if export is not None:
             export.write(export_dir, m.name, policy.generate)
     base = models[0].name

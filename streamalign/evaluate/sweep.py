@@ -12,13 +12,14 @@ from ..adapters.merge import Selection, check_adapter_modules, combine_adapters,
 from ..io.files import require_paths
 from ..io.outputs import output_folder
 from ..io.plots import save, subplots
-from ..models.checkpoint import read_adapter
+from ..models.checkpoint import NO_LORA, read_adapter, shipped_lora
 from ..models.placement import CPU_FP32, Placement
 from ..pipeline import base_checkpoint, resolve_config
 from ..plan import check_stage
 from ..schemas.config import ModelConfig
 from ..schemas.run import run_record
 from ..scoring import paired_differences, score_policy
+from ..worlds import default_ood_metric
 from .config import EvalSettings, MergeRun
 from .report import ModelSpec, export_to, pairs
 from .vbench import VBenchExport, results_metric
@@ -64,7 +65,7 @@ def merge_sweep(
 def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_semi, ood, ood_tolerance, full_weights,
            placement: Placement, ood_results=None, export=None, export_dir=None):  # fmt: skip
     ps, seeds = pairs(prompts, settings.seeds_per_prompt, settings.seed)
-    base_policy = ModelSpec("base").load(settings.config, settings.checkpoint, settings.wan_dir, placement)
+    base_policy = ModelSpec("base").load(settings, placement)
     base_policy.text.prefetch(prompts)  # once per process: every scale's pipeline finds them cached
     base = score_policy(base_policy, ps, seeds, reward, settings.batch)
     if export is not None:
@@ -77,7 +78,7 @@ def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_
     for s in sorted(set(scales)):
         folders[s] = combine_adapters(parts(s), tmp / "adapters" / f"s{s:g}", settings.config)
         spec = ModelSpec(f"s{s:g}", lora=str(folders[s]))
-        policy = spec.load(settings.config, settings.checkpoint, settings.wan_dir, placement)
+        policy = spec.load(settings, placement)
         sc = score_policy(policy, ps, seeds, reward, settings.batch)
         if export is not None:
             export.write(export_dir, spec.name, policy.generate)
@@ -108,7 +109,9 @@ def _sweep(on, semi, scales, prompts, settings, reward, tmp: Path, out: Path, s_
         result["adapter"] = str(out / "adapter")
         if full_weights:
             w0 = base_checkpoint(ModelConfig.load(settings.config), settings.checkpoint)
-            save_merged_weights(settings.config, w0, parts(sel.scale), tmp / "merged.safetensors")
+            save_merged_weights(settings.config, w0, parts(sel.scale), tmp / "merged.safetensors",
+                                shipped_lora(ModelConfig.load(settings.config), settings.base_lora),
+                                settings.base_lora_alpha)  # fmt: skip
             result["merged_weights"] = str(out / "merged.safetensors")
     (tmp / "sweep.json").write_text(json.dumps(result, indent=1))
     (tmp / "sweep.md").write_text(sweep_markdown(result, sel))
@@ -151,12 +154,18 @@ def plot_sweep(result: dict, png: Path) -> None:
 
 
 def run_merge(cfg: MergeRun, out: str | Path) -> dict:
-    """The `merge` stage: the sweep on the resolved prompts; the results and ``run.yaml`` in `out`."""
-    m, st = cfg.merge, cfg.eval.resolved()
-    require_paths((m.on, "on-policy adapter"), (m.semi, "semi-on-policy adapter"), (st.checkpoint, "checkpoint"))
+    """The `merge` stage: the sweep on the resolved prompts; the results and ``run.yaml`` in `out`. Every
+    default a world provides (prompts, rewards, metrics, the OOD metric) is resolved, or asked for in one
+    line, before anything loads."""
+    st = cfg.eval.resolved()
+    ood = default_ood_metric(ModelConfig.load(st.config), cfg.merge.ood_metric)
+    m = cfg.merge.model_copy(update={"ood_metric": ood})
+    require_paths((m.on, "on-policy adapter"), (m.semi, "semi-on-policy adapter"), (st.checkpoint, "checkpoint"),
+                  (st.base_lora if st.base_lora != NO_LORA else None, "base LoRA"))  # fmt: skip
     return merge_sweep(m.on, m.semi, m.scales, st.prompts, st, out, m.s_semi, m.ood_metric, m.ood_tolerance,
                        m.full_weights, Placement.of(cfg.hardware), m.ood_results,
-                       cfg.vbench.exporter(list(st.prompts)), run_record(cfg.replace(eval=st), "merge"))  # fmt: skip
+                       cfg.vbench.exporter(list(st.prompts)),
+                       run_record(cfg.replace(eval=st, merge=m), "merge"))  # fmt: skip
 
 
 def merge_stage(cfg: MergeRun, out: Path) -> str:

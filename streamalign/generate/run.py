@@ -155,7 +155,7 @@ def run_generate(cfg: GenerateRun, out: str | Path) -> list[Path]:
         raise ValueError("give a PROMPT argument or --prompts FILE (one of them)")
     if g.frames is not None:  # before any model loads
         check_video_memory(resolve_config(m.config, m.wan_dir), g.frames)
-    policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir, Placement.of(cfg.hardware))
+    policy = Pipeline.of_section(m, Placement.of(cfg.hardware))
     return generate(policy, g.prompts, out, seed=g.seed, fps=g.fps, frames=g.frames, sink=g.sink, window=g.window,
                     run=run_record(cfg, "generate"))  # fmt: skip
 

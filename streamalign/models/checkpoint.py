@@ -14,6 +14,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -134,34 +135,44 @@ def _is_legacy_torch_file(path: Path) -> bool:
 
 
 def read_state_dict(
-    path: str | Path, which: str = "auto", key_adapter: Callable[[str], str] = normalize_key
+    path: str | Path, which: str = "auto", key_adapter: Callable[[str], str] = normalize_key, prefer: str = "auto"
 ) -> Mapping[str, torch.Tensor]:
     """The generator's bare state dict from a checkpoint file (keys mapped by the family's `key_adapter`):
     safetensors tensors are read on access (:class:`LazyTensors`), torch files are memory-mapped.
 
-    which: ``generator`` / ``generator_ema`` (Self-Forcing style files) or ``auto`` (``generator_ema`` if
-    present, else ``generator``, else ``model``/``state_dict``, else the file itself).
+    which: ``generator`` / ``generator_ema`` (Self-Forcing style files) or ``auto``: `prefer` (a preset's
+    entry) if the file has it, else ``generator_ema``, else ``generator``, else ``model``/``state_dict``,
+    else the file itself.
     """
+    return read_generator_entry(path, which, key_adapter, prefer)[1]
+
+
+def read_generator_entry(
+    path: str | Path, which: str = "auto", key_adapter: Callable[[str], str] = normalize_key, prefer: str = "auto"
+) -> tuple[str | None, Mapping[str, torch.Tensor]]:
+    """(the entry read, None for a bare state dict; the state dict) as :func:`read_state_dict` reads them."""
     raw = _read_raw(Path(path))
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(raw).__name__}, not a state dict")
+    entry = None
     if which != "auto":
         if which not in raw:
             raise CheckpointError(f"checkpoint {path} has no '{which}' entry (top-level keys: {list(raw)[:8]})")
-        raw = raw[which]
+        entry, raw = which, raw[which]
     else:
-        for name in ("generator_ema", "generator", "model", "state_dict"):
+        order = ([prefer] if prefer != "auto" else []) + ["generator_ema", "generator", "model", "state_dict"]
+        for name in order:
             if name in raw and isinstance(raw[name], Mapping):
-                raw = raw[name]
+                entry, raw = name, raw[name]
                 break
     if isinstance(raw, LazyTensors):  # safetensors: tensors only, read on access
-        return raw.renamed(key_adapter)
+        return entry, raw.renamed(key_adapter)
     sd = {}
     for k, v in raw.items():
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"checkpoint {path}: entry '{k}' is not a tensor")
         sd[key_adapter(k)] = v
-    return sd
+    return entry, sd
 
 
 def _describe(keys: list[str], limit: int = 6) -> str:
@@ -341,6 +352,58 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], float | None]:
     return dict(raw), None
 
 
+NO_LORA = "none"  # --base-lora none: weights the shipped LoRA is already merged into (model convert --lora)
+
+
+def shipped_lora(cfg: ModelConfig, base_lora: str | Path | None) -> str | Path | None:
+    """The shipped LoRA to merge into the base weights: `base_lora` (``none``: no LoRA); a config that ships
+    one (LongLive) refuses to load without it, in one line naming the file it needs."""
+    if base_lora is not None:
+        return None if str(base_lora) == NO_LORA else base_lora
+    if cfg.lora is None:
+        return None
+    where = f" ({cfg.lora.file} of the Hugging Face repo {cfg.lora.repo})" if cfg.lora.repo and cfg.lora.file else ""
+    raise ValueError(f"config {cfg.name!r} is its base weights with the LoRA it ships: give --base-lora FILE{where}, "
+                     f"or --base-lora {NO_LORA} for weights it is merged into (model convert --base-lora)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_generator` loaded: the checkpoint entry (None: a bare state dict or no file) and,
+    per merged LoRA (the shipped one first, then an adapter), its file, alpha and the layers it changed."""
+
+    entry: str | None = None
+    loras: tuple[tuple[str, float | None, int], ...] = ()  # (path, alpha (None: the rank), layers merged)
+
+
+def shipped_lora_weights(
+    cfg: ModelConfig, model: torch.nn.Module, path: str | Path, alpha: float | None
+) -> tuple[list[tuple[str, torch.nn.Linear, torch.Tensor, torch.Tensor]], float]:
+    """The model's shipped LoRA (e.g. LongLive's ``lora.pt``) matched to `model`'s layers, and its alpha (given,
+    else the preset's, else the file's, else the rank). Its rank and targets are checked against the
+    preset's geometry: one line naming the file and both geometries."""
+    weights, file_alpha = read_lora(path)
+    pairs = lora_pairs(model, weights)
+    spec = cfg.lora
+    if spec is not None:
+        ranks = sorted({a.shape[0] for _, _, a, _ in pairs})
+        if ranks != [spec.rank]:
+            have = "/".join(map(str, ranks)) or "none"
+            raise CheckpointError(f"LoRA {path} has rank {have}, but config {cfg.name!r} ships a rank-{spec.rank} "
+                                  "LoRA: give the model's own LoRA file")  # fmt: skip
+        if spec.targets:
+            suffixes = {next((t for t in spec.targets if n == t or n.endswith("." + t)), None) for n, *_ in pairs}
+            missing = sorted(set(spec.targets) - suffixes)
+            if None in suffixes or missing:
+                raise CheckpointError(f"LoRA {path} adapts other layers than config {cfg.name!r}'s LoRA "
+                                      f"({', '.join(spec.targets)}): " + (f"lacks {', '.join(missing)}" if missing
+                                      else "it adapts layers outside them"))  # fmt: skip
+    for a in (alpha, spec.alpha if spec is not None else None, file_alpha):
+        if a is not None:
+            return pairs, float(a)
+    return pairs, float(pairs[0][2].shape[0]) if pairs else 1.0
+
+
 def load_generator(
     config: ModelConfig | str,
     checkpoint: str | Path | None = None,
@@ -349,36 +412,61 @@ def load_generator(
     lora_alpha: float | None = None,
     dtype: torch.dtype | None = torch.float32,
     device: torch.device | str = "cpu",
+    base_lora: str | Path | None = None,
+    base_lora_alpha: float | None = None,
 ) -> ChunkModel:
-    """A generator from a config (name or object), strictly loaded from `checkpoint` if given, with an
-    optional LoRA merged in. Without a checkpoint the weights are randomly initialised (Wan init).
+    """A generator from a config (name or object), strictly loaded from `checkpoint` if given, with the
+    model's shipped LoRA (`base_lora`, e.g. LongLive's) and then an adapter (`lora`) merged in. Without a
+    checkpoint the weights are randomly initialised (Wan init). ``which="auto"`` reads the entry the
+    config's ``weights.entry`` names when the file has it. The model's ``load_report`` says what was read.
 
     With a checkpoint the model is built on the meta device and each stored tensor goes straight to
     `dtype` on `device` (``dtype=None`` keeps the checkpoint's): no float32 copy of a bf16 model is ever
-    made, and a LoRA is merged into each stored weight in float64 before its cast."""
+    made, and the LoRAs are merged into each stored weight in float64 before its cast."""
     cfg = ModelConfig.load(config) if isinstance(config, str) else config
     family = get_family(cfg.arch.family)
     if checkpoint is None:
         with torch.device("cpu"):  # the random init is defined in float32 on the CPU (same numbers anywhere)
             model = family.build(cfg.arch)
-        if lora is not None:
-            weights, alpha = read_lora(lora)
-            merge_lora(model, weights, alpha=lora_alpha if lora_alpha is not None else alpha)
-        return model.to(device=device, dtype=dtype or torch.float32).eval()
+        merged = []
+        for path, pairs, alpha in _loras(cfg, model, base_lora, base_lora_alpha, lora, lora_alpha):
+            for _, lin, a, b in pairs:
+                with torch.no_grad():
+                    lin.weight.copy_((lin.weight.double() + lora_delta(a, b, alpha)).to(lin.weight.dtype))
+            merged.append((str(path), alpha, len(pairs)))
+        model = model.to(device=device, dtype=dtype or torch.float32).eval()
+        model.load_report = LoadReport(None, tuple(merged))
+        return model
     with torch.device("meta"):
         model = family.build(cfg.arch)
-    sd = read_state_dict(checkpoint, which, family.key_adapter)
+    entry, sd = read_generator_entry(checkpoint, which, family.key_adapter, cfg.weights.entry)
     check_state_dict(model, sd, str(checkpoint), cfg.name)
     if dtype is None:
         dtype = next((spec_of(sd, k)[1] for k in sd if spec_of(sd, k)[1].is_floating_point), torch.float32)
-    deltas = {}
-    if lora is not None:
-        weights, alpha = read_lora(lora)
-        alpha = lora_alpha if lora_alpha is not None else alpha
-        for name, _, a, b in lora_pairs(model, weights):
-            deltas[f"{name}.weight"] = lambda w, a=a, b=b: (w.double() + lora_delta(a, b, alpha)).to(dtype)
-    assign_state_dict(model, sd, dtype, device, deltas)
+    deltas: dict[str, list] = {}
+    merged = []
+    for path, pairs, alpha in _loras(cfg, model, base_lora, base_lora_alpha, lora, lora_alpha):
+        for name, _, a, b in pairs:
+            deltas.setdefault(f"{name}.weight", []).append((a, b, alpha))
+        merged.append((str(path), alpha, len(pairs)))
+
+    def merge(parts):  # every LoRA's delta added to the stored weight in float64, then one cast
+        return lambda w: (w.double() + sum(lora_delta(a, b, alpha) for a, b, alpha in parts)).to(dtype)
+
+    assign_state_dict(model, sd, dtype, device, {k: merge(v) for k, v in deltas.items()})
+    model.load_report = LoadReport(entry, tuple(merged))
     return model.eval()
+
+
+def _loras(cfg: ModelConfig, model: torch.nn.Module, base_lora, base_alpha, lora, alpha) -> list:
+    """(path, matched pairs, alpha) of the shipped LoRA and the adapter that are given, in merge order."""
+    out = []
+    if base_lora is not None:
+        out.append((base_lora, *shipped_lora_weights(cfg, model, base_lora, base_alpha)))
+    if lora is not None:
+        weights, file_alpha = read_lora(lora)
+        out.append((lora, lora_pairs(model, weights), alpha if alpha is not None else file_alpha))
+    return out
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:

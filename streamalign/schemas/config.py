@@ -116,10 +116,38 @@ class CodecConfig(_Strict):
     path: str | None = None
 
 
+EntryName = Literal["auto", "generator", "generator_ema"]
+
+
+class WeightsConfig(_Strict):
+    """Where a named model's generator weights come from and how its file is laid out (documentation and
+    the loader's choice of entry): the Hugging Face repository and file as published, the entry of a
+    Self-Forcing style ``.pt`` the authors' inference loads, and the key prefix of its tensors (the loader
+    strips every known prefix; a different one is a strict-load error naming the keys)."""
+
+    repo: str | None = None  # Hugging Face repository (ORG/NAME)
+    file: str | None = None  # path of the checkpoint in that repository
+    entry: EntryName = "auto"  # which entry ``auto`` picks when the file has several
+    key_prefix: str = ""  # prefix of the stored keys (e.g. ``model.``), informative
+
+
+class ShippedLoraConfig(_Strict):
+    """A LoRA the model is published with (LongLive): its file, entry, geometry and default alpha. The
+    model is its base weights with this LoRA merged exactly (``W += (alpha / rank) B A``)."""
+
+    repo: str | None = None
+    file: str | None = None
+    entry: str = "generator_lora"
+    rank: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    targets: tuple[str, ...] = ()  # module-name suffixes the shipped LoRA adapts (empty: not checked)
+
+
 class ModelConfig(_Strict):
     """Everything one pipeline is assembled from: the generator (arch + default weights), its sampler and
     latent geometry, the KV-cache policy, the text encoder, the codec, and (built-in worlds) the world
-    whose prompts and rewards are the defaults."""
+    whose prompts and rewards are the defaults. A named model's preset also says where its files come from
+    (``weights``) and the LoRA it ships (``lora``)."""
 
     name: str
     arch: ArchConfig
@@ -130,6 +158,8 @@ class ModelConfig(_Strict):
     codec: CodecConfig = CodecConfig()
     checkpoint: str | None = None  # default generator weights; relative to the YAML file it is written in
     world: str | None = None  # a built-in world (``shapes``): default prompt sets and rewards
+    weights: WeightsConfig = WeightsConfig()
+    lora: ShippedLoraConfig | None = None  # the LoRA the model ships (merged into the base weights)
 
     @model_validator(mode="after")
     def _geometry(self) -> ModelConfig:
@@ -168,25 +198,9 @@ class ModelConfig(_Strict):
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> ModelConfig:
-        """Load a preset by name (``wan-1.3b``, ``wan-14b``, ``tiny``) or a YAML file by path."""
-        path = Path(name_or_path)
-        preset = PRESET_DIR / f"{name_or_path}.yaml"
-        if not path.is_file() and preset.is_file():
-            path = preset
-        if not path.is_file():
-            raise FileNotFoundError(f"model config '{name_or_path}' not found: give a YAML path or one of {presets()}")
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f)
-        except yaml.YAMLError as e:  # one line naming file:line, as a run config's
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise ValueError(f"model config {path}{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"model config {path} is not a YAML mapping")
-        if data.get("checkpoint") is not None:  # relative to the file, so presets can name shipped weights
-            data["checkpoint"] = str((path.parent / data["checkpoint"]).resolve())
-        return cls.model_validate(data)
+        """Load a preset by name (``wan-1.3b``, ``self-forcing``, ``tiny``) or a YAML file by path. A file
+        may start from another config (``extends: NAME or PATH``) and give only the fields it changes."""
+        return cls.model_validate(_config_data(name_or_path, ()))
 
     def with_overrides(self, **sections: dict) -> ModelConfig:
         """A copy with some fields of some sections replaced, e.g. ``latent={"frames": 42}``."""
@@ -197,6 +211,45 @@ class ModelConfig(_Strict):
             else:
                 data[section] = values
         return ModelConfig.model_validate(data)
+
+
+def _config_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
+    path = Path(name_or_path)
+    if relative_to is not None and not path.is_absolute() and (relative_to / path).is_file():
+        path = relative_to / path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file() and preset.is_file():
+        path = preset
+    if not path.is_file():
+        raise FileNotFoundError(f"model config '{name_or_path}' not found: give a YAML path or one of {presets()}")
+    return path
+
+
+def _config_data(name_or_path: str | Path, chain: tuple[Path, ...], relative_to: Path | None = None) -> dict:
+    """A config file's mapping with its ``extends`` chain merged in (each file's sections update its base's
+    field by field) and its ``checkpoint`` made absolute (relative to the file that names it)."""
+    path = _config_path(name_or_path, relative_to).resolve()
+    if path in chain:
+        raise ValueError(f"model config {path} extends itself ({' -> '.join(p.name for p in (*chain, path))})")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:  # one line naming file:line, as a run config's
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"model config {path}{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"model config {path} is not a YAML mapping")
+    if data.get("checkpoint") is not None:  # relative to the file, so presets can name shipped weights
+        data["checkpoint"] = str((path.parent / data["checkpoint"]).resolve())
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    merged = _config_data(base, (*chain, path), path.parent)
+    for key, value in data.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if both else value
+    return merged
 
 
 def presets() -> list[str]:

@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from .config import ModelConfig
 from .run import RUN_FILE, Section, SettingError, arg, parse_pairs, read_run_file
 
 # a dtype by name: "auto" is the compute dtype (bf16 on CUDA, fp32 on CPU); see models/placement.py
@@ -17,19 +18,74 @@ DtypeName = Literal["auto", "fp32", "bf16", "fp16"]
 TextOffload = Literal["auto", "keep", "cpu", "free"]
 
 
+def absolute(path: str | None) -> str | None:
+    """The one rule for paths recorded in ``run.yaml``: absolute (a URL or hub id, ``X://...``, as given),
+    so a recorded run rebuilds from any working directory."""
+    if path is None or "://" in str(path):
+        return path
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def absolute_fields(data: Any, names: tuple[str, ...], keep: tuple[str, ...] = ()) -> Any:
+    """`data` (a section's input mapping) with the path fields `names` made :func:`absolute` (values in
+    `keep`, e.g. ``none``, as given)."""
+    if not isinstance(data, dict):
+        return data
+    return {**data, **{k: absolute(data[k]) for k in names if isinstance(data.get(k), str) and data[k] not in keep}}
+
+
 class ModelSection(Section):
     """Model"""
 
+    # the policy every stage loads: base weights + the LoRA the model ships (LongLive), merged exactly;
+    # a stage's own adapters (collect/generate --lora, train's LoRA, merge's) go on top of it
     config: str = arg("shapes", "Model config: preset name or YAML path.", short="-c")
     checkpoint: str | None = arg(None, "Generator weights (default: the config's, e.g. the shipped shapes weights).")
+    base_lora: str | None = arg(None, "The LoRA the model ships (LongLive's lora.pt), merged exactly into the "
+                                "base weights ('none': weights it is already merged into).")  # fmt: skip
+    base_lora_alpha: float | None = arg(None, "Alpha of --base-lora (default: the config's, else the file's, "
+                                        "else its rank).")  # fmt: skip
     wan_dir: str | None = arg(None, "Local Diffusers Wan2.1 folder (UMT5 + VAE).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute(cls, data: Any) -> Any:
+        data = absolute_fields(data, ("checkpoint", "base_lora", "wan_dir", "lora"), keep=("none",))
+        config = data.get("config") if isinstance(data, dict) else None
+        if isinstance(config, str) and (Path(config).is_file() or config.endswith((".yaml", ".yml"))):
+            data = {**data, "config": absolute(config)}  # a YAML path; a preset name stays a name
+        return data
 
 
 class PolicySection(ModelSection):
     """Model"""
 
-    lora: str | None = arg(None, "LoRA adapter (peft folder or LongLive file) merged into the model.")
+    lora: str | None = arg(None, "LoRA adapter (peft folder or LongLive file) merged on top of the policy.")
     lora_alpha: float | None = arg(None, "LoRA alpha (default: adapter config, else rank).")
+
+
+class CacheSection(Section):
+    """KV cache"""
+
+    # the cache policy a rollout runs under: a buffer's entries are replayed under the one they were
+    # collected with (train reads it from the buffer's run.yaml)
+    sink: int | None = Field(None, ge=0, description="Sink frames kept forever (default: the config's, e.g. "
+                             "LongLive's 3).")  # fmt: skip
+    window: int | None = Field(None, ge=0, description="Rolling window in frames, the current chunk included "
+                               "(default: the config's, e.g. LongLive's 9; 0: a global cache).")  # fmt: skip
+
+    def apply(self, model: ModelConfig) -> ModelConfig:
+        """`model` with the sink / window given here (the config's where not given)."""
+        if self.sink is None and self.window is None:
+            return model
+        c = model.cache
+        window = c.window if self.window is None else (self.window or None)
+        return model.with_overrides(cache={"sink": c.sink if self.sink is None else self.sink, "window": window})
+
+    @staticmethod
+    def of(model: ModelConfig) -> dict[str, int]:
+        """The flags that reproduce `model`'s cache policy (what run.yaml records)."""
+        return {"sink": model.cache.sink, "window": model.cache.window or 0}
 
 
 class RewardSection(Section):

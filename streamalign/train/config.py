@@ -7,6 +7,7 @@ Flat keywords are routed to their section: ``TrainConfig(mode="semi", buffer="bu
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -15,8 +16,16 @@ from ..adapters.lora import LoraSettings
 from ..buffer.formats import FormatName
 from ..buffer.urls import local_path
 from ..schemas.config import ModelConfig
-from ..schemas.run import RUN_FILE, RunConfig, Section, arg
-from ..schemas.sections import Hardware, ModelSection, PromptSection, RewardSection, RoutingSection
+from ..schemas.run import RUN_FILE, RunConfig, Section, arg, read_run_file
+from ..schemas.sections import (
+    CacheSection,
+    Hardware,
+    ModelSection,
+    PromptSection,
+    RewardSection,
+    RoutingSection,
+    absolute_fields,
+)
 from .objectives import OBJECTIVES
 from .objectives.copo import CoPOConfig
 from .replay import CONTEXT_MODES
@@ -30,6 +39,11 @@ class LoraSection(Section):
     lora_rank: int = arg(64, "LoRA rank.")
     lora_alpha: float = arg(128.0, "LoRA alpha.")
     init_adapter: str | None = arg(None, "Continue training this peft adapter.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute(cls, data: typing.Any) -> typing.Any:
+        return absolute_fields(data, ("init_adapter",))
 
 
 class SemiData(Section):
@@ -117,6 +131,7 @@ class TrainConfig(RunConfig):
     mode: Literal["semi", "on"] = arg("semi", "semi: stream --buffer; on: fresh rollouts + K updates each.")
     seed: int = arg(0, "Seed of the LoRA init, data order and anchors.")
     model: ModelSection = ModelSection()
+    cache: CacheSection = CacheSection()
     lora: LoraSection = LoraSection()
     objective: ObjectiveSpec = arg(CoPOConfig(), "Objective: " + " | ".join(OBJECTIVES) + ".")
     data: SemiData = SemiData()
@@ -155,6 +170,8 @@ class TrainConfig(RunConfig):
         # rewards are given with --rewards)
         local = local_path(self.data.buffer) if self.mode == "semi" else None
         recorded = local is not None and (local / RUN_FILE).is_file()
+        if recorded and (cache := buffer_cache(local, self.cache, model)) != self.cache:
+            return self.replace(cache=cache).resolve()
         if recorded and self.logging.eval_every and not (ro.rewards or ro.rewards_from):
             return self.replace(rewards_from=str(local)).resolve()  # the rewards the buffer was scored by
         changes: dict = {}
@@ -170,6 +187,24 @@ class TrainConfig(RunConfig):
             rewards, metrics = default_rewards(model, self.rollouts.rewards, self.rollouts.metrics)
             changes.update(rewards=rewards, metrics=metrics)
         return self.replace(**changes) if changes else self
+
+
+def buffer_cache(buffer: Path, cache: CacheSection, model: ModelConfig) -> CacheSection:
+    """The cache policy of a semi run on `buffer`: the one its groups were rolled out under (its run.yaml's
+    ``cache``), which their pivots are replayed under; `cache` (the flags) when the buffer records none.
+    Flags that set another policy are refused in one line naming both."""
+    recorded = read_run_file(buffer / RUN_FILE).get("cache")
+    if not isinstance(recorded, dict):
+        return cache
+    rec = CacheSection(sink=recorded.get("sink"), window=recorded.get("window"))
+    if cache.sink is None and cache.window is None:
+        return rec
+    given = CacheSection.of(cache.apply(model))
+    if given != CacheSection.of(rec.apply(model)):
+        raise ValueError(f"--sink {given['sink']} --window {given['window']}: buffer {buffer} was collected with "
+                         f"--sink {rec.sink} --window {rec.window}, which its pivots are replayed under: drop "
+                         "--sink/--window or give the buffer's")  # fmt: skip
+    return cache
 
 
 def parse_weights(spec: str | None) -> dict[str, float] | None:

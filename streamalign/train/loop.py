@@ -30,15 +30,18 @@ from ..extras import require
 from ..io.files import require_paths, staged_folder, write_atomic
 from ..io.outputs import MARKER, open_output, overwrite_permitted, permit_overwrite
 from ..io.progress import progress_bar
+from ..models.checkpoint import shipped_lora
 from ..models.noise import derive_seed
 from ..models.placement import Placement
 from ..models.sampler import Sampler
 from ..optim import lr_at
-from ..pipeline import Pipeline, resolve_config
+from ..pipeline import Pipeline, base_checkpoint, describe_policy, policy_id, resolve_config
 from ..plan import check_stage
 from ..rewards.sources import reward_of
 from ..schemas.buffer import Entry, SchemaError
-from ..schemas.run import RUN_FILE, run_record
+from ..schemas.config import ModelConfig
+from ..schemas.run import RUN_FILE, read_run_file, run_record
+from ..schemas.sections import ModelSection
 from ..scoring import bootstrap_ci, score_policy
 from .config import TrainConfig
 from .health import CURVE_KEYS, health, plot_rows
@@ -90,11 +93,14 @@ class Trainer:
         place = Placement.of(hw, apply_threads=False)  # the frozen base in --dtype; LoRA and AdamW in fp32
         self.device = place.device
         self.bf16, checkpointing = hw.resolved(self.device.type)
-        base = pipeline or Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, placement=place)
+        model_cfg = cfg.cache.apply(resolve_config(m.config, m.wan_dir))
+        base = pipeline or Pipeline.of_section(m, place, config=model_cfg)
         if cfg.lora.init_adapter is not None:
             self.peft = load_lora(base.model, cfg.lora.init_adapter, trainable=True)
         else:
             self.peft = attach_lora(base.model, LoraSettings(cfg.lora.lora_rank, cfg.lora.lora_alpha), seed=cfg.seed)
+        if pipeline is None:  # the saved adapter names the policy it adapts
+            self.peft.peft_config["default"].base_model_name_or_path = policy_text(m)
         self.model = self.peft.base_model.model  # the CausalWanModel, LoRA layers injected
         self.model.train()
         cast_lora_inputs(self.peft, not self.bf16)
@@ -282,6 +288,37 @@ def _check_buffer(cfg: TrainConfig, trainer: Trainer) -> None:
             f"buffer {buffer} holds groups of model config {sorted(names)}, this run uses "
             f"{trainer.policy.config.name!r}: pass the buffer's --config"
         )
+    _check_policy(cfg, trainer, set(table.column("policy_id").to_pylist()))
+
+
+def policy_text(m: ModelSection) -> str:
+    """The policy of a model section in words (base checkpoint + shipped LoRA), as adapters record it."""
+    model = ModelConfig.load(m.config)
+    lora = shipped_lora(model, m.base_lora)
+    alpha = m.base_lora_alpha if m.base_lora_alpha is not None else (model.lora.alpha if model.lora else None)
+    return describe_policy(base_checkpoint(model, m.checkpoint), lora, alpha if lora is not None else None)
+
+
+def _check_policy(cfg: TrainConfig, trainer: Trainer, buffer_ids: set[str]) -> None:
+    """Semi-on-policy: the buffer's groups were rolled out by the policy this run trains (its base weights
+    and shipped LoRA; or that policy with --init-adapter, which the run continues from). Another base or
+    LoRA is refused in one line naming both."""
+    m = cfg.model
+    model = ModelConfig.load(m.config)
+    checkpoint, lora = base_checkpoint(model, m.checkpoint), shipped_lora(model, m.base_lora)
+    ours = {trainer.policy.policy_id}
+    if cfg.lora.init_adapter is not None:
+        ours.add(policy_id(checkpoint, cfg.lora.init_adapter, None, lora, m.base_lora_alpha))
+    if buffer_ids <= ours:
+        return
+    local = local_path(cfg.data.buffer)
+    recorded = read_run_file(local / RUN_FILE).get("model", {}) if local and (local / RUN_FILE).is_file() else {}
+    theirs = ", ".join(f"{k} {recorded[k]}" for k in ("checkpoint", "base_lora", "lora") if recorded.get(k))
+    raise ValueError(
+        f"buffer {cfg.data.buffer} was collected by policy {', '.join(sorted(buffer_ids - ours))}"
+        f"{f' ({theirs})' if theirs else ''}, but this run trains policy {trainer.policy.policy_id} "
+        f"({policy_text(m)}): train with the buffer's --checkpoint/--base-lora, or collect a buffer of this policy"
+    )
 
 
 def _rollout_config(cfg: TrainConfig, trainer: Trainer, world: int, it: int) -> CollectConfig:

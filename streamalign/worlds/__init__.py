@@ -18,6 +18,7 @@ class World:
     rewards: str  # the default composite, ``name=weight,...``
     metrics: str  # the default out-of-domain metrics
     prompt_sets: dict[str, Callable[[], tuple[str, ...]]]  # e.g. held-in / held-out
+    ood_metric: str  # the out-of-domain metric of merge's dual criterion
 
 
 WORLDS = {
@@ -25,6 +26,7 @@ WORLDS = {
         "shapes", SHAPES_REWARDS, SHAPES_METRICS,
         {"held-in": lambda: tuple(p.text for p in shapes.held_in_prompts()),
          "held-out": lambda: tuple(p.text for p in shapes.held_out_prompts())},
+        "background_cleanliness",
     ),
 }  # fmt: skip
 
@@ -55,3 +57,15 @@ def default_rewards(model: ModelConfig, rewards: str | None, metrics: str | None
     if world is None:
         raise ValueError(f"config {model.name!r} has no built-in world: give --rewards name=weight,...")
     return world.rewards, metrics or world.metrics
+
+
+def default_ood_metric(model: ModelConfig, given: str | None) -> str:
+    """The OOD metric of merge's dual criterion: the given one, else the model's world's; one line for
+    neither (asked before anything loads)."""
+    if given:
+        return given
+    world = get_world(model.world)
+    if world is None:
+        raise ValueError(f"config {model.name!r} has no built-in world: give --ood-metric NAME (a scored reward "
+                         "or --metrics entry, or vbench:<dimension> with --ood-results)")  # fmt: skip
+    return world.ood_metric
