@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -135,13 +135,15 @@ class Pipeline:
         lora_alpha: float | None = None,
         wan_dir: str | Path | None = None,
         placement: Placement = CPU_FP32,
+        shard: Callable[[ChunkModel], None] | None = None,
     ) -> Pipeline:
-        """Generator (weights straight into the placement's dtype and device), text encoder and codec."""
+        """Generator (weights straight into the placement's dtype and device; with `shard`, each rank's shard
+        of them, see :func:`~streamalign.models.checkpoint.load_generator`), text encoder and codec."""
         cfg = resolve_config(config, wan_dir)
         checkpoint = base_checkpoint(cfg, checkpoint)
         require_paths((checkpoint, "checkpoint"), (lora, "LoRA adapter"), (wan_dir, "Wan folder"))
         model = load_generator(cfg, checkpoint, lora=lora, lora_alpha=lora_alpha, dtype=placement.dtype,
-                               device=placement.device)  # fmt: skip
+                               device=placement.device, shard=shard)  # fmt: skip
         pid = policy_id(checkpoint, lora, lora_alpha)
         return cls(cfg, model, build_text(cfg, placement), build_codec(cfg, placement), pid)
 

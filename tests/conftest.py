@@ -56,3 +56,9 @@ def pids():
     yield done.pid, alive.pid
     alive.kill()
     alive.wait()
+
+
+def torchrun(nproc: int) -> list[str]:
+    """The launcher command of `nproc` local ranks on a free port (``--standalone``: a c10d rendezvous on
+    localhost port 0), so concurrent test runs never collide on a master port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]

@@ -48,11 +48,19 @@ class LazyTensors(Mapping):
         handle, name = self._where[key]
         return handle.get_tensor(name)
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._where
+
     def __iter__(self):
         return iter(self._where)
 
     def __len__(self) -> int:
         return len(self._where)
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (its first dimension), only their bytes read from the file."""
+        handle, name = self._where[key]
+        return handle.get_slice(name)[start:stop]
 
     def spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         """(shape, dtype) of a tensor, read from the file header only."""
@@ -238,6 +246,42 @@ def assign_state_dict(
     model.load_state_dict(out, strict=True, assign=True)
 
 
+def assign_shards(
+    model: ChunkModel,
+    sd: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    deltas: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> None:
+    """Fill a meta-device `model` whose parameters FSDP2 has sharded (DTensors, ``Shard(0)``: rank r holds
+    the r-th of ``torch.chunk(w, world)``) from a checked `sd`: each rank reads only its rows of every
+    sharded tensor (a safetensors slice or rows of a memory-mapped tensor; a tensor with a LoRA delta is
+    merged whole on the host first) and converts them to `dtype` on `device`; unsharded tensors whole."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    deltas = deltas or {}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for k, t in model.state_dict(keep_vars=True).items():
+            local = t.to_local() if isinstance(t, DTensor) else t
+            if isinstance(t, DTensor):
+                if tuple(t.placements) != (Shard(0),):
+                    raise ValueError(f"{k}: sharded as {t.placements}, expected Shard(0) on a 1-D mesh")
+                n, size = t.shape[0], t.device_mesh.size()
+                start = min(n, t.device_mesh.get_local_rank() * -(-n // size))  # torch.chunk's split
+                stop = start + local.shape[0]
+                if k in deltas:
+                    w = deltas[k](sd[k])[start:stop]
+                elif isinstance(sd, LazyTensors):
+                    w = sd.rows(k, start, stop)
+                else:
+                    w = sd[k][start:stop]
+            else:
+                w = deltas[k](sd[k]) if k in deltas else sd[k]
+            local.copy_(w.to(dtype=dtype if w.is_floating_point() else w.dtype))
+            del w
+
+
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -345,13 +389,16 @@ def load_generator(
     lora_alpha: float | None = None,
     dtype: torch.dtype | None = torch.float32,
     device: torch.device | str = "cpu",
+    shard: Callable[[ChunkModel], None] | None = None,
 ) -> ChunkModel:
     """A generator from a config (name or object), strictly loaded from `checkpoint` if given, with an
     optional LoRA merged in. Without a checkpoint the weights are randomly initialised (Wan init).
 
     With a checkpoint the model is built on the meta device and each stored tensor goes straight to
     `dtype` on `device` (``dtype=None`` keeps the checkpoint's): no float32 copy of a bf16 model is ever
-    made, and a LoRA is merged into each stored weight in float64 before its cast."""
+    made, and a LoRA is merged into each stored weight in float64 before its cast. `shard` (FSDP2's
+    ``fully_shard`` over the process group, ``--shard-base``) is applied to the model before any weight is
+    read: with a checkpoint each rank then reads only its shard of every tensor (:func:`assign_shards`)."""
     cfg = ModelConfig.load(config) if isinstance(config, str) else config
     family = get_family(cfg.arch.family)
     if checkpoint is None:
@@ -360,7 +407,10 @@ def load_generator(
         if lora is not None:
             weights, alpha = read_lora(lora)
             merge_lora(model, weights, alpha=lora_alpha if lora_alpha is not None else alpha)
-        return model.to(device=device, dtype=dtype or torch.float32).eval()
+        model = model.to(device=device, dtype=dtype or torch.float32).eval()
+        if shard is not None:
+            shard(model)
+        return model
     with torch.device("meta"):
         model = family.build(cfg.arch)
     sd = read_state_dict(checkpoint, which, family.key_adapter)
@@ -373,7 +423,11 @@ def load_generator(
         alpha = lora_alpha if lora_alpha is not None else alpha
         for name, _, a, b in lora_pairs(model, weights):
             deltas[f"{name}.weight"] = lambda w, a=a, b=b: (w.double() + lora_delta(a, b, alpha)).to(dtype)
-    assign_state_dict(model, sd, dtype, device, deltas)
+    if shard is None:
+        assign_state_dict(model, sd, dtype, device, deltas)
+    else:
+        shard(model.to(dtype))  # the parameters' dtype is the one their shards are held and gathered in
+        assign_shards(model, sd, dtype, device, deltas)
     return model.eval()
 
 

@@ -2,13 +2,16 @@
 
 Both run the same update: every group of the batch goes through the objective one at a time (memory of
 one group), its loss divided by the global batch, gradients summed over ranks (torch.distributed
-all-reduce under torchrun), clipped, one AdamW step. Random choices inside the objective come from a
-generator seeded by (seed, step, entry id), so they do not depend on rank or batch order.
+all-reduce under torchrun), clipped, one AdamW step. The semi loop's global batches are those of one
+process (the buffer's stream under the seed); each rank trains on its slice of every one. Random choices
+inside the objective come from a generator seeded by (seed, step, entry id), so they do not depend on rank
+or batch order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -48,7 +51,7 @@ from .objectives import GroupInput
 from .objectives.base import composite_rewards
 from .plan import plan_train  # noqa: F401  (registers the train stage that check_stage plans)
 from .replay import PivotReplay
-from .shard import shard_base, stand_in
+from .shard import kept_bytes, shard_base, stand_in
 from .state import Progress, resume_checkpoint, save_checkpoint
 
 log = logging.getLogger("streamalign.train")
@@ -90,7 +93,14 @@ class Trainer:
         place = Placement.of(hw, apply_threads=False)  # the frozen base in --dtype; LoRA and AdamW in fp32
         self.device = place.device
         self.bf16, checkpointing = hw.resolved(self.device.type)
-        base = pipeline or Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, placement=place)
+        self.lockstep = hw.shard_base and world > 1  # every rank runs the same model passes
+        shard = functools.partial(shard_base, device=self.device) if self.lockstep else None
+        if pipeline is None:  # --shard-base: each rank reads only its shard of the base weights
+            base = Pipeline.load(m.config, m.checkpoint, wan_dir=m.wan_dir, placement=place, shard=shard)
+        else:
+            base = pipeline
+            if shard is not None:
+                shard(base.model)
         if cfg.lora.init_adapter is not None:
             self.peft = load_lora(base.model, cfg.lora.init_adapter, trainable=True)
         else:
@@ -106,13 +116,11 @@ class Trainer:
         self.params = [p for _, p in lora_parameters(self.peft)]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.objective.bind(self.params)  # objectives with policy copies (NFT: old and reference) keep them
-        self.lockstep = hw.shard_base and world > 1  # every rank runs the same model passes
         if self.lockstep:
-            kept = shard_base(self.model, self.params, self.device)
             self.replay.lockstep = True
             if rank == 0:
                 log.info("--shard-base: the frozen base is sharded over %d ranks with FSDP2 (%.1f MiB of base "
-                         "weights kept per rank)", world, kept / 2**20)  # fmt: skip
+                         "weights kept per rank)", world, kept_bytes(self.model) / 2**20)  # fmt: skip
         self.text_mismatches = 0  # entries whose prompt embedding hash differs from this run's encoding
 
     def autocast(self) -> torch.autocast:
@@ -248,13 +256,27 @@ class Trainer:
 
 
 def _entries(reader: BufferReader, epoch: int, skip: int):
-    """Entries of this rank from (epoch, skip) onward, epoch after epoch: yields (entry, epoch, index)."""
+    """Entries of the buffer's stream from (epoch, skip) onward, epoch after epoch: yields (entry, epoch,
+    index)."""
     while True:
         reader.set_epoch(epoch)
         for i, e in enumerate(reader):
             if i >= skip:
                 yield e, epoch, i + 1
         epoch, skip = epoch + 1, 0
+
+
+def rank_share(stream, batch: int, rank: int, world: int) -> tuple[list[Entry], int, int]:
+    """Rank `rank`'s slice of the next global batch of `batch` groups from `stream` (see :func:`_entries`):
+    its consecutive groups ``rank * batch / world ...``, and the stream position (epoch, index) after the
+    batch. The other ranks' groups are read and dropped (never held: host memory of one rank's share)."""
+    k = batch // world
+    mine, epoch, index = [], 0, 0
+    for i in range(batch):
+        e, epoch, index = next(stream)
+        if rank * k <= i < (rank + 1) * k:
+            mine.append(e)
+    return mine, epoch, index
 
 
 def _check_fits(cfg: TrainConfig, world: int) -> None:
@@ -364,20 +386,16 @@ def train(
 
         if cfg.mode == "semi":
             d = cfg.data
-            reader = BufferReader(d.buffer, rank, world, d.shuffle, cfg.seed, d.filter, d.reward_weights,
-                                  d.skip_damaged)  # fmt: skip
-            per_rank = optim.batch_groups // world
-            if len(reader) == 0:
-                raise ValueError(f"buffer {d.buffer} gives rank {rank} of {world} no entries: use fewer ranks")
+            # every rank reads the stream of one process (a function of the seed and the buffer alone) and
+            # trains on its slice of each global batch: N ranks update as one process would
+            reader = BufferReader(d.buffer, shuffle=d.shuffle, seed=cfg.seed, where=d.filter, weights=d.reward_weights,
+                                  skip_damaged=d.skip_damaged)  # fmt: skip
             stream = _entries(reader, state.epoch, state.consumed)
             while state.step < sched.steps:
                 t_step = time.time()
                 stats: dict = {}
                 for micro in range(optim.accum):
-                    groups = []
-                    for _ in range(per_rank):
-                        e, state.epoch, state.consumed = next(stream)
-                        groups.append(e)
+                    groups, state.epoch, state.consumed = rank_share(stream, optim.batch_groups, rank, world)
                     stats = trainer.update(
                         state.step, groups, optim.batch_groups, zero=micro == 0, apply=micro + 1 == optim.accum
                     )
