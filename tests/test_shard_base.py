@@ -101,3 +101,34 @@ def test_each_rank_reads_only_its_shard_of_the_base(tmp_path):
                 for k, w in full.items():
                     want = torch.chunk(w, world)[rank] if rank < len(torch.chunk(w, world)) else w[:0]
                     assert per_file[k].dtype == torch.bfloat16 and torch.equal(per_file[k], want), (world, rank, k)
+
+
+@pytest.mark.slow
+def test_plan_models_the_sharded_base():
+    """``plan --shard-base --gpus 2``: the replicated update's peak with the base weights replaced by a rank's
+    half of them plus, in full, the root's weights and two blocks (FSDP2's gathered root, running block and
+    prefetched block), counted here from a real model's parameters; one GPU shards nothing."""
+    import math
+
+    import torch
+    from typer.testing import CliRunner
+
+    from streamalign.cli import app
+
+    def update_peak(*extra: str) -> int:
+        args = ["plan", "-c", "shapes", "--stages", "train", "--pivot", "1", "--replay-batch", "4", "--json", *extra]
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)["stages"]["train"]["phases"][1]["peak"]
+
+    model = make_model(ModelConfig.load("shapes")).to(torch.bfloat16)  # plan's default --dtype bf16
+
+    def nbytes(module: torch.nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    weights, block = nbytes(model), max(nbytes(b) for b in model.blocks)
+    root = weights - sum(nbytes(b) for b in model.blocks)
+    replicated = update_peak("--gpus", "2")
+    sharded = replicated - weights + math.ceil(weights / 2) + root + 2 * block
+    assert update_peak("--gpus", "2", "--shard-base") == sharded
+    assert update_peak("--gpus", "1", "--shard-base") == replicated

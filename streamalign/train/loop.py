@@ -283,14 +283,15 @@ def _check_fits(cfg: TrainConfig, world: int) -> None:
     """``plan``'s train stage at this run's settings (group size: the buffer's largest, semi) on its device."""
     m, hw = cfg.model, cfg.hardware
     placement = Placement.of(hw, apply_threads=False)
-    if placement.device.type != "cuda" or (hw.shard_base and world > 1):  # the plan replicates the base weights
+    if placement.device.type != "cuda":
         return
     g = cfg.rollouts.group_size
     if cfg.mode == "semi":
         g = max(read_manifest(cfg.data.buffer).column("group_size").to_pylist(), default=g)
     check_stage("train", resolve_config(m.config, m.wan_dir), placement, group_size=g, objective=cfg.objective.name,
                 replay_batch=hw.replay_batch, checkpointing=hw.checkpointing, autocast=hw.autocast,
-                lora_rank=cfg.lora.lora_rank, batch_groups=cfg.optim.batch_groups, gpus=world)  # fmt: skip
+                lora_rank=cfg.lora.lora_rank, batch_groups=cfg.optim.batch_groups, gpus=world,
+                shard_base=hw.shard_base)  # fmt: skip
 
 
 def _check_buffer(cfg: TrainConfig, trainer: Trainer) -> None:
