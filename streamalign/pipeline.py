@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .io import hub
 from .io.files import checksum, require_paths
 from .models.checkpoint import load_generator
 from .models.codec import LatentCodec, PixelUnshuffleCodec, WanVAECodec
@@ -70,10 +71,13 @@ def build_codec(cfg: ModelConfig, placement: Placement = CPU_FP32) -> LatentCode
 
 
 def resolve_config(config: str | ModelConfig, wan_dir: str | Path | None = None) -> ModelConfig:
-    """The config by name/path, with ``wan_dir`` (when given) as the folder of both text encoder and VAE."""
+    """The config by name/path, with ``wan_dir`` (when given) as the folder of both text encoder and VAE;
+    ``hf://`` ids among those folders resolved to the local cache (:mod:`streamalign.io.hub`)."""
     cfg = ModelConfig.load(config) if isinstance(config, str | Path) else config
     if wan_dir is not None:
         cfg = cfg.with_overrides(text={"path": str(wan_dir)}, codec={"path": str(wan_dir)})
+    if hub.is_hub_id(cfg.text.path) or hub.is_hub_id(cfg.codec.path):  # the files as the cache holds them
+        cfg = cfg.with_overrides(text={"path": hub.local(cfg.text.path)}, codec={"path": hub.local(cfg.codec.path)})
     return cfg
 
 
@@ -140,7 +144,7 @@ class Pipeline:
         """Generator (weights straight into the placement's dtype and device; with `shard`, each rank's shard
         of them, see :func:`~streamalign.models.checkpoint.load_generator`), text encoder and codec."""
         cfg = resolve_config(config, wan_dir)
-        checkpoint = base_checkpoint(cfg, checkpoint)
+        checkpoint, lora = hub.local(base_checkpoint(cfg, checkpoint)), hub.local(lora)
         require_paths((checkpoint, "checkpoint"), (lora, "LoRA adapter"), (wan_dir, "Wan folder"))
         model = load_generator(cfg, checkpoint, lora=lora, lora_alpha=lora_alpha, dtype=placement.dtype,
                                device=placement.device, shard=shard)  # fmt: skip
@@ -217,6 +221,6 @@ def policy_id(checkpoint: str | Path, lora: str | Path | None = None, lora_alpha
     h = hashlib.sha256()
     for p in (checkpoint, lora):
         if p is not None:
-            h.update(checksum(Path(p)).encode())
+            h.update(checksum(Path(hub.local(p))).encode())
     h.update(repr(lora_alpha).encode())
     return h.hexdigest()[:16]

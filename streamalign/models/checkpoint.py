@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..io import hub
 from ..io.files import atomic_path
 from ..schemas.config import ModelConfig
 from . import wan  # noqa: F401  (registers the wan family)
@@ -128,7 +129,7 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "lit
 def read_tensors(path: str | Path) -> Mapping:
     """A tensors-only torch file (e.g. an optimizer state) read into memory, never unpickled: one clear
     error for a missing, damaged or pickled file."""
-    return _read_raw(Path(path), mmap=False)
+    return _read_raw(Path(hub.local(path)), mmap=False)
 
 
 def _first_line(e: Exception) -> str:
@@ -150,7 +151,7 @@ def read_state_dict(
     which: ``generator`` / ``generator_ema`` (Self-Forcing style files) or ``auto`` (``generator_ema`` if
     present, else ``generator``, else ``model``/``state_dict``, else the file itself).
     """
-    raw = _read_raw(Path(path))
+    raw = _read_raw(Path(hub.local(path)))
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(raw).__name__}, not a state dict")
     if which != "auto":
@@ -372,10 +373,11 @@ def check_adapter_rank(folder: Path, cfg: Mapping, sd: Mapping[str, torch.Tensor
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], float | None]:
     """(LoRA weights, alpha or None) from a peft adapter folder, a LongLive ``{"generator_lora": ...}``
     file or a bare peft state dict."""
+    path = hub.local(path)
     if Path(path).is_dir():
         cfg, weights = read_adapter(path)
         return weights, float(cfg["lora_alpha"])
-    raw = _read_raw(Path(path))
+    raw = _read_raw(Path(hub.local(path)))
     if isinstance(raw, Mapping) and "generator_lora" in raw:
         raw = raw["generator_lora"]
     return dict(raw), None

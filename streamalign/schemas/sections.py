@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
+from ..io.hub import is_hub_id
 from .run import RUN_FILE, Section, arg, parse_pairs, read_run_file
 
 # a dtype by name: "auto" is the compute dtype (bf16 on CUDA, fp32 on CPU); see models/placement.py
@@ -20,8 +21,9 @@ class ModelSection(Section):
     """Model"""
 
     config: str = arg("shapes", "Model config: preset name or YAML path.", short="-c")
-    checkpoint: str | None = arg(None, "Generator weights (default: the config's, e.g. the shipped shapes weights).")
-    wan_dir: str | None = arg(None, "Local Diffusers Wan2.1 folder (UMT5 + VAE).")
+    checkpoint: str | None = arg(None, "Generator weights, a path or hf://ORG/REPO[@REV]/FILE (default: the "
+                                 "config's, e.g. the shipped shapes weights).")  # fmt: skip
+    wan_dir: str | None = arg(None, "Diffusers Wan2.1 folder (UMT5 + VAE), a path or hf://ORG/REPO[@REV].")
 
 
 class PolicySection(ModelSection):
@@ -38,8 +40,9 @@ class RewardSection(Section):
     metrics: str | None = arg(None, "OOD metrics stored alongside, comma-separated (default: the world's).")
     # where rewards come from beyond the registry (rewards/sources.py): recorded with the run, so later
     # stages and every rank rebuild them
-    reward_paths: dict[str, str] = arg({}, "Reward models from local folders: MODEL=DIR,... (videoalign, hpsv3, "
-                                       "hpsv2, clip).", flag="--reward-path")  # fmt: skip
+    reward_paths: dict[str, str] = arg({}, "Reward models from folders: MODEL=DIR,... (videoalign, hpsv3, hpsv2, "
+                                       "clip); DIR may be hf://ORG/REPO[@REV][/PATH].",
+                                       flag="--reward-path")  # fmt: skip
     reward_options: dict[str, str] = arg({}, "Reward model / plug-in options: NAME.KEY=VALUE,... (e.g. "
                                          "videoalign.base=DIR, hpsv3.batch_size=4, NAME.fps=16).",
                                          flag="--reward-option")  # fmt: skip
@@ -64,7 +67,8 @@ class RewardSection(Section):
             data = {**data, **{k: parse_pairs(data[k], *flags[k]) for k in flags if isinstance(data.get(k), str)}}
             # local paths made absolute: the recorded run rebuilds the rewards from any working directory
             if isinstance(data.get("reward_paths"), dict):
-                data["reward_paths"] = {k: os.path.abspath(v) for k, v in data["reward_paths"].items()}
+                data["reward_paths"] = {k: v if is_hub_id(v) else os.path.abspath(v)
+                                        for k, v in data["reward_paths"].items()}  # fmt: skip
             if isinstance(data.get("reward_plugins"), dict):
                 data["reward_plugins"] = {k: absolute_plugin(v) for k, v in data["reward_plugins"].items()}
         return data
