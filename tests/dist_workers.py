@@ -33,15 +33,6 @@ def sum_grads(rank: int, world: int, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    """A TCP port free on localhost now (the OS picks it), for a spawned group's MASTER_PORT."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def load_shards(rank: int, world: int, port: int, checkpoints: list[str], out: dict) -> None:
     """Load each checkpoint of the shapes config sharded over a gloo group (``--shard-base``'s load), with
     every whole-tensor read of a safetensors file recorded; returns each rank's local tensors."""

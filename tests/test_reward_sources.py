@@ -23,6 +23,7 @@ from streamalign.rewards.registry import parse_term
 from streamalign.rewards.sources import _LOADED, reward_of
 from streamalign.schemas.sections import RewardSection
 from streamalign.train.config import TrainConfig
+from tests.conftest import free_port
 from tests.test_rewards import _tiny_clip
 
 PLUGIN = '''
@@ -53,6 +54,10 @@ def test_section_parses_flags_and_makes_paths_absolute(tmp_path, plugin, monkeyp
     assert s.reward_paths == {"clip": str(tmp_path / "models" / "clip")}
     assert s.reward_plugins == {"bright": f"{plugin}:make"} and s.reward_options == {"bright.offset": "0.5"}
     assert RewardSection(reward_plugins="m=my_pkg.mod:make@w").reward_plugins == {"m": f"my_pkg.mod:make@{tmp_path}/w"}
+    opts = RewardSection(reward_paths="hpsv3=m", reward_options="hpsv3.config=m/c.yaml,hpsv3.base=q,hpsv3.topk=0.5",
+                         reward_plugins="p=my_pkg.mod:make").reward_options  # fmt: skip
+    assert opts == {"hpsv3.config": str(tmp_path / "m" / "c.yaml"), "hpsv3.base": str(tmp_path / "q"),
+                    "hpsv3.topk": "0.5"}  # a model's base/config paths are recorded absolute, like its folder
     with pytest.raises(ValueError, match=r"--reward-path: 'clip' is not MODEL=DIR"):
         RewardSection(reward_paths="clip")
 
@@ -154,7 +159,7 @@ def test_torchrun_collect_with_a_plugin_then_train_on_and_evaluate_rebuild_it(tm
     `evaluate` take the rewards from the buffer's run.yaml."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     buf = tmp_path / "buf"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "streamalign.cli", "collect", "--groups", "2", "-G", "2", "--entries-per-shard", "1",
            "--out", str(buf), "--rewards", "sharpness=1,bright=1",
            "--reward-plugin", f"bright={plugin}:make"]  # fmt: skip

@@ -22,7 +22,7 @@ from streamalign.schemas.config import ModelConfig
 from streamalign.train.config import TrainConfig
 from streamalign.train.objectives.base import group_rewards
 from streamalign.worlds.shapes import held_in_prompts
-from tests.conftest import make_model, torchrun
+from tests.conftest import free_port, make_model, torchrun
 
 PROMPTS = tuple(p.text for p in held_in_prompts()[::50])
 
@@ -92,7 +92,7 @@ def test_each_rank_reads_only_its_shard_of_the_base(tmp_path):
     full = load_generator("shapes", paths[0], dtype=torch.bfloat16).state_dict()
     for world in (3,):  # 2 ranks: the training test above
         out = mp.Manager().dict()
-        mp.spawn(dist_workers.load_shards, args=(world, dist_workers.free_port(), paths, out), nprocs=world)
+        mp.spawn(dist_workers.load_shards, args=(world, free_port(), paths, out), nprocs=world)
         for rank in range(world):
             local, whole = out[rank]
             assert whole == [], whole  # every tensor read by rows

@@ -2,7 +2,8 @@
 
 A part ``manifest/<shard name>.parquet`` is written (atomically) right after its shard is finalized, so
 every manifest row points at a complete shard whose checksum it records. ``read_manifest`` is the union
-of the parts; it is what ``stats`` queries and what the reader filters and re-weights with.
+of the parts, checked against the integrity record of their collection; it is what ``stats`` queries and
+what the reader filters and re-weights with.
 """
 
 from __future__ import annotations
@@ -89,10 +90,11 @@ def read_part(buffer: str | Path, rel: str, schema_only: bool = False) -> pa.Tab
     return pq.read_schema(data) if schema_only else pq.read_table(data)
 
 
-def read_manifest(buffer_dir: str | Path) -> pa.Table:
-    """Union of the manifest parts (reward columns missing from a part are null), sorted by shard name;
-    `buffer_dir` is the buffer's path or URL (:mod:`streamalign.buffer.urls`)."""
-    parts = manifest_parts(buffer_dir)
-    if not parts:
-        raise FileNotFoundError(f"no manifest in {buffer_dir}: not a streamalign buffer, or an empty one")
-    return pa.concat_tables([read_part(buffer_dir, p) for p in parts], promote_options="default")
+def read_manifest(buffer_dir: str | Path, prefix: str | None = None) -> pa.Table:
+    """Union of the manifest parts (of the collection of shard-name `prefix`, or of all; reward columns
+    missing from a collection are null), each part checked against the buffer's integrity record first
+    (:mod:`streamalign.buffer.integrity`); `buffer_dir` is the buffer's path or URL
+    (:mod:`streamalign.buffer.urls`)."""
+    from .integrity import checked_manifest  # it builds on this module's parts
+
+    return checked_manifest(buffer_dir, prefix).table

@@ -76,11 +76,13 @@ def check_read_only(sql: str) -> None:
         raise ValueError(f"stats is read-only: {kind} statements are refused; use one SELECT over the view `manifest`")
 
 
-def run_query(folder: str | Path, sql: str | None = None, report: str | None = None) -> pa.Table:
-    """Result of `sql` (or of the named `report`) over the buffer's manifest, as an Arrow table."""
+def run_query(folder: str | Path, sql: str | None = None, report: str | None = None,
+              table: pa.Table | None = None) -> pa.Table:  # fmt: skip
+    """Result of `sql` (or of the named `report`) over the buffer's manifest (`table`, when read already),
+    as an Arrow table."""
     import duckdb
 
-    table = read_manifest(folder)
+    table = read_manifest(folder) if table is None else table
     if report is not None:
         named = reports(table)
         if report not in named:

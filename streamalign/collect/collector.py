@@ -10,6 +10,8 @@ NaN/inf rewards are rejected, counted and logged in the manifest part's metadata
 The collection's settings are recorded in the buffer before its first shard and a re-run with other
 ones is refused (``buffer.collection``); a larger ``--groups`` extends it. Rank 0 holds the buffer's
 lock while the collection runs, so a second collect into the same folder is refused naming the holder.
+When every shard is written, rank 0 writes the collection's integrity record (``buffer.integrity``); a
+re-run checks the parts it keeps against the record it finds, so an edited part is never recorded as good.
 
 ``branch_ranks`` n: teams of n consecutive ranks take shards as single ranks do; every rank of a team
 computes each group's prefix and rolls out its G/n branches, the team's first rank gathers them, scores
@@ -42,6 +44,7 @@ from pydantic import Field
 
 from ..buffer.collection import BufferLock, Collection, claim_collection, read_collection, record_path, shard_name
 from ..buffer.formats import FormatName, ShardFormat, ShardInfo, get_format, write_shard
+from ..buffer.integrity import IntegrityError, Seal, part_of, part_problem, read_seal, seal_collection
 from ..buffer.manifest import MANIFEST_DIR, write_index, write_manifest_part
 from ..buffer.urls import local_folder, location
 from ..io.files import checksum, remove_path, tree_bytes
@@ -224,8 +227,9 @@ def prefix_kv(sampler: Sampler, context: torch.Tensor, text: torch.Tensor) -> di
 
 @dataclass
 class RolledGroup:
-    """Fork group i rolled out and decoded, not yet scored: its videos [G, F, 3, H, W] in [0, 1], the
-    group's tensors and the entry's identity fields (everything but the rewards)."""
+    """Fork group i rolled out and decoded, not yet scored: its videos [G, F, 3, H, W] (floats in [0, 1], or
+    uint8 levels when every reward reads 8-bit frames first), the group's tensors and the entry's identity
+    fields (everything but the rewards)."""
 
     i: int
     prompt: str
@@ -237,11 +241,12 @@ class RolledGroup:
 
 @torch.no_grad()
 def roll_out_group(policy: Pipeline, cfg: CollectConfig, i: int, run_id: str | None = None,
-                   team: BranchTeam = BranchTeam()) -> RolledGroup | None:  # fmt: skip
+                   team: BranchTeam = BranchTeam(), uint8: bool = False) -> RolledGroup | None:  # fmt: skip
     """Fork group i (prompt, seed and pivot fixed by i) rolled out and decoded. `run_id`: the collection's
     (default: that of `cfg`; an extended collection keeps its first one). In a branch `team` every rank
     computes the prefix and rolls out its share of the branches; the first rank gathers them (None
-    elsewhere)."""
+    elsewhere). `uint8`: the videos wait as uint8 levels (a quarter of float32's bytes; the reward models
+    convert them batch by batch), for rewards that read 8-bit frames first (``CompositeReward.reads_levels``)."""
     run_id = run_id or cfg.run_id
     prompt = cfg.prompts[i % len(cfg.prompts)]
     seed = derive_seed(cfg.seed, 2, i)
@@ -271,7 +276,7 @@ def roll_out_group(policy: Pipeline, cfg: CollectConfig, i: int, run_id: str | N
         text_hash=policy.text.embedding_hash(prompt),
     )
     store = cfg.latent_dtype(compute_dtype(policy.model))
-    return RolledGroup(i, prompt, group, policy.decode(latents), identity, store)
+    return RolledGroup(i, prompt, group, policy.decode(latents, uint8=uint8), identity, store)
 
 
 @torch.no_grad()
@@ -289,7 +294,7 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
                   team: BranchTeam = BranchTeam()) -> Entry | None:  # fmt: skip
     """Fork group i rolled out and scored (:func:`roll_out_group` then :func:`score_group`; None on the
     branch ranks of a `team` other than its first)."""
-    rolled = roll_out_group(policy, cfg, i, run_id, team)
+    rolled = roll_out_group(policy, cfg, i, run_id, team, reward.reads_levels)
     return None if rolled is None else score_group(rolled, reward)
 
 
@@ -333,7 +338,7 @@ def scored_groups(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
     with ThreadPoolExecutor(1, thread_name_prefix="streamalign-scoring") as pool:
         pending: tuple[int, Future] | None = None
         for i in indices:
-            rolled = _outcome(roll_out_group, policy, cfg, i, run_id, team)
+            rolled = _outcome(roll_out_group, policy, cfg, i, run_id, team, reward.reads_levels)
             if pending is not None:
                 yield pending[0], pending[1].result()
                 pending = None
@@ -391,7 +396,8 @@ def collect(
         summary = _collect_shards(policy, cfg, fmt, reward, out, record, rank, world, progress, team)
         if world > 1:
             dist.barrier()  # the lock is released only when every rank is done
-        if rank == 0:  # every rank's parts are written: list them for readers that cannot list (pipe: URLs)
+        if rank == 0:  # every rank's parts are written: record them, then list them for readers that cannot
+            seal_collection(out, record, cfg.upload)  # list (pipe: URLs)
             write_index(out)
             if cfg.upload is not None:  # the records and the index beside the uploaded parts
                 remote = location(cfg.upload)
@@ -444,17 +450,20 @@ def _collect_shards(policy: Pipeline, cfg: CollectConfig, fmt: ShardFormat, rewa
         bar.close()
         summary.seconds = time.time() - t0
         return summary
+    sealed = read_seal(out, record.prefix)  # a finished part must still be what the record says
     with contextlib.closing(scored_groups(policy, cfg, reward, todo, record.run_id, team)) as groups:
         for k, lo, hi in mine:
             path, part = paths[k], parts[k]
             if path.exists() and part.exists() and cfg.upload is not None:
                 upload_shard(cfg, path, part)  # killed before its local copy was deleted: put it again
             if part.exists() and (path.exists() or cfg.upload is not None):
+                _check_sealed(sealed, out, path.name)
                 summary.shards_skipped += 1
                 bar.update(hi - lo)
                 continue
             if path.exists():  # killed between the shard and its manifest part: the shard is complete
-                entries = list(fmt.read(path))
+                known = sealed.shards.get(path.name) if sealed is not None else None
+                entries = list(fmt.read(path, known.checksum if known is not None else None))
                 info = ShardInfo(path, fmt.name, len(entries), tree_bytes(path), checksum(path))
                 rejected: list[dict] = []
             else:
@@ -477,3 +486,13 @@ def _collect_shards(policy: Pipeline, cfg: CollectConfig, fmt: ShardFormat, rewa
     bar.close()
     summary.seconds = time.time() - t0
     return summary
+
+
+def _check_sealed(sealed: Seal | None, out: Path, shard: str) -> None:
+    """A finished shard's manifest part, kept by a re-run, must match the collection's record (a re-run
+    never records an edited part as good)."""
+    rel = part_of(shard)
+    problem = None if sealed is None or rel not in sealed.parts else part_problem(rel, (out / rel).read_bytes(),
+                                                                                  sealed.parts[rel])  # fmt: skip
+    if problem is not None:
+        raise IntegrityError(f"buffer {out}: {problem}")

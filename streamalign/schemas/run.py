@@ -236,15 +236,21 @@ def git_commit() -> str | None:
         return None
 
 
+def provenance(command: str | None = None) -> dict:
+    """Version, git commit and command line (default: ``streamalign`` + this process's arguments)."""
+    from .. import __version__
+
+    return {"version": __version__, "git_commit": git_commit(),
+            "command": command or " ".join(["streamalign", *sys.argv[1:]])}  # fmt: skip
+
+
 def run_record(cfg: BaseModel, stage: str) -> str:
     """``run.yaml`` text: provenance (version, git commit, command line, the commit of every ``hf://`` id)
     and the resolved config."""
-    from .. import __version__
     from ..io.hub import revisions
 
     config = cfg.model_dump(mode="json")
-    meta = {"stage": stage, "version": __version__, "git_commit": git_commit(),
-            "command": " ".join(["streamalign", *sys.argv[1:]])}  # fmt: skip
+    meta = {"stage": stage, **provenance()}
     if hub := revisions(config):  # hf:// ids of the config: the commit each resolved to
         meta["hub"] = hub
     return yaml.safe_dump({"streamalign": meta, "config": config}, sort_keys=False)

@@ -48,7 +48,8 @@ class RewardSection(Section):
                                          flag="--reward-option")  # fmt: skip
     reward_plugins: dict[str, str] = arg({}, "Plug-in rewards: NAME=module:factory[@PATH] or "
                                          "NAME=file.py:factory[@PATH],...", flag="--reward-plugin")  # fmt: skip
-    reward_device: str | None = arg(None, "Device of the reward models (default: cuda if available, else cpu).")
+    reward_device: str | None = arg(None, "Device of the reward models (default: cuda if available, else cpu; "
+                                    "under torchrun cuda is each rank's GPU and cuda:N is refused).")  # fmt: skip
     rewards_from: str | None = arg(None, "Take the rewards not given here (names, weights, models, plug-ins) from "
                                    "the run.yaml of a buffer or run folder.")  # fmt: skip
 
@@ -71,6 +72,9 @@ class RewardSection(Section):
                                         for k, v in data["reward_paths"].items()}  # fmt: skip
             if isinstance(data.get("reward_plugins"), dict):
                 data["reward_plugins"] = {k: absolute_plugin(v) for k, v in data["reward_plugins"].items()}
+            if isinstance(data.get("reward_options"), dict) and isinstance(data.get("reward_paths"), dict):
+                data["reward_options"] = {k: absolute_option(k, v, data["reward_paths"])
+                                          for k, v in data["reward_options"].items()}  # fmt: skip
         return data
 
 
@@ -86,6 +90,17 @@ def recorded_rewards(path: str | Path) -> dict[str, Any]:
         if isinstance(section, dict) and section.get("rewards"):
             return {k: section[k] for k in REWARD_FIELDS if k in section}
     raise ValueError(f"--rewards-from {path}: {file} records no rewards (give a buffer or a run folder)")
+
+
+MODEL_PATH_OPTIONS = ("base", "config")  # reward-model options that name local paths (videoalign, hpsv3)
+
+
+def absolute_option(key: str, value, models: dict) -> Any:
+    """A model's ``NAME.base`` / ``NAME.config`` made absolute (like its --reward-path), others as given."""
+    name, _, opt = key.partition(".")
+    if name in models and opt in MODEL_PATH_OPTIONS and isinstance(value, str) and value:
+        return os.path.abspath(value)
+    return value
 
 
 def absolute_plugin(spec: str) -> str:
@@ -131,4 +146,19 @@ class Hardware(Section):
     def _device(cls, v: str) -> str:
         if v != "auto" and not (v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {v!r}")
+        return v
+
+
+class ResultsOut(Section):
+    """Results"""
+
+    # the experiments' measured tables as data: docs/*.md tables are rendered from results/*.json
+    json_out: str | None = arg(None, "Also write the result tables as JSON to this file (e.g. results/NAME.json, "
+                               "which docs tables are rendered from: python bench/render_results.py).")  # fmt: skip
+
+    @field_validator("json_out")
+    @classmethod
+    def _file(cls, v: str | None) -> str | None:
+        if v is not None and Path(v).is_dir():
+            raise ValueError(f"--json-out {v} is a folder: give a file name, e.g. {Path(v) / 'result.json'}")
         return v

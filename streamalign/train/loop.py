@@ -413,13 +413,14 @@ def train(
                 rollout_policy = Pipeline(
                     trainer.policy.config, trainer.model, trainer.policy.text, trainer.policy.codec, version
                 )
+                prefix = f"it{it:05d}-"
                 with trainer.autocast():  # the updates' precision; branch batches from the device's free memory
-                    collect(rollout_policy, ccfg, rollouts, rank, world, progress=False, shard_prefix=f"it{it:05d}-")
+                    collect(rollout_policy, ccfg, rollouts, rank, world, progress=False, shard_prefix=prefix)
                 trainer.model.train()
                 if world > 1:
                     dist.barrier()
                 where = f"SELECT entry_id FROM manifest WHERE run_id = '{ccfg.run_id}'"
-                reader = BufferReader(rollouts, rank, world, shuffle=1, seed=cfg.seed, where=where)
+                reader = BufferReader(rollouts, rank, world, shuffle=1, seed=cfg.seed, where=where, collection=prefix)
                 groups = list(reader)
                 target = trainer.objective.target_kl
                 for k in range(ro.updates_per_iter):
