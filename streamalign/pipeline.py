@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
 
+from .io import hub
 from .io.files import checksum, require_paths
 from .models.checkpoint import load_generator, shipped_lora
 from .models.codec import LatentCodec, PixelUnshuffleCodec, WanVAECodec
@@ -72,10 +73,13 @@ def build_codec(cfg: ModelConfig, placement: Placement = CPU_FP32) -> LatentCode
 
 
 def resolve_config(config: str | ModelConfig, wan_dir: str | Path | None = None) -> ModelConfig:
-    """The config by name/path, with ``wan_dir`` (when given) as the folder of both text encoder and VAE."""
+    """The config by name/path, with ``wan_dir`` (when given) as the folder of both text encoder and VAE;
+    ``hf://`` ids among those folders resolved to the local cache (:mod:`streamalign.io.hub`)."""
     cfg = ModelConfig.load(config) if isinstance(config, str | Path) else config
     if wan_dir is not None:
         cfg = cfg.with_overrides(text={"path": str(wan_dir)}, codec={"path": str(wan_dir)})
+    if hub.is_hub_id(cfg.text.path) or hub.is_hub_id(cfg.codec.path):  # the files as the cache holds them
+        cfg = cfg.with_overrides(text={"path": hub.local(cfg.text.path)}, codec={"path": hub.local(cfg.codec.path)})
     return cfg
 
 
@@ -152,17 +156,19 @@ class Pipeline:
         placement: Placement = CPU_FP32,
         base_lora: str | Path | None = None,
         base_lora_alpha: float | None = None,
+        shard: Callable[[ChunkModel], None] | None = None,
     ) -> Pipeline:
         """Generator (weights straight into the placement's dtype and device; the config's shipped LoRA
-        `base_lora` merged, then the adapter `lora`), text encoder and codec."""
+        `base_lora` merged, then the adapter `lora`; with `shard`, each rank's shard of them, see
+        :func:`~streamalign.models.checkpoint.load_generator`), text encoder and codec."""
         cfg = resolve_config(config, wan_dir)
-        checkpoint = base_checkpoint(cfg, checkpoint)
-        base_lora = shipped_lora(cfg, base_lora)
+        checkpoint, lora = hub.local(base_checkpoint(cfg, checkpoint)), hub.local(lora)
+        base_lora = hub.local(shipped_lora(cfg, base_lora))
         require_paths((checkpoint, "checkpoint"), (base_lora, "base LoRA"), (lora, "LoRA adapter"),
                       (wan_dir, "Wan folder"))  # fmt: skip
         model = load_generator(cfg, checkpoint, lora=lora, lora_alpha=lora_alpha, dtype=placement.dtype,
-                               device=placement.device, base_lora=base_lora,
-                               base_lora_alpha=base_lora_alpha)  # fmt: skip
+                               device=placement.device, base_lora=base_lora, base_lora_alpha=base_lora_alpha,
+                               shard=shard)  # fmt: skip
         pid = policy_id(checkpoint, lora, lora_alpha, base_lora, base_lora_alpha)
         return cls(cfg, model, build_text(cfg, placement), build_codec(cfg, placement), pid)
 
@@ -170,13 +176,14 @@ class Pipeline:
     def of_section(
         cls, model: ModelSection, placement: Placement = CPU_FP32, lora: str | Path | None = None,
         lora_alpha: float | None = None, config: ModelConfig | None = None,
+        shard: Callable[[ChunkModel], None] | None = None,
     ) -> Pipeline:  # fmt: skip
         """The policy a stage's model section names (base weights + shipped LoRA, and its own ``--lora``
         when it has one, else `lora`) on `placement`; `config`: the section's config already resolved (e.g.
-        with another cache policy)."""
+        with another cache policy); `shard`: as :meth:`load`'s."""
         lora, lora_alpha = getattr(model, "lora", None) or lora, getattr(model, "lora_alpha", None) or lora_alpha
         return cls.load(config or model.config, model.checkpoint, lora, lora_alpha, model.wan_dir, placement,
-                        model.base_lora, model.base_lora_alpha)  # fmt: skip
+                        model.base_lora, model.base_lora_alpha, shard)  # fmt: skip
 
     @classmethod
     def of_model(
@@ -250,7 +257,7 @@ def policy_id(checkpoint: str | Path, lora: str | Path | None = None, lora_alpha
     h = hashlib.sha256()
     for p in (checkpoint, lora):
         if p is not None:
-            h.update(checksum(Path(p)).encode())
+            h.update(checksum(Path(hub.local(p))).encode())
     h.update(repr(lora_alpha).encode())
     if base_lora is not None:
         h.update(b"base-lora" + checksum(Path(base_lora)).encode() + repr(base_lora_alpha).encode())

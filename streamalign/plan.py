@@ -132,6 +132,7 @@ class PlanTrain(Section):
     lora_rank: int = Field(64, ge=1, description="LoRA rank.")
     steps: int = Field(100, ge=1, description="Updates (time estimate).")
     batch_groups: int = Field(8, ge=1, description="Fork groups per update, over all GPUs (time estimate).")
+    shard_base: bool = arg(False, "The frozen base sharded over the --gpus with FSDP2, as train --shard-base.")
 
 
 class PlanDevice(Section):

@@ -88,3 +88,9 @@ def pids():
     yield done.pid, alive.pid
     alive.kill()
     alive.wait()
+
+
+def torchrun(nproc: int) -> list[str]:
+    """The launcher command of `nproc` local ranks on a free master port (:func:`free_port`)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port())]  # fmt: skip

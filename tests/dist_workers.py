@@ -31,3 +31,25 @@ def sum_grads(rank: int, world: int, port: int, out: dict) -> None:
         out[rank] = [p.grad.clone() for p in params]
     finally:
         dist.destroy_process_group()
+
+
+def load_shards(rank: int, world: int, port: int, checkpoints: list[str], out: dict) -> None:
+    """Load each checkpoint of the shapes config sharded over a gloo group (``--shard-base``'s load), with
+    every whole-tensor read of a safetensors file recorded; returns each rank's local tensors."""
+    import functools
+
+    from streamalign.models import checkpoint
+    from streamalign.train.shard import shard_base
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    whole: list[str] = []
+    read = checkpoint.LazyTensors.__getitem__
+    checkpoint.LazyTensors.__getitem__ = lambda self, k: whole.append(k) or read(self, k)
+    try:
+        shard = functools.partial(shard_base, device=torch.device("cpu"))
+        models = [checkpoint.load_generator("shapes", c, dtype=torch.bfloat16, shard=shard) for c in checkpoints]
+        local = [{k: getattr(t, "_local_tensor", t).clone() for k, t in m.state_dict().items()} for m in models]
+        out[rank] = (local, whole)
+    finally:
+        dist.destroy_process_group()

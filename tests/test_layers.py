@@ -13,7 +13,8 @@ ROOT = Path(streamalign.__file__).resolve().parent
 # lowest first; one entry per top-level package or module of streamalign
 LAYERS = [
     {"__init__"},
-    {"io", "schemas", "optim", "extras"},
+    {"io", "optim", "extras"},
+    {"schemas"},
     {"models"},
     {"adapters"},
     {"pipeline"},

@@ -24,7 +24,7 @@ from streamalign.schemas.config import ModelConfig
 from streamalign.train.config import TrainConfig
 from streamalign.train.loop import train
 from streamalign.worlds.shapes import held_in_prompts
-from tests.conftest import free_port, make_model
+from tests.conftest import make_model, torchrun
 
 PROMPTS = tuple(p.text for p in held_in_prompts()[::50])
 
@@ -144,15 +144,17 @@ def test_on_policy_collects_tagged_rollouts_then_updates(tmp_path, base):
     assert first[1]["ratio_dev_max"] > first[0]["ratio_dev_max"]  # the second update moved away from it
 
 
-def test_torchrun_two_processes_equal_one(tmp_path, base, buffer):
+@pytest.mark.parametrize(("ranks", "batch"), [(2, 2), pytest.param(3, 3, marks=pytest.mark.slow)])
+def test_torchrun_ranks_equal_one_process(tmp_path, base, buffer, ranks, batch):
+    """A global batch smaller than the 4-group buffer (3 ranks: batches that span epochs): the ranks take
+    their slices of one process's batches, so the groups of every update are the same."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["train", "--buffer", str(buffer), "--checkpoint", str(base), "--steps", "2", "--batch-groups", "4",
+    args = ["train", "--buffer", str(buffer), "--checkpoint", str(base), "--steps", "2", "--batch-groups", str(batch),
             "--lr", "1e-3", "--lora-rank", "4", "--lora-alpha", "8", "--threads", "1"]  # fmt: skip
     one = subprocess.run([sys.executable, "-m", "streamalign.cli", *args, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert one.returncode == 0, one.stderr[-2000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    two = subprocess.run([*cmd, "-m", "streamalign.cli", *args, "--out", str(tmp_path / "two")], env=env,
+    two = subprocess.run([*torchrun(ranks), "-m", "streamalign.cli", *args, "--out", str(tmp_path / "two")], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert two.returncode == 0, two.stderr[-2000:]
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))

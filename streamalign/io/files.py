@@ -78,9 +78,14 @@ def read_tree(path: Path) -> tuple[str, dict[str, bytes]]:
 
 
 def require_paths(*given: tuple[str | Path | None, str]) -> None:
-    """One clear error for the first (path, what) whose path does not exist; None paths are skipped."""
+    """One clear error for the first (path, what) whose path does not exist; None paths are skipped; a
+    ``hf://`` id must resolve (:mod:`streamalign.io.hub`: cached, or downloaded where allowed)."""
+    from .hub import is_hub_id, resolve
+
     for path, what in given:
-        if path is not None and not Path(path).exists():
+        if is_hub_id(path):
+            resolve(path)
+        elif path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{what} {path} does not exist")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..io import hub
 from ..io.files import atomic_path
 from ..schemas.config import ModelConfig
 from . import wan  # noqa: F401  (registers the wan family)
@@ -49,11 +50,19 @@ class LazyTensors(Mapping):
         handle, name = self._where[key]
         return handle.get_tensor(name)
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._where
+
     def __iter__(self):
         return iter(self._where)
 
     def __len__(self) -> int:
         return len(self._where)
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (its first dimension), only their bytes read from the file."""
+        handle, name = self._where[key]
+        return handle.get_slice(name)[start:stop]
 
     def spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         """(shape, dtype) of a tensor, read from the file header only."""
@@ -121,7 +130,7 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "lit
 def read_tensors(path: str | Path) -> Mapping:
     """A tensors-only torch file (e.g. an optimizer state) read into memory, never unpickled: one clear
     error for a missing, damaged or pickled file."""
-    return _read_raw(Path(path), mmap=False)
+    return _read_raw(Path(hub.local(path)), mmap=False)
 
 
 def _first_line(e: Exception) -> str:
@@ -151,7 +160,7 @@ def read_generator_entry(
     path: str | Path, which: str = "auto", key_adapter: Callable[[str], str] = normalize_key, prefer: str = "auto"
 ) -> tuple[str | None, Mapping[str, torch.Tensor]]:
     """(the entry read, None for a bare state dict; the state dict) as :func:`read_state_dict` reads them."""
-    raw = _read_raw(Path(path))
+    raw = _read_raw(Path(hub.local(path)))
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(raw).__name__}, not a state dict")
     entry = None
@@ -249,6 +258,42 @@ def assign_state_dict(
     model.load_state_dict(out, strict=True, assign=True)
 
 
+def assign_shards(
+    model: ChunkModel,
+    sd: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    deltas: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> None:
+    """Fill a meta-device `model` whose parameters FSDP2 has sharded (DTensors, ``Shard(0)``: rank r holds
+    the r-th of ``torch.chunk(w, world)``) from a checked `sd`: each rank reads only its rows of every
+    sharded tensor (a safetensors slice or rows of a memory-mapped tensor; a tensor with a LoRA delta is
+    merged whole on the host first) and converts them to `dtype` on `device`; unsharded tensors whole."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    deltas = deltas or {}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for k, t in model.state_dict(keep_vars=True).items():
+            local = t.to_local() if isinstance(t, DTensor) else t
+            if isinstance(t, DTensor):
+                if tuple(t.placements) != (Shard(0),):
+                    raise ValueError(f"{k}: sharded as {t.placements}, expected Shard(0) on a 1-D mesh")
+                n, size = t.shape[0], t.device_mesh.size()
+                start = min(n, t.device_mesh.get_local_rank() * -(-n // size))  # torch.chunk's split
+                stop = start + local.shape[0]
+                if k in deltas:
+                    w = deltas[k](sd[k])[start:stop]
+                elif isinstance(sd, LazyTensors):
+                    w = sd.rows(k, start, stop)
+                else:
+                    w = sd[k][start:stop]
+            else:
+                w = deltas[k](sd[k]) if k in deltas else sd[k]
+            local.copy_(w.to(dtype=dtype if w.is_floating_point() else w.dtype))
+            del w
+
+
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -343,10 +388,11 @@ def check_adapter_rank(folder: Path, cfg: Mapping, sd: Mapping[str, torch.Tensor
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], float | None]:
     """(LoRA weights, alpha or None) from a peft adapter folder, a LongLive ``{"generator_lora": ...}``
     file or a bare peft state dict."""
+    path = hub.local(path)
     if Path(path).is_dir():
         cfg, weights = read_adapter(path)
         return weights, float(cfg["lora_alpha"])
-    raw = _read_raw(Path(path))
+    raw = _read_raw(Path(hub.local(path)))
     if isinstance(raw, Mapping) and "generator_lora" in raw:
         raw = raw["generator_lora"]
     return dict(raw), None
@@ -414,6 +460,7 @@ def load_generator(
     device: torch.device | str = "cpu",
     base_lora: str | Path | None = None,
     base_lora_alpha: float | None = None,
+    shard: Callable[[ChunkModel], None] | None = None,
 ) -> ChunkModel:
     """A generator from a config (name or object), strictly loaded from `checkpoint` if given, with the
     model's shipped LoRA (`base_lora`, e.g. LongLive's) and then an adapter (`lora`) merged in. Without a
@@ -422,7 +469,9 @@ def load_generator(
 
     With a checkpoint the model is built on the meta device and each stored tensor goes straight to
     `dtype` on `device` (``dtype=None`` keeps the checkpoint's): no float32 copy of a bf16 model is ever
-    made, and the LoRAs are merged into each stored weight in float64 before its cast."""
+    made, and the LoRAs are merged into each stored weight in float64 before its cast. `shard` (FSDP2's
+    ``fully_shard`` over the process group, ``--shard-base``) is applied to the model before any weight is
+    read: with a checkpoint each rank then reads only its shard of every tensor (:func:`assign_shards`)."""
     cfg = ModelConfig.load(config) if isinstance(config, str) else config
     family = get_family(cfg.arch.family)
     if checkpoint is None:
@@ -436,6 +485,8 @@ def load_generator(
             merged.append((str(path), alpha, len(pairs)))
         model = model.to(device=device, dtype=dtype or torch.float32).eval()
         model.load_report = LoadReport(None, tuple(merged))
+        if shard is not None:
+            shard(model)
         return model
     with torch.device("meta"):
         model = family.build(cfg.arch)
@@ -453,7 +504,12 @@ def load_generator(
     def merge(parts):  # every LoRA's delta added to the stored weight in float64, then one cast
         return lambda w: (w.double() + sum(lora_delta(a, b, alpha) for a, b, alpha in parts)).to(dtype)
 
-    assign_state_dict(model, sd, dtype, device, {k: merge(v) for k, v in deltas.items()})
+    merges = {k: merge(v) for k, v in deltas.items()}
+    if shard is None:
+        assign_state_dict(model, sd, dtype, device, merges)
+    else:
+        shard(model.to(dtype))  # the parameters' dtype is the one their shards are held and gathered in
+        assign_shards(model, sd, dtype, device, merges)
     model.load_report = LoadReport(entry, tuple(merged))
     return model.eval()
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from ..io import hub
 from ..schemas.sections import plugin_parts
 from .external import import_factory
 from .models.preprocess import grayscale3
@@ -152,7 +153,7 @@ def sources_of(paths: Mapping[str, str], options: Mapping[str, str], plugins: Ma
                 f"--reward-path {name}: unknown reward model; choose {', '.join(MODEL_KINDS)} "
                 f"(a plug-in of your own: --reward-plugin NAME=module:factory)"
             )
-        out.append(RewardSource(name, name, path, options=opts.get(name, {})))
+        out.append(RewardSource(name, name, hub.local(path), options=opts.get(name, {})))  # hf:// ids: the cache's
     for name, spec in plugins.items():
         if name in paths:
             raise RewardError(f"--reward-plugin {name}: the name is already a --reward-path model")

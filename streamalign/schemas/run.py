@@ -274,9 +274,15 @@ def provenance(command: str | None = None) -> dict:
 
 
 def run_record(cfg: BaseModel, stage: str) -> str:
-    """``run.yaml`` text: provenance (version, git commit, command line) and the resolved config."""
+    """``run.yaml`` text: provenance (version, git commit, command line, the commit of every ``hf://`` id)
+    and the resolved config."""
+    from ..io.hub import revisions
+
+    config = cfg.model_dump(mode="json")
     meta = {"stage": stage, **provenance()}
-    return yaml.safe_dump({"streamalign": meta, "config": cfg.model_dump(mode="json")}, sort_keys=False)
+    if hub := revisions(config):  # hf:// ids of the config: the commit each resolved to
+        meta["hub"] = hub
+    return yaml.safe_dump({"streamalign": meta, "config": config}, sort_keys=False)
 
 
 def flat_fields(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ..io.hub import is_hub_id
 from .config import ModelConfig
 from .run import RUN_FILE, Section, SettingError, arg, parse_pairs, read_run_file
 
@@ -40,12 +41,13 @@ class ModelSection(Section):
     # the policy every stage loads: base weights + the LoRA the model ships (LongLive), merged exactly;
     # a stage's own adapters (collect/generate --lora, train's LoRA, merge's) go on top of it
     config: str = arg("shapes", "Model config: preset name or YAML path.", short="-c")
-    checkpoint: str | None = arg(None, "Generator weights (default: the config's, e.g. the shipped shapes weights).")
+    checkpoint: str | None = arg(None, "Generator weights, a path or hf://ORG/REPO[@REV]/FILE (default: the "
+                                 "config's, e.g. the shipped shapes weights).")  # fmt: skip
     base_lora: str | None = arg(None, "The LoRA the model ships (LongLive's lora.pt), merged exactly into the "
                                 "base weights ('none': weights it is already merged into).")  # fmt: skip
     base_lora_alpha: float | None = arg(None, "Alpha of --base-lora (default: the config's, else the file's, "
                                         "else its rank).")  # fmt: skip
-    wan_dir: str | None = arg(None, "Local Diffusers Wan2.1 folder (UMT5 + VAE).")
+    wan_dir: str | None = arg(None, "Diffusers Wan2.1 folder (UMT5 + VAE), a path or hf://ORG/REPO[@REV].")
 
     @model_validator(mode="before")
     @classmethod
@@ -95,8 +97,9 @@ class RewardSection(Section):
     metrics: str | None = arg(None, "OOD metrics stored alongside, comma-separated (default: the world's).")
     # where rewards come from beyond the registry (rewards/sources.py): recorded with the run, so later
     # stages and every rank rebuild them
-    reward_paths: dict[str, str] = arg({}, "Reward models from local folders: MODEL=DIR,... (videoalign, hpsv3, "
-                                       "hpsv2, clip).", flag="--reward-path")  # fmt: skip
+    reward_paths: dict[str, str] = arg({}, "Reward models from folders: MODEL=DIR,... (videoalign, hpsv3, hpsv2, "
+                                       "clip); DIR may be hf://ORG/REPO[@REV][/PATH].",
+                                       flag="--reward-path")  # fmt: skip
     reward_options: dict[str, str] = arg({}, "Reward model / plug-in options: NAME.KEY=VALUE,... (e.g. "
                                          "videoalign.base=DIR, hpsv3.batch_size=4, NAME.fps=16).",
                                          flag="--reward-option")  # fmt: skip
@@ -129,7 +132,8 @@ class RewardSection(Section):
             data = {**data, **{k: parse_pairs(data[k], *flags[k]) for k in flags if isinstance(data.get(k), str)}}
             # local paths made absolute: the recorded run rebuilds the rewards from any working directory
             if isinstance(data.get("reward_paths"), dict):
-                data["reward_paths"] = {k: os.path.abspath(v) for k, v in data["reward_paths"].items()}
+                data["reward_paths"] = {k: v if is_hub_id(v) else os.path.abspath(v)
+                                        for k, v in data["reward_paths"].items()}  # fmt: skip
             if isinstance(data.get("reward_plugins"), dict):
                 data["reward_plugins"] = {k: pinned_plugin(k, v) for k, v in data["reward_plugins"].items()}
             if isinstance(data.get("reward_options"), dict) and isinstance(data.get("reward_paths"), dict):

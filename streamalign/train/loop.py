@@ -2,13 +2,16 @@
 
 Both run the same update: every group of the batch goes through the objective one at a time (memory of
 one group), its loss divided by the global batch, gradients summed over ranks (torch.distributed
-all-reduce under torchrun), clipped, one AdamW step. Random choices inside the objective come from a
-generator seeded by (seed, step, entry id), so they do not depend on rank or batch order.
+all-reduce under torchrun), clipped, one AdamW step. The semi loop's global batches are those of one
+process (the buffer's stream under the seed); each rank trains on its slice of every one. Random choices
+inside the objective come from a generator seeded by (seed, step, entry id), so they do not depend on rank
+or batch order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -51,7 +54,7 @@ from .objectives import GroupInput
 from .objectives.base import composite_rewards
 from .plan import plan_train  # noqa: F401  (registers the train stage that check_stage plans)
 from .replay import PivotReplay
-from .shard import shard_base, stand_in
+from .shard import kept_bytes, shard_base, stand_in
 from .state import Progress, resume_checkpoint, save_checkpoint
 
 log = logging.getLogger("streamalign.train")
@@ -94,7 +97,14 @@ class Trainer:
         self.device = place.device
         self.bf16, checkpointing = hw.resolved(self.device.type)
         model_cfg = cfg.cache.apply(resolve_config(m.config, m.wan_dir))
-        base = pipeline or Pipeline.of_section(m, place, config=model_cfg)
+        self.lockstep = hw.shard_base and world > 1  # every rank runs the same model passes
+        shard = functools.partial(shard_base, device=self.device) if self.lockstep else None
+        if pipeline is None:  # --shard-base: each rank reads only its shard of the base weights
+            base = Pipeline.of_section(m, place, config=model_cfg, shard=shard)
+        else:
+            base = pipeline
+            if shard is not None:
+                shard(base.model)
         if cfg.lora.init_adapter is not None:
             self.peft = load_lora(base.model, cfg.lora.init_adapter, trainable=True)
         else:
@@ -112,13 +122,11 @@ class Trainer:
         self.params = [p for _, p in lora_parameters(self.peft)]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.objective.bind(self.params)  # objectives with policy copies (NFT: old and reference) keep them
-        self.lockstep = hw.shard_base and world > 1  # every rank runs the same model passes
         if self.lockstep:
-            kept = shard_base(self.model, self.params, self.device)
             self.replay.lockstep = True
             if rank == 0:
                 log.info("--shard-base: the frozen base is sharded over %d ranks with FSDP2 (%.1f MiB of base "
-                         "weights kept per rank)", world, kept / 2**20)  # fmt: skip
+                         "weights kept per rank)", world, kept_bytes(self.model) / 2**20)  # fmt: skip
         self.text_mismatches = 0  # entries whose prompt embedding hash differs from this run's encoding
 
     def autocast(self) -> torch.autocast:
@@ -254,7 +262,8 @@ class Trainer:
 
 
 def _entries(reader: BufferReader, epoch: int, skip: int):
-    """Entries of this rank from (epoch, skip) onward, epoch after epoch: yields (entry, epoch, index)."""
+    """Entries of the buffer's stream from (epoch, skip) onward, epoch after epoch: yields (entry, epoch,
+    index)."""
     while True:
         reader.set_epoch(epoch)
         for i, e in enumerate(reader):
@@ -263,18 +272,32 @@ def _entries(reader: BufferReader, epoch: int, skip: int):
         epoch, skip = epoch + 1, 0
 
 
+def rank_share(stream, batch: int, rank: int, world: int) -> tuple[list[Entry], int, int]:
+    """Rank `rank`'s slice of the next global batch of `batch` groups from `stream` (see :func:`_entries`):
+    its consecutive groups ``rank * batch / world ...``, and the stream position (epoch, index) after the
+    batch. The other ranks' groups are read and dropped (never held: host memory of one rank's share)."""
+    k = batch // world
+    mine, epoch, index = [], 0, 0
+    for i in range(batch):
+        e, epoch, index = next(stream)
+        if rank * k <= i < (rank + 1) * k:
+            mine.append(e)
+    return mine, epoch, index
+
+
 def _check_fits(cfg: TrainConfig, world: int) -> None:
     """``plan``'s train stage at this run's settings (group size: the buffer's largest, semi) on its device."""
     m, hw = cfg.model, cfg.hardware
     placement = Placement.of(hw, apply_threads=False)
-    if placement.device.type != "cuda" or (hw.shard_base and world > 1):  # the plan replicates the base weights
+    if placement.device.type != "cuda":
         return
     g = cfg.rollouts.group_size
     if cfg.mode == "semi":
         g = max(read_manifest(cfg.data.buffer).column("group_size").to_pylist(), default=g)
     check_stage("train", resolve_config(m.config, m.wan_dir), placement, group_size=g, objective=cfg.objective.name,
                 replay_batch=hw.replay_batch, checkpointing=hw.checkpointing, autocast=hw.autocast,
-                lora_rank=cfg.lora.lora_rank, batch_groups=cfg.optim.batch_groups, gpus=world)  # fmt: skip
+                lora_rank=cfg.lora.lora_rank, batch_groups=cfg.optim.batch_groups, gpus=world,
+                shard_base=hw.shard_base)  # fmt: skip
 
 
 def _check_buffer(cfg: TrainConfig, trainer: Trainer) -> None:
@@ -404,20 +427,16 @@ def train(
 
         if cfg.mode == "semi":
             d = cfg.data
-            reader = BufferReader(d.buffer, rank, world, d.shuffle, cfg.seed, d.filter, d.reward_weights,
-                                  d.skip_damaged)  # fmt: skip
-            per_rank = optim.batch_groups // world
-            if len(reader) == 0:
-                raise ValueError(f"buffer {d.buffer} gives rank {rank} of {world} no entries: use fewer ranks")
+            # every rank reads the stream of one process (a function of the seed and the buffer alone) and
+            # trains on its slice of each global batch: N ranks update as one process would
+            reader = BufferReader(d.buffer, shuffle=d.shuffle, seed=cfg.seed, where=d.filter, weights=d.reward_weights,
+                                  skip_damaged=d.skip_damaged)  # fmt: skip
             stream = _entries(reader, state.epoch, state.consumed)
             while state.step < sched.steps:
                 t_step = time.time()
                 stats: dict = {}
                 for micro in range(optim.accum):
-                    groups = []
-                    for _ in range(per_rank):
-                        e, state.epoch, state.consumed = next(stream)
-                        groups.append(e)
+                    groups, state.epoch, state.consumed = rank_share(stream, optim.batch_groups, rank, world)
                     stats = trainer.update(
                         state.step, groups, optim.batch_groups, zero=micro == 0, apply=micro + 1 == optim.accum
                     )

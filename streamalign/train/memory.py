@@ -87,6 +87,11 @@ def simulated_entry(
     ).validate(SIMULATED)  # fmt: skip
 
 
+def frozen_bytes(module: torch.nn.Module) -> int:
+    """Bytes of `module`'s frozen (base) weights."""
+    return sum(p.untyped_storage().nbytes() for p in module.parameters() if not p.requires_grad)
+
+
 def update_memory(
     trainer: Trainer, entry: Entry, text: torch.Tensor, flops: bool = False, tracker: LiveBytes | None = None
 ) -> MemoryReport:
@@ -146,7 +151,8 @@ def train_update_memory(
         model=cfg.name, objective=trainer.objective.name, pivot=pivot, group_size=group_size,
         dtype=str(dtype).removeprefix("torch."), autocast="bf16" if bf16 else "off", checkpointing=checkpointing,
         lora_rank=settings.lora.lora_rank, replay_batch=trainer.replay.last_batch, peak_gib=round(report.peak / GiB, 2),
-        weights_bytes=sum(p.untyped_storage().nbytes() for p in trainer.model.parameters() if not p.requires_grad),
+        weights_bytes=frozen_bytes(trainer.model), block_bytes=max(frozen_bytes(b) for b in trainer.model.blocks),
+        root_bytes=frozen_bytes(trainer.model) - sum(frozen_bytes(b) for b in trainer.model.blocks),
         lora_bytes=sum(p.untyped_storage().nbytes() for p in trainer.params),
     )  # fmt: skip
     return report

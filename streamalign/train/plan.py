@@ -27,7 +27,11 @@ def plan_train(ctx: PlanContext) -> StagePlan:
     Held besides: the codec and (when it stays on the GPU) the text encoder, as the stages hold them; the
     text phase encodes a prompt the first time it is met. Per group: the text, plus the mean of the
     planned pivots' update FLOPs (exact with ``--pivot``; the first and last otherwise). Per update:
-    ``--batch-groups`` groups, split over the GPUs."""
+    ``--batch-groups`` groups, split over the GPUs.
+
+    ``--shard-base`` on G > 1 GPUs (FSDP2, see :func:`sharded_peak`): each GPU keeps 1/G of the base weights,
+    plus the weights FSDP2 all-gathers for the passes. Arithmetic on the measured replicated update (FSDP2
+    cannot run on fake tensors without a process group); not measured on GPUs."""
     from .memory import train_update_memory
 
     run, cfg = ctx.run, ctx.cfg
@@ -45,14 +49,30 @@ def plan_train(ctx: PlanContext) -> StagePlan:
                                   device_memory=run.memory - CUDA_RESERVE - held, flops=ctx.flops)  # fmt: skip
         batches[p] = rep.notes["replay_batch"]
         notes = rep.notes
-        phases.append(Phase(f"update p={p} (rb {batches[p]})", rep.peak + held, rep.flops or 0, batches[p]))
+        peak = rep.peak
+        if run.train.shard_base and run.device.gpus > 1:
+            peak = sharded_peak(peak, notes["weights_bytes"], notes["root_bytes"], notes["block_bytes"],
+                                run.device.gpus)  # fmt: skip
+        phases.append(Phase(f"update p={p} (rb {batches[p]})", peak + held, rep.flops or 0, batches[p]))
     per_rank = math.ceil(run.train.batch_groups / run.device.gpus)
     total = phases[0].flops + sum(ph.flops for ph in phases[1:]) // len(pivots)
     work = f"{run.train.steps} updates of {run.train.batch_groups} groups" + (
         f" on {run.device.gpus} GPUs" if run.device.gpus > 1 else "")  # fmt: skip
     info = {k: notes[k] for k in ("objective", "autocast", "checkpointing", "lora_rank", "lora_bytes")}
+    if run.train.shard_base and run.device.gpus > 1:
+        info["shard_base"] = f"base weights sharded over {run.device.gpus} GPUs (FSDP2; arithmetic, see docs)"
     return StagePlan("train", "group", run.train.steps * per_rank, phases, unit_flops=total, workload=work,
                      notes={"replay_batch": batches, "pivots": pivots, **info})  # fmt: skip
+
+
+def sharded_peak(replicated: int, weights: int, root: int, block: int, gpus: int) -> int:
+    """Peak bytes of one update with the frozen base sharded over `gpus` by FSDP2 (``train/shard.py``: every
+    block, then the root), from the replicated update's peak and its base `weights` (`root`: those outside
+    the blocks; `block`: the largest block's): each GPU keeps its 1/gpus of every weight, and during the
+    passes holds besides, in full, the root's weights (the embeddings and head: FSDP2 keeps the root
+    gathered from its forward through the backward), the block running and the next one (prefetched),
+    all-gathered beside their shards."""
+    return replicated - weights + math.ceil(weights / gpus) + root + 2 * block
 
 
 register_stage("train", plan_train)

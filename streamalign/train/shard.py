@@ -19,17 +19,22 @@ from ..collect.distributed import all_reduce
 from ..schemas.buffer import Entry
 
 
-def shard_base(model: torch.nn.Module, trainable: list[torch.nn.Parameter], device: torch.device) -> int:
-    """Shard `model`'s frozen weights over the process group (blocks, then the root), `trainable` left out;
-    returns the bytes of base weights this rank keeps between passes."""
+def shard_base(model: torch.nn.Module, device: torch.device) -> None:
+    """Shard the base `model` (before its LoRA is attached: the LoRA stays out of FSDP) over the process
+    group on `device`'s type, every block, then the root. On the meta device (a checkpoint about to be
+    read, see :func:`~streamalign.models.checkpoint.load_generator`) nothing is moved: each rank's shards
+    are read afterwards; a model in memory has its weights moved to `device` block by block and split."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    ignored = set(trainable)
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, ignored_params=ignored)
-    fully_shard(model, mesh=mesh, ignored_params=ignored)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def kept_bytes(model: torch.nn.Module) -> int:
+    """Bytes of frozen base weights this rank keeps between passes (its shards)."""
     local = [getattr(p, "_local_tensor", p) for p in model.parameters() if not p.requires_grad]
     return sum(t.numel() * t.element_size() for t in local)
 

@@ -35,8 +35,8 @@ class DamagedCheckpointError(CheckpointError):
 
 @dataclass
 class Progress:
-    """Where training stands: updates done, and the data position (semi: epoch and entries consumed in
-    it on this rank; on: iterations finished)."""
+    """Where training stands: updates done, and the data position (semi: epoch and entries of the
+    buffer's stream consumed in it, the same on every rank; on: iterations finished)."""
 
     step: int = 0
     epoch: int = 0
