@@ -259,8 +259,12 @@ class Block(nn.Module):
         cache.write(layer, plan, k, v)
         self.cross_attn.text_keys_values(context, cache, layer)
 
-    def forward(self, x, e0, context, rope, cache, plan, layer, mask) -> torch.Tensor:
-        """x [B, F*T, dim]; e0 [B, F, 6, dim] per-frame time projection."""
+    def forward(self, x, e0, context, rope, cache, plan, layer, mask, kv_only: bool = False) -> torch.Tensor | None:
+        """x [B, F*T, dim]; e0 [B, F, 6, dim] per-frame time projection. ``kv_only``: only :meth:`write_kv`
+        (through the module call, so hooks such as FSDP2's unsharding of the weights run), returns None."""
+        if kv_only:
+            self.write_kv(x, e0, context, rope, cache, plan, layer)
+            return None
         nf = e0.shape[1]
         mods = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
         _shift1, _scale1, gate1, shift2, scale2, gate2 = mods
@@ -397,8 +401,7 @@ class CausalWanModel(nn.Module):
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and (cache is None or not cache.store)
         for i, block in enumerate(self.blocks):
             if kv_only and i == len(self.blocks) - 1:
-                block.write_kv(tokens, e0, ctx, rope, cache, plan, i)
-                return None
+                return block(tokens, e0, ctx, rope, cache, plan, i, mask, kv_only=True)
             if recompute:
                 tokens = checkpoint(block, tokens, e0, ctx, rope, cache, plan, i, mask, use_reentrant=False)
             else:
