@@ -30,11 +30,12 @@ from ..extras import require
 from ..io.files import require_paths, staged_folder, write_atomic
 from ..io.outputs import open_output, overwrite_permitted, permit_overwrite
 from ..io.progress import progress_bar
+from ..models.kv_cache import compute_dtype
 from ..models.noise import derive_seed
 from ..models.placement import Placement
 from ..models.sampler import Sampler
 from ..optim import lr_at
-from ..pipeline import Pipeline, resolve_config
+from ..pipeline import Pipeline, base_checkpoint, policy_id, resolve_config
 from ..plan import check_stage
 from ..rewards.sources import reward_of
 from ..schemas.buffer import Entry, SchemaError
@@ -46,6 +47,7 @@ from .identity import Resume, check_run_folder
 from .metrics import MetricsLog, read_metrics
 from .objectives import GroupInput
 from .objectives.base import composite_rewards
+from .old_policy import OldPolicy, recompute_wanted
 from .plan import plan_train  # noqa: F401  (registers the train stage that check_stage plans)
 from .replay import PivotReplay
 from .shard import shard_base, stand_in
@@ -106,6 +108,14 @@ class Trainer:
         self.params = [p for _, p in lora_parameters(self.peft)]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.objective.bind(self.params)  # objectives with policy copies (NFT: old and reference) keep them
+        # the old predictions of a replay: recomputed under this run's numerics for entries of a known policy
+        self.reduced = self.bf16 or compute_dtype(self.model) != torch.float32
+        self.old = self.replay.old = OldPolicy(self.params)
+        self.old.remember(base.policy_id, [torch.zeros_like(p) if ".lora_B." in n else p.detach().clone()
+                                           for n, p in lora_parameters(self.peft)])  # fmt: skip  (B = 0: the base)
+        if cfg.lora.init_adapter is not None and pipeline is None:  # a buffer collected with the starting adapter
+            self.old.remember(policy_id(base_checkpoint(base.config, m.checkpoint), cfg.lora.init_adapter))
+        self.unknown_policies = 0  # entries whose rollout policy this run cannot recompute (stored predictions)
         self.lockstep = hw.shard_base and world > 1  # every rank runs the same model passes
         if self.lockstep:
             kept = shard_base(self.model, self.params, self.device)
@@ -162,6 +172,13 @@ class Trainer:
         bad: str | None = None  # the first non-finite value of this rank: the step is not applied
         for e in groups:
             self.check_entry(e)
+            self.replay.recompute_old = recompute_wanted(self.cfg.hardware.old_predictions, self.reduced, e.dtype)
+            if self.replay.recompute_old and self.old.of(e.policy_id) is None:
+                if not self.unknown_policies:
+                    log.warning("entry %s was rolled out by policy %s, which this run does not start from: its "
+                                "stored old predictions are used (the ratio of an unchanged policy may not be 1)",
+                                e.entry_id, e.policy_id)  # fmt: skip
+                self.unknown_policies += 1
             e = e.cast(torch.float32)  # stored bf16/fp16 latents: the sampler works in float32
             seed = entry_seed(self.cfg.seed, step, e.entry_id)
             if bad is None and (rewards := self.bad_reward(e)) is not None:
@@ -394,6 +411,8 @@ def train(
                 rollout_policy = Pipeline(
                     trainer.policy.config, trainer.model, trainer.policy.text, trainer.policy.codec, version
                 )
+                trainer.old.weights.pop(f"{trainer.policy.policy_id}+it{it - 1:05d}", None)
+                trainer.old.remember(version)  # this iteration's old policy: its rollouts' weights
                 with trainer.autocast():  # the updates' precision; branch batches from the device's free memory
                     collect(rollout_policy, ccfg, rollouts, rank, world, progress=False, shard_prefix=f"it{it:05d}-")
                 trainer.model.train()

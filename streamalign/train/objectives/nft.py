@@ -68,6 +68,14 @@ def selective_kl_mask(primary: torch.Tensor, aux: torch.Tensor | None, kappa: fl
     return mask
 
 
+def old_deviation(v_theta: torch.Tensor, v_old: torch.Tensor) -> float:
+    """The largest relative distance ``|v_theta_i - v_old_i| / |v_old_i|`` (L2 over each sample [N, ...]) of
+    the current from the old policy: NFT's counterpart of the ratio objectives' ratio_dev_max (0 while the
+    two policies are the same: its old predictions are recomputed under the trainer's numerics)."""
+    diff = (v_theta.double() - v_old.double()).flatten(1).norm(dim=1)
+    return float((diff / v_old.double().flatten(1).norm(dim=1).clamp(min=1e-30)).max())
+
+
 @dataclass
 class NFT(Objective):
     beta: float = 0.1
@@ -83,8 +91,8 @@ class NFT(Objective):
     primary: str | None = None  # primary reward name (default: the highest weight of the entry's composite)
     name: str = "nft"
     stat_keys: tuple[str, ...] = (
-        "nft_loss", "kl", "kl_mask_rate", "kappa", "old_decay", "ref_resets", "reward", "reward_std", "adv_std",
-        "zero_variance",
+        "nft_loss", "kl", "kl_mask_rate", "kappa", "old_decay", "ref_resets", "old_dev_max", "reward", "reward_std",
+        "adv_std", "zero_variance",
     )  # fmt: skip
     params: list[torch.nn.Parameter] = field(default_factory=list, repr=False)
     old: list[torch.Tensor] = field(default_factory=list, repr=False)
@@ -188,6 +196,7 @@ class NFT(Objective):
             "kappa": self.kappa,
             "old_decay": self.last_decay,
             "ref_resets": float(self.ref_resets),
+            "old_dev_max": old_deviation(v_theta.detach(), v_old),
         }
         return GroupLoss(loss, {**stats, **info})
 
