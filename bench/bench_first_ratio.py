@@ -112,7 +112,7 @@ def measure(root: Path) -> dict:
             "fp32 store, x_t rounded to bf16": first_update(config, base, fp32_store, obj, ("x_t",), **stored),
             "fp32 store, x0_old rounded to bf16": first_update(config, base, fp32_store, obj, ("x0_old",), **stored),
             "fp32 store, context rounded to bf16": first_update(config, base, fp32_store, obj, ("context",),
-                                                                **stored),  # fmt: skip
+                                                                **stored),
             "bf16 store (rollout without autocast)": first_update(config, base, bf16, obj, **stored),
             "bf16 store (rollout under autocast)": first_update(config, base, cast_store, obj, **stored),
         }

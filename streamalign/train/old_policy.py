@@ -16,6 +16,9 @@ rolled out by any other policy keeps its stored predictions.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 OLD_PREDICTIONS = ("auto", "recompute", "stored")
@@ -40,13 +43,27 @@ class OldPolicy:
         """Whether `values` equal the current LoRA values exactly (the old forward would repeat the current)."""
         return all(torch.equal(v, p.detach()) for v, p in zip(values, self.params, strict=True))
 
-    def swap(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Load `values` into the parameters; returns what they held (no grad)."""
-        keep = [p.detach().clone() for p in self.params]
+
+@contextlib.contextmanager
+def loaded_weights(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> Iterator[None]:
+    """`values` loaded into `params` in place for the block (no grad inside), then the previous values back.
+
+    Autocast caches its low-precision copy of every leaf parameter that requires grad until the outermost
+    autocast region ends, so a forward after an in-place change would still read the old copy (every
+    forward of an update's region the first one's weights): the cache is cleared at each change."""
+    keep = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v)
+    torch.clear_autocast_cache()
+    try:
         with torch.no_grad():
-            for p, v in zip(self.params, values, strict=True):
+            yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, keep, strict=True):
                 p.copy_(v)
-        return keep
+        torch.clear_autocast_cache()
 
 
 def recompute_wanted(mode: str, reduced_compute: bool, stored_dtype: torch.dtype) -> bool:

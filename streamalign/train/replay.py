@@ -16,7 +16,7 @@ import torch
 from ..models.kv_cache import KVCache
 from ..models.sampler import Sampler
 from ..schemas.buffer import Entry
-from .old_policy import OldPolicy
+from .old_policy import OldPolicy, loaded_weights
 from .shard import Lockstep
 
 CONTEXT_MODES = ("recompute", "stored")
@@ -97,11 +97,7 @@ class PivotReplay:
             return None
         if values is None and not (self.lockstep and self.recompute_old):
             return stored.to(next(self.sampler.model.parameters()).device, torch.float32)
-        keep = self.old.swap(values) if values is not None else None
-        try:
-            with torch.no_grad():  # under --shard-base every rank runs these passes (an unknown policy: discarded)
-                old = self.predict(entry, text, x_t, steps)
-        finally:
-            if keep is not None:
-                self.old.swap(keep)
+        # under --shard-base every rank runs these passes (an entry of an unknown policy: thrown away)
+        with loaded_weights(self.old.params, values) if values is not None else torch.no_grad():
+            old = self.predict(entry, text, x_t, steps)
         return old if values is not None else stored.to(old.device, torch.float32)

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from ...schemas.run import arg
+from ..old_policy import loaded_weights
 from ..replay import PivotReplay
 from .base import GroupInput, GroupLoss, Objective, ObjectiveConfig, group_advantages, group_rewards, register_objective
 
@@ -117,20 +117,9 @@ class NFT(Objective):
         self.old = [p.detach().clone() for p in self.params]
         self.ref = [p.detach().clone() for p in self.params]
 
-    @contextlib.contextmanager
-    def weights(self, values: list[torch.Tensor]) -> Iterator[None]:
+    def weights(self, values: list[torch.Tensor]) -> contextlib.AbstractContextManager[None]:
         """Temporarily load `values` into the trainable parameters (no grad inside)."""
-        keep = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, v in zip(self.params, values, strict=True):
-                p.copy_(v)
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            with torch.no_grad():
-                for p, v in zip(self.params, keep, strict=True):
-                    p.copy_(v)
+        return loaded_weights(self.params, values)
 
     def after_step(self, step: int, stats: dict[str, float]) -> None:
         """After update `step` (1-based): soft-update old, adapt kappa, maybe reset the reference."""
