@@ -185,7 +185,7 @@ def test_training_reads_bf16_latents_as_float32(tmp_path, fp32_policy):
     cfg = CollectConfig(prompts=PROMPTS, groups=1, group_size=3, seed=5, pivot="1", store_dtype="bf16")
     collect(fp32_policy, cfg, tmp_path / "buf", progress=False)
     (e16,) = _entries(tmp_path / "buf", "webdataset")
-    # the stored old predictions on both (auto recomputes them for the bf16 entry only: tests/test_first_update_ratio.py)
+    # stored old predictions on both (auto recomputes them for bf16 entries: tests/test_first_update_ratio.py)
     trainer = Trainer(TrainConfig(mode="semi", buffer=str(tmp_path / "buf"), lora_rank=4, lora_alpha=4.0,
                                   old_predictions="stored"))  # fmt: skip
     params = trainer.params
@@ -208,9 +208,7 @@ def test_training_warns_when_the_prompt_encodes_differently(tmp_path, fp32_polic
     collect(fp32_policy, CollectConfig(prompts=PROMPTS, groups=1, group_size=2), tmp_path / "buf", progress=False)
     (entry,) = _entries(tmp_path / "buf", "webdataset")
     assert entry.text_hash == fp32_policy.text.embedding_hash(entry.prompt)
-    # the stored old predictions on both (auto recomputes them for the bf16 entry only: tests/test_first_update_ratio.py)
-    trainer = Trainer(TrainConfig(mode="semi", buffer=str(tmp_path / "buf"), lora_rank=4, lora_alpha=4.0,
-                                  old_predictions="stored"))  # fmt: skip
+    trainer = Trainer(TrainConfig(mode="semi", buffer=str(tmp_path / "buf"), lora_rank=4, lora_alpha=4.0))
     trainer.check_entry(entry)
     assert trainer.text_mismatches == 0 and not caplog.records
     with caplog.at_level("WARNING", logger="streamalign.train"):

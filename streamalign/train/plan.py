@@ -8,6 +8,7 @@ import math
 
 from ..plan import CUDA_RESERVE, Phase, PlanContext, PlanRun, StagePlan, register_stage, storage_bytes
 from ..plan import plan_command as _plan_command
+from ..rewards import plan as _reward_planners  # noqa: F401  (registers the reward models' planners)
 from .config import TrainConfig
 
 
@@ -28,6 +29,10 @@ def plan_train(ctx: PlanContext) -> StagePlan:
     text phase encodes a prompt the first time it is met. Per group: the text, plus the mean of the
     planned pivots' update FLOPs (exact with ``--pivot``; the first and last otherwise). Per update:
     ``--batch-groups`` groups, split over the GPUs."""
+    return ctx.with_rewards(lambda: _plan_train(ctx))  # held by --mode on (rollouts) and --eval-every
+
+
+def _plan_train(ctx: PlanContext) -> StagePlan:
     from .memory import train_update_memory
 
     run, cfg = ctx.run, ctx.cfg
