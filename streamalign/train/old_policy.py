@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 OLD_PREDICTIONS = ("auto", "recompute", "stored")
 
@@ -40,7 +41,11 @@ class OldPolicy:
         return self.weights.get(policy_id)
 
     def is_current(self, values: list[torch.Tensor]) -> bool:
-        """Whether `values` equal the current LoRA values exactly (the old forward would repeat the current)."""
+        """Whether `values` equal the current LoRA values exactly (the old forward would repeat the current).
+        Simulated weights (the memory planner's fake tensors) have no values: False, so the plan holds the
+        old forward every update after the first runs."""
+        if any(isinstance(t, FakeTensor) for t in (*values, *self.params)):
+            return False
         return all(torch.equal(v, p.detach()) for v, p in zip(values, self.params, strict=True))
 
 
