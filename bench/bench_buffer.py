@@ -6,7 +6,7 @@
 - bytes per entry with context latents vs ``--store-kv`` (pivot 2), and the projection for wan-1.3b
   (21 latent frames of 60x104 = 1560 tokens, 30 layers, G=12, pivot 2) from the same ``Entry.to_record``.
 
-    python bench/bench_buffer.py [--groups 16] [--shards 4] [--threads 2]
+    python bench/bench_buffer.py [--groups 16] [--shards 4] [--threads 2] [--json-out results/bench_buffer.json]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import add_json_out, save
 from torch.utils.data import DataLoader
 
 from streamalign.buffer.formats import FORMATS, get_format, write_shard
@@ -25,6 +26,7 @@ from streamalign.buffer.manifest import write_manifest_part
 from streamalign.buffer.reader import BufferReader
 from streamalign.collect.collector import CollectConfig, collect
 from streamalign.io.files import tree_bytes
+from streamalign.io.results import table
 from streamalign.pipeline import Pipeline
 from streamalign.schemas.buffer import Entry
 from streamalign.schemas.config import ModelConfig
@@ -64,6 +66,7 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=16)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    add_json_out(ap, "bench_buffer")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_buffer_"))
@@ -82,6 +85,7 @@ def main() -> None:
         print(f"\n{args.shards} shards of {len(entries) // args.shards} groups")
         print(f"{'format':11s}" + "".join(f"{c:>11s}" for c in cols))
         per = len(entries) // args.shards
+        format_rows = []
         for name, fmt in FORMATS.items():
             folder = tmp / name
             folder.mkdir()
@@ -106,19 +110,33 @@ def main() -> None:
                 assert k == per * args.shards
             vals = (size / 1e6, raw / w, raw / r, *rates)
             print(f"{name:11s}" + "".join(f"{v:11.1f}" for v in vals))
+            format_rows.append([name, *vals])
         print("(MB/s of tensor payload, in one process; 'stream Nw' = BufferReader in a DataLoader with N workers)")
 
         kv_cfg = CollectConfig(prompts=prompts, groups=4, group_size=12, pivot="2", store_kv=True, entries_per_shard=4)
         plain = CollectConfig(prompts=prompts, groups=4, group_size=12, pivot="2", entries_per_shard=4)
+        sizes = []
         for label, c in (("context latents", plain), ("--store-kv", kv_cfg)):
             collect(policy, c, tmp / label, progress=False)
             size = tree_bytes(next((tmp / label).glob("shard-*"))) / 4
+            sizes.append(size)
             print(f"shapes, pivot 2, G=12, {label:16s}: {size / 1e6:6.2f} MB per entry (fp32, webdataset)")
         base, kv = wan_projection()
         print(
             f"wan-1.3b projection (bf16, G=12, pivot 2): {base / 1e6:.0f} MB per entry with context latents, "
             f"+{kv / 1e6:.0f} MB with --store-kv ({kv / base:.1f}x)"
         )
+        entry_rows = [["shapes (fp32, webdataset shard bytes)", sizes[0] / 1e6, (sizes[1] - sizes[0]) / 1e6,
+                       (sizes[1] - sizes[0]) / sizes[0]],
+                      ["wan-1.3b projection (bf16, 21 latent frames of 1560 tokens, 30 layers), from the same "
+                       "`Entry.to_record`", base / 1e6, kv / 1e6, kv / base]]  # fmt: skip
+        save(args, {
+            "formats": table(["format", "MB total", "write MB/s", "read MB/s (whole shards)", "streaming, 0 workers",
+                              "streaming, 2 workers"], ["{}", "{:.1f}", "{:.0f}", "{:.0f}", "{:.0f}", "{:.0f}"],
+                             format_rows),
+            "entry_bytes": table(["model", "MB per entry with context latents", "MB more with `--store-kv`",
+                                  "`--store-kv` / context"], ["{}", "{:.4g}", "{:.4g}", "{:.2f}x"], entry_rows),
+        }, data={"collect_groups_per_s": args.groups / dt, "groups": args.groups, "shards": args.shards})  # fmt: skip
     finally:
         shutil.rmtree(tmp)
 

@@ -3,6 +3,7 @@ reward (a plug-in that sleeps `--sleep` seconds per group, registered as ``--rew
 and their ratio, measured in one run on the shapes world.
 
     python bench/bench_collect_overlap.py [--groups 8] [-G 12] [--sleep auto] [--threads 1] [--repeats 2]
+        [--json-out results/bench_collect_overlap.json]
 
 ``--sleep auto`` sleeps as long as one group's roll-out takes (measured first): the case where overlapping
 gains the most (ideal ratio 2n / (n + 1) for n groups: 1.78 for 8). The sleep stands for a reward model
@@ -18,8 +19,10 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import add_json_out, save
 
 from streamalign.collect.collector import CollectConfig, collect, roll_out_group
+from streamalign.io.results import table
 from streamalign.pipeline import Pipeline
 from streamalign.worlds.shapes import held_in_prompts
 
@@ -41,6 +44,7 @@ def main() -> None:
     ap.add_argument("--sleep", default="auto", help="Seconds the reward sleeps per group, or auto.")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2, help="Runs of each mode, alternating; the best is printed.")
+    add_json_out(ap, "bench_collect_overlap")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     policy = Pipeline.load("shapes")
@@ -69,6 +73,10 @@ def main() -> None:
         n = args.groups  # overlapped: the first roll-out, n - 1 times the longer of the two, the last scoring
         ideal = n * (rollout + sleep) / (rollout + (n - 1) * max(rollout, sleep) + sleep)
         print(f"ratio background / synchronous: {rates[True] / rates[False]:.2f} (ideal {ideal:.2f})")
+    row = [args.groups, args.group_size, rates[False], rates[True], rates[True] / rates[False], ideal]
+    save(args, {"overlap": table(["groups", "G", "synchronous groups/s", "`--background-scoring` groups/s", "ratio",
+                                  "ideal ratio"], ["{}", "{}", "{:.2f}", "{:.2f}", "{:.2f}", "{:.2f}"], [row])},
+         data={"rollout_s": rollout, "sleep_s": sleep, "repeats": args.repeats})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ with that folder first on the path. "After" is this working tree.
     python bench/bench_memory.py                              # everything (tens of minutes on 2 cores)
     python bench/bench_memory.py --models wan-1.3b --pivots 6 # one full-size case
     python bench/bench_memory.py --skip-memory                # speed only
+
+The tables go to ``--json-out`` (default ``results/bench_memory.json``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_file import add_json_out, save
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
@@ -115,6 +119,7 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    add_json_out(ap, "bench_memory")
     args = ap.parse_args()
 
     if args.worker:
@@ -128,7 +133,10 @@ def main() -> None:
             print(json.dumps(worker_speed(int(rest[0]), int(rest[1]))))
         return
 
+    from streamalign.io.results import table  # the working tree's (workers import the measured code)
+
     rev = args.before or default_before()
+    tables = {}
     with tempfile.TemporaryDirectory() as tmp:
         before = export_before(rev, Path(tmp))
         short = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True)
@@ -138,6 +146,7 @@ def main() -> None:
             print(
                 f"{'model':10s} {'pivot':>5s} {'before':>8s} {'after':>8s} {'ratio':>6s}   simulated s (before / after)"
             )
+            rows = []
             for model in args.models:
                 for pivot in args.pivots:
                     b = run_worker(before, 1, "memory", model, str(pivot), str(args.group), "0")
@@ -148,6 +157,9 @@ def main() -> None:
                         f"{b['peak'] / a['peak']:6.2f}   {b['seconds']:.0f} / {a['seconds']:.0f}{fl}",
                         flush=True,
                     )
+                    rows.append([f"{model} / {pivot}", b["peak"] / GIB, a["peak"] / GIB, b["peak"] / a["peak"]])
+            tables["fork_memory"] = table(["model / pivot", "before", "after", "ratio"],
+                                          ["{}", "{:.1f} GiB", "{:.1f} GiB", "{:.2f}x"], rows)  # fmt: skip
         if not args.skip_speed:
             print(
                 f"\nfork group speed, small config (dim 128, 4 layers, 16x16 latents, L=4), G={args.group}, "
@@ -160,6 +172,10 @@ def main() -> None:
                 print(f"{p:>5s} {b[p]:9.3f} {a[p]:9.3f} {a[p] / b[p]:12.2f}")
             tb, ta = sum(b.values()), sum(a.values())
             print(f"{'all':>5s} {tb:9.3f} {ta:9.3f} {ta / tb:12.2f}")
+            cols = ["pivot", "before s", "after s", "after/before"]
+            tables["speed"] = table(cols, ["{}", "{:.3f}", "{:.3f}", "{:.2f}"],
+                                    [[p, b[p], a[p], a[p] / b[p]] for p in b] + [["all", tb, ta, ta / tb]])  # fmt: skip
+        save(args, tables, data={"before": rev})
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 2. Forward throughput (tokens/s) and peak memory of a chunked rollout for a small and a medium config.
 
     python bench/bench_rollout.py            # 1 + 2 on CPU, a few minutes on 2 cores
+    python bench/bench_rollout.py --json-out results/bench_rollout.json   # where the tables go (the default)
 
 The wan-1.3b rollout at full size on a GPU (seconds per chunk, frames/s, memory vs the plan) is
 ``bench/gpu_check.py``.
@@ -18,7 +19,9 @@ import statistics
 import time
 
 import torch
+from results_file import add_json_out, save
 
+from streamalign.io.results import table
 from streamalign.models.sampler import Sampler
 from streamalign.models.wan import CausalWanModel
 from streamalign.schemas.config import ModelConfig
@@ -80,8 +83,9 @@ def _chunk_costs(sampler: Sampler, ctx, batches, n: int, repeats: int, device: s
     return cost
 
 
-def bench_fork(device: str, group: int = 12, repeats: int = 5) -> None:
-    """Independent = G rollouts batched together (the fast baseline), re-measured beside every pivot."""
+def bench_fork(device: str, group: int = 12, repeats: int = 5) -> dict:
+    """Independent = G rollouts batched together (the fast baseline), re-measured beside every pivot; the
+    results table (one row per pivot, then the mean speed-up)."""
     cfg, sampler = make("small", device)
     n = cfg.num_chunks
     ctx = torch.randn(1, 16, cfg.arch.text_dim, device=device)
@@ -97,7 +101,7 @@ def bench_fork(device: str, group: int = 12, repeats: int = 5) -> None:
         + ", ".join(f"{c * 1e3:.0f}" for c in cost[group])
     )
     print("pivot  indep_ms  fork_ms  speedup  arithmetic  efficiency  cost-weighted  efficiency")
-    speedups = []
+    speedups, rows = [], []
     for p in range(n):
         pair = []
         for _ in range(repeats):  # interleave so both see the same machine conditions
@@ -111,11 +115,15 @@ def bench_fork(device: str, group: int = 12, repeats: int = 5) -> None:
         arith = group * n / (p + group * (n - p))
         weighted = sum(cost[group]) / (sum(cost[1][:p]) + sum(cost[group][p:]))
         speedups.append(indep / t)
+        rows.append([p, indep * 1e3, t * 1e3, indep / t, arith, indep / t / arith, weighted, indep / t / weighted])
         print(
             f"{p:5d}  {indep * 1e3:8.0f}  {t * 1e3:7.0f}  {indep / t:6.2f}x  {arith:9.2f}x  {indep / t / arith:9.2f}"
             f"  {weighted:12.2f}x  {indep / t / weighted:9.2f}"
         )
     print(f"mean speed-up over pivots: {statistics.mean(speedups):.2f}x")
+    rows.append(["mean", None, None, statistics.mean(speedups), None, None, None, None])
+    return table(["pivot", "independent", "fork", "speed-up", "arithmetic", "eff.", "cost-weighted", "eff."],
+                 ["{}", "{:.0f} ms", "{:.0f} ms", "{:.2f}x", "{:.2f}x", "{:.2f}", "{:.2f}x", "{:.2f}"], rows)
 
 
 def _rss_kib(field: str) -> int:
@@ -141,7 +149,8 @@ def _throughput_worker(size: str, device: str, q) -> None:
     q.put((size, params, cfg.tokens_per_frame, tokens / t, t, peak))
 
 
-def bench_throughput(device: str) -> None:
+def bench_throughput(device: str) -> dict:
+    """Tokens/s, rollout seconds and peak memory of each config; the results table."""
     print(
         f"\n== forward throughput, chunked rollout of 12 latent frames ({device}, {torch.get_num_threads()} threads) =="
     )
@@ -157,12 +166,16 @@ def bench_throughput(device: str) -> None:
     for size, params, tpf, tps, t, peak in rows:
         print(f"{size:7s} {params / 1e6:6.1f}M  {tpf:12d}  {tps:9.0f}  {t:9.2f}  {peak / 2**20:11.1f}")
     print(f"small/medium tokens/s ratio: {rows[0][3] / rows[1][3]:.1f}x")
+    label = {k: f"{k} (dim {v['arch']['dim']}, {v['arch']['num_layers']} layers)" for k, v in SIZES.items()}
+    return table(["config", "params", "tokens/frame", "tokens/s", "rollout", "peak memory"],
+                 ["{}", "{:.1f} M", "{}", "{:.0f}", "{:.2f} s", "{:.1f} MB"],
+                 [[label[size], params / 1e6, tpf, tps, t, peak / 2**20] for size, params, tpf, tps, t, peak in rows])
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--group", type=int, default=12)
+    add_json_out(ap, "bench_rollout")
     args = ap.parse_args()
-    bench_fork(args.device, args.group)
-    bench_throughput(args.device)
+    save(args, {"fork": bench_fork(args.device, args.group), "throughput": bench_throughput(args.device)})

@@ -12,6 +12,9 @@
 
     python bench/bench_train.py [--batch 8] [--threads 2]
     python bench/bench_train.py --memory-only     # the memory ratios only (seconds)
+
+The speed table goes to ``--json-out`` (default ``results/bench_train.json``; not with --memory-only), the memory
+tables (exact byte counts, independent of the machine's load) beside it, to ``<stem>_memory.json``.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import add_json_out, save
 
 from streamalign.adapters.lora import LoraSettings, attach_lora
 from streamalign.collect.collector import CollectConfig, collect
+from streamalign.io.results import table
 from streamalign.models.sampler import Sampler
 from streamalign.pipeline import Pipeline
 from streamalign.schemas.config import ModelConfig
@@ -109,23 +114,36 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--updates", type=int, default=4)
     ap.add_argument("--memory-only", action="store_true", help="skip the speed runs")
+    add_json_out(ap, "bench_train")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not args.memory_only:
-        speed(args)
+        save(args, {"speed": speed(args)})
+    tables = {}
+    act = []
     for config in ("shapes", "tiny"):
         ps, f, n = memory(config)
         mean = sum(ps) / len(ps)
+        act.append([config, f / 2**20, *(p / 2**20 for p in ps), mean / f, ps[-1] / f, 1 / n])
         print(f"activation memory ({config}, L={n}, 4 anchors x 4 steps): whole sequence {f / 2**20:.1f} MiB; "
               f"pivot update by pivot {', '.join(f'{p / 2**20:.1f}' for p in ps)} MiB; ratio mean over pivots "
               f"{mean / f:.3f}, last pivot {ps[-1] / f:.3f} (1/L = {1 / n:.3f})")  # fmt: skip
+    pivots = [f"pivot {p}" for p in range(len(ps))]
+    tables["activation"] = table(["config", "whole sequence", *pivots, "mean ratio", "last-pivot ratio", "1/L"],
+                                 ["{}", "{:.1f} MiB", *["{:.1f} MiB"] * len(ps), "{:.3f}", "{:.3f}", "{:.3f}"], act)
     print("streaming long tuning, pivot update at the last chunk (shapes arch, 4 anchors x 4 steps):")
-    for n, rolling, full in streaming_memory():
+    stream = streaming_memory()
+    for n, rolling, full in stream:
         print(f"  {n:3d} chunks: rolling window 12 frames {rolling / 2**20:6.1f} MiB | global cache "
               f"{full / 2**20:6.1f} MiB  ({full / rolling:.1f}x)")  # fmt: skip
+    tables["streaming"] = table(["video (chunks)", *(str(n) for n, _, _ in stream)], ["{}"] + ["{:.1f}"] * len(stream),
+                                [["rolling window, MiB", *(r / 2**20 for _, r, _ in stream)],
+                                 ["global cache, MiB", *(g / 2**20 for _, _, g in stream)]])  # fmt: skip
+    save(args, tables, path=args.json_out.with_name(f"{args.json_out.stem}_memory.json"))
 
 
-def speed(args: argparse.Namespace) -> None:
+def speed(args: argparse.Namespace) -> dict:
+    """Seconds per semi update and per on-policy iteration; the results table."""
     prompts = tuple(p.text for p in held_in_prompts()[::7])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -148,6 +166,9 @@ def speed(args: argparse.Namespace) -> None:
         f"  on-policy iteration     {on:7.2f} s  (collect {args.batch} groups + 2 updates) "
         f"= {on / semi:.1f}x a semi update"
     )
+    return table(["", "seconds", "x a semi update"], ["{}", "{:.2f}", "{:.1f}x"],
+                 [[f"semi-on-policy update (replay {args.batch} stored groups)", semi, 1.0],
+                  [f"on-policy iteration (collect {args.batch} groups + 2 updates)", on, on / semi]])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny random-weight generators built in code (no downloads)."""
+"""Shared fixtures: tiny random-weight generators built in code (no downloads); free ports for the
+multi-process tests; every test marked ``unit`` or ``integration`` by its file (``INTEGRATION``)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,35 @@ import torch
 from streamalign.models.sampler import Sampler
 from streamalign.models.wan import CausalWanModel
 from streamalign.schemas.config import ModelConfig
+
+# files whose tests drive a command (the CLI, a subprocess, a launcher with several processes) or run whole
+# stages end to end; every other test file holds unit tests of one component, called in process.
+# `python -m pytest -m 'unit and not slow'` (a -m given replaces the default `-m 'not slow'` of pyproject.toml)
+INTEGRATION = frozenset({
+    "test_branch_ranks.py", "test_buffer_cli.py", "test_cli_conventions.py", "test_collect.py",
+    "test_collect_overlap.py", "test_crash_matrix.py", "test_distributed.py", "test_dtype_device.py",
+    "test_error_catalogue.py", "test_experiments.py", "test_gpu_check.py", "test_integrity.py",
+    "test_merge_evaluate.py", "test_outputs.py", "test_readme.py", "test_reward_sources.py", "test_run_config.py",
+    "test_shard_base.py", "test_streaming.py", "test_train.py", "test_train_gain.py", "test_trust.py", "test_urls.py",
+    "test_vbench.py",
+})  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test ``integration`` (its file is in INTEGRATION) or ``unit``."""
+    missing = INTEGRATION - {p.name for p in Path(__file__).parent.glob("test_*.py")}
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py INTEGRATION names files that do not exist: {sorted(missing)}")
+    for item in items:
+        item.add_marker(pytest.mark.integration if item.path.name in INTEGRATION else pytest.mark.unit)
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now (the OS picks it), for a test's ``--master_port``: hard-coded
+    ports collide when two test runs, or two tests, share a machine."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_model(cfg: ModelConfig, seed: int = 0) -> CausalWanModel:

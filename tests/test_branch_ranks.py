@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from streamalign.buffer.manifest import read_manifest
 from streamalign.cli import app
 
+from .conftest import free_port
 from .test_collect import _cli, shard_sums
 
 BRANCH = ("branch_noise", "x_t", "x0_old", "branch_latents")
@@ -48,7 +49,7 @@ def test_two_branch_ranks_write_the_entries_of_one_process(tmp_path):
     args = ["collect", "--groups", "3", "-G", "4", "--branch-batch", "2", "--entries-per-shard", "2", "--seed", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # CPU float results are reproducible per thread count
     assert _cli(*args, "--out", str(one), env=env, stderr=subprocess.DEVNULL).wait() == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     # with --background-scoring: the writer's roll-out of the next shard's first group (a gather) must not
     # run ahead of the team's per-shard decisions (the team agrees on every shard before any roll-out)
     cmd += ["-m", "streamalign.cli", *args, "--branch-ranks", "2", "--background-scoring", "--out", str(two)]

@@ -9,6 +9,7 @@ import torch
 
 from streamalign.buffer.formats import FORMATS, get_format, write_shard
 from streamalign.buffer.manifest import read_manifest, write_manifest_part
+from streamalign.buffer.verify import seal_buffer
 from streamalign.io.files import checksum
 from streamalign.schemas.buffer import LATENT_FIELDS, Entry, SchemaError
 
@@ -132,6 +133,7 @@ def test_manifest_has_one_row_per_branch(tmp_path, groups, fmt):
     entries = [make_entry(g, i) for i, g in enumerate(groups)]
     info = write_shard(get_format(fmt), tmp_path / f"shard-000000{FORMATS[fmt].suffix}", entries)
     write_manifest_part(tmp_path, entries, info)
+    seal_buffer(tmp_path)  # a part written by hand is in no integrity record until sealed
     table = read_manifest(tmp_path).to_pylist()
     assert len(table) == 6 and {r["branch"] for r in table} == {0, 1, 2}
     r = table[4]

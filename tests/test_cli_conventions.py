@@ -20,7 +20,7 @@ runner = CliRunner()
 def test_version_and_short_help():
     assert runner.invoke(app, ["--version"]).output.strip() == f"streamalign {__version__}"
     r = runner.invoke(app, ["collect", "-h"], env={"COLUMNS": "160"})
-    assert r.exit_code == 0 and "[webdataset|zarr]" in r.output and "[initial|solver]" in r.output
+    assert r.exit_code == 0 and "[webdataset|zarr]" in r.output and "[initial|solver|kv-routing]" in r.output
     assert "--run-config" in r.output and "Model" in r.output and "(default: 64)" in r.output
 
 
@@ -51,13 +51,14 @@ def test_models_are_named_by_what_the_user_gave():
 
 
 def test_registries_hold_full_protocols():
-    assert set(OBJECTIVES) == {"copo", "nft", "sde-grpo"}
+    assert set(OBJECTIVES) == {"copo", "kvpo", "nft", "sde-grpo"}
     for name, config in OBJECTIVES.items():
         assert issubclass(config, ObjectiveConfig)
         objective = config().build()
         assert isinstance(objective, Objective) and objective.name == name
-        assert objective.fork in ("initial", "solver")
+        assert objective.fork in ("initial", "solver", "kv-routing")
     assert OBJECTIVES["sde-grpo"]().build().fork == "solver"
+    assert OBJECTIVES["kvpo"]().build().fork == "kv-routing"
     assert OBJECTIVES["nft"]().build().state_dict() is not None  # NFT keeps old / reference copies
     assert OBJECTIVES["copo"]().build().state_dict() is None
     assert "wan" in FAMILIES and get_family("wan").build.__name__ == "CausalWanModel"

@@ -24,6 +24,8 @@ from streamalign.pipeline import Pipeline
 from streamalign.rewards import register_external
 from streamalign.worlds.shapes import held_in_prompts
 
+from .conftest import free_port
+
 PROMPTS = tuple(p.text for p in held_in_prompts()[::40])
 ARGS = ["--groups", "4", "-G", "3", "--entries-per-shard", "2", "--seed", "7"]
 
@@ -98,7 +100,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # CPU float results are reproducible per thread count
     assert _cli("collect", *ARGS, "--out", str(one), env=env, stderr=subprocess.DEVNULL).wait() == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     cmd += ["-m", "streamalign.cli", "collect", *ARGS, "--out", str(two)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

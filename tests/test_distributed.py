@@ -19,7 +19,7 @@ from streamalign.train.config import TrainConfig
 from streamalign.train.loop import Trainer
 from streamalign.train.memory import simulated_entry
 from tests import dist_workers
-from tests.conftest import make_model
+from tests.conftest import free_port, make_model
 
 META = torch.device("meta")
 
@@ -103,7 +103,7 @@ def test_training_reduces_only_tensors_on_the_communication_device(recorded, mon
 
 def test_bucketed_gradient_all_reduce_of_two_gloo_ranks_is_the_sum():
     out = mp.Manager().dict()
-    mp.spawn(dist_workers.sum_grads, args=(2, 29533, out), nprocs=2)
+    mp.spawn(dist_workers.sum_grads, args=(2, free_port(), out), nprocs=2)
     for i in range(len(dist_workers.SHAPES)):
         want = sum(g for r in range(2) if (g := dist_workers.ramp(i, r)) is not None)
         assert torch.equal(out[0][i], want) and torch.equal(out[1][i], want), i

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from streamalign.buffer.collection import LOCK, BufferLock, Collection, collections, record_path
 from streamalign.buffer.formats import DamagedShardError, get_format
 from streamalign.buffer.inspect import verify_buffer
+from streamalign.buffer.integrity import SEAL
 from streamalign.buffer.manifest import MANIFEST_DIR, read_manifest
 from streamalign.buffer.reader import BufferReader
 from streamalign.cli import app
@@ -393,8 +394,8 @@ def test_verify_reports_an_interrupted_collection_as_incomplete(tmp_path, monkey
     out = tmp_path / "buf"
     cfg = CollectConfig(prompts=PROMPTS, groups=3, group_size=2, entries_per_shard=1)
     collect(policy, cfg, out, progress=False)
-    for p in (out / "shard-000002.tar", out / MANIFEST_DIR / "shard-000002.tar.parquet"):
-        p.unlink()  # as if killed before the last shard
+    for p in (out / "shard-000002.tar", out / MANIFEST_DIR / "shard-000002.tar.parquet", out / MANIFEST_DIR / SEAL):
+        p.unlink()  # as if killed before the last shard (so before the integrity record, written last)
     code, lines = cli(monkeypatch, "buffer", "verify", str(out))
     assert code == 1, lines
     assert lines[0] == ("INCOMPLETE the collection: 2 of 3 shards written (target 3 groups): interrupted; re-run "

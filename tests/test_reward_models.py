@@ -237,11 +237,44 @@ def test_resize_modes_and_constants():
     assert torch.allclose(n[1], torch.full((2, 2), (0.5 - 0.4578275) / 0.26130258))
 
 
-def test_grayscale_is_torchvision_weights_on_three_channels():
-    x = videos(1, 2, 4, 4)[0]
-    g = preprocess.grayscale3(x)
-    slow = 0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
-    assert g.shape == x.shape and all(torch.equal(g[:, c], slow) for c in range(3))
+def slow_astrolabe_gray(x):
+    """Astrolabe's VideoAlignScorer gray, written out with numpy: floats -> uint8 by (v * 255).round().clamp(0,
+    255); then torchvision's _functional_tensor.rgb_to_grayscale on the uint8 tensor, ``(0.2989 * r + 0.587 * g +
+    0.114 * b).to(img.dtype)``: uint8 times a Python float is float32 in torch, summed left to right, and the
+    cast back to uint8 truncates; repeated on 3 channels. Returns uint8 [..., 3, H, W]."""
+    import numpy as np
+
+    a = x.numpy()
+    levels = a if a.dtype == np.uint8 else np.clip(np.round(a.astype(np.float32) * np.float32(255)), 0, 255)
+    r, g, b = (levels[..., c, :, :].astype(np.float32) for c in range(3))
+    gray = (np.float32(0.2989) * r + np.float32(0.587) * g) + np.float32(0.114) * b
+    gray = np.trunc(gray).astype(np.uint8)
+    return torch.from_numpy(np.repeat(gray[..., None, :, :], 3, axis=-3))
+
+
+def test_grayscale_is_astrolabes_torchvision_gray_on_uint8_frames():
+    x = videos(1, 3, 16, 24, seed=11)[0]
+    u = (x * 255).round().clamp(0, 255).to(torch.uint8)
+    # pixel by pixel in plain Python floats rounded to float32 steps (struct), truncated with int()
+    import struct
+
+    def f32(v):
+        return struct.unpack("f", struct.pack("f", v))[0]
+
+    frame = u[1]
+    for i in range(16):
+        for j in range(24):
+            r, g, b = (float(frame[c, i, j]) for c in range(3))
+            want = int(f32(f32(f32(f32(0.2989) * r) + f32(f32(0.587) * g)) + f32(f32(0.114) * b)))
+            assert int(preprocess.grayscale3(u)[1, 0, i, j]) == want
+    ref = slow_astrolabe_gray(u)
+    assert torch.equal(preprocess.grayscale3(u), ref) and preprocess.grayscale3(u).dtype == torch.uint8
+    assert torch.equal(preprocess.grayscale3(x) * 255, ref.float()) and preprocess.grayscale3(x).dtype == torch.float32
+    assert torch.equal(slow_astrolabe_gray(x), ref)
+    # the float-then-round order of before gives about half the pixels one level brighter: the test can see it
+    old = (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mul(255).round()
+    brighter = (old - ref[:, 0].float()).eq(1).float().mean().item()
+    assert 0.3 < brighter < 0.7
 
 
 def test_longest_side_pad_and_topk():
@@ -350,7 +383,8 @@ def test_videoalign_batch_invariance_grayscale_and_registry(videoalign):
     gray = load_reward_model("videoalign", folder, device="cpu", grayscale=True)
     g = gray(v, prompts, fps=16)
     assert not torch.allclose(g["MQ_raw"], batched["MQ_raw"])
-    assert torch.allclose(g["MQ_raw"], model(preprocess.grayscale3(v), prompts, fps=16)["MQ_raw"], atol=1e-5)
+    # Astrolabe's gray MQ: the model fed the reference's uint8 gray frames (computed in the test)
+    assert torch.allclose(g["MQ_raw"], model(slow_astrolabe_gray(v), prompts, fps=16)["MQ_raw"], atol=1e-5)
     names = register_model_reward("videoalign", folder, model=model, fps=16)
     assert "videoalign_mq" in names and "videoalign_overall_raw" in names
     reward = CompositeReward.parse("videoalign_vq=1,videoalign_mq=0.5,videoalign_ta_raw=1")
@@ -397,8 +431,9 @@ def hpsv3(tmp_path_factory):
 def test_hpsv3_frames_match_an_independent_forward_and_top30(hpsv3):
     _, ref, head, model = hpsv3
     v, prompts = videos(2, 4, 40, 60, seed=6), ["a red circle", "a blue square moving left"]
-    frames = model.frame_scores(v, prompts)["score"]
-    assert frames.shape == (2, 4)
+    both = model.frame_scores(v, prompts)
+    frames, sigmas = both["score"], both["sigma"]
+    assert frames.shape == sigmas.shape == (2, 4)
     tok = model.tokenizer
     reward_id = tok.convert_tokens_to_ids("<|Reward|>")
     assert reward_id == len(tok) - 1  # added at load, as the reference does
@@ -416,16 +451,20 @@ def test_hpsv3_frames_match_an_independent_forward_and_top30(hpsv3):
                 image_grid_thw=torch.tensor([grid]),
                 position_ids=torch.arange(n).view(1, 1, n).expand(3, 1, n),
             ).last_hidden_state
-            mu = head(hid[0, (ids[0] == reward_id).nonzero()[0, 0]].float())[0]
-        assert torch.allclose(frames[b, f], mu, atol=1e-4)
+            mu, sigma = head(hid[0, (ids[0] == reward_id).nonzero()[0, 0]].float())
+        assert torch.allclose(frames[b, f], mu, atol=1e-4) and torch.allclose(sigmas[b, f], sigma, atol=1e-4)
     assert model.prompt("x").split("<|vision_end|>")[1].startswith("\nYou are tasked with evaluating a generated image")
     assert (
         "Textual prompt - x\n\n\n\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n"
         in model.prompt("x")
     )
-    assert torch.allclose(model(v, prompts)["score"], preprocess.topk_mean(frames, 0.3))
-    register_model_reward("hpsv3", model=model)
+    video = model(v, prompts)
+    assert torch.allclose(video["score"], preprocess.topk_mean(frames, 0.3))
+    best = [sorted(range(4), key=lambda j: -frames[b, j])[:2] for b in range(2)]  # ceil(0.3 * 4) = 2 frames
+    assert torch.allclose(video["sigma"], torch.stack([sigmas[b, best[b]].mean() for b in range(2)]))  # their sigma
+    assert register_model_reward("hpsv3", model=model) == ["hpsv3", "hpsv3_sigma"]
     assert torch.allclose(Reward("hpsv3", aggregate="top", topk=0.3)(v, prompts), preprocess.topk_mean(frames, 0.3))
+    assert torch.allclose(CompositeReward.parse("hpsv3.sigma=1")(v, prompts)["hpsv3_sigma"], sigmas.mean(1))
     one = model.frame_scores(v[1:], prompts[1:])["score"]
     assert torch.allclose(one, frames[1:], atol=1e-5)  # batch invariance (frames of 2 videos in batches of 3)
 
@@ -523,9 +562,9 @@ def test_readme_reward_models_snippet_runs():
     import sys
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (Path(__file__).resolve().parent.parent / "docs" / "reward-models.md").read_text()
     m = re.search(r"<!-- reward-models-snippet -->\s*```python\n(.*?)```", text, re.S)
-    assert m, "README lost its reward-models snippet"
+    assert m, "docs/reward-models.md lost its reward-models snippet"
     r = subprocess.run([sys.executable, "-c", m.group(1)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "torch.Size([2]) torch.Size([2, 6])" in r.stdout

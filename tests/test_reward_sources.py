@@ -4,6 +4,7 @@ it by later stages (--rewards-from, train's semi evaluation from its buffer)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from streamalign.rewards.registry import parse_term
 from streamalign.rewards.sources import _LOADED, reward_of
 from streamalign.schemas.sections import RewardSection
 from streamalign.train.config import TrainConfig
+from tests.conftest import free_port
 from tests.test_rewards import _tiny_clip
 
 PLUGIN = '''
@@ -51,8 +53,14 @@ def test_section_parses_flags_and_makes_paths_absolute(tmp_path, plugin, monkeyp
     s = RewardSection(rewards="bright=1", reward_paths="clip=models/clip", reward_options="bright.offset=0.5",
                       reward_plugins="bright=bright.py:make")  # fmt: skip
     assert s.reward_paths == {"clip": str(tmp_path / "models" / "clip")}
-    assert s.reward_plugins == {"bright": f"{plugin}:make"} and s.reward_options == {"bright.offset": "0.5"}
+    sha = hashlib.sha256(plugin.read_bytes()).hexdigest()  # a file plug-in is recorded with its file's hash
+    assert s.reward_plugins == {"bright": f"{plugin}:make#sha256={sha}"}
+    assert s.reward_options == {"bright.offset": "0.5"}
     assert RewardSection(reward_plugins="m=my_pkg.mod:make@w").reward_plugins == {"m": f"my_pkg.mod:make@{tmp_path}/w"}
+    opts = RewardSection(reward_paths="hpsv3=m", reward_options="hpsv3.config=m/c.yaml,hpsv3.base=q,hpsv3.topk=0.5",
+                         reward_plugins="p=my_pkg.mod:make").reward_options  # fmt: skip
+    assert opts == {"hpsv3.config": str(tmp_path / "m" / "c.yaml"), "hpsv3.base": str(tmp_path / "q"),
+                    "hpsv3.topk": "0.5"}  # a model's base/config paths are recorded absolute, like its folder
     with pytest.raises(ValueError, match=r"--reward-path: 'clip' is not MODEL=DIR"):
         RewardSection(reward_paths="clip")
 
@@ -104,25 +112,28 @@ def test_dotted_output_names_and_plugin_options(plugin):
 
 
 def test_collect_records_sources_and_later_stages_rebuild_them(tmp_path, plugin):
-    """collect with a plug-in from the CLI; its run.yaml records it; evaluate (--rewards-from) and a semi
-    train config (from its buffer) rebuild the same rewards without being told again."""
+    """collect with a plug-in from the CLI; its run.yaml records it (with its file's hash); evaluate
+    (--rewards-from) and a semi train config (from its buffer) rebuild the same rewards with --trust-plugins
+    (without it they are refused: tests/test_trust.py)."""
     buf = tmp_path / "buf"
     args = ["collect", "--groups", "1", "-G", "2", "--out", str(buf), "--rewards", "sharpness=1,bright=0.5",
             "--reward-plugin", f"bright={plugin}:make", "--reward-option", "bright.offset=0.25"]  # fmt: skip
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     run = CollectRun.build(buf / "run.yaml")
-    assert run.collect.reward_plugins == {"bright": f"{plugin}:make"}
+    pinned = f"{plugin}:make#sha256={hashlib.sha256(plugin.read_bytes()).hexdigest()}"
+    assert run.collect.reward_plugins == {"bright": pinned}
     assert run.collect.reward_options == {"bright.offset": "0.25"}
     from streamalign.buffer.manifest import read_manifest
 
     assert "reward_bright" in read_manifest(buf).column_names
-    ev = CliRunner().invoke(app, ["evaluate", "--out", str(tmp_path / "ev"), "--rewards-from", str(buf), "--seeds",
-                                  "1", "--samples", "1", "--prompts", str(_prompt_file(tmp_path))])  # fmt: skip
+    ev = CliRunner().invoke(app, ["evaluate", "--out", str(tmp_path / "ev"), "--rewards-from", str(buf),
+                                  "--trust-plugins", "--seeds", "1", "--samples", "1",
+                                  "--prompts", str(_prompt_file(tmp_path))])  # fmt: skip
     assert ev.exit_code == 0, ev.output
     saved = yaml.safe_load((tmp_path / "ev" / "run.yaml").read_text())["config"]["eval"]
-    assert saved["rewards"] == "sharpness=1,bright=0.5" and saved["reward_plugins"] == {"bright": f"{plugin}:make"}
-    train = TrainConfig(buffer=str(buf), eval_every=1).resolve()
+    assert saved["rewards"] == "sharpness=1,bright=0.5" and saved["reward_plugins"] == {"bright": pinned}
+    train = TrainConfig(buffer=str(buf), eval_every=1, trust_plugins=True).resolve()
     assert train.rollouts.rewards == "sharpness=1,bright=0.5" and train.rollouts.reward_options == {
         "bright.offset": "0.25"
     }
@@ -154,21 +165,23 @@ def test_torchrun_collect_with_a_plugin_then_train_on_and_evaluate_rebuild_it(tm
     `evaluate` take the rewards from the buffer's run.yaml."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     buf = tmp_path / "buf"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "streamalign.cli", "collect", "--groups", "2", "-G", "2", "--entries-per-shard", "1",
            "--out", str(buf), "--rewards", "sharpness=1,bright=1",
            "--reward-plugin", f"bright={plugin}:make"]  # fmt: skip
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     train = [sys.executable, "-m", "streamalign.cli", "train", "--mode", "on", "--rewards-from", str(buf),
-             "--steps", "1", "--batch-groups", "1", "-G", "2", "--lora-rank", "2",
+             "--trust-plugins", "--steps", "1", "--batch-groups", "1", "-G", "2", "--lora-rank", "2",
              "--out", str(tmp_path / "on")]  # fmt: skip
     r = subprocess.run(train, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     saved = yaml.safe_load((tmp_path / "on" / "run.yaml").read_text())["config"]["rollouts"]
-    assert saved["reward_plugins"] == {"bright": f"{plugin}:make"}
-    ev = [sys.executable, "-m", "streamalign.cli", "evaluate", "--rewards-from", str(tmp_path / "on"), "--seeds",
-          "1", "--samples", "1", "--prompts", str(_prompt_file(tmp_path)), "--out", str(tmp_path / "ev")]  # fmt: skip
+    sha = hashlib.sha256(plugin.read_bytes()).hexdigest()
+    assert saved["reward_plugins"] == {"bright": f"{plugin}:make#sha256={sha}"}
+    ev = [sys.executable, "-m", "streamalign.cli", "evaluate", "--rewards-from", str(tmp_path / "on"),
+          "--trust-plugins", "--seeds", "1", "--samples", "1", "--prompts", str(_prompt_file(tmp_path)),
+          "--out", str(tmp_path / "ev")]  # fmt: skip
     r = subprocess.run(ev, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "bright" in (tmp_path / "ev" / "report.md").read_text()

@@ -22,7 +22,7 @@ from streamalign.schemas.config import ModelConfig
 from streamalign.train.config import TrainConfig
 from streamalign.train.objectives.base import group_rewards
 from streamalign.worlds.shapes import held_in_prompts
-from tests.conftest import make_model
+from tests.conftest import free_port, make_model
 
 PROMPTS = tuple(p.text for p in held_in_prompts()[::50])
 
@@ -52,7 +52,7 @@ def test_sharded_base_on_two_gloo_ranks_trains_the_adapter_of_one_process(tmp_pa
     one = subprocess.run([sys.executable, "-m", "streamalign.cli", *args, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert one.returncode == 0, one.stderr[-2000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     # micro-batched rows and checkpointed blocks (the CUDA defaults): FSDP2 forwards inside the backward
     sharded = ["--shard-base", "--replay-batch", "3", "--checkpointing", "on", "--out", str(tmp_path / "two")]
     two = subprocess.run([*cmd, "-m", "streamalign.cli", *args, *sharded], env=env, capture_output=True, text=True,

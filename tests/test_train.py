@@ -24,7 +24,7 @@ from streamalign.schemas.config import ModelConfig
 from streamalign.train.config import TrainConfig
 from streamalign.train.loop import train
 from streamalign.worlds.shapes import held_in_prompts
-from tests.conftest import make_model
+from tests.conftest import free_port, make_model
 
 PROMPTS = tuple(p.text for p in held_in_prompts()[::50])
 
@@ -151,7 +151,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, base, buffer):
     one = subprocess.run([sys.executable, "-m", "streamalign.cli", *args, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert one.returncode == 0, one.stderr[-2000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     two = subprocess.run([*cmd, "-m", "streamalign.cli", *args, "--out", str(tmp_path / "two")], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert two.returncode == 0, two.stderr[-2000:]

@@ -5,7 +5,8 @@ is recorded in ``manifest/<prefix>collection.json`` before its first shard is wr
 decide its content (by flag), its run id, the target number of groups and its shard plan. A re-run with
 other settings is refused naming each one; the same settings with a larger ``--groups`` extend the plan
 (the new groups go into new shards after the existing ones, so a finished shard never changes) and keep
-the run id; ``buffer verify`` compares the plan with the shards written to tell an interrupted collection.
+the run id; ``buffer verify`` compares the plan with the shards written to tell an interrupted collection,
+and readers compare it with the collection's integrity record (``buffer.integrity``).
 
 ``collect.lock`` is an advisory ``flock`` held while a collect writes the buffer. The kernel releases it
 when its holder exits or is killed (kill -9 included), so the lock of a dead process is simply taken
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 from ..io.files import atomic_path
 from ..schemas.run import differences
 from .manifest import MANIFEST_DIR
+from .urls import location
 
 RECORD = "collection.json"
 LOCK = "collect.lock"
@@ -81,14 +83,23 @@ def record_path(folder: Path, prefix: str = "") -> Path:
 
 def read_collection(path: Path) -> Collection:
     try:
-        return Collection(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError) as e:
+        return parse_collection(path.read_bytes(), path)
+    except OSError as e:
         raise ValueError(f"collection record {path} is damaged ({type(e).__name__}): restore it from a copy") from None
 
 
-def collections(folder: Path) -> list[Collection]:
-    """Every collection a buffer records."""
-    return [read_collection(p) for p in sorted((Path(folder) / MANIFEST_DIR).glob(f"*{RECORD}"))]
+def parse_collection(data: bytes, where: str | Path) -> Collection:
+    try:
+        return Collection(**json.loads(data))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"collection record {where} is damaged ({type(e).__name__}): restore it from a copy") from None
+
+
+def collections(folder: str | Path) -> list[Collection]:
+    """Every collection a buffer (a path or URL) records."""
+    where = location(folder)
+    rels = [f"{MANIFEST_DIR}/{name}" for name in where.list(MANIFEST_DIR, RECORD)]
+    return [parse_collection(where.read(rel), f"{where.name}/{rel}") for rel in rels]
 
 
 def check_collection(folder: Path, prefix: str, run_id: str, settings: dict, groups: int) -> Collection | None:
@@ -155,8 +166,7 @@ class BufferLock:
             except BlockingIOError:
                 holder = _holder(os.pread(fd, 4096, 0))
                 os.close(fd)
-                raise BufferBusyError(f"buffer {self.folder} is being written by another collect ({holder}): wait "
-                                      "for it to finish, or collect into another --out") from None  # fmt: skip
+                raise busy_error(self.folder, holder) from None
             try:  # the holder may have released (and removed) the file between our open and flock
                 current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -173,11 +183,44 @@ class BufferLock:
         self.fd = fd
         return self
 
+    def moved(self, folder: str | Path) -> BufferLock:
+        """The lock, still held, after its folder was moved to `folder` (``collect --overwrite`` swaps in a
+        fresh folder whose lock it took first)."""
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        return self
+
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
-            self.path.unlink(missing_ok=True)  # while still held: a waiting opener retries on a fresh file
+            try:  # our own file only (after a swap the path may hold the next lock), while still held:
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:  # a waiting opener retries on a new one
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
             os.close(self.fd)
             self.fd = None
+
+
+def lock_holder(folder: str | Path) -> str | None:
+    """Who holds the buffer's lock (PID, host, since) while a live process does, else None: a check made
+    before any model loads (the lock itself is taken before the folder is touched)."""
+    try:
+        fd = os.open(Path(folder) / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return _holder(os.pread(fd, 4096, 0))
+    finally:
+        os.close(fd)
+
+
+def busy_error(folder: str | Path, holder: str) -> BufferBusyError:
+    return BufferBusyError(f"buffer {folder} is being written by another collect ({holder}): wait for it to "
+                           "finish, or collect into another --out")  # fmt: skip
 
 
 def _holder(data: bytes) -> str:

@@ -1,25 +1,26 @@
-"""`buffer info` and `buffer verify`: what a buffer holds, whether every shard is intact, and whether
-every recorded collection is complete."""
+"""`buffer info`, `buffer verify` and `buffer seal`: what a buffer holds; whether every part and shard is
+what its integrity record says and every recorded collection is complete; the record of an older buffer."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io.files import checksum
-from ..schemas.buffer import SCHEMA_VERSION, SchemaError
+from ..schemas.buffer import SCHEMA_VERSION
 from ..schemas.run import RunConfig, arg
-from .collection import collections
-from .formats import FORMATS, checksum_mismatch, get_format
-from .manifest import MANIFEST_DIR, manifest_parts, read_manifest, read_part
-from .urls import local_folder, location
+from .formats import get_format
+from .integrity import SEAL, ShardRecord, checked_manifest, sha256
+from .manifest import MANIFEST_DIR, manifest_parts, read_part
+from .urls import location
+from .verify import seal_buffer, verify_buffer
 
 
-def entry_bytes(folder: str | Path, shard: str, fmt: str) -> dict[str, int]:
-    """Tensor bytes of one entry (the first of `shard`) by field, and their total (``entry``)."""
-    first = next(iter(get_format(fmt).read(location(folder).shard(shard))))
+def entry_bytes(folder: str | Path, shard: str, rec: ShardRecord) -> dict[str, int]:
+    """Tensor bytes of one entry (the first of `shard`, read against its record) by field, and their total
+    (``entry``)."""
+    first = next(iter(get_format(rec.format).read(location(folder).shard(shard), rec.checksum)))
     _, tensors = first.to_record()
     out: dict[str, int] = {}
     for name, t in tensors.items():
@@ -28,10 +29,21 @@ def entry_bytes(folder: str | Path, shard: str, fmt: str) -> dict[str, int]:
     return {**out, "entry": sum(out.values())}
 
 
+def integrity_summary(folder: str | Path) -> dict:
+    """How many collections have an integrity record, and the sha256 of those records together (compare
+    it with a copy's, or keep it elsewhere: an edit of a record changes it)."""
+    where = location(folder)
+    rels = [f"{MANIFEST_DIR}/{n}" for n in where.list(MANIFEST_DIR, SEAL)]
+    digest = hashlib.sha256(b"".join(sha256(where.read(rel)).encode() for rel in rels)).hexdigest()
+    return {"records": len(rels), "sha256": digest}
+
+
 def buffer_info(folder: str | Path) -> dict:
     """Counts, sizes (on disk per group, and the tensor bytes of one entry by field), formats, the latents'
-    stored dtype, policies, configs, reward columns and rejected groups of a buffer (a path or URL)."""
-    rows = read_manifest(folder).to_pylist()
+    stored dtype, policies, configs, reward columns, rejected groups and integrity records of a buffer (a
+    path or URL), from its manifest checked against those records."""
+    checked = checked_manifest(folder)
+    rows = checked.table.to_pylist()
     shards = sorted({r["shard"] for r in rows})
     rejected = 0
     for part in manifest_parts(folder):
@@ -47,7 +59,8 @@ def buffer_info(folder: str | Path) -> dict:
         "bytes": size,
         "bytes_per_group": size / max(1, len(groups)),
         "rejected_groups": rejected,
-        "entry_bytes": entry_bytes(folder, rows[0]["shard"], rows[0]["format"]) if rows else {},
+        "integrity": integrity_summary(folder),
+        "entry_bytes": entry_bytes(folder, rows[0]["shard"], checked.shards[rows[0]["shard"]]) if rows else {},
         "formats": dict(Counter(r["format"] for r in groups.values())),
         "store_dtypes": dict(Counter(r.get("store_dtype") or "unrecorded" for r in groups.values())),
         "policies": dict(Counter(r["policy_id"] for r in groups.values())),
@@ -63,70 +76,14 @@ def buffer_info(folder: str | Path) -> dict:
     }
 
 
-@dataclass
-class VerifyReport:
-    checked: int = 0
-    problems: list[str] = field(default_factory=list)
-    incomplete: list[str] = field(default_factory=list)  # collections with planned shards not yet written
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems and not self.incomplete
-
-
-def verify_buffer(folder: str | Path, deep: bool = False) -> VerifyReport:
-    """Check every manifest row's shard exists with the recorded checksum; report shards no manifest part
-    accounts for, leftover temporaries, and recorded collections whose planned shards are not all written;
-    with `deep`, also decode and validate every entry (in the same read as the checksum)."""
-    folder = local_folder(folder, "buffer verify", "through other URLs the reader verifies each shard's "
-                          "checksum as it reads it (train), or verify where the buffer was written")
-    report = VerifyReport()
-    for rec in collections(folder):
-        names = rec.shard_names()
-        done = sum((folder / MANIFEST_DIR / f"{n}.parquet").exists() for n in names)
-        if done < len(names):
-            what = f"collection {rec.prefix.rstrip('-')}" if rec.prefix else "the collection"
-            report.incomplete.append(f"{what}: {done} of {len(names)} shards written (target {rec.groups} "
-                                     "groups): interrupted; re-run the same collect command to finish it")  # fmt: skip
-    if report.incomplete and not list((folder / MANIFEST_DIR).glob("*.parquet")):
-        return report  # nothing finished yet: no manifest to check
-    table = read_manifest(folder)
-    expected: dict[str, tuple[str, str]] = {}
-    groups: dict[str, set[str]] = {}
-    for r in table.select(["shard", "checksum", "format", "entry_id"]).to_pylist():
-        expected[r["shard"]] = (r["checksum"], r["format"])
-        groups.setdefault(r["shard"], set()).add(r["entry_id"])
-    for name, (digest, fmt) in sorted(expected.items()):
-        path = folder / name
-        report.checked += 1
-        if not path.exists():
-            report.problems.append(f"{name}: missing (the manifest lists it)")
-            continue
-        if not deep:
-            got = checksum(path)
-            if got != digest:
-                report.problems.append(checksum_mismatch(name, got, digest))
-            continue
-        try:
-            n = sum(1 for _ in get_format(fmt).read(path, digest))
-        except SchemaError as e:
-            report.problems.append(str(e).replace(str(path), name, 1))
-            continue
-        if n != len(groups[name]):
-            report.problems.append(f"{name}: holds {n} entries, the manifest lists {len(groups[name])}")
-    suffixes = tuple(f.suffix for f in FORMATS.values())
-    for path in sorted(folder.glob("shard-*")):
-        if path.name.endswith(suffixes) and path.name not in expected:
-            report.problems.append(f"{path.name}: not in the manifest (collection interrupted? re-run collect)")
-    for path in sorted([*folder.glob(".*.tmp-*"), *(folder / MANIFEST_DIR).glob(".*.tmp-*")]):
-        report.problems.append(f"{path.name}: temporary of an interrupted run (re-run collect to clean up)")
-    return report
-
-
 class BufferRun(RunConfig):
     """Counts, sizes, schema, formats, policies, pivots and reward means of a buffer."""
 
     folder: str = arg(..., "Buffer folder.", argument=True)
+
+
+class SealRun(BufferRun):
+    """Write the integrity record of an older buffer's finished collections, after checking every shard."""
 
 
 class VerifyRun(BufferRun):
@@ -140,10 +97,15 @@ def info_stage(cfg: BufferRun) -> str:
     return json.dumps(buffer_info(cfg.folder), indent=1)
 
 
+def seal_stage(cfg: SealRun) -> str:
+    return seal_buffer(cfg.folder)
+
+
 def verify_stage(cfg: VerifyRun) -> tuple[str, int]:
-    """The report's lines and the exit code (1 on any damage or an incomplete collection)."""
+    """The report's lines and the exit code (1 on any damage, an incomplete collection or unsealed parts)."""
     report = verify_buffer(cfg.folder, deep=cfg.deep)
     lines = [*(f"DAMAGED {p}" for p in report.problems), *(f"INCOMPLETE {p}" for p in report.incomplete),
+             *(f"UNSEALED {p}" for p in report.unsealed),
              f"{report.checked} shards checked, {len(report.problems)} problem(s)"
              + (f", {len(report.incomplete)} incomplete collection(s)" if report.incomplete else "")]  # fmt: skip
     return "\n".join(lines), 0 if report.ok else 1

@@ -2,7 +2,8 @@
 
 A part ``manifest/<shard name>.parquet`` is written (atomically) right after its shard is finalized, so
 every manifest row points at a complete shard whose checksum it records. ``read_manifest`` is the union
-of the parts; it is what ``stats`` queries and what the reader filters and re-weights with.
+of the parts, checked against the integrity record of their collection; it is what ``stats`` queries and
+what the reader filters and re-weights with.
 """
 
 from __future__ import annotations
@@ -86,13 +87,23 @@ def manifest_parts(buffer: str | Path) -> list[str]:
 def read_part(buffer: str | Path, rel: str, schema_only: bool = False) -> pa.Table | pa.Schema:
     """One manifest part (or only its schema, which holds the part's metadata) of the buffer at a path or URL."""
     data = pa.BufferReader(location(buffer).read(rel))
-    return pq.read_schema(data) if schema_only else pq.read_table(data)
+    try:
+        return pq.read_schema(data) if schema_only else pq.read_table(data)
+    except pa.ArrowException as e:  # garbage or a truncated file: name it (pyarrow says '<Buffer>')
+        raise ValueError(f"manifest part {part_name(buffer, rel)} is not a readable parquet file "
+                         f"({str(e).splitlines()[0].split(': ', 1)[-1]}): restore it or re-collect its shard") from None
 
 
-def read_manifest(buffer_dir: str | Path) -> pa.Table:
-    """Union of the manifest parts (reward columns missing from a part are null), sorted by shard name;
-    `buffer_dir` is the buffer's path or URL (:mod:`streamalign.buffer.urls`)."""
-    parts = manifest_parts(buffer_dir)
-    if not parts:
-        raise FileNotFoundError(f"no manifest in {buffer_dir}: not a streamalign buffer, or an empty one")
-    return pa.concat_tables([read_part(buffer_dir, p) for p in parts], promote_options="default")
+def part_name(buffer: str | Path, rel: str) -> str:
+    """How messages name the manifest part at `rel` of a buffer given by path or URL."""
+    return f"{str(buffer).rstrip('/')}/{rel}"
+
+
+def read_manifest(buffer_dir: str | Path, prefix: str | None = None) -> pa.Table:
+    """Union of the manifest parts (of the collection of shard-name `prefix`, or of all; reward columns
+    missing from a collection are null), each part checked against the buffer's integrity record first
+    (:mod:`streamalign.buffer.integrity`); `buffer_dir` is the buffer's path or URL
+    (:mod:`streamalign.buffer.urls`)."""
+    from .integrity import checked_manifest  # it builds on this module's parts
+
+    return checked_manifest(buffer_dir, prefix).table

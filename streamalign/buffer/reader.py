@@ -5,7 +5,9 @@ Per epoch the shard list is shuffled with ``(seed, epoch)`` and dealt round-robi
 then yields exactly ``min over ranks`` entries (computed from the manifest, no communication), so DDP
 ranks never wait on each other. Within a rank, dataloader workers take every k-th of its shards.
 
-Every shard is verified against its manifest checksum as it is read (one pass over its bytes); a damaged
+The manifest parts are checked against the buffer's integrity record first
+(:mod:`streamalign.buffer.integrity`), and every shard is verified against the checksum that record
+gives as it is read (one pass over its bytes); a damaged
 shard is an error naming it or, with ``skip_damaged``, skipped and remembered in ``damaged``, its entries
 made up for by reading the worker's intact shards again (as ``DistributedSampler`` pads): counts per rank
 stay equal and the stream stays a function of the files on disk (exact resume).
@@ -24,7 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..models.noise import derive_seed
 from ..schemas.buffer import Entry, SchemaError
 from .formats import DamagedShardError, get_format
-from .manifest import read_manifest
+from .integrity import checked_manifest
 from .urls import location
 
 log = logging.getLogger("streamalign.buffer")
@@ -34,7 +36,8 @@ class BufferReader(IterableDataset):
     """Iterate the entries of a buffer folder. ``where``: a read-only SQL query over the view `manifest`
     returning an ``entry_id`` column (e.g. groups whose composite std exceeds 0.05); ``weights``: new reward
     weights applied at read time (``entry.reward_weights`` replaced; stored rewards unchanged);
-    ``skip_damaged``: skip shards that fail their checksum instead of raising."""
+    ``skip_damaged``: skip shards that fail their checksum instead of raising; ``collection``: read only
+    the collection of this shard-name prefix (an on-policy iteration's)."""
 
     def __init__(
         self,
@@ -46,6 +49,7 @@ class BufferReader(IterableDataset):
         where: str | None = None,
         weights: Mapping[str, float] | None = None,
         skip_damaged: bool = False,
+        collection: str | None = None,
     ) -> None:
         self.folder = folder  # a path or URL (streamalign.buffer.urls): the manifest and shards lie below it
         self.location = location(folder)
@@ -55,20 +59,22 @@ class BufferReader(IterableDataset):
         self.weights = dict(weights) if weights is not None else None
         self.skip_damaged = skip_damaged
         self.damaged: set[str] = set()  # shards found damaged (with skip_damaged)
-        table = read_manifest(self.folder)
-        rows = table.select(["entry_id", "shard", "format", "checksum"]).to_pylist()
+        checked = checked_manifest(self.folder, collection)
+        table = checked.table
+        rows = table.select(["entry_id", "shard"]).to_pylist() if table.num_rows else []
         keep = None
         if where is not None:
             from .stats import run_query
 
-            result = run_query(self.folder, where)
+            result = run_query(self.folder, where, table=table)
             if "entry_id" not in result.column_names:
                 raise ValueError("--filter query must return an entry_id column")
             keep = set(result.column("entry_id").to_pylist())
         self.shards: dict[str, tuple[str, str, set[str]]] = {}  # name -> (format, checksum, entry ids)
         for r in rows:
             if keep is None or r["entry_id"] in keep:
-                self.shards.setdefault(r["shard"], (r["format"], r["checksum"], set()))[2].add(r["entry_id"])
+                rec = checked.shards[r["shard"]]  # the record's: the part matched it, so the row names it
+                self.shards.setdefault(r["shard"], (rec.format, rec.checksum, set()))[2].add(r["entry_id"])
         if not self.shards:
             raise ValueError(f"buffer {self.folder} has no entries" + (" matching the filter" if where else ""))
         rewards = {c.removeprefix("reward_") for c in table.column_names if c.startswith("reward_")}
@@ -124,7 +130,7 @@ class BufferReader(IterableDataset):
             raise SchemaError(f"rank {self.rank} worker {wid}: shards hold fewer entries than the manifest lists")
 
     def _read(self, name: str) -> Iterator[Entry]:
-        """The wanted entries of one shard, verified against its manifest checksum before the first one;
+        """The wanted entries of one shard, verified against its recorded checksum before the first one;
         none for a damaged shard under skip_damaged."""
         fmt, digest, wanted = self.shards[name]
         if name in self.damaged:

@@ -13,7 +13,7 @@ from typing import Literal
 
 import pyarrow as pa
 
-from ..io.files import atomic_path, write_atomic
+from ..io.outputs import check_output_file, output_file
 from ..schemas.run import RunConfig, arg
 from .manifest import read_manifest
 
@@ -76,11 +76,13 @@ def check_read_only(sql: str) -> None:
         raise ValueError(f"stats is read-only: {kind} statements are refused; use one SELECT over the view `manifest`")
 
 
-def run_query(folder: str | Path, sql: str | None = None, report: str | None = None) -> pa.Table:
-    """Result of `sql` (or of the named `report`) over the buffer's manifest, as an Arrow table."""
+def run_query(folder: str | Path, sql: str | None = None, report: str | None = None,
+              table: pa.Table | None = None) -> pa.Table:  # fmt: skip
+    """Result of `sql` (or of the named `report`) over the buffer's manifest (`table`, when read already),
+    as an Arrow table."""
     import duckdb
 
-    table = read_manifest(folder)
+    table = read_manifest(folder) if table is None else table
     if report is not None:
         named = reports(table)
         if report not in named:
@@ -120,8 +122,9 @@ def format_table(table: pa.Table, max_rows: int = 200) -> str:
     return "\n".join(lines)
 
 
-def write_result(table: pa.Table, fmt: str, out: str | Path | None) -> str | None:
-    """csv / json to `out` or as returned text; parquet needs `out`."""
+def write_result(table: pa.Table, fmt: str, out: str | Path | None, overwrite: bool = False) -> str | None:
+    """csv / json to `out` or as returned text; parquet needs `out`. `out` follows the output rules
+    (``io.outputs.output_file``): a file of the user's is never replaced, one of streamalign's with `overwrite`."""
     import io
     import json
 
@@ -131,7 +134,7 @@ def write_result(table: pa.Table, fmt: str, out: str | Path | None) -> str | Non
     if fmt == "parquet":
         if out is None:
             raise ValueError("--format parquet needs --output FILE")
-        with atomic_path(out) as tmp:  # never a half-written file (a full disk, an error)
+        with output_file(out, "--output", "stats", overwrite) as tmp:  # never half-written (a full disk, an error)
             pq.write_table(table, tmp)
         return None
     if fmt == "csv":
@@ -145,7 +148,8 @@ def write_result(table: pa.Table, fmt: str, out: str | Path | None) -> str | Non
     else:
         raise ValueError(f"unknown format {fmt!r}: table | csv | json | parquet")
     if out is not None:
-        write_atomic(out, text)
+        with output_file(out, "--output", "stats", overwrite) as tmp:
+            tmp.write_text(text)
         return None
     return text
 
@@ -159,7 +163,11 @@ class StatsRun(RunConfig):
         None, "A named report.")
     format: Literal["table", "csv", "json", "parquet"] = arg("table", "Output format.")
     output: str | None = arg(None, "Write the result to this file.")
+    overwrite: bool = arg(False, "Replace --output when a streamalign command wrote it (a file no streamalign "
+                          "command wrote is never replaced).")  # fmt: skip
 
 
 def stats_stage(cfg: StatsRun) -> str:
-    return write_result(run_query(cfg.folder, cfg.sql, cfg.report), cfg.format, cfg.output) or ""
+    if cfg.output is not None:  # before the query runs
+        check_output_file(cfg.output, "--output", cfg.overwrite)
+    return write_result(run_query(cfg.folder, cfg.sql, cfg.report), cfg.format, cfg.output, cfg.overwrite) or ""

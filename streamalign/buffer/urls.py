@@ -90,6 +90,16 @@ def local_folder(target: str | Path, what: str, instead: str) -> Path:
     return path
 
 
+def below(rel: str) -> str:
+    """`rel` when it is a relative path below a buffer root (no '..', not absolute, no '\\'); a recorded
+    shard name is data, so it must never lead outside the buffer."""
+    parts = PurePosixPath(rel).parts
+    if not rel or "\\" in rel or PurePosixPath(rel).is_absolute() or ".." in parts or ":" in parts[0]:
+        raise ValueError(f"{rel!r} is not a path inside the buffer (absolute, '..' or a URL): the manifest was "
+                         "edited; restore it from a copy")  # fmt: skip
+    return rel
+
+
 def upload_files(local: Path, rel: str) -> list[tuple[Path, str]]:
     """(local file, relative path at the destination) of every file of the file or folder `local` put at `rel`."""
     from ..io.files import tree_files
@@ -114,7 +124,10 @@ class LocalLocation:
         return read_tree(self.root / rel)[1]
 
     def shard(self, rel: str) -> Path:
-        return self.root / rel
+        path = self.root / below(rel)
+        if path.is_symlink() and not path.resolve().is_relative_to(self.root.resolve()):
+            raise ValueError(f"{path} is a link to {path.resolve()}, outside the buffer: replace it with the shard")
+        return path
 
     def put(self, local: Path, rel: str) -> None:
         from ..io.files import write_atomic
@@ -158,7 +171,7 @@ class PipeLocation:
         return {"": self.read(rel)}  # a command gives one stream: tar shards, not zarr folders
 
     def shard(self, rel: str) -> Remote:
-        return Remote(self, rel)
+        return Remote(self, below(rel))
 
     def put(self, local: Path, rel: str) -> None:
         raise ValueError(f"{self.name}: pipe: URLs are read-only; upload to a path, file://, s3:// or gs:// URL")
@@ -212,7 +225,7 @@ class FsspecLocation:
         return {PurePosixPath(p).relative_to(path).as_posix(): self.fs.cat_file(p) for p in self.fs.find(path)}
 
     def shard(self, rel: str) -> Remote:
-        return Remote(self, rel)
+        return Remote(self, below(rel))
 
     def put(self, local: Path, rel: str) -> None:
         for f, name in upload_files(local, rel):  # an object store makes each file visible once complete

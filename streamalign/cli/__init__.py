@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 import typer
 
 from .. import __version__
-from ..buffer.inspect import BufferRun, VerifyRun
+from ..buffer.inspect import BufferRun, SealRun, VerifyRun
 from ..buffer.stats import StatsRun
 from ..buffer.urls import local_folder
 from ..collect.run import CollectRun
@@ -38,7 +38,7 @@ app = typer.Typer(name="streamalign", no_args_is_help=True, pretty_exceptions_en
                   help="Align streaming (chunk-autoregressive, few-step) text-to-video generators with reward models.")
 GROUPS = {"model": "Inspect, validate and convert generator checkpoints.",
           "shapes": "The built-in shapes world: prompts, generator pre-training and distillation, sample quality.",
-          "buffer": "Inspect and verify replay buffers.",
+          "buffer": "Inspect, verify and seal replay buffers.",
           "experiment": "The AR-CoPO analyses: noise sources, objectives, training regimes, a CoPO sweep."}  # fmt: skip
 sub = {name: typer.Typer(help=text, no_args_is_help=True) for name, text in GROUPS.items()}
 for name, group in sub.items():
@@ -75,6 +75,7 @@ STAGES = (
      "Folder: sweep.md/json/png, buffer/ and one run per cell.", "runs/sweep"),
     ("buffer", "info", BufferRun, "buffer.inspect:info_stage", None, None),
     ("buffer", "verify", VerifyRun, "buffer.inspect:verify_stage", None, None),
+    ("buffer", "seal", SealRun, "buffer.inspect:seal_stage", None, None),
     (None, "stats", StatsRun, "buffer.stats:stats_stage", None, None),
     (None, "report", ReportRun, "train.health:report_stage", None, None),
 )  # fmt: skip

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from ..io.files import DISK_FULL
-from ..io.outputs import check_output, missing_folders, permit_overwrite, remove_unused
+from ..io.outputs import check_output, clear_unused, is_empty, missing_folders, permit_overwrite, remove_unused
 from ..schemas.run import RunConfig, describe, flag_name, leaves
 
 RunConfigOpt = Annotated[
@@ -137,20 +137,23 @@ def stage_command(app: typer.Typer, name: str, config: type[RunConfig], group: s
         @clear_errors
         def command(**kwargs: Any) -> Any:
             run_file = kwargs.pop("run_config")
-            overwrite = kwargs.pop("overwrite", False)
+            overwrite = kwargs.pop("overwrite", False) if writes else False  # else a setting (stats --overwrite)
             given = {k: convert[k](kwargs.pop(k)) for k in list(convert) if kwargs.get(k) is not None}
             for k in list(convert):
                 kwargs.pop(k, None)
             cfg = config.build(run_file, **given)
             if not writes:
                 return fn(cfg, **kwargs)
-            check_output(kwargs["out"], command_name, overwrite)
+            out = check_output(kwargs["out"], command_name, overwrite)
             made = missing_folders(kwargs["out"])
+            was_empty = out.is_dir() and is_empty(out)
             try:
                 with permit_overwrite(kwargs["out"]) if overwrite else contextlib.nullcontext():
                     return fn(cfg, **kwargs)
-            except BaseException:  # a failed run leaves no empty folders behind
+            except BaseException:  # a failed run leaves no empty folders (nor a marker in an empty one) behind
                 remove_unused(made)
+                if was_empty:
+                    clear_unused(out)
                 raise
 
         kw = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]

@@ -10,6 +10,8 @@ NaN/inf rewards are rejected, counted and logged in the manifest part's metadata
 The collection's settings are recorded in the buffer before its first shard and a re-run with other
 ones is refused (``buffer.collection``); a larger ``--groups`` extends it. Rank 0 holds the buffer's
 lock while the collection runs, so a second collect into the same folder is refused naming the holder.
+When every shard is written, rank 0 writes the collection's integrity record (``buffer.integrity``); a
+re-run checks the parts it keeps against the record it finds, so an edited part is never recorded as good.
 
 ``branch_ranks`` n: teams of n consecutive ranks take shards as single ranks do; every rank of a team
 computes each group's prefix and rolls out its G/n branches, the team's first rank gathers them, scores
@@ -42,34 +44,46 @@ from pydantic import Field
 
 from ..buffer.collection import BufferLock, Collection, claim_collection, read_collection, record_path, shard_name
 from ..buffer.formats import FormatName, ShardFormat, ShardInfo, get_format, write_shard
+from ..buffer.integrity import IntegrityError, Seal, part_of, part_problem, read_seal, seal_collection
 from ..buffer.manifest import MANIFEST_DIR, write_index, write_manifest_part
 from ..buffer.urls import local_folder, location
-from ..io.files import checksum, remove_path, tree_bytes
-from ..io.outputs import open_output
+from ..io.files import checksum, remove_path, tree_bytes, write_atomic
+from ..io.outputs import check_output, is_empty, open_output
 from ..io.progress import progress_bar
 from ..models.kv_cache import compute_dtype
+from ..models.kv_routing import RoutingGeometry
 from ..models.noise import derive_seed
 from ..models.placement import DTYPES
+from ..models.routed_group import routed_group, routing_geometry
 from ..models.sampler import ForkGroup, Sampler
 from ..pipeline import Pipeline
 from ..rewards import CompositeReward
 from ..rewards.sources import reward_of
-from ..schemas.buffer import Entry, SchemaError
+from ..schemas.buffer import LOCAL_REWARD_PREFIX, Entry, SchemaError
 from ..schemas.config import ModelConfig
 from ..schemas.run import arg
-from ..schemas.sections import DtypeName, PromptSection, RewardSection
+from ..schemas.sections import DtypeName, PromptSection, RewardSection, RoutingSection
 from ..worlds import default_prompts, default_rewards
 from .distributed import barrier, gather_rows, rank0_agrees, team_agrees, team_groups
 
 # the arguments a collection's id hashes (fields added later hash only when they differ from their default)
 RUN_ID_FIELDS = ("prompts", "groups", "group_size", "strength", "pivot", "seed", "format", "entries_per_shard",
-                 "store_kv", "rewards", "metrics", "fork", "clip_chunks", "store_dtype")  # fmt: skip
-LATER_FIELDS = {"fork": "initial", "clip_chunks": None, "store_dtype": "auto"}  # hashed only when not these
+                 "store_kv", "rewards", "metrics", "fork", "clip_chunks", "store_dtype", "kv_history", "m_nearest",
+                 "perturb_blocks", "perturb_first")  # fmt: skip
+LATER_FIELDS = {
+    "fork": "initial",
+    "clip_chunks": None,
+    "store_dtype": "auto",
+    "kv_history": 21,
+    "m_nearest": 4,
+    "perturb_blocks": 5,
+    "perturb_first": 7,
+}  # hashed only when not these
 
 log = logging.getLogger("streamalign.collect")
 
 
-class CollectConfig(PromptSection, RewardSection):
+class CollectConfig(PromptSection, RewardSection, RoutingSection):
     """Collection"""
 
     groups: int = arg(64, "Fork groups to collect.")
@@ -80,8 +94,9 @@ class CollectConfig(PromptSection, RewardSection):
     format: FormatName = arg("webdataset", "Shard format.")
     entries_per_shard: int = arg(16, "Groups per shard.")
     store_kv: bool = arg(False, "Also store the prefix KV of each group.")
-    fork: Literal["initial", "solver"] = arg("initial", "initial: branches differ in the pivot's initial noise; "
-                                             "solver: in its re-noising.")  # fmt: skip
+    fork: Literal["initial", "solver", "kv-routing"] = arg(
+        "initial", "initial: branches differ in the pivot's initial noise; solver: in its re-noising; kv-routing: "
+        "in the cached frames they attend to (KVPO; row 0 the anchor, rolling cache only).")  # fmt: skip
     # streaming long tuning: score only the clip of this many chunks that starts at the pivot (pivots drawn
     # so the clip fits); None scores the whole video
     clip_chunks: int | None = arg(None, "Streaming: score only this many chunks from the pivot (long configs).")
@@ -127,8 +142,10 @@ class CollectConfig(PromptSection, RewardSection):
         if self.group_size % self.branch_ranks:
             raise ValueError(f"--branch-ranks {self.branch_ranks} must divide -G {self.group_size} "
                              "(each rank rolls out G/N branches of every group)")  # fmt: skip
-        if self.fork not in ("initial", "solver"):
-            raise ValueError(f"--fork must be 'initial' or 'solver', got {self.fork!r}")
+        if self.fork not in ("initial", "solver", "kv-routing"):
+            raise ValueError(f"--fork must be 'initial', 'solver' or 'kv-routing', got {self.fork!r}")
+        if self.fork == "kv-routing" and self.branch_ranks != 1:
+            raise ValueError("--fork kv-routing rolls out every row of a group on one rank: use --branch-ranks 1")
         if self.clip_chunks is not None and not 1 <= self.clip_chunks <= num_chunks:
             raise ValueError(f"--clip-chunks {self.clip_chunks} must lie in 1..{num_chunks} (the video's chunks)")
         if self.clip_chunks is not None and self.pivot != "uniform" and int(self.pivot) + self.clip_chunks > num_chunks:
@@ -136,15 +153,29 @@ class CollectConfig(PromptSection, RewardSection):
                 f"--pivot {self.pivot} + --clip-chunks {self.clip_chunks} runs past the {num_chunks} chunks"
             )
 
+    def check_routing(self, model: ModelConfig) -> tuple[RoutingGeometry | None, int | None]:
+        """KV routing: (the checked geometry, the fixed start chunk or None); raises ValueError when the
+        model's cache or the routing flags leave no chunk to start at. (None, None) for other forks."""
+        if self.fork != "kv-routing":
+            return None, None
+        start = None if self.pivot == "uniform" else int(self.pivot)
+        return routing_geometry(model, self.kv_history, self.m_nearest, self.perturb_blocks, self.perturb_first,
+                                start), start  # fmt: skip
+
     @property
     def run_id(self) -> str:
         """Stable id of the collection's arguments (entry ids derive from it)."""
-        args = self.model_dump(mode="json", include=set(RUN_ID_FIELDS))
+        args = self.model_dump(mode="json", include=self._content_fields())
         args["prompts"] = list(self.prompts or ())
         for key, default in LATER_FIELDS.items():  # later fields: earlier ids stay valid
-            if args[key] == default:
-                del args[key]
+            if args.get(key, default) == default:
+                args.pop(key, None)
         return "r" + hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
+
+    def _content_fields(self) -> set[str]:
+        """The fields that decide a collection's content: the routing settings only for KV-routed groups."""
+        fields = set(RUN_ID_FIELDS)
+        return fields if self.fork == "kv-routing" else fields - set(RoutingSection.model_fields)
 
     def settings(self, model: ModelConfig, policy_id: str | None = None) -> dict:
         """The settings that decide the collection's content, by flag (what a re-run must repeat; the
@@ -152,7 +183,7 @@ class CollectConfig(PromptSection, RewardSection):
         they load)."""
         flags = {name: (info.json_schema_extra or {}).get("flag", "--" + name.replace("_", "-"))
                  for name, info in type(self).model_fields.items()}  # fmt: skip
-        args = self.model_dump(mode="json", include=set(RUN_ID_FIELDS) - {"groups"})
+        args = self.model_dump(mode="json", include=self._content_fields() - {"groups"})
         out = {"--config": model.name, **{flags[k]: v for k, v in sorted(args.items())}}
         # where the rewards come from (only when given: buffers written before these fields compare equal)
         out.update({flags[k]: getattr(self, k) for k in ("reward_paths", "reward_options", "reward_plugins")
@@ -224,8 +255,9 @@ def prefix_kv(sampler: Sampler, context: torch.Tensor, text: torch.Tensor) -> di
 
 @dataclass
 class RolledGroup:
-    """Fork group i rolled out and decoded, not yet scored: its videos [G, F, 3, H, W] in [0, 1], the
-    group's tensors and the entry's identity fields (everything but the rewards)."""
+    """Fork group i rolled out and decoded, not yet scored: its videos [G, F, 3, H, W] (floats in [0, 1], or
+    uint8 levels when every reward reads 8-bit frames first), the group's tensors and the entry's identity
+    fields (everything but the rewards)."""
 
     i: int
     prompt: str
@@ -233,15 +265,17 @@ class RolledGroup:
     videos: torch.Tensor
     identity: dict
     store_dtype: torch.dtype
+    local_videos: torch.Tensor | None = None  # kv-routing: the routed chunks' clip, scored as ``local.NAME``
 
 
 @torch.no_grad()
 def roll_out_group(policy: Pipeline, cfg: CollectConfig, i: int, run_id: str | None = None,
-                   team: BranchTeam = BranchTeam()) -> RolledGroup | None:  # fmt: skip
+                   team: BranchTeam = BranchTeam(), uint8: bool = False) -> RolledGroup | None:  # fmt: skip
     """Fork group i (prompt, seed and pivot fixed by i) rolled out and decoded. `run_id`: the collection's
     (default: that of `cfg`; an extended collection keeps its first one). In a branch `team` every rank
     computes the prefix and rolls out its share of the branches; the first rank gathers them (None
-    elsewhere)."""
+    elsewhere). `uint8`: the videos wait as uint8 levels (a quarter of float32's bytes; the reward models
+    convert them batch by batch), for rewards that read 8-bit frames first (``CompositeReward.reads_levels``)."""
     run_id = run_id or cfg.run_id
     prompt = cfg.prompts[i % len(cfg.prompts)]
     seed = derive_seed(cfg.seed, 2, i)
@@ -249,14 +283,23 @@ def roll_out_group(policy: Pipeline, cfg: CollectConfig, i: int, run_id: str | N
     pivot = cfg.pivot_of(i, n)
     sampler = policy.sampler
     text = policy.text.encode([prompt])
-    group = sampler.fork_group(text, sampler.noise_bank(seed), pivot, cfg.group_size, cfg.strength, fork=cfg.fork,
-                               branch_batch=cfg.branch_batch, branches=team.share(cfg.group_size))  # fmt: skip
-    group = team.gather(group)
-    if group is None:
-        return None
-    latents = group.videos()
+    local = None
+    c = sampler.chunk_frames
+    if cfg.fork == "kv-routing":  # the start chunk is drawn among those eligible (or the fixed --pivot)
+        geo, start = cfg.check_routing(policy.config)
+        group = routed_group(sampler, text, sampler.noise_bank(seed), cfg.group_size, geo, start)
+        pivot = group.pivot
+        latents = group.videos()
+        local = policy.decode(latents[:, pivot * c : (pivot + cfg.perturb_blocks) * c], uint8=uint8)
+        latents = latents[:, pivot * c :] if cfg.clip_chunks is None else latents  # global: the post-fork video
+    else:
+        group = sampler.fork_group(text, sampler.noise_bank(seed), pivot, cfg.group_size, cfg.strength, fork=cfg.fork,
+                                   branch_batch=cfg.branch_batch, branches=team.share(cfg.group_size))  # fmt: skip
+        group = team.gather(group)
+        if group is None:
+            return None
+        latents = group.videos()
     if cfg.clip_chunks is not None:  # streaming: the local clip that starts at the pivot
-        c = sampler.chunk_frames
         latents = latents[:, pivot * c : (pivot + cfg.clip_chunks) * c]
     identity = dict(
         entry_id=f"{run_id}-{i:07d}",
@@ -271,16 +314,21 @@ def roll_out_group(policy: Pipeline, cfg: CollectConfig, i: int, run_id: str | N
         text_hash=policy.text.embedding_hash(prompt),
     )
     store = cfg.latent_dtype(compute_dtype(policy.model))
-    return RolledGroup(i, prompt, group, policy.decode(latents), identity, store)
+    return RolledGroup(i, prompt, group, policy.decode(latents, uint8=uint8), identity, store, local)
 
 
 @torch.no_grad()
 def score_group(rolled: RolledGroup, reward: CompositeReward) -> Entry:
     """The scored entry of a rolled-out group, its latents on the CPU in the store dtype (the G branches
     scored as one batch: each reward splits it as its model needs); raises SchemaError on bad rewards."""
-    scores = reward(rolled.videos, [rolled.prompt] * rolled.videos.shape[0])
+    prompts = [rolled.prompt] * rolled.videos.shape[0]
+    scores = reward(rolled.videos, prompts)
     scores.pop("composite")
     rewards = {k: v.float().cpu() for k, v in scores.items()}
+    if rolled.local_videos is not None:
+        local = reward(rolled.local_videos, prompts)
+        local.pop("composite")
+        rewards.update({LOCAL_REWARD_PREFIX + k: v.float().cpu() for k, v in local.items()})
     entry = Entry.from_fork_group(rolled.group, rewards=rewards, reward_weights=reward.weights, **rolled.identity)
     return entry.cast(rolled.store_dtype, "cpu").validate("collected group")
 
@@ -289,7 +337,7 @@ def collect_group(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
                   team: BranchTeam = BranchTeam()) -> Entry | None:  # fmt: skip
     """Fork group i rolled out and scored (:func:`roll_out_group` then :func:`score_group`; None on the
     branch ranks of a `team` other than its first)."""
-    rolled = roll_out_group(policy, cfg, i, run_id, team)
+    rolled = roll_out_group(policy, cfg, i, run_id, team, reward.reads_levels)
     return None if rolled is None else score_group(rolled, reward)
 
 
@@ -333,7 +381,7 @@ def scored_groups(policy: Pipeline, cfg: CollectConfig, reward: CompositeReward,
     with ThreadPoolExecutor(1, thread_name_prefix="streamalign-scoring") as pool:
         pending: tuple[int, Future] | None = None
         for i in indices:
-            rolled = _outcome(roll_out_group, policy, cfg, i, run_id, team)
+            rolled = _outcome(roll_out_group, policy, cfg, i, run_id, team, reward.reads_levels)
             if pending is not None:
                 yield pending[0], pending[1].result()
                 pending = None
@@ -366,6 +414,7 @@ def prepare(cfg: CollectConfig, model: ModelConfig) -> tuple[CollectConfig, Shar
     its shard format, its reward)."""
     cfg = cfg.resolve(model)
     cfg.check(model.num_chunks)
+    cfg.check_routing(model)
     return cfg, get_format(cfg.format), reward_of(cfg)
 
 
@@ -383,15 +432,17 @@ def collect(
     cfg, fmt, reward = prepare(cfg, policy.config)
     team = BranchTeam.of(cfg.branch_ranks, world)
     out = collect_folder(out)
-    if rank == 0:  # checked, created (with its marker) or cleaned of killed runs' temporaries, once all is valid
-        open_output(out, "collect")
-    barrier()
-    with BufferLock(out) if rank == 0 else contextlib.nullcontext():
-        record = claim(out, policy, cfg, rank, world, shard_prefix)
-        summary = _collect_shards(policy, cfg, fmt, reward, out, record, rank, world, progress, team)
+    # rank 0: checked, locked, then created (with its marker), replaced (--overwrite) or cleaned of killed
+    # runs' temporaries, once all is valid
+    with locked_output(out) if rank == 0 else contextlib.nullcontext():
+        barrier()
+        with undone_unless_durable(out, shard_prefix) if rank == 0 else contextlib.nullcontext():
+            record = claim(out, policy, cfg, rank, world, shard_prefix)
+            summary = _collect_shards(policy, cfg, fmt, reward, out, record, rank, world, progress, team)
         if world > 1:
             dist.barrier()  # the lock is released only when every rank is done
-        if rank == 0:  # every rank's parts are written: list them for readers that cannot list (pipe: URLs)
+        if rank == 0:  # every rank's parts are written: record them, then list them for readers that cannot
+            seal_collection(out, record, cfg.upload)  # list (pipe: URLs)
             write_index(out)
             if cfg.upload is not None:  # the records and the index beside the uploaded parts
                 remote = location(cfg.upload)
@@ -399,6 +450,55 @@ def collect(
                     if f.is_file() and f.suffix in (".json", ".txt"):
                         remote.put(f, f"{MANIFEST_DIR}/{f.name}")
     return summary
+
+
+@contextlib.contextmanager
+def undone_unless_durable(out: Path, prefix: str) -> Iterator[None]:
+    """A collection that fails before its first shard is finished (shard and manifest part) leaves its
+    record as it was (none, or the one it extended): a leftover record would pin the settings of the next
+    collect into `out` for a collection that holds nothing. One that fails later keeps it: a re-run resumes."""
+    record, manifest = record_path(out, prefix), out / MANIFEST_DIR
+    before = record.read_bytes() if record.is_file() else None
+    parts = set(manifest.glob("*.parquet"))
+    try:
+        yield
+    except BaseException:
+        if set(manifest.glob("*.parquet")) <= parts:
+            if before is None:
+                record.unlink(missing_ok=True)
+            else:
+                write_atomic(record, before)
+            with contextlib.suppress(OSError):  # an empty manifest folder (this run made it) goes too
+                manifest.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def locked_output(out: Path) -> Iterator[None]:
+    """Open the buffer folder `out` with its writer lock held throughout: taken before anything in the
+    folder is moved or deleted, so a live collect's buffer is never touched (refused naming its PID). With
+    ``--overwrite`` the fresh folder is locked too before it is swapped in, and the lock held from then on."""
+    check_output(out, "collect")
+    held: list[BufferLock] = []
+    old = BufferLock(out).__enter__() if out.is_dir() and not is_empty(out) else None  # (empty: nothing to touch)
+    try:
+        open_output(out, "collect", lambda fresh: held.append(BufferLock(fresh).__enter__()))
+        if held:  # swapped: the old folder (its lock file with it) is gone
+            held[0].moved(out)
+        else:
+            held.append(old or BufferLock(out).__enter__())
+            old = None
+    except BaseException:
+        for lock in held:
+            lock.__exit__(None, None, None)
+        raise
+    finally:
+        if old is not None:
+            old.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        held[0].__exit__(None, None, None)
 
 
 def upload_shard(cfg: CollectConfig, path: Path, part: Path) -> None:
@@ -444,17 +544,20 @@ def _collect_shards(policy: Pipeline, cfg: CollectConfig, fmt: ShardFormat, rewa
         bar.close()
         summary.seconds = time.time() - t0
         return summary
+    sealed = read_seal(out, record.prefix)  # a finished part must still be what the record says
     with contextlib.closing(scored_groups(policy, cfg, reward, todo, record.run_id, team)) as groups:
         for k, lo, hi in mine:
             path, part = paths[k], parts[k]
             if path.exists() and part.exists() and cfg.upload is not None:
                 upload_shard(cfg, path, part)  # killed before its local copy was deleted: put it again
             if part.exists() and (path.exists() or cfg.upload is not None):
+                _check_sealed(sealed, out, path.name)
                 summary.shards_skipped += 1
                 bar.update(hi - lo)
                 continue
             if path.exists():  # killed between the shard and its manifest part: the shard is complete
-                entries = list(fmt.read(path))
+                known = sealed.shards.get(path.name) if sealed is not None else None
+                entries = list(fmt.read(path, known.checksum if known is not None else None))
                 info = ShardInfo(path, fmt.name, len(entries), tree_bytes(path), checksum(path))
                 rejected: list[dict] = []
             else:
@@ -477,3 +580,13 @@ def _collect_shards(policy: Pipeline, cfg: CollectConfig, fmt: ShardFormat, rewa
     bar.close()
     summary.seconds = time.time() - t0
     return summary
+
+
+def _check_sealed(sealed: Seal | None, out: Path, shard: str) -> None:
+    """A finished shard's manifest part, kept by a re-run, must match the collection's record (a re-run
+    never records an edited part as good)."""
+    rel = part_of(shard)
+    problem = None if sealed is None or rel not in sealed.parts else part_problem(rel, (out / rel).read_bytes(),
+                                                                                  sealed.parts[rel])  # fmt: skip
+    if problem is not None:
+        raise IntegrityError(f"buffer {out}: {problem}")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..buffer.collection import check_collection
+from ..buffer.collection import busy_error, check_collection, lock_holder
 from ..buffer.inspect import buffer_info
 from ..buffer.urls import location
 from ..io.files import write_atomic
+from ..io.outputs import overwrite_permitted
 from ..models.placement import Placement
 from ..pipeline import Pipeline, resolve_config
 from ..plan import check_stage
@@ -37,8 +38,13 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     early = cfg.collect.resolve(model)  # other settings than the buffer's are refused before the weights load
     reward_of(early)  # reward names, paths and plug-ins checked before any model loads
     early.check(model.num_chunks)
+    early.check_routing(model)
     BranchTeam.check(early.branch_ranks, int(os.environ.get("WORLD_SIZE", "1")))
-    check_collection(out, "", early.run_id, early.settings(model), early.groups)
+    holder = lock_holder(out)
+    if holder is not None:  # a live collect writes there: refused before the weights load (and again, locked)
+        raise busy_error(out, holder)
+    if not overwrite_permitted(out):  # --overwrite starts afresh: the old collection's settings do not apply
+        check_collection(out, "", early.run_id, early.settings(model), early.groups)
     placement = Placement.of(cfg.hardware)
     check_stage("collect", model, placement, group_size=early.group_size, branch_batch=early.branch_batch,
                 pivot=None if early.pivot == "uniform" else int(early.pivot), groups=early.groups)  # fmt: skip

@@ -17,6 +17,7 @@ from ..schemas.sections import (
     PolicySection,
     PromptSection,
     PromptSet,
+    ResultsOut,
     RewardSection,
 )
 from ..worlds import default_prompts, default_rewards
@@ -149,6 +150,7 @@ class NoiseSourcesRun(RunConfig):
     rewards: RewardSection = RewardSection()
     study: NoiseStudy = NoiseStudy()
     hardware: Hardware = Hardware()
+    results: ResultsOut = ResultsOut()
 
 
 class BudgetStudy(Section):
@@ -169,7 +171,7 @@ class ObjectiveStudy(BudgetStudy):
 
     runs: tuple[str, ...] = arg(("copo", "copo-offpolicy", "nft", "sde-grpo", "sde-grpo-eps0.2"),
                                 "Comma-separated: copo, copo-offpolicy, nft, sde-grpo, sde-grpo-eps0.2 "
-                                "(sde-grpo with --clip-eps 0.2).")  # fmt: skip
+                                "(sde-grpo with --clip-eps 0.2), kvpo (a rolling-cache --config).")  # fmt: skip
 
 
 class ObjectivesRun(RunConfig):
@@ -179,6 +181,7 @@ class ObjectivesRun(RunConfig):
     prompts: PromptSection = PromptSection()
     study: ObjectiveStudy = ObjectiveStudy()
     hardware: Hardware = Hardware()
+    results: ResultsOut = ResultsOut()
 
 
 class RegimeStudy(BudgetStudy):
@@ -195,6 +198,7 @@ class RegimesRun(RunConfig):
     rewards: RewardSection = RewardSection()
     study: RegimeStudy = RegimeStudy()
     hardware: Hardware = Hardware()
+    results: ResultsOut = ResultsOut()
 
 
 class SweepStudy(RegimeStudy):
@@ -215,6 +219,7 @@ class SweepRun(RunConfig):
     rewards: RewardSection = RewardSection()
     study: SweepStudy = SweepStudy()
     hardware: Hardware = Hardware()
+    results: ResultsOut = ResultsOut()
 
 
 class DemoRun(RunConfig):

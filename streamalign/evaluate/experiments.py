@@ -23,11 +23,14 @@ import torch
 from ..collect.collector import CollectConfig, collect
 from ..io.outputs import output_folder
 from ..io.plots import save, subplots
+from ..io.results import table, write_results
 from ..models.placement import Placement
 from ..pipeline import Pipeline
 from ..rewards import CompositeReward
 from ..rewards.sources import reward_of
 from ..schemas.config import ModelConfig
+from ..schemas.run import provenance
+from ..schemas.sections import ResultsOut
 from ..scoring import paired_differences, score_policy
 from ..train.config import TrainConfig
 from ..train.health import moved_rows
@@ -134,6 +137,8 @@ OBJECTIVE_RUNS = (
     ObjectiveRun("sde-grpo", {"objective": "sde-grpo"}),
     # SDE-GRPO with CoPO's swept clip: its own eps 1e-4 clips ~all ratios, so a failure there could be the clip's
     ObjectiveRun("sde-grpo-eps0.2", {"objective": "sde-grpo", "clip_eps": 0.2}),
+    # KV-routed groups (row 0 the anchor): needs a rolling-cache config (--config shapes-long), so not a default run
+    ObjectiveRun("kvpo", {"objective": "kvpo"}),
 )
 
 
@@ -327,25 +332,74 @@ def sweep_report(result: dict, out: Path, stem: str, title: str) -> None:
     save(fig, out / f"{stem}.png", dpi=110)
 
 
+CI = "{:+.3f} [{:+.3f}, {:+.3f}]"  # a paired difference and its 95% interval
+
+
+def _ci(d: dict) -> list[float]:
+    return [d["diff"], d["ci_low"], d["ci_high"]]
+
+
+def noise_sources_table(rows: list[dict]) -> dict:
+    """Per pivot: each source's pixel variance (and composite std), and initial / the largest solver variance."""
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    cell = {(r["pivot"], r["source"]): r for r in rows}
+    out = []
+    for p in sorted({r["pivot"] for r in rows}):
+        var = {s: cell[p, s]["pixel_variance"] for s in sources}
+        solver = max((v for s, v in var.items() if s != "initial"), default=None)
+        out.append([p, *([var[s], cell[p, s]["composite_std"]] for s in sources),
+                    var["initial"] / solver if solver else None])  # fmt: skip
+    return table(["pivot", *sources, "initial / largest solver"],
+                 ["{}", *["{:.2e} (std {:.3f})"] * len(sources), "{:.1f}x"], out)  # fmt: skip
+
+
+def runs_table(result: dict) -> dict:
+    """One row per run: training seconds, clip fraction, every paired difference vs the base with its interval."""
+    keys = list(next(iter(result["runs"].values()))["vs_base"]) if result["runs"] else []
+    rows = [[name, r["seconds"], r.get("clip_frac"), *(_ci(r["vs_base"][k]) for k in keys)]
+            for name, r in result["runs"].items()]  # fmt: skip
+    return table(["run", "training s", "clip frac", *keys], ["{}", "{:.0f}", "{:.2f}", *[CI] * len(keys)], rows)
+
+
+def sweep_table(result: dict) -> dict:
+    """One row per sweep cell: its grid point, clip fraction, approx KL, composite and OOD gains."""
+    ood = (result.get("ood_metrics") or ["composite"])[0]
+    rows = [[g["mode"], g["lr"], g["tau_scale"], g["clip_eps"], r["clip_frac"], r["approx_kl"],
+             _ci(r["vs_base"]["composite"]), _ci(r["vs_base"][ood])]
+            for r, g in zip(result["runs"].values(), result["grid"], strict=True)]  # fmt: skip
+    return table(["mode", "lr", "tau scale", "clip eps", "clip frac", "approx KL", "composite", f"{ood} (OOD)"],
+                 ["{}", "{:g}", "{:g}", "{:g}", "{:.3f}", "{:.3g}", CI, CI], rows)  # fmt: skip
+
+
+def save_results(results: ResultsOut, tables: dict[str, dict], data: object) -> None:
+    """``--json-out``: the stage's tables (and its whole result) as a results file, once the output is whole."""
+    if results.json_out:
+        write_results(results.json_out, provenance(), tables, data)
+
+
 def noise_sources_stage(cfg: NoiseSourcesRun, out: Path) -> str:
     """The stage behind the command (what it prints)."""
-    run_noise_sources(cfg, out)
+    rows = run_noise_sources(cfg, out)
+    save_results(cfg.results, {"variance": noise_sources_table(rows)}, rows)
     return (Path(out) / "noise_sources.md").read_text()
 
 
 def regimes_stage(cfg: RegimesRun, out: Path) -> str:
     """The stage behind the command (what it prints)."""
-    run_regimes(cfg, out)
+    result = run_regimes(cfg, out)
+    save_results(cfg.results, {"runs": runs_table(result)}, result)
     return (Path(out) / "regimes.md").read_text()
 
 
 def sweep_stage(cfg: SweepRun, out: Path) -> str:
     """The stage behind the command (what it prints)."""
-    run_sweep(cfg, out)
+    result = run_sweep(cfg, out)
+    save_results(cfg.results, {"cells": sweep_table(result)}, result)
     return (Path(out) / "sweep.md").read_text()
 
 
 def objectives_stage(cfg: ObjectivesRun, out: Path) -> str:
     """The stage behind the command (what it prints)."""
-    run_objectives(cfg, out)
+    result = run_objectives(cfg, out)
+    save_results(cfg.results, {"runs": runs_table(result)}, result)
     return (Path(out) / "objectives.md").read_text()

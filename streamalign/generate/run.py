@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,8 +15,9 @@ from ..io.media import save_mp4
 from ..io.outputs import output_folder
 from ..models.kv_cache import KVCache
 from ..models.placement import Placement
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, resolve_config
 from ..plan import check_stage
+from ..schemas.config import ModelConfig
 from ..schemas.run import RunConfig, Section, arg, run_record
 from ..schemas.sections import Hardware, PolicySection
 from .scenes import chunk_seconds, parse_scenes, scene_chunks
@@ -35,6 +38,32 @@ class GenerateRun(RunConfig):
     model: PolicySection = PolicySection()
     generate: GenerateSettings = GenerateSettings()
     hardware: Hardware = Hardware()
+
+
+def host_memory() -> int:
+    """Bytes of physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_video_memory(cfg: ModelConfig, frames: int, what: str | None = None) -> None:
+    """Refuse a video whose latents and decoded float32 frames (held whole until the MP4 is written) would
+    not fit in this machine's memory, before it is generated (`frames`: latent frames, rounded up to whole
+    chunks; `what`: how the message names them, default the --frames flag)."""
+    what = what or f"--frames {frames}"
+    c = cfg.sampler.chunk_frames
+    frames = -(-frames // c) * c
+    wan = cfg.codec.kind == "wan-vae"
+    temporal, spatial = (4, 8) if wan else (1, math.isqrt(cfg.latent.channels // 3))
+    lat = cfg.latent
+    pixel = 3 * lat.height * spatial * lat.width * spatial * 4  # one decoded float32 frame
+    per_frame = temporal * pixel + lat.channels * lat.height * lat.width * 4
+    need, have = frames * per_frame + (1 - temporal) * pixel, host_memory()
+    if need > have:
+        most = max(c, (have - (1 - temporal) * pixel) // per_frame // c * c)
+        raise ValueError(f"{what}: one video would hold {need / 2**30:.1f} GiB in memory ({frames} latent "
+                         f"frames, {temporal * (frames - 1) + 1} decoded frames of 3x{lat.height * spatial}x"
+                         f"{lat.width * spatial} float32), more than this machine's {have / 2**30:.1f} GiB: give "
+                         f"--frames {most} or fewer")  # fmt: skip
 
 
 def plan(lines: Sequence[str], policy: Pipeline, fps: float, frames: int | None) -> list[list[tuple[str, int, bool]]]:
@@ -101,6 +130,7 @@ def generate(
     ``run.yaml``: staged, so a previous output is replaced in one step at the end, never mixed with it."""
     plans = plan(lines, policy, fps, frames)
     longest = max(sum(n for _, n, _ in scenes) for scenes in plans) * policy.config.sampler.chunk_frames
+    check_video_memory(policy.config, longest, f"the longest line's scenes ({longest} latent frames)")
     check_stage("generate", policy.config, policy.placement, gen_frames=longest)
     out = Path(out)
     policy.text.prefetch([p for scenes in plans for p, _, _ in scenes])  # every prompt encoded once
@@ -123,6 +153,8 @@ def run_generate(cfg: GenerateRun, out: str | Path) -> list[Path]:
     g, m = cfg.generate, cfg.model
     if not g.prompts:
         raise ValueError("give a PROMPT argument or --prompts FILE (one of them)")
+    if g.frames is not None:  # before any model loads
+        check_video_memory(resolve_config(m.config, m.wan_dir), g.frames)
     policy = Pipeline.load(m.config, m.checkpoint, m.lora, m.lora_alpha, m.wan_dir, Placement.of(cfg.hardware))
     return generate(policy, g.prompts, out, seed=g.seed, fps=g.fps, frames=g.frames, sink=g.sink, window=g.window,
                     run=run_record(cfg, "generate"))  # fmt: skip

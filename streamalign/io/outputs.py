@@ -16,7 +16,7 @@ import contextlib
 import contextvars
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
@@ -24,6 +24,8 @@ import yaml
 from .. import __version__
 from .files import (
     DISK_FULL,
+    atomic_path,
+    checksum,
     disk_full_error,
     remove_path,
     remove_stale_siblings,
@@ -146,11 +148,12 @@ def output_folder(out: str | Path, command: str, record: str | None = None) -> I
         check_output(out, command, writable=False)  # still ours to replace (nobody wrote there meanwhile)
 
 
-def open_output(out: str | Path, command: str) -> Path:
+def open_output(out: str | Path, command: str, prepare: Callable[[Path], None] | None = None) -> Path:
     """The folder of a command that continues its own earlier output (collect extends a buffer, train
     resumes a run, demo both): checked, created with its marker when new. Where ``--overwrite`` permits
-    it, a previous output is replaced by a fresh folder in one step (``replace_folder``). Temporaries that
-    killed runs left in it or beside it are removed (those of live processes are kept)."""
+    it, a previous output is replaced by a fresh folder in one step (``replace_folder``; `prepare` is
+    called on the fresh folder first: collect takes its lock there). Temporaries that killed runs left in
+    it or beside it are removed (those of live processes are kept)."""
     path = check_output(out, command)
     remove_stale_siblings(path)
     remove_stale_tree(path)
@@ -159,6 +162,8 @@ def open_output(out: str | Path, command: str) -> Path:
         remove_path(fresh)
         fresh.mkdir()
         (fresh / MARKER).write_text(marker_text(command))
+        if prepare is not None:
+            prepare(fresh)
         old = replace_folder(fresh, path)
         if old is not None:
             remove_path(old)
@@ -168,6 +173,49 @@ def open_output(out: str | Path, command: str) -> Path:
     if written_by(path) != command or not (path / MARKER).is_file():
         write_atomic(path / MARKER, marker_text(command))
     return path
+
+
+def file_marker(path: Path) -> Path:
+    """The marker of an output file: ``.NAME.streamalign.json`` beside it (the command, the version and the
+    file's sha256, so a file edited since is the user's, not streamalign's)."""
+    return path.with_name(f".{path.name}{MARKER}")
+
+
+def file_written_by(path: Path) -> str | None:
+    """The command that wrote the file at `path`, or None (no marker, or the file changed since)."""
+    try:
+        record = json.loads(file_marker(path).read_text())
+        return str(record["command"]) if path.is_file() and record["sha256"] == checksum(path) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_output_file(path: str | Path, flag: str, overwrite: bool) -> Path:
+    """Refuse an output file that would replace a file no streamalign command wrote (even with
+    `overwrite`), or one that a command wrote unless `overwrite`; returns it."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder: give the path of a file")
+    if path.exists() or path.is_symlink():
+        by = file_written_by(path)
+        if by is None:
+            raise FileExistsError(f"{flag} {path} exists and no streamalign command wrote it (or it was edited "
+                                  f"since): it is never replaced, even with --overwrite; choose another {flag}")
+        if not overwrite:
+            raise FileExistsError(f"{flag} {path} holds the output of `streamalign {by}`: pass --overwrite to "
+                                  f"replace it, or choose another {flag}")  # fmt: skip
+    return path
+
+
+@contextlib.contextmanager
+def output_file(path: str | Path, flag: str, command: str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path for the output file `path` of `command` (given by `flag`), checked by
+    :func:`check_output_file`; when the block succeeds it replaces `path` atomically and gets its marker."""
+    path = check_output_file(path, flag, overwrite)
+    with atomic_path(path, overwrite=path.exists()) as tmp:  # a file that appeared meanwhile is refused
+        yield tmp
+    record = {"command": command, "version": __version__, "sha256": checksum(path)}
+    write_atomic(file_marker(path), json.dumps(record) + "\n")
 
 
 def missing_folders(out: str | Path) -> list[Path]:
@@ -191,3 +239,11 @@ def remove_unused(folders: list[Path]) -> None:
         if not folder.is_dir() or not _unused(folder):
             return
         remove_path(folder)
+
+
+def clear_unused(folder: Path) -> None:
+    """Empty `folder` (kept: it was there before) when a failed command left in it nothing but a marker
+    and empty folders."""
+    if folder.is_dir() and _unused(folder):
+        for entry in folder.iterdir():
+            remove_path(entry)

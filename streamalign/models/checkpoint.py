@@ -301,6 +301,10 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{folder} is not a peft adapter folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
     cfg, sd = json.loads(cfg_path.read_text()), dict(_read_raw(weights))
     check_adapter_rank(folder, cfg, sd)
+    for key, value in sd.items():  # a NaN weight makes every video NaN: name the tensor, not a reward
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"adapter {weights}: tensor {key} holds NaN or infinite values (a diverged "
+                                  "run?): use an earlier checkpoint's adapter or re-train")  # fmt: skip
     return cfg, sd
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..io.outputs import check_output_file, output_file
 from ..schemas.config import ModelConfig, presets
 from ..schemas.run import RunConfig, arg
 from .checkpoint import load_generator, save_safetensors
@@ -68,6 +69,8 @@ class ConvertRun(ModelInfoRun):
 
     checkpoint: str = arg(..., "Source checkpoint (.pt or .safetensors).", argument=True)
     output: str = arg(..., "Destination .safetensors file.", argument=True)
+    overwrite: bool = arg(False, "Replace OUTPUT when a streamalign command wrote it (a file no streamalign "
+                          "command wrote is never replaced).")  # fmt: skip
 
 
 def info_stage(cfg: ModelInfoRun) -> str:
@@ -75,8 +78,10 @@ def info_stage(cfg: ModelInfoRun) -> str:
 
 
 def convert_stage(cfg: ConvertRun) -> str:
+    check_output_file(cfg.output, "OUTPUT", cfg.overwrite)  # before the model loads
     model = load_generator(cfg.config, cfg.checkpoint, cfg.which, cfg.lora, cfg.lora_alpha, dtype=None)
-    save_safetensors(model.state_dict(), cfg.output)
+    with output_file(cfg.output, "OUTPUT", "model convert", cfg.overwrite) as tmp:
+        save_safetensors(model.state_dict(), tmp)
     return f"wrote {cfg.output} ({Path(cfg.output).stat().st_size / 1e6:.1f} MB)"
 
 

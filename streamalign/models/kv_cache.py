@@ -8,7 +8,9 @@ compute dtype (its parameter dtype: a bf16 model keeps a bf16 cache). Slots hold
 - global cache (``window=None``): frame f lives in slot f; capacity ``max_frames``.
 - rolling cache: ``sink`` frames are kept forever in slots ``[0, sink)``; the other frames go to a ring of
   ``window`` slots, so writing a new chunk evicts the oldest non-sink frames. A chunk ending at frame e
-  attends to the sink frames plus frames ``[e - window, e)``.
+  attends to the sink frames plus frames ``[e - window, e)``. ``history`` extra ring slots keep older
+  frames resident without attending to them; ``routes`` {first frame of a chunk: frames} replaces what
+  that chunk attends to (KV routing, :mod:`streamalign.models.kv_routing`).
 
 Writing the chunk that starts at frame f overwrites that chunk's slots, so re-running a chunk (every
 denoising step and the t=0 refresh) is idempotent. Cross-attention k/v are computed once per prompt and
@@ -87,6 +89,7 @@ class KVCache:
         window: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        history: int = 0,
     ) -> None:
         if window is None and max_frames is None:
             raise ValueError("a global KV cache needs max_frames (or give a rolling window)")
@@ -97,7 +100,9 @@ class KVCache:
         self.tokens_per_frame = tokens_per_frame
         self.sink = sink
         self.window = window
-        self.capacity = (sink + window) if window is not None else max_frames
+        self.ring = window + history if window is not None else None  # ring slots after the sink
+        self.capacity = (sink + self.ring) if window is not None else max_frames
+        self.routes: dict[int, list[int]] = {}  # KV routing: chunk start frame -> the frames it attends to
         self.dtype = dtype
         self.device = torch.device(device)
         shape = (batch, self.capacity * tokens_per_frame, num_heads, head_dim)
@@ -126,6 +131,7 @@ class KVCache:
         sink: int = 0,
         window: int | None = None,
         dtype: torch.dtype | None = None,
+        history: int = 0,
     ) -> KVCache:
         """A cache shaped for `model`, in `dtype` (default: the model's compute dtype, see
         :func:`compute_dtype`) on the model's device."""
@@ -141,6 +147,7 @@ class KVCache:
             window=window,
             dtype=dtype or compute_dtype(model),
             device=next(model.parameters()).device,
+            history=history,
         )
 
     @property
@@ -151,7 +158,7 @@ class KVCache:
     def slot_of(self, frame: int) -> int:
         if self.window is None or frame < self.sink:
             return frame
-        return self.sink + (frame - self.sink) % self.window
+        return self.sink + (frame - self.sink) % self.ring
 
     def frames_seen_by(self, end: int) -> list[int]:
         """Absolute frames a chunk ending at frame `end` (exclusive) attends to."""
@@ -181,7 +188,7 @@ class KVCache:
             self.slot_frame[s] = f
             self.in_prefix[s] = False
         self.end_frame = max(self.end_frame, end)
-        read_frames = self.frames_seen_by(end)
+        read_frames = self.routes.get(start) or self.frames_seen_by(end)
         read_slots = sorted(self.slot_of(f) for f in read_frames)
         for f in read_frames:
             if self.slot_frame[self.slot_of(f)] != f:

@@ -66,6 +66,14 @@ class NoiseBank:
             raise ValueError("solver noise steps start at 1 (step 0 is the initial noise)")
         return self.draw(chunk, step)
 
+    def shared(self, num_chunks: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A one-seed bank's initial noise of every chunk [L, c, C, H, W] and solver noise of every chunk and
+        step 1..T-1 [L, T-1, c, C, H, W] (what a fork group stores as shared by its branches)."""
+        init = torch.cat([self.initial(j) for j in range(num_chunks)])
+        if steps < 2:
+            return init, torch.zeros(num_chunks, 0, *self.chunk_shape)
+        return init, torch.stack([torch.cat([self.solver(j, i) for i in range(1, steps)]) for j in range(num_chunks)])
+
     def delta(self, chunk: int, branch: int) -> torch.Tensor:
         """Per-branch perturbation delta_i of a fork at `chunk` ([B, *chunk_shape])."""
         return self.draw(chunk, 0, branch)

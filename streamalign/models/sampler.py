@@ -143,9 +143,12 @@ class Sampler:
     def noise_bank(self, seeds: int | Sequence[int]) -> NoiseBank:
         return NoiseBank(seeds, self.chunk_shape)
 
-    def new_cache(self, batch: int, num_chunks: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(
+        self, batch: int, num_chunks: int | None = None, dtype: torch.dtype | None = None, history: int = 0
+    ) -> KVCache:
         """A cache by the config's policy: rolling when a window is set, else global for `num_chunks`; in
-        `dtype` (default the model's compute dtype: bf16 weights, bf16 cache)."""
+        `dtype` (default the model's compute dtype: bf16 weights, bf16 cache). `history`: extra ring slots of
+        a rolling cache (older frames kept resident for KV routing; attention is unchanged)."""
         cc = self.config.cache
         frames = (num_chunks or self.config.num_chunks) * self.chunk_frames
         return KVCache.for_model(
@@ -156,6 +159,7 @@ class Sampler:
             sink=cc.sink,
             window=cc.window,
             dtype=dtype,
+            history=history,
         )
 
     def _device(self) -> torch.device:
@@ -352,7 +356,7 @@ class Sampler:
             x0s.append(trace.x0s.cpu())
             latents.append(torch.cat(rest, dim=1).cpu())
             del cache, trace, rest  # this batch's KV and outputs leave the device before the next batch
-        t = len(self.schedule)
+        init_noise, solver_noise = bank.shared(n, len(self.schedule))
         x_t_all = torch.cat(x_t)
         ctx = torch.cat(prefix, dim=1)[0] if prefix else torch.zeros(0, *self.chunk_shape[1:])
         return ForkGroup(
@@ -362,10 +366,8 @@ class Sampler:
             context=ctx.cpu(),
             eps_star=bank.initial(pivot)[0],
             branch_noise=x_t_all[:, 0],  # the pivot step-0 input is the branch noise
-            init_noise=torch.cat([bank.initial(j) for j in range(n)]),
-            solver_noise=torch.stack([torch.cat([bank.solver(j, i) for i in range(1, t)]) for j in range(n)])
-            if t > 1
-            else torch.zeros(n, 0, *self.chunk_shape),
+            init_noise=init_noise,
+            solver_noise=solver_noise,
             x_t=x_t_all,
             x0_old=torch.cat(x0s),
             branch_latents=torch.cat(latents),

@@ -10,6 +10,7 @@ downloaded: the factory loads from ``path`` (e.g. ``from_pretrained(path, local_
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.util
 from collections.abc import Callable
@@ -26,19 +27,32 @@ def load_external(target: str, path: str | Path | None = None, **kwargs) -> Call
     return factory(path, **kwargs) if path is not None else factory(**kwargs)
 
 
+def import_factory(target: str, sha256: str | None = None) -> Callable:
+    """The callable named ``package.module:factory`` or ``/path/file.py:factory`` (imported once). With
+    `sha256`, a file plug-in is used only when the bytes imported have that hash."""
+    found, factory = _import(target)
+    if sha256 is not None and found is not None and found != sha256:
+        raise RewardError(f"external reward '{target}': the file has changed since it was named (sha256 "
+                          f"{sha256[:12]}... expected, {found[:12]}... found): name it again")  # fmt: skip
+    return factory
+
+
 @functools.cache
-def import_factory(target: str) -> Callable:
-    """The callable named ``package.module:factory`` or ``/path/file.py:factory`` (imported once)."""
+def _import(target: str) -> tuple[str | None, Callable]:
+    """(sha256 of the file's bytes, None for a module; the factory): the bytes hashed are the bytes run."""
     module_name, sep, attr = target.rpartition(":")
     if not sep or not module_name or not attr:
         raise RewardError(f"external reward '{target}': expected 'package.module:factory' or 'file.py:factory'")
+    sha = None
     if module_name.endswith(".py"):
         file = Path(module_name)
         if not file.is_file():
             raise RewardError(f"external reward '{target}': file {file} not found")
+        source = file.read_bytes()
+        sha = hashlib.sha256(source).hexdigest()
         spec = importlib.util.spec_from_file_location(f"streamalign_external_{file.stem}", file)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        exec(compile(source, str(file), "exec"), module.__dict__)
     else:
         try:
             module = importlib.import_module(module_name)
@@ -47,7 +61,7 @@ def import_factory(target: str) -> Callable:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise RewardError(f"external reward '{target}': {module_name} has no callable '{attr}'")
-    return factory
+    return sha, factory
 
 
 def register_external(

@@ -36,6 +36,9 @@ class RewardSpec:
     # how the grayscale option converts RGB [B, F, 3, H, W] (None: BT.601 luma, 1 channel); reward models
     # whose references take 3-channel grayscale (torchvision weights) give their own
     to_gray: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # fn (and to_gray) take uint8 videos and quantise float ones to 8 bits first, so a uint8 video scores
+    # exactly as the float video it was rounded from (reward models that read 8-bit frames)
+    levels: bool = False
 
 
 _REGISTRY: dict[str, RewardSpec] = {}
@@ -87,12 +90,21 @@ def to_grayscale(videos: torch.Tensor) -> torch.Tensor:
     return (videos * w).sum(2, keepdim=True)
 
 
+def as_float(videos: torch.Tensor) -> torch.Tensor:
+    """Videos as float32 in [0, 1]: uint8 levels divided by 255 (``round(255 x)`` gives the levels back
+    exactly), floats cast."""
+    return videos.float() / 255 if videos.dtype == torch.uint8 else videos.float()
+
+
 def check_videos(videos: torch.Tensor, who: str) -> None:
+    """Videos [B, F, 1|3, H, W]: floats in [0, 1] or uint8 levels."""
     if not isinstance(videos, torch.Tensor) or videos.dim() != 5 or videos.shape[2] not in (1, 3):
         shape = tuple(videos.shape) if isinstance(videos, torch.Tensor) else type(videos).__name__
         raise RewardError(f"reward '{who}': videos must be [B, F, 3, H, W] floats in [0, 1], got {shape}")
+    if videos.dtype == torch.uint8:
+        return
     if not videos.is_floating_point():
-        raise RewardError(f"reward '{who}': videos must be floats in [0, 1], got {videos.dtype}")
+        raise RewardError(f"reward '{who}': videos must be floats in [0, 1] or uint8, got {videos.dtype}")
     lo, hi = videos.min().item(), videos.max().item()
     if not (lo >= -1e-4 and hi <= 1 + 1e-4) or math.isnan(lo) or math.isnan(hi):
         raise RewardError(f"reward '{who}': video values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
@@ -137,11 +149,14 @@ class Reward:
         if len(prompts) != videos.shape[0]:
             raise RewardError(f"reward '{self.name}': {videos.shape[0]} videos but {len(prompts)} prompts")
         gray = spec.grayscale if self.grayscale is None else self.grayscale
+        if not spec.levels:  # uint8 kept only for scorers that read 8-bit levels (converted per batch there)
+            videos = as_float(videos)
         if gray:
             videos = (spec.to_gray or to_grayscale)(videos)
         elif spec.colour and videos.shape[2] != 3:
             raise RewardError(f"reward '{self.name}' needs RGB videos, got {videos.shape[2]} channel(s)")
-        return videos.float(), parse_all(prompts, spec) if spec.parse_prompt else list(prompts)
+        videos = videos if spec.levels and videos.dtype == torch.uint8 else videos.float()
+        return videos, parse_all(prompts, spec) if spec.parse_prompt else list(prompts)
 
     def frame_scores(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Per-frame (or per-pair) scores [B, F'] of a frame-level reward."""
@@ -221,6 +236,12 @@ class CompositeReward:
         terms = [parse_term(t) for t in spec.split(",") if t.strip()]
         names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
         return cls(terms, [parse_term(m)[0] for m in names if m.strip()])
+
+    @property
+    def reads_levels(self) -> bool:
+        """True when every term and metric reads 8-bit frames first: uint8 videos score exactly as their
+        floats (the collector then keeps decoded videos as uint8)."""
+        return all(r.spec.levels for r, _ in self.terms) and all(r.spec.levels for r in self.metrics)
 
     @property
     def weights(self) -> dict[str, float]:

@@ -5,7 +5,7 @@ A run names where its rewards come from in its reward section (flags or run conf
     --reward-path videoalign=/models/VideoReward,hpsv3=/models/HPSv3      model adapter -> local folder
     --reward-option videoalign.base=/models/Qwen2-VL-2B,hpsv3.batch_size=4   MODEL.KEY=VALUE, to its loader
     --reward-plugin mine=my_pkg.rewards:make@/models/mine                 NAME=module:factory[@PATH]
-    --reward-device cuda:1
+    --reward-device cuda      (under torchrun: each rank's own GPU; an explicit cuda:N there is refused)
 
 Each source registers its outputs at once (``videoalign_vq`` ... ``videoalign_overall_raw``, ``hpsv3``,
 ``mine``) with a scorer that loads the model on its first call and keeps it for the process, so every
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from ..schemas.sections import plugin_parts
 from .external import import_factory
 from .models.preprocess import grayscale3
 from .registry import CompositeReward, RewardError, RewardSpec, register
@@ -50,15 +51,16 @@ class RewardSource:
     path: str | None = None
     target: str | None = None  # plug-in: 'module:factory' or 'file.py:factory'
     options: dict = field(default_factory=dict)
+    sha256: str | None = None  # file plug-in: the hash of the file to import (recorded with the run)
 
     def outputs(self) -> list[tuple[str, str | None]]:
         """(registered name, model output or None) of every reward this source provides."""
         if self.kind == "plugin":
             return [(self.name, None)]
-        from .models import model_class
+        from .models import model_class, registered_name
 
         outs = model_class(self.kind).outputs
-        return [(self.name if len(outs) == 1 else f"{self.name}_{o.lower()}", o) for o in outs]
+        return [(registered_name(self.name, o, outs), o) for o in outs]
 
     def check(self) -> None:
         """Everything that can be checked without loading a model: paths exist, plug-ins import."""
@@ -66,18 +68,20 @@ class RewardSource:
             flag = "--reward-plugin" if self.kind == "plugin" else "--reward-path"
             raise RewardError(f"{flag} {self.name}: {self.path} does not exist (give the local folder of the weights)")
         if self.kind == "plugin":
-            import_factory(self.target)
+            import_factory(self.target, self.sha256)
 
     def register(self, device: str | None) -> list[str]:
         """Register every output (lazily loaded; the source is checked by :func:`register_sources`);
         returns the registered names."""
         plugin = self.kind == "plugin"
+        levels = False  # a plug-in gets float videos
         if plugin:
             frame_level, ood = bool(self.options.get("frame_level", False)), bool(self.options.get("ood", False))
         else:
             from .models import model_class
 
-            frame_level, ood = model_class(self.kind).frame_level, False
+            cls = model_class(self.kind)
+            frame_level, ood, levels = cls.frame_level, False, cls.reads_levels(self.options)
         names = []
         for reg, out in self.outputs():
             fn = functools.partial(_score, self, device, out)
@@ -85,7 +89,7 @@ class RewardSource:
             if plugin:
                 desc = f"plug-in {self.target} ({self.path or 'no path'})"
             register(RewardSpec(reg, fn, desc, ood=ood, frame_level=frame_level, colour=plugin,
-                                to_gray=None if plugin else grayscale3), overwrite=True)  # fmt: skip
+                                to_gray=None if plugin else grayscale3, levels=levels), overwrite=True)  # fmt: skip
             names.append(reg)
         return names
 
@@ -94,7 +98,8 @@ _LOADED: dict[tuple, object] = {}  # one loaded scorer per (source, device) for 
 
 
 def _freeze(source: RewardSource, device: str | None) -> tuple:
-    return (source.kind, source.name, source.path, source.target, tuple(sorted(source.options.items())), device)
+    return (source.kind, source.name, source.path, source.target, tuple(sorted(source.options.items())),
+            source.sha256, device)  # fmt: skip
 
 
 def loaded(source: RewardSource, device: str | None):
@@ -104,7 +109,7 @@ def loaded(source: RewardSource, device: str | None):
     if key not in _LOADED:
         if source.kind == "plugin":
             kwargs = {k: v for k, v in source.options.items() if k not in PLUGIN_FLAGS}
-            factory = import_factory(source.target)
+            factory = import_factory(source.target, source.sha256)
             _LOADED[key] = factory(source.path, **kwargs) if source.path is not None else factory(**kwargs)
         else:
             from .models import all_outputs, load_reward_model
@@ -120,7 +125,11 @@ def loaded(source: RewardSource, device: str | None):
 def _score(source: RewardSource, device: str | None, output: str | None, videos, prompts):
     """The registered scorer: [B] (video-level) or [B, F] (frame-level) for one output."""
     run = loaded(source, device)
-    return run(videos, prompts) if output is None else run(videos, prompts)[output]
+    if output is None:
+        return run(videos, prompts)
+    from .models import output_of
+
+    return output_of(run(videos, prompts), output, f"{source.kind} ({source.path})")
 
 
 def sources_of(paths: Mapping[str, str], options: Mapping[str, str], plugins: Mapping[str, str]) -> list[RewardSource]:
@@ -147,19 +156,24 @@ def sources_of(paths: Mapping[str, str], options: Mapping[str, str], plugins: Ma
     for name, spec in plugins.items():
         if name in paths:
             raise RewardError(f"--reward-plugin {name}: the name is already a --reward-path model")
-        target, _, path = spec.partition("@")
+        target, path, sha = plugin_parts(spec)
         if ":" not in target:
             raise RewardError(
                 f"--reward-plugin {name}={spec}: expected NAME=module:factory or NAME=file.py:factory[@PATH]"
             )
-        out.append(RewardSource(name, "plugin", path or None, target, opts.get(name, {})))
+        out.append(RewardSource(name, "plugin", path, target, opts.get(name, {}), sha))
     return out
 
 
 def register_sources(sources: list[RewardSource], device: str | None = None) -> list[str]:
-    """Check every source, then register their outputs (nothing loads yet); returns the names."""
+    """Check every source (and the reward device), then register their outputs (nothing loads yet); returns
+    the names."""
     for s in sources:
         s.check()
+    if device is not None and any(s.kind != "plugin" for s in sources):
+        from .models.base import pick_device
+
+        pick_device(device)  # a device every rank would share under a launcher: refused before any work
     return [n for s in sources for n in s.register(device)]
 
 

@@ -12,6 +12,10 @@ Shapes (c = chunk frames, C/H/W latent channels and size, L chunks, p pivot, G b
 - branch_latents [G, (L-p)*c, C, H, W]  chunks p..L-1 of every branch
 - rewards {name: float32 [G]}       every reward separately; weights in force kept in the metadata
 - kv {"k.N" / "v.N": [S, heads, head_dim]}  optional stored prefix KV (``--store-kv``)
+- KV-routing groups (``collect --fork kv-routing``) only: ``routing`` (metadata: the
+  :class:`~streamalign.models.kv_routing.RoutingPlan` as JSON; row 0 is the unrouted anchor, row i the
+  routed branch i-1) and x0_unrouted [G, T, c, C, H, W], the rollout policy's x0 prediction at every
+  pivot step of every row under the unrouted (deployment-time) context. Entries without them read as before.
 
 Latent tensors may be float32, bfloat16 or float16 (``collect --store-dtype``, by default the compute
 dtype); they are stored bit-exactly. ``text_hash``: the sha256 (16 hex digits) of the prompt's token
@@ -31,6 +35,7 @@ SCHEMA_VERSION = 1
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LATENT_FIELDS = ("context", "eps_star", "branch_noise", "init_noise", "solver_noise", "x_t", "x0_old", "branch_latents")
 _HASH = re.compile(r"^[0-9a-f]{16}$")
+LOCAL_REWARD_PREFIX = "local."  # kv-routing entries: rewards of the routed chunks' clip beside the global ones
 
 
 class SchemaError(ValueError):
@@ -82,6 +87,8 @@ class GroupTensors:
         changes = {name: getattr(self, name).to(dtype=dtype, **kw) for name in LATENT_FIELDS}
         if getattr(self, "kv", None):
             changes["kv"] = {k: v.to(dtype=dtype, **kw) for k, v in self.kv.items()}
+        if getattr(self, "x0_unrouted", None) is not None:
+            changes["x0_unrouted"] = self.x0_unrouted.to(dtype=dtype, **kw)
         return dataclasses.replace(self, **changes)
 
 
@@ -105,14 +112,17 @@ class Entry(GroupTensors):
     reward_weights: dict[str, float]
     kv: dict[str, torch.Tensor] = field(default_factory=dict)
     text_hash: str | None = None  # absent in entries written before it existed
+    routing: dict | None = None  # KV-routing groups only (see the module docstring)
+    x0_unrouted: torch.Tensor | None = None
     schema_version: int = SCHEMA_VERSION
 
     @classmethod
     def from_fork_group(cls, group, **identity) -> Entry:
         """An entry from a :class:`~streamalign.models.sampler.ForkGroup` (its seed, pivot, strength, number
         of chunks and every tensor) plus the identity, timesteps, rewards and weights given as keywords."""
+        routed = {k: getattr(group, k) for k in ("routing", "x0_unrouted") if getattr(group, k, None) is not None}
         return cls(seed=group.seed, num_chunks=group.init_noise.shape[0], pivot=group.pivot, strength=group.strength,
-                   **group.tensors(), **identity)  # fmt: skip
+                   **group.tensors(), **routed, **identity)  # fmt: skip
 
     # -- validation ----------------------------------------------------------------------------------
     def validate(self, where: str = "entry") -> Entry:
@@ -167,7 +177,26 @@ class Entry(GroupTensors):
             raise SchemaError(f"{at}: latent tensors mix dtypes {sorted(map(str, dtypes))} (store one dtype)")
         if self.text_hash is not None and not _HASH.match(self.text_hash):
             raise SchemaError(f"{at}: text_hash {self.text_hash!r} is not 16 hex digits")
+        self._validate_routing(at, (g, steps, c, *chw))
         return self
+
+    def _validate_routing(self, at: str, shape: tuple[int, ...]) -> None:
+        """A routed entry has both its routing and x0_unrouted, consistent with its rows and pivot."""
+        if (self.routing is None) != (self.x0_unrouted is None):
+            raise SchemaError(f"{at}: a KV-routing entry needs both routing and x0_unrouted")
+        if self.routing is None:
+            return
+        r = self.routing
+        try:
+            older, ok = r["older"], int(r["start"]) == self.pivot and int(r["blocks"]) >= 1
+        except (KeyError, TypeError, ValueError):
+            raise SchemaError(f"{at}: routing {r!r} is not a KV-routing plan") from None
+        if not ok or not isinstance(older, list) or len(older) != shape[0] - 1:
+            raise SchemaError(f"{at}: routing must start at the pivot {self.pivot} and list {shape[0] - 1} branches")
+        t = self.x0_unrouted
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != self.x0_old.dtype:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise SchemaError(f"{at}: x0_unrouted must be {self.x0_old.dtype} {shape}, got {got}")
 
     # -- records (what the storage backends write) ---------------------------------------------------
     def to_record(self) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -195,6 +224,9 @@ class Entry(GroupTensors):
         if self.text_hash is not None:  # entries without it keep their earlier bytes
             meta["text_hash"] = self.text_hash
         tensors = {name: getattr(self, name).contiguous() for name in LATENT_FIELDS}
+        if self.routing is not None:  # likewise: unrouted entries keep their bytes
+            meta["routing"] = self.routing
+            tensors["x0_unrouted"] = self.x0_unrouted.contiguous()
         tensors.update({f"reward.{k}": v.contiguous() for k, v in self.rewards.items()})
         tensors.update({f"kv.{k}": v.contiguous() for k, v in self.kv.items()})
         return meta, tensors
@@ -206,12 +238,14 @@ class Entry(GroupTensors):
             entry = cls(
                 **meta,
                 **{name: tensors[name] for name in LATENT_FIELDS},
+                **({"x0_unrouted": tensors["x0_unrouted"]} if "x0_unrouted" in tensors else {}),
                 rewards={k[7:]: v for k, v in tensors.items() if k.startswith("reward.")},
                 kv={k[3:]: v for k, v in tensors.items() if k.startswith("kv.")},
             )
         except (KeyError, TypeError) as e:
             raise SchemaError(f"{where}: not a streamalign buffer entry ({e})") from None
-        extra = set(tensors) - set(LATENT_FIELDS) - {k for k in tensors if k.startswith(("reward.", "kv."))}
+        known = {*LATENT_FIELDS, "x0_unrouted"}
+        extra = set(tensors) - known - {k for k in tensors if k.startswith(("reward.", "kv."))}
         if extra:
             raise SchemaError(f"{where}: unexpected tensors {sorted(extra)}")
         return entry.validate(where)

@@ -175,8 +175,13 @@ class ModelConfig(_Strict):
             path = preset
         if not path.is_file():
             raise FileNotFoundError(f"model config '{name_or_path}' not found: give a YAML path or one of {presets()}")
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as e:  # one line naming file:line, as a run config's
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ValueError(f"model config {path}{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
         if not isinstance(data, dict):
             raise ValueError(f"model config {path} is not a YAML mapping")
         if data.get("checkpoint") is not None:  # relative to the file, so presets can name shipped weights

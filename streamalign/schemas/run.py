@@ -36,7 +36,8 @@ def arg(default: Any = ..., help: str = "", **cli: Any) -> Any:
 class Section(BaseModel):
     """A component's settings (one help panel on the command line)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # a NaN or infinite number is never a setting (--tau nan, --scales nan,1): refused where it is given
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def section_types(annotation: Any) -> list[type[Section]]:
@@ -73,6 +74,10 @@ def leaves(cls: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tuple
 def flag_name(name: str, info: FieldInfo) -> str:
     """The command-line flag of a leaf field: its ``flag`` metadata, else ``--name-with-dashes``."""
     return (info.json_schema_extra or {}).get("flag", "--" + name.replace("_", "-"))
+
+
+class SettingError(ValueError):
+    """A validator's message that is already one whole line (what, where, how to fix): shown as it is."""
 
 
 class UnknownSettingError(ValueError):
@@ -117,13 +122,35 @@ def route(cls: type[BaseModel], data: dict) -> dict:
     return out
 
 
+def default_members(cls: type[BaseModel], data: dict) -> dict:
+    """A union section given without its ``name`` (``--clip-eps 0.3`` alone) is the field's default member:
+    the default objective's flags work without ``--objective``."""
+    out = dict(data)
+    for key, info in cls.model_fields.items():
+        members = section_types(info.annotation)
+        default = info.get_default(call_default_factory=True)
+        given = out.get(key)
+        if len(members) < 2 or not isinstance(given, dict) or "name" in given or not isinstance(default, Section):
+            continue
+        for leaf in given:  # a flag of another member only: say which --KEY NAME it needs
+            if leaf not in type(default).model_fields:
+                owners = [m for m in members if leaf in m.model_fields]
+                if owners:
+                    names = " or ".join(m.model_fields["name"].default for m in owners)
+                    flag = flag_name(leaf, owners[0].model_fields[leaf])
+                    raise SettingError(f"{flag} is a setting of --{key} {names}, not of the default "
+                                       f"{default.name}: add --{key} {names.split(' or ')[0]}")  # fmt: skip
+        out[key] = {"name": default.name, **given}
+    return out
+
+
 class RunConfig(Section):
     """A whole run's settings; built from nested data, flat keywords, or a run file plus overrides."""
 
     @model_validator(mode="before")
     @classmethod
     def _route_flat(cls, data: Any) -> Any:
-        return route(cls, data) if isinstance(data, dict) else data
+        return default_members(cls, route(cls, data)) if isinstance(data, dict) else data
 
     @classmethod
     def build(cls, file: str | Path | None = None, **overrides: Any):
@@ -198,6 +225,8 @@ def describe(e: ValidationError, file: str | Path | None = None, cls: type[BaseM
     cause = (err.get("ctx") or {}).get("error")
     if isinstance(cause, UnknownSettingError):
         return unknown_setting(".".join([*names, cause.key]), cause.cls, file)
+    if isinstance(cause, SettingError):
+        return str(cause)
     if err["type"] == "extra_forbidden":
         return unknown_setting(where, cls, file)
     if err["type"] == "union_tag_invalid":  # e.g. objective: {name: ...}
@@ -236,12 +265,17 @@ def git_commit() -> str | None:
         return None
 
 
-def run_record(cfg: BaseModel, stage: str) -> str:
-    """``run.yaml`` text: provenance (version, git commit, command line) and the resolved config."""
+def provenance(command: str | None = None) -> dict:
+    """Version, git commit and command line (default: ``streamalign`` + this process's arguments)."""
     from .. import __version__
 
-    meta = {"stage": stage, "version": __version__, "git_commit": git_commit(),
-            "command": " ".join(["streamalign", *sys.argv[1:]])}  # fmt: skip
+    return {"version": __version__, "git_commit": git_commit(),
+            "command": command or " ".join(["streamalign", *sys.argv[1:]])}  # fmt: skip
+
+
+def run_record(cfg: BaseModel, stage: str) -> str:
+    """``run.yaml`` text: provenance (version, git commit, command line) and the resolved config."""
+    meta = {"stage": stage, **provenance()}
     return yaml.safe_dump({"streamalign": meta, "config": cfg.model_dump(mode="json")}, sort_keys=False)
 
 

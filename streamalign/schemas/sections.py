@@ -3,13 +3,14 @@ the hardware a stage runs on (device, compute dtype, text-encoder offload, CPU t
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
-from .run import RUN_FILE, Section, arg, parse_pairs, read_run_file
+from .run import RUN_FILE, Section, SettingError, arg, parse_pairs, read_run_file
 
 # a dtype by name: "auto" is the compute dtype (bf16 on CUDA, fp32 on CPU); see models/placement.py
 DtypeName = Literal["auto", "fp32", "bf16", "fp16"]
@@ -45,9 +46,14 @@ class RewardSection(Section):
                                          flag="--reward-option")  # fmt: skip
     reward_plugins: dict[str, str] = arg({}, "Plug-in rewards: NAME=module:factory[@PATH] or "
                                          "NAME=file.py:factory[@PATH],...", flag="--reward-plugin")  # fmt: skip
-    reward_device: str | None = arg(None, "Device of the reward models (default: cuda if available, else cpu).")
+    reward_device: str | None = arg(None, "Device of the reward models (default: cuda if available, else cpu; "
+                                    "under torchrun cuda is each rank's GPU and cuda:N is refused).")  # fmt: skip
     rewards_from: str | None = arg(None, "Take the rewards not given here (names, weights, models, plug-ins) from "
                                    "the run.yaml of a buffer or run folder.")  # fmt: skip
+    # a plug-in is code: one that a record (a buffer's or run's run.yaml, which may come from anyone) names
+    # is imported only when the user names it again or passes this (docs/trust.md)
+    trust_plugins: bool = arg(False, "Import the reward plug-ins that a --rewards-from record (or the --buffer's "
+                              "run.yaml) names without naming them again: they are code.")  # fmt: skip
 
     @model_validator(mode="before")
     @classmethod
@@ -55,7 +61,10 @@ class RewardSection(Section):
         if isinstance(data, dict):
             if data.get("rewards_from"):
                 data = {**data, "rewards_from": os.path.abspath(data["rewards_from"])}
-                for key, value in recorded_rewards(data["rewards_from"]).items():
+                recorded, file = recorded_rewards(data["rewards_from"])
+                if data.get("reward_plugins") in (None, {}, "") and recorded.get("reward_plugins"):
+                    trust_recorded_plugins(recorded["reward_plugins"], file, bool(data.get("trust_plugins")))
+                for key, value in recorded.items():
                     if data.get(key) in (None, {}, ""):
                         data[key] = value
             flags = {"reward_paths": ("--reward-path", "MODEL=DIR"),
@@ -66,34 +75,109 @@ class RewardSection(Section):
             if isinstance(data.get("reward_paths"), dict):
                 data["reward_paths"] = {k: os.path.abspath(v) for k, v in data["reward_paths"].items()}
             if isinstance(data.get("reward_plugins"), dict):
-                data["reward_plugins"] = {k: absolute_plugin(v) for k, v in data["reward_plugins"].items()}
+                data["reward_plugins"] = {k: pinned_plugin(k, v) for k, v in data["reward_plugins"].items()}
+            if isinstance(data.get("reward_options"), dict) and isinstance(data.get("reward_paths"), dict):
+                data["reward_options"] = {k: absolute_option(k, v, data["reward_paths"])
+                                          for k, v in data["reward_options"].items()}  # fmt: skip
         return data
 
 
 REWARD_FIELDS = ("rewards", "metrics", "reward_paths", "reward_options", "reward_plugins", "reward_device")
 
 
-def recorded_rewards(path: str | Path) -> dict[str, Any]:
-    """The reward fields recorded in a run's ``run.yaml`` (a buffer's: collect; a train run's: rollouts;
-    an evaluation's: eval), given the file or its folder."""
+def recorded_rewards(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """(the reward fields recorded in a run's ``run.yaml``, that file) (a buffer's: collect; a train run's:
+    rollouts; an evaluation's: eval), given the file or its folder."""
     file = Path(path) / RUN_FILE if Path(path).is_dir() else Path(path)
     config = read_run_file(file)
     for section in config.values():
         if isinstance(section, dict) and section.get("rewards"):
-            return {k: section[k] for k in REWARD_FIELDS if k in section}
+            return {k: section[k] for k in REWARD_FIELDS if k in section}, file
     raise ValueError(f"--rewards-from {path}: {file} records no rewards (give a buffer or a run folder)")
 
 
-def absolute_plugin(spec: str) -> str:
-    """``file.py:factory[@PATH]`` with both paths absolute (a ``module:factory`` keeps its module name)."""
-    target, at, path = str(spec).partition("@")
-    module, colon, attr = target.rpartition(":")
-    if colon and module.endswith(".py"):
-        target = f"{os.path.abspath(module)}:{attr}"
-    return target + (f"@{os.path.abspath(path)}" if at and path else "")
+def trust_recorded_plugins(plugins: Any, file: Path, trusted: bool) -> None:
+    """A record's plug-ins are code from whoever wrote the record: refuse them unless `trusted` (the user's
+    ``--trust-plugins``), naming the first and how to allow it."""
+    if trusted:
+        return
+    plugins = plugins if isinstance(plugins, dict) else parse_pairs(plugins, "--reward-plugin")
+    name, spec = sorted(plugins.items())[0]
+    target, path, sha = plugin_parts(spec)
+    given = target + (f"@{path}" if path else "")
+    pin = f", sha256 {sha[:12]}..." if sha else ""
+    raise SettingError(f"{file} names the reward plug-in '{name}' ({given}{pin}), which is code: a recorded "
+                       f"plug-in is never imported unless you name it: pass --reward-plugin {name}={given} "
+                       "(or --trust-plugins to trust every plug-in this record names)")  # fmt: skip
+
+
+PLUGIN_PIN = "#sha256="  # a file plug-in's spec ends with its file's hash: file.py:factory[@PATH]#sha256=HEX
+
+
+def plugin_parts(spec: str) -> tuple[str, str | None, str | None]:
+    """(target, weights path, sha256 of the plug-in file) of a spec ``target[@PATH][#sha256=HEX]`` (None: not
+    given); target is ``module:factory`` or ``file.py:factory``."""
+    body, pin, sha = str(spec).rpartition(PLUGIN_PIN)
+    if not pin:
+        body, sha = str(spec), ""
+    target, _, path = body.partition("@")
+    return target, path or None, sha or None
+
+
+def plugin_file(target: str) -> Path | None:
+    """The file of a ``file.py:factory`` target (None for ``module:factory``)."""
+    module, colon, _ = target.rpartition(":")
+    return Path(module) if colon and module.endswith(".py") else None
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pinned_plugin(name: str, spec: str) -> str:
+    """``file.py:factory[@PATH]`` with both paths absolute and the file's sha256 appended (a ``module:factory``
+    keeps its module name). A spec that already holds a hash (a recorded one) must match the file: a plug-in
+    changed since it was recorded is refused (name it again to use it as it is now)."""
+    target, path, sha = plugin_parts(spec)
+    file = plugin_file(target)
+    if file is not None:
+        file = Path(os.path.abspath(file))
+        target = f"{file}:{target.rpartition(':')[2]}"
+    spec = target + (f"@{os.path.abspath(path)}" if path else "")
+    if file is None or not file.is_file():  # a missing file is named when the plug-in is checked
+        return spec + (f"{PLUGIN_PIN}{sha}" if sha else "")
+    now = file_sha256(file)
+    if sha is not None and sha != now:
+        raise SettingError(f"--reward-plugin {name}: {file} has changed since it was recorded (sha256 "
+                           f"{sha[:12]}... recorded, {now[:12]}... now): name it again (--reward-plugin "
+                           f"{name}={spec}) to use it as it is now")  # fmt: skip
+    return f"{spec}{PLUGIN_PIN}{now}"
+
+
+MODEL_PATH_OPTIONS = ("base", "config")  # reward-model options that name local paths (videoalign, hpsv3)
+
+
+def absolute_option(key: str, value, models: dict) -> Any:
+    """A model's ``NAME.base`` / ``NAME.config`` made absolute (like its --reward-path), others as given."""
+    name, _, opt = key.partition(".")
+    if name in models and opt in MODEL_PATH_OPTIONS and isinstance(value, str) and value:
+        return os.path.abspath(value)
+    return value
 
 
 PromptSet = Literal["held-in", "held-out"]
+
+
+class RoutingSection(Section):
+    """KV routing (``--fork kv-routing``, KVPO's exploration; defaults from KVPO's train_kvpo_longlive.yaml)."""
+
+    kv_history: int = arg(21, "kv-routing: extra ring slots keeping older frames resident (repo slice_last_frames).")
+    m_nearest: int = arg(4, "kv-routing: newest frames every branch keeps (its own chunk included).")
+    perturb_blocks: int = arg(5, "kv-routing: consecutive routed chunks (repo perturb_num_blocks).")
+    perturb_first: int = arg(7, "kv-routing: the first routed chunk lies among chunks 0..this-1.")
+
+    def routing_settings(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in RoutingSection.model_fields}
 
 
 class PromptSection(Section):
@@ -127,4 +211,19 @@ class Hardware(Section):
     def _device(cls, v: str) -> str:
         if v != "auto" and not (v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {v!r}")
+        return v
+
+
+class ResultsOut(Section):
+    """Results"""
+
+    # the experiments' measured tables as data: docs/*.md tables are rendered from results/*.json
+    json_out: str | None = arg(None, "Also write the result tables as JSON to this file (e.g. results/NAME.json, "
+                               "which docs tables are rendered from: python bench/render_results.py).")  # fmt: skip
+
+    @field_validator("json_out")
+    @classmethod
+    def _file(cls, v: str | None) -> str | None:
+        if v is not None and Path(v).is_dir():
+            raise ValueError(f"--json-out {v} is a folder: give a file name, e.g. {Path(v) / 'result.json'}")
         return v

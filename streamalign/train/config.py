@@ -16,7 +16,7 @@ from ..buffer.formats import FormatName
 from ..buffer.urls import local_path
 from ..schemas.config import ModelConfig
 from ..schemas.run import RUN_FILE, RunConfig, Section, arg
-from ..schemas.sections import Hardware, ModelSection, PromptSection, RewardSection
+from ..schemas.sections import Hardware, ModelSection, PromptSection, RewardSection, RoutingSection
 from .objectives import OBJECTIVES
 from .objectives.copo import CoPOConfig
 from .replay import CONTEXT_MODES
@@ -50,7 +50,7 @@ class SemiData(Section):
         return data
 
 
-class Rollouts(PromptSection, RewardSection):
+class Rollouts(PromptSection, RewardSection, RoutingSection):
     """Rollouts (on-policy)"""
 
     group_size: int = arg(12, "Branches per fresh group (on).", short="-G")

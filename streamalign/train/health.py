@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..io.files import write_atomic
+from ..io.outputs import MARKER, written_by
 from ..io.plots import save, subplots
 from ..schemas.run import RUN_FILE, RunConfig, arg, read_run_file
 from .metrics import read_metrics
@@ -278,6 +279,9 @@ def report_run(run: str | Path) -> tuple[dict, str]:
     jsonl = run / "metrics.jsonl"
     if not jsonl.is_file():
         raise FileNotFoundError(f"{run} has no metrics.jsonl: give a run folder written by `streamalign train`")
+    if written_by(run) is None:  # health.* are written only into a folder of streamalign's
+        raise FileExistsError(f"{run} holds files that no streamalign command wrote (no {MARKER}): give a run "
+                              "folder written by `streamalign train`")  # fmt: skip
     rows = read_metrics(jsonl)
     if not rows:
         raise ValueError(f"{jsonl} is empty: the run logged no update yet")

@@ -11,13 +11,16 @@ from typing import Literal
 
 import yaml
 
+from ..io.files import remove_path
+from ..io.outputs import MARKER, is_empty
 from ..schemas.run import RUN_FILE, differences
 from .config import TrainConfig
 from .state import CHECKPOINTS, checkpoints
 
-# settings a resume may change: how long to train, and whether damaged shards are skipped (a run that met
-# none reads the same data either way; one that met one stopped there)
-RESUME_MAY_CHANGE = frozenset({"schedule.steps", "data.skip_damaged"})
+# settings a resume may change: how long to train, whether damaged shards are skipped (a run that met
+# none reads the same data either way; one that met one stopped there) and whether recorded plug-ins are
+# trusted (the plug-ins themselves are compared, with their files' hashes)
+RESUME_MAY_CHANGE = frozenset({"schedule.steps", "data.skip_damaged", "rollouts.trust_plugins"})
 ROLLOUTS = "rollouts"
 
 Resume = bool | Literal["auto"]
@@ -70,3 +73,28 @@ def saved_config(saved: Path) -> TrainConfig:
     if stage != "train":
         raise ValueError(f"--resume: {saved} records a `{stage}` run, not a training run: use another --out")
     return TrainConfig.build(saved)
+
+
+class UnfinishedRun:
+    """What a training run that fails leaves in its folder: before its first checkpoint (its first durable
+    result) nothing it wrote (marker, run.yaml, an empty metrics.jsonl, rollouts: nothing for --resume to
+    use); after one, everything (--resume continues from it). Armed by rank 0 once the folder is open, with
+    the entries the folder held before this run wrote there (kept either way)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.kept = Path(out), None
+
+    def arm(self, kept: set[str]) -> None:
+        self.kept = kept
+
+    def __enter__(self) -> UnfinishedRun:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is None or self.kept is None or checkpoints(self.out) or not self.out.is_dir():
+            return
+        for entry in self.out.iterdir():
+            if entry.name not in self.kept and entry.name != MARKER:
+                remove_path(entry)
+        if not self.kept and is_empty(self.out):
+            (self.out / MARKER).unlink(missing_ok=True)

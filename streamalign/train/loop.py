@@ -28,7 +28,7 @@ from ..collect.collector import CollectConfig, collect, prepare
 from ..collect.distributed import all_reduce, all_reduce_grads, rank_and_world
 from ..extras import require
 from ..io.files import require_paths, staged_folder, write_atomic
-from ..io.outputs import open_output, overwrite_permitted, permit_overwrite
+from ..io.outputs import MARKER, open_output, overwrite_permitted, permit_overwrite
 from ..io.progress import progress_bar
 from ..models.kv_cache import compute_dtype
 from ..models.noise import derive_seed
@@ -43,8 +43,8 @@ from ..schemas.run import RUN_FILE, run_record
 from ..scoring import bootstrap_ci, score_policy
 from .config import TrainConfig
 from .health import CURVE_KEYS, health, plot_rows
-from .identity import Resume, check_run_folder
-from .metrics import MetricsLog, read_metrics
+from .identity import Resume, UnfinishedRun, check_run_folder
+from .metrics import METRICS, MetricsLog, read_metrics
 from .objectives import GroupInput
 from .objectives.base import composite_rewards
 from .old_policy import OldPolicy, recompute_wanted
@@ -310,6 +310,7 @@ def _rollout_config(cfg: TrainConfig, trainer: Trainer, world: int, it: int) -> 
         reward_paths=ro.reward_paths, reward_options=ro.reward_options, reward_plugins=ro.reward_plugins,
         reward_device=ro.reward_device,
         entries_per_shard=max(1, groups // world), fork=trainer.objective.fork, clip_chunks=ro.clip_chunks,
+        **ro.routing_settings(),
     )  # fmt: skip
 
 
@@ -323,7 +324,7 @@ def train(
     out = Path(out)
     cfg = cfg.resolve()
     optim, sched, log_cfg, ro = cfg.optim, cfg.schedule, cfg.logging, cfg.rollouts
-    with rank_and_world() as (rank, world):
+    with rank_and_world() as (rank, world), UnfinishedRun(out) as unfinished:
         if cfg.hardware.threads:
             torch.set_num_threads(cfg.hardware.threads)
         if optim.batch_groups % world:
@@ -345,6 +346,8 @@ def train(
         if rank == 0:  # an earlier run is replaced only now that the inputs are known good
             with permit_overwrite(out) if overwrite else contextlib.nullcontext():
                 open_output(out, "train")
+            # what an earlier run left (its rollouts, reused: a run is deterministic) is kept if this one fails
+            unfinished.arm({e.name for e in out.iterdir()} - {MARKER, RUN_FILE, METRICS})
             write_atomic(out / RUN_FILE, run_record(cfg, "train"))
         if world > 1:
             dist.barrier()  # nobody writes into `out` before it is ready
@@ -413,13 +416,14 @@ def train(
                 )
                 trainer.old.weights.pop(f"{trainer.policy.policy_id}+it{it - 1:05d}", None)
                 trainer.old.remember(version)  # this iteration's old policy: its rollouts' weights
+                prefix = f"it{it:05d}-"
                 with trainer.autocast():  # the updates' precision; branch batches from the device's free memory
-                    collect(rollout_policy, ccfg, rollouts, rank, world, progress=False, shard_prefix=f"it{it:05d}-")
+                    collect(rollout_policy, ccfg, rollouts, rank, world, progress=False, shard_prefix=prefix)
                 trainer.model.train()
                 if world > 1:
                     dist.barrier()
                 where = f"SELECT entry_id FROM manifest WHERE run_id = '{ccfg.run_id}'"
-                reader = BufferReader(rollouts, rank, world, shuffle=1, seed=cfg.seed, where=where)
+                reader = BufferReader(rollouts, rank, world, shuffle=1, seed=cfg.seed, where=where, collection=prefix)
                 groups = list(reader)
                 target = trainer.objective.target_kl
                 for k in range(ro.updates_per_iter):
@@ -440,7 +444,7 @@ def train(
             with staged_folder(out / "adapter") as tmp:  # never a half-written final adapter
                 save_lora(trainer.peft, tmp)
             logger.close()
-            rows = read_metrics(out / "metrics.jsonl")
+            rows = read_metrics(out / METRICS)
             plot_rows(rows, out / "curves.png", CURVE_KEYS)
             summary = {"steps": state.step, "final": last, "health": health(rows, cfg.model_dump(mode="json")),
                        **({} if damaged is None else {"damaged_shards": damaged})}  # fmt: skip

@@ -9,13 +9,15 @@ from pathlib import Path
 from ..extras import available, require
 from ..io.files import append_line, write_atomic
 
+METRICS = "metrics.jsonl"
+
 
 class MetricsLog:
     """Append one JSON row per update to ``metrics.jsonl`` (rank 0). On resume the rows after the
     checkpoint's step are dropped first, so the log matches an uninterrupted run."""
 
     def __init__(self, out: Path, resume_step: int | None = None, config: dict | None = None, wandb: bool = False):
-        self.path = out / "metrics.jsonl"
+        self.path = out / METRICS
         if resume_step is None:
             write_atomic(self.path, "")
         else:

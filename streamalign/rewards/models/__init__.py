@@ -1,11 +1,12 @@
 """Real reward models from local folders: VideoAlign (VQ/MQ/TA), HPSv3, HPSv2.1, CLIP.
 
 ``load_reward_model(name, path, **options)`` returns a :class:`~.base.RewardModel`:
-``model(videos [B, F, 3, H, W] float in [0, 1], prompts, fps) -> {output: float32 [B]}`` and, for the
+``model(videos [B, F, 3, H, W] float in [0, 1] or uint8, prompts, fps) -> {output: float32 [B]}`` and, for the
 frame-based ones, ``model.frame_scores(videos, prompts) -> {output: float32 [B, F]}``; ``model.offload()``
 moves it off the accelerator between uses. ``register_model_reward(name, path, **options)`` puts every
-output into the reward registry (``videoalign_mq``, ``hpsv3``, ...) so composites use it like a built-in.
-Nothing is downloaded; see each module for its folder layout and options.
+output into the reward registry (``videoalign_mq``, ``hpsv3``, ``hpsv3_sigma``, ...) so composites use it
+like a built-in. Nothing is downloaded; see each module for its folder layout and options, and
+docs/rewards.md for all of them with their references.
 """
 
 from __future__ import annotations
@@ -45,6 +46,22 @@ def model_class(name: str) -> type[RewardModel]:
     return getattr(importlib.import_module(f".{module}", __name__), cls)
 
 
+PRIMARY = "score"  # the output registered under the bare prefix (hpsv3 = mu; hpsv3_sigma beside it)
+
+
+def registered_name(prefix: str, output: str, outputs: Sequence[str]) -> str:
+    """The registry name of a model output: the prefix alone for the primary (or only) output, else
+    ``<prefix>_<output>`` in lower case (``videoalign_mq``, ``hpsv3_sigma``)."""
+    return prefix if output == PRIMARY or len(outputs) == 1 else f"{prefix}_{output.lower()}"
+
+
+def output_of(result: dict, output: str, who: str):
+    """``result[output]``, or one line when this checkpoint does not give that output."""
+    if output not in result:
+        raise RewardModelError(f"reward model {who} gives no '{output}' output (it gives {', '.join(result)})")
+    return result[output]
+
+
 class LastCall:
     """One-entry cache so the registry's one-term-at-a-time calls run a multi-output model once per batch."""
 
@@ -79,10 +96,11 @@ def register_model_reward(
     **options,
 ) -> list[str]:
     """Load reward model `name` from `path` (or reuse `model`) and register each output under
-    ``<prefix>_<output>`` in lower case (``videoalign_vq``, ..., ``videoalign_overall_raw``), or ``<prefix>``
-    alone for a single-output model (``hpsv3``, ``hpsv2``, ``clip``). `prefix` defaults to `name`; `fps` is
-    the frame rate of the videos the registry will pass (it has no fps argument). Frame-based models register
-    per-frame scores (``frame_level=True``), so ``hpsv3:top30`` gives the mean of the best 30% of frames.
+    ``<prefix>_<output>`` in lower case (``videoalign_vq``, ..., ``videoalign_overall_raw``, ``hpsv3_sigma``),
+    or ``<prefix>`` alone for the ``score`` output (``hpsv3``, ``hpsv2``, ``clip``). `prefix` defaults to
+    `name`; `fps` is the frame rate of the videos the registry will pass (it has no fps argument).
+    Frame-based models register per-frame scores (``frame_level=True``), so ``hpsv3:top30`` gives the mean of
+    the best 30% of frames.
     Returns the registered names."""
     if model is None:
         if path is None:
@@ -93,17 +111,19 @@ def register_model_reward(
     prefix = prefix or name
     run = all_outputs(model, fps)
     names = []
+    levels = model.reads_levels(vars(model))
     for out in model.outputs:
-        reg = prefix if len(model.outputs) == 1 else f"{prefix}_{out.lower()}"
+        reg = registered_name(prefix, out, model.outputs)
         register(
             RewardSpec(
                 reg,
-                lambda v, p, out=out: run(v, p)[out],
+                lambda v, p, out=out: output_of(run(v, p), out, model.name),
                 f"{model.name} {out} ({'per frame' if model.frame_level else 'per video'}) from {path or 'a model'}",
                 ood=ood,
                 frame_level=model.frame_level,
                 colour=False,  # `:gray` allowed: the reference's 3-channel grayscale before preprocessing
                 to_gray=grayscale3,
+                levels=levels,
             ),
             overwrite=True,
         )
@@ -112,4 +132,4 @@ def register_model_reward(
 
 
 __all__ = ["ADAPTERS", "RewardModel", "RewardModelError", "all_outputs", "load_reward_model", "model_class",
-           "register_model_reward"]
+           "output_of", "register_model_reward", "registered_name"]

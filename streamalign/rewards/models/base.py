@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from ...models.checkpoint import CheckpointError, _read_raw
-from ..registry import RewardError, check_videos
+from ..registry import RewardError, as_float, check_videos
 
 
 class RewardModelError(RewardError):
@@ -63,10 +64,31 @@ def read_tensors(path: Path, who: str, hint: str, entry: str | None = None) -> d
     return raw
 
 
+def launched() -> bool:
+    """True under a launcher that starts several processes on a machine (torchrun, accelerate)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) > 1
+
+
 def pick_device(device: str | torch.device | None) -> torch.device:
+    """None: this rank's GPU if CUDA is available, else cpu. ``cuda`` is this rank's own GPU (``LOCAL_RANK``)
+    under a launcher, as ``--device`` is; an explicit ``cuda:N`` under a launcher that starts several
+    processes per machine is refused: every rank would load its reward models onto the same GPU."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RewardModelError(f"--reward-device {device}: not a torch device (give cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RewardModelError(f"--reward-device {device}: CUDA is not available on this machine (use cpu)")
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if dev.type == "cuda" and dev.index is not None and launched():
+        raise RewardModelError(
+            f"--reward-device {device}: under a launcher every rank would put its reward models on GPU "
+            f"{dev.index}; give --reward-device cuda (each rank's own GPU, LOCAL_RANK) or cpu"
+        )
+    return dev
 
 
 def pick_dtype(device: torch.device, dtype: str | torch.dtype | None) -> torch.dtype:
@@ -143,7 +165,8 @@ class RewardModel:
 
     @torch.no_grad()
     def frame_scores(self, videos: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """{output: float32 [B, F]}: every frame scored with its video's prompt (frame-level models)."""
+        """{output: float32 [B, F]}: every frame scored with its video's prompt (frame-level models); uint8
+        videos are converted to float one batch of frames at a time."""
         if not self.frame_level:
             raise RewardModelError(f"reward model '{self.name}' scores whole videos, not frames")
         prompts = self._check(videos, prompts)
@@ -151,31 +174,47 @@ class RewardModel:
         b, f = videos.shape[:2]
         frames = videos.flatten(0, 1)
         texts = [p for p in prompts for _ in range(f)]
-        out: dict[str, list[torch.Tensor]] = {k: [] for k in self.outputs}
+        out: dict[str, list[torch.Tensor]] = {}
         for i in range(0, b * f, self.batch_size):
-            chunk = self._frame_scores(frames[i : i + self.batch_size], texts[i : i + self.batch_size])
-            for k in self.outputs:
-                out[k].append(chunk[k].float().cpu())
+            chunk = self._frame_scores(as_float(frames[i : i + self.batch_size]), texts[i : i + self.batch_size])
+            for k, v in chunk.items():  # the outputs this checkpoint gives (HPSv3 without sigma: score only)
+                out.setdefault(k, []).append(v.float().cpu())
         return {k: torch.cat(v).view(b, f) for k, v in out.items()}
 
     @torch.no_grad()
     def __call__(self, videos: torch.Tensor, prompts: Sequence[str], fps: float = 16.0) -> dict[str, torch.Tensor]:
-        """{output: float32 [B]} for every output of the model."""
+        """{output: float32 [B]} for every output of the model (videos float in [0, 1] or uint8 levels)."""
+        return self.score_batches(videos, prompts, fps)
+
+    def score_batches(self, videos: torch.Tensor, prompts: Sequence[str], fps: float, **options):
+        """{output: float32 [B]}: frame scores aggregated, or ``_score`` on slices of ``batch_size`` videos
+        (`options` go to ``_score``)."""
         if self.frame_level:
-            return {k: self.aggregate(v) for k, v in self.frame_scores(videos, prompts).items()}
+            return self.aggregate_outputs(self.frame_scores(videos, prompts))
         prompts = self._check(videos, prompts)
         self._ready()
         parts = [
-            self._score(videos[i : i + self.batch_size], prompts[i : i + self.batch_size], fps)
+            self._score(videos[i : i + self.batch_size], prompts[i : i + self.batch_size], fps, **options)
             for i in range(0, videos.shape[0], self.batch_size)
         ]
         return {k: torch.cat([p[k].float().cpu() for p in parts]) for k in parts[0]}
+
+    def aggregate_outputs(self, frame_scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{output: [B, F]} -> {output: [B]}: each output by :meth:`aggregate` unless the model says otherwise."""
+        return {k: self.aggregate(v) for k, v in frame_scores.items()}
 
     def aggregate(self, frame_scores: torch.Tensor) -> torch.Tensor:
         """Frame scores [B, F] -> [B] (mean unless the model says otherwise)."""
         return frame_scores.mean(1)
 
-    def _score(self, videos: torch.Tensor, prompts: list[str], fps: float) -> dict[str, torch.Tensor]:
+    @classmethod
+    def reads_levels(cls, options: dict) -> bool:
+        """True when the model's first step on a frame is 8-bit quantisation ``round(255 x)``, so a uint8 video
+        scores exactly as the float video it came from (the loader `options` decide for some models)."""
+        return False
+
+    def _score(self, videos: torch.Tensor, prompts: list[str], fps: float, **options) -> dict[str, torch.Tensor]:
+        """Video-level scores of one batch; `videos` float in [0, 1] or uint8 (convert with ``as_float``)."""
         raise NotImplementedError
 
     def _frame_scores(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -16,8 +16,13 @@ What each reference does, and how it is reproduced here (torch only; torchvision
   decord, resizes the uint8 tensor, then ``.float()``); ``mode="float"`` is the same interpolation on
   float frames; ``mode="pil"`` is PIL's ``Image.resize(BICUBIC)`` on uint8 frames (HPSv3's image-path
   inference; PIL rounds between its two passes, so it differs from torch by up to ~1/255).
-- Grayscale (torchvision ``rgb_to_grayscale(..., num_output_channels=3)``): ``0.2989 R + 0.587 G + 0.114 B``
-  repeated on 3 channels (computed on float frames, so nothing is truncated).
+- Frame count (VideoAlign ``reward(..., num_frames=N)``, ``smart_nframes`` with ``nframes``): ``round(N / 2) *
+  2``, capped at ``T``; fewer than 2 is an error. ``num_frames`` and ``sample_fps`` are exclusive.
+- Astrolabe's ``process_wanvideo_tensor`` (``reward_from_frames``): 10 frames ``linspace(0, T - 1, 10).round()``
+  whatever the frame rate, then a fixed 336x588 resize (bicubic, antialiased, on uint8 frames).
+- Grayscale as Astrolabe's ``VideoAlignScorer`` computes it: float frames -> uint8 by ``(v * 255).round()
+  .clamp(0, 255)``, then torchvision ``rgb_to_grayscale(v_uint8, num_output_channels=3)``: ``0.2989 R + 0.587 G
+  + 0.114 B`` in float32 on the uint8 levels, truncated back to uint8 (``.to(torch.uint8)``), on 3 channels.
 - OpenAI-CLIP mean/std normalisation (Qwen2-VL processor, CLIP, HPSv2).
 - HPSv2 ``ResizeMaxSize``: longest side to 224 (``round(side * 224 / max(h, w))``), bicubic, then zero
   padding ``[left, top, right, bottom] = [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2]`` (zeros in [0, 1]
@@ -45,6 +50,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 RESIZE_MODES = ("float", "uint8", "pil")
+ASTROLABE_FRAMES = 10  # process_wanvideo_tensor: nframes = 10
+ASTROLABE_SIZE = (336, 588)  # process_wanvideo_tensor: resized_height, resized_width
 
 
 def round_by_factor(x: float, factor: int) -> int:
@@ -78,10 +85,33 @@ def smart_nframes(
     return n
 
 
-def sample_indices(total: int, video_fps: float, sample_fps: float = 2.0) -> list[int]:
-    """Uniformly sampled frame indices ``linspace(0, T - 1, n).round()``."""
-    n = smart_nframes(total, video_fps, sample_fps)
+def count_nframes(total: int, num_frames: float) -> int:
+    """Number of frames VideoAlign samples when asked for `num_frames` (``smart_nframes`` with ``nframes``)."""
+    if total < 1 or isinstance(num_frames, bool) or not isinstance(num_frames, (int, float)) or not num_frames > 0:
+        raise ValueError(f"need total >= 1 frames and a positive num_frames, got {total} and {num_frames!r}")
+    n = min(round_by_factor(num_frames, FRAME_FACTOR), total)
+    if not FRAME_FACTOR <= n <= total:
+        raise ValueError(f"num_frames={num_frames} of a {total}-frame video gives {n}; VideoAlign needs at least "
+                         f"{FRAME_FACTOR}")  # fmt: skip
+    return n
+
+
+def uniform_indices(total: int, n: int) -> list[int]:
+    """``torch.linspace(0, T - 1, n).round()`` as a list (uniform sampling in every reference)."""
     return torch.linspace(0, total - 1, n).round().long().tolist()
+
+
+def sample_indices(
+    total: int, video_fps: float, sample_fps: float | None = 2.0, num_frames: float | None = None
+) -> list[int]:
+    """VideoAlign's uniformly sampled frame indices: ``num_frames`` (the frame count rule) or ``sample_fps``
+    (the rate rule), never both."""
+    if num_frames is not None and sample_fps is not None:
+        raise ValueError("sample_fps and num_frames are exclusive (VideoAlign: 'fps and num_frames cannot be set "
+                         "at the same time')")  # fmt: skip
+    if num_frames is not None:
+        return uniform_indices(total, count_nframes(total, num_frames))
+    return uniform_indices(total, smart_nframes(total, video_fps, 2.0 if sample_fps is None else sample_fps))
 
 
 def smart_resize(
@@ -106,7 +136,10 @@ def smart_resize(
 
 
 def to_uint8_levels(frames: torch.Tensor) -> torch.Tensor:
-    """Float frames in [0, 1] -> float 0..255 integer levels (what an 8-bit decoded video holds)."""
+    """Float frames in [0, 1] -> float 0..255 integer levels (what an 8-bit decoded video holds); uint8 frames
+    -> the same levels as floats."""
+    if frames.dtype == torch.uint8:
+        return frames.float()
     return (frames * 255).round().clamp(0, 255)
 
 
@@ -144,10 +177,14 @@ def _resize_pil(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def grayscale3(frames: torch.Tensor) -> torch.Tensor:
-    """torchvision ``rgb_to_grayscale(x, num_output_channels=3)`` of float RGB frames ``[..., 3, H, W]``."""
-    r, g, b = frames.unbind(-3)
-    gray = GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b
-    return gray.unsqueeze(-3).expand(frames.shape)
+    """Astrolabe's 3-channel grayscale of RGB frames ``[..., 3, H, W]`` (see the module doc): uint8 in ->
+    uint8 out; float in [0, 1] in -> the truncated gray levels / 255 (float32), so a later 8-bit step reads
+    exactly the levels the reference computed."""
+    levels = to_uint8_levels(frames)  # float32 0..255 integer levels, as torchvision sees the uint8 tensor
+    r, g, b = levels.unbind(-3)
+    gray = (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).to(torch.uint8)  # truncates
+    gray = gray.unsqueeze(-3).expand(frames.shape)
+    return gray if frames.dtype == torch.uint8 else gray.float() / 255
 
 
 def normalize(frames: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
@@ -189,9 +226,13 @@ def resize_shortest_crop(frames: torch.Tensor, size: int, crop: tuple[int, int],
     return frames[..., top : top + ch, left : left + cw]
 
 
-def topk_mean(scores: torch.Tensor, frac: float = 0.3) -> torch.Tensor:
-    """Mean of the best ``max(1, ceil(frac * F))`` of the frame scores ``[B, F]`` -> ``[B]``."""
+def topk_indices(scores: torch.Tensor, frac: float = 0.3) -> torch.Tensor:
+    """Indices ``[B, k]`` of the best ``k = max(1, ceil(frac * F))`` of the frame scores ``[B, F]``."""
     if not 0 < frac <= 1:
         raise ValueError(f"top-k fraction must lie in (0, 1], got {frac}")
-    k = max(1, math.ceil(frac * scores.shape[1]))
-    return scores.topk(k, dim=1).values.mean(1)
+    return scores.topk(max(1, math.ceil(frac * scores.shape[1])), dim=1).indices
+
+
+def topk_mean(scores: torch.Tensor, frac: float = 0.3) -> torch.Tensor:
+    """Mean of the best ``max(1, ceil(frac * F))`` of the frame scores ``[B, F]`` -> ``[B]``."""
+    return scores.gather(1, topk_indices(scores, frac)).mean(1)

@@ -49,6 +49,23 @@ def remap_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def base_folder(folder: Path, base, named: str | None, who: str, what: str) -> Path:
+    """The local folder of the base Qwen2-VL config: `base` when given, else `folder` if it has config.json,
+    else the reference config's ``model_name_or_path`` resolved against `folder` (an absolute one is kept)."""
+    if base is not None:
+        return Path(base)
+    if (folder / "config.json").exists():
+        return folder
+    where = folder / named if named else None
+    if where is not None and (where / "config.json").exists():
+        return where
+    raise RewardModelError(
+        f"{who}: no Qwen2-VL config.json in {folder} and model_name_or_path={named!r} is not a folder with one"
+        f"{f' (looked in {where})' if where else ''}; put {what}'s config.json there or pass base=<its local "
+        "folder> (only its config.json is read)"
+    )
+
+
 def load_config(folder: Path, who: str, hint: str):
     """``Qwen2VLConfig`` from a local folder's config.json (sdpa attention)."""
     transformers = require("transformers", who)
@@ -176,7 +193,11 @@ def build(
         )
         peft.inject_adapter_in_model(cfg, net.model)
     sd = {k: v for k, v in sd.items() if not k.endswith("inv_freq")}
-    result = net.load_state_dict(sd, strict=False, assign=True)
+    try:
+        result = net.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches: the first one, on one line
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise RewardModelError(f"{who}: {source} does not match the Qwen2-VL config: {first}") from None
     missing = [k for k in result.missing_keys if not k.endswith("inv_freq")]
     if missing or result.unexpected_keys:
         raise RewardModelError(

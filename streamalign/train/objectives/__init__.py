@@ -5,7 +5,7 @@ Adding one: subclass ``ObjectiveConfig`` (a ``name`` Literal, its settings as fi
 decorate the config with ``@register_objective`` and import the module here.
 """
 
-from . import copo, nft, sde_grpo  # noqa: F401  (register themselves)
+from . import copo, kvpo, nft, sde_grpo  # noqa: F401  (register themselves)
 from .base import OBJECTIVES, GroupInput, GroupLoss, Objective, ObjectiveConfig, register_objective
 
 __all__ = ["OBJECTIVES", "GroupInput", "GroupLoss", "Objective", "ObjectiveConfig", "register_objective"]
