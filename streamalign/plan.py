@@ -676,7 +676,7 @@ class PlanContext:
 
             def run(r=r, b=b) -> tuple[int, int]:
                 with self.mode:
-                    v = torch.zeros(b, *shape, device="meta")
+                    v = torch.zeros(b, *shape, dtype=torch.uint8, device="meta")  # collect keeps uint8 levels
                 rep = self.measure(lambda: r.score(v), [*self.resident(), *self.reward_weights(r)], flops=False)[1]
                 return rep.peak, 0
 

@@ -60,7 +60,8 @@ def fake_videoalign(path: str | Path, options: dict, dtype: torch.dtype, mode: F
     path = Path(path)
     cfg = read_json(path / "model_config.json", "videoalign", HINT)
     data, peft_cfg = cfg.get("data_config", {}), cfg.get("peft_lora_config", {})
-    base = VideoAlignReward._base_dir(path, options.get("base"), cfg)
+    named = (cfg.get("model_config") or {}).get("model_name_or_path")
+    base = Q.base_folder(path, options.get("base"), named, "videoalign", "Qwen2-VL-2B-Instruct")
     config = Q.load_config(base, "videoalign", "pass videoalign.base=<Qwen2-VL folder> (its config.json)")
     from transformers import Qwen2VLModel
 
@@ -99,6 +100,9 @@ def fake_videoalign(path: str | Path, options: dict, dtype: torch.dtype, mode: F
     rm.max_pixels = int(options.get("max_pixels") or data.get("max_frame_pixels") or 200704)
     rm.min_pixels = int(options.get("min_pixels", P.VIDEO_MIN_PIXELS))
     rm.grayscale, rm.resample = bool(options.get("grayscale", False)), options.get("resample", "uint8")
+    rm.preprocess = options.get("preprocess", "files")
+    num_frames = options.get("num_frames", data.get("num_frames"))
+    rm.num_frames = None if num_frames is None else float(num_frames)
     vocab = config.text_config.vocab_size
     rm.special_ids = list(range(vocab - len(SPECIAL_TOKENS), vocab))  # the added tokens: the vocabulary's last
     rm.inputs = PlanInputs(config, text_tokens, rm.special_ids, "videoalign")
