@@ -28,7 +28,9 @@ Batch sizes not given are chosen as the stages choose them on a GPU (``Sampler.a
 ``Sampler.auto_batch``: ``FREE_FRACTION`` of the memory free when the batch starts), the GPU's memory less
 ``CUDA_RESERVE`` (CUDA context, library workspaces). A stage fits when its peak plus that reserve is at
 most the GPU's memory. Time = FLOPs / (peak TFLOP/s x ``--mfu``), with the dense tensor-core bf16 rate of
-``GPUS`` (fp32 without TF32: the plain fp32 rate). Not planned: reward models on the GPU (add their weights).
+``GPUS`` (fp32 without TF32: the plain fp32 rate). Reward models (``--rewards`` with ``--reward-path``) are
+planned by their own planners (``streamalign.rewards.plan``): weights and one scoring batch, held or offloaded
+by ``--reward-offload`` (docs/planner-rewards.md); their FLOPs are not counted.
 
 Stages are the entries of :data:`STAGES` (name -> function of a :class:`PlanContext`). The train stage
 (one training update per group: the real ``Trainer.update`` on fake tensors) is planned by
@@ -58,7 +60,7 @@ from .models.sampler import FREE_FRACTION, Sampler, Segment
 from .models.text import resolve_offload
 from .pipeline import resolve_config
 from .schemas.config import ModelConfig
-from .schemas.run import RunConfig, Section, arg
+from .schemas.run import RunConfig, Section, arg, parse_pairs
 from .schemas.sections import TextOffload
 
 CUDA_RESERVE = 1 * GiB  # CUDA context + cuBLAS/cuDNN workspaces, outside PyTorch's allocator
@@ -135,6 +137,39 @@ class PlanTrain(Section):
     shard_base: bool = arg(False, "The frozen base sharded over the --gpus with FSDP2, as train --shard-base.")
 
 
+class PlanRewards(Section):
+    """Rewards (the reward models on the GPU beside the generator)"""
+
+    rewards: str | None = arg(None, "Composite as the stages take it (name[:gray]=weight,...): the reward models "
+                              "it names are planned.")  # fmt: skip
+    reward_paths: dict[str, str] = arg({}, "Reward models from local folders: MODEL=DIR,... (a folder with the "
+                                       "model's configs is enough to plan).", flag="--reward-path")  # fmt: skip
+    reward_options: dict[str, str] = arg({}, "Reward model options: NAME.KEY=VALUE,... (videoalign.base=DIR, "
+                                         "videoalign.batch_size=2).", flag="--reward-option")  # fmt: skip
+    reward_offload: Literal["auto", "keep", "cpu"] = arg("auto", "Reward models between scoring batches: keep | "
+                                                         "cpu | auto (cpu when the stage does not fit).")  # fmt: skip
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pairs(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            flags = {"reward_paths": ("--reward-path", "MODEL=DIR"),
+                     "reward_options": ("--reward-option", "NAME.KEY=VALUE")}  # fmt: skip
+            data = {**data, **{k: parse_pairs(data[k], *flags[k]) for k in flags if isinstance(data.get(k), str)}}
+        return data
+
+    def models(self) -> dict[str, dict]:
+        """{model: options} of every reward model a term of ``rewards`` names (``videoalign.VQ`` -> videoalign)
+        and ``reward_paths`` declares; options from ``reward_options`` plus ``path``."""
+        terms = [t.split("=")[0].split(":")[0] for t in (self.rewards or "").split(",") if t.strip()]
+        named = {t.strip().split(".")[0] for t in terms}
+        out = {}
+        for name in sorted(named & set(self.reward_paths)):
+            opts = {k.partition(".")[2]: v for k, v in self.reward_options.items() if k.partition(".")[0] == name}
+            out[name] = {**opts, "path": self.reward_paths[name]}
+        return out
+
+
 class PlanDevice(Section):
     """GPU"""
 
@@ -152,6 +187,7 @@ class PlanRun(RunConfig):
     model: PlanModel = PlanModel()
     rollouts: PlanRollouts = PlanRollouts()
     train: PlanTrain = PlanTrain()
+    scoring: PlanRewards = PlanRewards()
     device: PlanDevice = PlanDevice()
     stages: tuple[str, ...] = arg(("collect", "evaluate", "generate", "train"), "Stages to plan, comma-separated.")
     full_depth: bool = arg(False, "Run every generator layer (exact either way; slower).")
@@ -296,6 +332,26 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+# -- reward models ------------------------------------------------------------------------------------
+@dataclass
+class PlannedReward:
+    """A reward model on fake tensors: its weights on the device stand-in, ``score(videos)`` (one scoring
+    batch of videos [B, F, 3, H, W] on the host stand-in, the meta device) and B, its batch size."""
+
+    name: str
+    weights: list[torch.Tensor]
+    score: Callable[[torch.Tensor], Any]
+    batch: int
+
+
+# model name -> planner(path, options, dtype, fake mode); registered by streamalign.rewards.plan (a higher layer)
+REWARD_PLANNERS: dict[str, Callable[[str, dict, torch.dtype, FakeTensorMode], PlannedReward]] = {}
+
+
+def register_reward_planner(name: str, fn: Callable[[str, dict, torch.dtype, FakeTensorMode], PlannedReward]) -> None:
+    REWARD_PLANNERS[name] = fn
 
 
 # -- the fake pipeline --------------------------------------------------------------------------------
@@ -444,8 +500,23 @@ class PlanContext:
         nbytes = storage_bytes(self.text.parameters()) if self.text is not None else 0
         offload = resolve_offload(run.model.text_offload, torch.device("cuda"), nbytes, run.memory)
         self.text_kept = self.text_on_device and offload == "keep"
+        self.rewards = self._reward_models()
+        self.rewards_kept = bool(self.rewards)  # decided per stage by keeps_rewards (see with_rewards)
         self._generators: dict[int, tuple[ModelConfig, ChunkModel]] = {}
-        self._measured: dict[tuple, tuple[int, int]] = {}  # (phase, size) -> (peak, flops): stages share phases
+        self._measured: dict[tuple, Any] = {}  # (phase, size) -> (peak, flops): stages share phases
+
+    def _reward_models(self) -> list[PlannedReward]:
+        models = self.run.scoring.models()
+        missing = [n for n in models if n not in REWARD_PLANNERS]
+        if missing:
+            names = ", ".join(sorted(REWARD_PLANNERS)) or "none loaded: import streamalign.rewards.plan"
+            raise ValueError(f"--rewards: no memory planner for reward model(s) {', '.join(missing)} ({names})")
+        return [REWARD_PLANNERS[n](opts["path"], opts, self.dtype, self.mode) for n, opts in models.items()]
+
+    def reward_weights(self, only: PlannedReward | None = None) -> list[torch.Tensor]:
+        """Reward weights on the device: every model's while they are kept, else `only`'s (scoring)."""
+        kept = self.rewards if self.rewards_kept else [only] if only is not None else []
+        return [t for r in kept for t in r.weights]
 
     @property
     def depth(self) -> int:
@@ -465,7 +536,7 @@ class PlanContext:
         encoder."""
         keep_text = self.text_kept if text is None else text and self.text_on_device
         mods = [m for m in (self.text if keep_text else None, getattr(self.codec, "vae", None)) if m is not None]
-        return [t for m in mods for t in (*m.parameters(), *m.buffers())]
+        return [t for m in mods for t in (*m.parameters(), *m.buffers())] + self.reward_weights()
 
     def resident(self, depth: int | None = None, text: bool | None = None) -> list[torch.Tensor]:
         """Every weight the stage holds on the device, with the generator at `depth` layers (`text`: as in
@@ -481,6 +552,8 @@ class PlanContext:
         vae = getattr(self.codec, "vae", None)
         if vae is not None:
             out["vae"] = storage_bytes([*vae.parameters(), *vae.buffers()])
+        for r in self.rewards:
+            out[f"reward:{r.name}"] = storage_bytes(r.weights)
         return out
 
     def budget(self, held: int) -> int:
@@ -539,7 +612,8 @@ class PlanContext:
         rep.flops = rep.flops or 0
         return out, rep
 
-    def _once(self, key: tuple, fn: Callable[[], tuple[int, int]]) -> tuple[int, int]:
+    def _once(self, key: tuple, fn: Callable[[], Any]) -> Any:
+        key = (*key, self.rewards_kept)  # what a phase holds depends on it
         if key not in self._measured:
             self._measured[key] = fn()
         return self._measured[key]
@@ -581,6 +655,49 @@ class PlanContext:
 
         peak, flops = self._once(("decode", frames), run)
         return Phase(f"decode ({videos} video{'s' if videos > 1 else ''})", peak, flops * videos, 1)
+
+    def video_shape(self, frames: int) -> tuple[int, ...]:
+        """[F, 3, H, W] of a decoded video of `frames` latent frames (the codec's own decode, fake)."""
+
+        def run() -> tuple[int, ...]:
+            lat = self.cfg.latent
+            with self.mode:
+                z = torch.zeros(1, frames, lat.channels, lat.height, lat.width)
+            return tuple(self.measure(lambda: self.codec.decode(z, device="meta"), [], flops=False)[0].shape[1:])
+
+        return self._once(("video", frames), run)
+
+    def score_phases(self, frames: int, videos: int) -> list[Phase]:
+        """One scoring batch of each reward model on videos of `frames` latent frames (the videos wait on the
+        host; the reward's own code moves what it scores to the GPU); FLOPs are not counted."""
+        phases = []
+        shape = self.video_shape(frames)
+        for r in self.rewards:
+            b = min(r.batch, videos)
+
+            def run(r=r, b=b) -> tuple[int, int]:
+                with self.mode:
+                    v = torch.zeros(b, *shape, dtype=torch.uint8, device="meta")  # collect keeps uint8 levels
+                rep = self.measure(lambda: r.score(v), [*self.resident(), *self.reward_weights(r)], flops=False)[1]
+                return rep.peak, 0
+
+            peak, _ = self._once(("score", r.name, frames, b, self.rewards_kept, self.text_kept), run)
+            phases.append(Phase(f"score {r.name} ({b} videos)", peak, 0, b))
+        return phases
+
+    def with_rewards(self, stage: Callable[[], StagePlan]) -> StagePlan:
+        """`stage` planned under ``--reward-offload``: with the reward models resident, or (cpu, or auto
+        when that does not fit) off the GPU but while each scores."""
+        if not self.rewards:
+            return stage()
+        mode = self.run.scoring.reward_offload
+        self.rewards_kept = mode != "cpu"
+        sp = stage()
+        if mode == "auto" and not sp.fits(self.run.memory):
+            self.rewards_kept = False
+            sp = stage()
+        sp.notes["rewards_kept"] = self.rewards_kept
+        return sp
 
     def chunk_flops(self) -> tuple[list[int], int]:
         """FLOPs of each chunk of a batch-1 rollout (denoising steps + the clean K/V pass, which the last
@@ -670,8 +787,12 @@ def group_flops(chunks: Sequence[int], cross: int, pivot: int, group_size: int, 
 
 def plan_collect(ctx: PlanContext) -> StagePlan:
     """One fork group: encode the prompt, fork (at the given pivot, or the first and the last), decode G
-    videos. Each fork phase's FLOPs are its pivot's; per group: the mean over pivots 0..L-1 when the pivot
-    is uniform."""
+    videos, score them (one batch of each reward model). Each fork phase's FLOPs are its pivot's; per
+    group: the mean over pivots 0..L-1 when the pivot is uniform."""
+    return ctx.with_rewards(lambda: _plan_collect(ctx))
+
+
+def _plan_collect(ctx: PlanContext) -> StagePlan:
     run, cfg = ctx.run, ctx.cfg
     g, n = run.rollouts.group_size, cfg.num_chunks
     pivots = [run.rollouts.pivot] if run.rollouts.pivot is not None else sorted({0, n - 1})
@@ -689,15 +810,22 @@ def plan_collect(ctx: PlanContext) -> StagePlan:
     bb0 = batches.get(0, g)  # the branch batch matters for the FLOPs at pivot 0 only
     mean = sum(group_flops(chunks, cross, p, g, bb0) for p in drawn) // len(drawn)
     phases.append(ctx.decode_phase(cfg.latent.frames, g))
+    decode = phases[-1].flops
+    phases += ctx.score_phases(cfg.latent.frames, g)
     gpus = run.device.gpus
     work = f"{run.rollouts.groups} groups" + (f" on {gpus} GPUs" if gpus > 1 else "")
-    total = phases[0].flops + mean + phases[-1].flops
+    total = phases[0].flops + mean + decode
     return StagePlan("collect", "group", run.rollouts.groups, phases, parallel=True, unit_flops=total,
                      workload=work, notes={"branch_batch": batches, "pivots": pivots})  # fmt: skip
 
 
 def plan_evaluate(ctx: PlanContext) -> StagePlan:
-    """One batch of evaluate (and merge, per scale): encode B prompts, roll out B videos, decode them."""
+    """One batch of evaluate (and merge, per scale): encode B prompts, roll out B videos, decode and score
+    them."""
+    return ctx.with_rewards(lambda: _plan_evaluate(ctx))
+
+
+def _plan_evaluate(ctx: PlanContext) -> StagePlan:
     run, cfg = ctx.run, ctx.cfg
     full = Sampler(ctx.generator()[1], cfg)
     b = run.rollouts.eval_batch or full.auto_batch(run.rollouts.videos,
@@ -710,7 +838,8 @@ def plan_evaluate(ctx: PlanContext) -> StagePlan:
         return lambda: sampler.rollout(text, sampler.noise_bank(list(range(b)))), [*ctx.resident(depth), text]
 
     peak, flops = ctx.generator_phase(call)
-    phases = [ctx.text_phase(b), Phase(f"rollout ({b} videos)", peak, flops, b), ctx.decode_phase(cfg.latent.frames, b)]
+    phases = [ctx.text_phase(b), Phase(f"rollout ({b} videos)", peak, flops, b), ctx.decode_phase(cfg.latent.frames, b),
+              *ctx.score_phases(cfg.latent.frames, b)]  # fmt: skip
     n = math.ceil(run.rollouts.videos / b)
     return StagePlan("evaluate", f"batch of {b}", n, phases, notes={"eval_batch": b},
                      workload=f"{run.rollouts.videos} videos in {n} batches")  # fmt: skip

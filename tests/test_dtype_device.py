@@ -185,7 +185,9 @@ def test_training_reads_bf16_latents_as_float32(tmp_path, fp32_policy):
     cfg = CollectConfig(prompts=PROMPTS, groups=1, group_size=3, seed=5, pivot="1", store_dtype="bf16")
     collect(fp32_policy, cfg, tmp_path / "buf", progress=False)
     (e16,) = _entries(tmp_path / "buf", "webdataset")
-    trainer = Trainer(TrainConfig(mode="semi", buffer=str(tmp_path / "buf"), lora_rank=4, lora_alpha=4.0))
+    # stored old predictions on both (auto recomputes them for bf16 entries: tests/test_first_update_ratio.py)
+    trainer = Trainer(TrainConfig(mode="semi", buffer=str(tmp_path / "buf"), lora_rank=4, lora_alpha=4.0,
+                                  old_predictions="stored"))  # fmt: skip
     params = trainer.params
 
     def grads(entry):

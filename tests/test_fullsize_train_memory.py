@@ -93,6 +93,9 @@ def test_simulated_update_equals_a_real_one(objective, replay_batch, merge, rows
     text = torch.zeros(1, cfg.arch.text_len, cfg.arch.text_dim)
     model = make_model(cfg).to(torch.bfloat16).requires_grad_(False)
     trainer = Trainer(real_settings, pipeline=Pipeline(cfg, model, FixedText(text), None, SIMULATED))
+    with torch.no_grad():  # an update after the first (what the simulation plans): the old forward runs too
+        for q in trainer.params:
+            q.add_(1e-3)
     entry = simulated_entry(cfg, 2, 6, trainer.objective.fork)
     real = update_memory(trainer, entry, text, flops=True)
     assert trainer.replay.last_batch == fake.notes["replay_batch"] == rows

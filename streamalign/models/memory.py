@@ -108,7 +108,8 @@ class LiveBytes(TorchDispatchMode):
 class HostLogic(TorchDispatchMode):
     """Entered on top of a :class:`FakeTensorMode`: the host-side logic of a stage runs on real values
     while the device work stays simulated, so code that reads values (rewards and advantages, anchor
-    draws, boolean-mask indexing, an optimizer's step counter) runs unchanged on fake weights.
+    draws, boolean-mask indexing -- of fake tensors too, by real masks --, an optimizer's step counter) runs
+    unchanged on fake weights.
 
     An op whose tensor arguments are all real runs for real; a factory (no tensor arguments) is real when
     its result has at most ``REAL_FACTORY_NUMEL`` elements; every other op is fake. A value read from a
@@ -136,6 +137,17 @@ class HostLogic(TorchDispatchMode):
             if tensors[0].dtype == torch.bool and self.healthy:
                 return True
             raise RuntimeError(f"simulated run: control flow reads a {tensors[0].dtype} value of a fake tensor")
+        if func is torch.ops.aten.index.Tensor and fake[0] and not any(fake[1:]):
+            # a fake tensor indexed by real boolean masks: their coordinates (real, exact) instead, so the
+            # result's shape is known (a boolean mask's count would be data-dependent to a fake mode)
+            indices = []
+            for i in args[1]:
+                if isinstance(i, torch.Tensor) and i.dtype == torch.bool:
+                    with _disable_current_modes():
+                        indices.extend(i.nonzero(as_tuple=True))
+                else:
+                    indices.append(i)
+            return func(args[0], indices)
         if any(fake):
             if func._schema.is_mutable:
                 for a in func._schema.arguments:

@@ -116,6 +116,11 @@ class TrainHardware(Hardware):
     replay_batch: int | None = arg(None, "Replay rows per forward/backward (default: from the memory budget).")
     checkpointing: Literal["auto", "on", "off"] = arg("auto", "Activation checkpointing per block: auto (on CUDA) "
                                                       "| on | off.")  # fmt: skip
+    # the old policy's predictions of the replayed rows (docs/numerics.md): recomputed under this run's numerics
+    # (one more forward per group, no grad) or read from the buffer; auto recomputes unless both the
+    # buffer's latents and this run's compute are float32 (where the stored ones are reproduced exactly)
+    old_predictions: Literal["auto", "recompute", "stored"] = arg("auto", "Old-policy predictions of the replayed "
+                                                                  "rows: auto | recompute | stored.")  # fmt: skip
     # a frozen base too big to replicate: FSDP2 shards it over the ranks (per block + root), the LoRA stays
     # replicated and is reduced as without; every rank then runs the same model passes (see train/shard.py)
     shard_base: bool = arg(False, "Shard the frozen base weights over the ranks with FSDP2 (torchrun, --mode semi).")

@@ -34,6 +34,7 @@ from ..io.files import require_paths, staged_folder, write_atomic
 from ..io.outputs import MARKER, open_output, overwrite_permitted, permit_overwrite
 from ..io.progress import progress_bar
 from ..models.checkpoint import shipped_lora
+from ..models.kv_cache import compute_dtype
 from ..models.noise import derive_seed
 from ..models.placement import Placement
 from ..models.sampler import Sampler
@@ -52,6 +53,7 @@ from .identity import Resume, UnfinishedRun, check_run_folder
 from .metrics import METRICS, MetricsLog, read_metrics
 from .objectives import GroupInput
 from .objectives.base import composite_rewards
+from .old_policy import OldPolicy, recompute_wanted
 from .plan import plan_train  # noqa: F401  (registers the train stage that check_stage plans)
 from .replay import PivotReplay
 from .shard import kept_bytes, shard_base, stand_in
@@ -122,6 +124,14 @@ class Trainer:
         self.params = [p for _, p in lora_parameters(self.peft)]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.objective.bind(self.params)  # objectives with policy copies (NFT: old and reference) keep them
+        # the old predictions of a replay: recomputed under this run's numerics for entries of a known policy
+        self.reduced = self.bf16 or compute_dtype(self.model) != torch.float32
+        self.old = self.replay.old = OldPolicy(self.params)
+        self.old.remember(base.policy_id, [torch.zeros_like(p) if ".lora_B." in n else p.detach().clone()
+                                           for n, p in lora_parameters(self.peft)])  # fmt: skip  (B = 0: the base)
+        if cfg.lora.init_adapter is not None and pipeline is None:  # a buffer collected with the starting adapter
+            self.old.remember(init_policy_id(cfg))
+        self.unknown_policies = 0  # entries whose rollout policy this run cannot recompute (stored predictions)
         if self.lockstep:
             self.replay.lockstep = True
             if rank == 0:
@@ -176,6 +186,13 @@ class Trainer:
         bad: str | None = None  # the first non-finite value of this rank: the step is not applied
         for e in groups:
             self.check_entry(e)
+            self.replay.recompute_old = recompute_wanted(self.cfg.hardware.old_predictions, self.reduced, e.dtype)
+            if self.replay.recompute_old and self.old.of(e.policy_id) is None:
+                if not self.unknown_policies:
+                    log.warning("entry %s was rolled out by policy %s, which this run does not start from: its "
+                                "stored old predictions are used (the ratio of an unchanged policy may not be 1)",
+                                e.entry_id, e.policy_id)  # fmt: skip
+                self.unknown_policies += 1
             e = e.cast(torch.float32)  # stored bf16/fp16 latents: the sampler works in float32
             seed = entry_seed(self.cfg.seed, step, e.entry_id)
             if bad is None and (rewards := self.bad_reward(e)) is not None:
@@ -322,16 +339,23 @@ def policy_text(m: ModelSection) -> str:
     return describe_policy(base_checkpoint(model, m.checkpoint), lora, alpha if lora is not None else None)
 
 
+def init_policy_id(cfg: TrainConfig) -> str:
+    """The policy id of the run's starting point with ``--init-adapter`` (base + shipped LoRA + that adapter):
+    a buffer collected with it is this run's own."""
+    m = cfg.model
+    model = ModelConfig.load(m.config)
+    checkpoint, lora = base_checkpoint(model, m.checkpoint), shipped_lora(model, m.base_lora)
+    return policy_id(checkpoint, cfg.lora.init_adapter, None, lora, m.base_lora_alpha)
+
+
 def _check_policy(cfg: TrainConfig, trainer: Trainer, buffer_ids: set[str]) -> None:
     """Semi-on-policy: the buffer's groups were rolled out by the policy this run trains (its base weights
     and shipped LoRA; or that policy with --init-adapter, which the run continues from). Another base or
     LoRA is refused in one line naming both."""
     m = cfg.model
-    model = ModelConfig.load(m.config)
-    checkpoint, lora = base_checkpoint(model, m.checkpoint), shipped_lora(model, m.base_lora)
     ours = {trainer.policy.policy_id}
     if cfg.lora.init_adapter is not None:
-        ours.add(policy_id(checkpoint, cfg.lora.init_adapter, None, lora, m.base_lora_alpha))
+        ours.add(init_policy_id(cfg))
     if buffer_ids <= ours:
         return
     local = local_path(cfg.data.buffer)
@@ -453,6 +477,8 @@ def train(
                 rollout_policy = Pipeline(
                     trainer.policy.config, trainer.model, trainer.policy.text, trainer.policy.codec, version
                 )
+                trainer.old.weights.pop(f"{trainer.policy.policy_id}+it{it - 1:05d}", None)
+                trainer.old.remember(version)  # this iteration's old policy: its rollouts' weights
                 prefix = f"it{it:05d}-"
                 with trainer.autocast():  # the updates' precision; branch batches from the device's free memory
                     collect(rollout_policy, ccfg, rollouts, rank, world, progress=False, shard_prefix=prefix)

@@ -8,6 +8,7 @@ import math
 
 from ..plan import CUDA_RESERVE, Phase, PlanContext, PlanRun, StagePlan, register_stage, storage_bytes
 from ..plan import plan_command as _plan_command
+from ..rewards import plan as _reward_planners  # noqa: F401  (registers the reward models' planners)
 from .config import TrainConfig
 
 
@@ -32,6 +33,10 @@ def plan_train(ctx: PlanContext) -> StagePlan:
     ``--shard-base`` on G > 1 GPUs (FSDP2, see :func:`sharded_peak`): each GPU keeps 1/G of the base weights,
     plus the weights FSDP2 all-gathers for the passes. Arithmetic on the measured replicated update (FSDP2
     cannot run on fake tensors without a process group); not measured on GPUs."""
+    return ctx.with_rewards(lambda: _plan_train(ctx))  # held by --mode on (rollouts) and --eval-every
+
+
+def _plan_train(ctx: PlanContext) -> StagePlan:
     from .memory import train_update_memory
 
     run, cfg = ctx.run, ctx.cfg

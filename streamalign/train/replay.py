@@ -16,6 +16,7 @@ import torch
 from ..models.kv_cache import KVCache
 from ..models.sampler import Sampler
 from ..schemas.buffer import Entry
+from .old_policy import OldPolicy, loaded_weights
 from .shard import Lockstep
 
 CONTEXT_MODES = ("recompute", "stored")
@@ -37,6 +38,8 @@ class PivotReplay:
         self.memory_budget = memory_budget
         self.last_batch: int | None = None  # rows per forward of the last predict (reports)
         self.lockstep = False  # --shard-base: every rank runs the same model passes (see train/shard.py)
+        self.old: OldPolicy | None = None  # the old policies' weights (see train/old_policy.py)
+        self.recompute_old = False  # set per entry by the trainer: recompute its old predictions
 
     @torch.no_grad()
     def prefix(self, entry: Entry, text: torch.Tensor) -> KVCache:
@@ -79,3 +82,22 @@ class PivotReplay:
         return s.predict_rows(
             x_t.to(dev, torch.float32), t.to(dev), sigma.to(dev), text, cache, entry.pivot * s.chunk_frames, batch
         )
+
+    def old_predict(
+        self, entry: Entry, text: torch.Tensor, x_t: torch.Tensor, steps: torch.Tensor, stored: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The old policy's x0 predictions [N, c, C, H, W] of the rows :meth:`predict` is about to replay
+        (same arguments), without gradients; call it BEFORE that predict (its weights are swapped in place).
+        `stored`: the entry's stored predictions of those rows, returned when they are not recomputed
+        (``recompute_old`` off, or the entry's policy is not one this run knows). None: the old policy's
+        weights are the current ones, so its predictions are the current predict's, detached (bit for bit
+        what the recomputation would give: the same rows, batches and autocast)."""
+        values = self.old.of(entry.policy_id) if self.old is not None and self.recompute_old else None
+        if values is not None and not self.lockstep and self.old.is_current(values):
+            return None
+        if values is None and not (self.lockstep and self.recompute_old):
+            return stored.to(next(self.sampler.model.parameters()).device, torch.float32)
+        # under --shard-base every rank runs these passes (an entry of an unknown policy: thrown away)
+        with loaded_weights(self.old.params, values) if values is not None else torch.no_grad():
+            old = self.predict(entry, text, x_t, steps)
+        return old if values is not None else stored.to(old.device, torch.float32)

@@ -2,7 +2,8 @@
 
 For anchor k (drawn from the G branches) and denoising step t of the pivot chunk:
 ``a = F_theta(x_t^k, ctx, t)``; ``d_i = mean((x0_old_i - a)^2)``; ``pi_theta(i) = softmax_i(-d_i / tau)``;
-``pi_old`` the same with ``a_old = x0_old_k``; ``rho_i = pi_theta(i) / pi_old(i)``;
+``pi_old`` the same with ``a_old`` the old policy's prediction of the anchor (``x0_old_k``, or recomputed under the
+trainer's numerics: train/old_policy.py); ``rho_i = pi_theta(i) / pi_old(i)``;
 ``loss = -mean_i min(A_i rho_i, A_i clip(rho_i, 1 - eps, 1 + eps))`` averaged over anchors and steps.
 The adaptive tau is ``tau_scale x`` the median off-anchor distance of the old policy, per denoising step
 (``tau_mode="step"``, the default) or pooled over the steps (``"pooled"``), so d/tau is O(1). Per step
@@ -70,15 +71,18 @@ def copo_terms(
     clip: bool = True,
     tau_scale: float = 1.0,
     tau_mode: str = "pooled",
+    a_old: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CoPO loss for current predictions a [K, S, *D] at anchors [K] (indices into the G branches) and
     the S chosen steps; x0_old [G, S, *D] old predictions of every branch at those steps; adv [G].
+    `a_old` [K, S, *D]: the old policy's predictions at the anchors, recomputed under the trainer's numerics
+    (default: the stored ``x0_old[anchors]``); pi_old's distances are measured from it.
     Stats: tau (the mean over steps of the adaptive tau), tau_spread (largest / smallest per-step tau;
     1 for a pooled or fixed tau), d_over_tau (median), categorical_kl (exact KL(pi_old || pi_theta) of
     the G-way softmaxes, mean over anchors and steps) and ``ratio_stats``."""
     d = pairwise_sq_dist(a.float(), x0_old.float())  # [K, S, G]
     with torch.no_grad():
-        d_old = pairwise_sq_dist(x0_old[anchors].float(), x0_old.float())
+        d_old = pairwise_sq_dist((x0_old[anchors] if a_old is None else a_old).float(), x0_old.float())
         t = adaptive_tau(d_old, anchors, tau_scale, tau_mode) if tau is None else torch.as_tensor(float(tau))
     logp = torch.log_softmax(-d / t, dim=-1)
     logp_old = torch.log_softmax(-d_old / t, dim=-1)
@@ -131,14 +135,15 @@ class CoPO(Objective):
         steps = torch.arange(t)
         if self.steps is not None and self.steps < t:
             steps = torch.randperm(t, generator=group.generator)[: self.steps].sort().values
-        x_t = e.x_t[anchors][:, steps].float()  # [K, S, c, C, H, W]
-        pred = policy.predict(e, group.text, x_t.flatten(0, 1), steps.repeat(k))
+        x_t = e.x_t[anchors][:, steps].float().flatten(0, 1)  # [K x S, c, C, H, W]
+        old = policy.old_predict(e, group.text, x_t, steps.repeat(k), e.x0_old[anchors][:, steps].flatten(0, 1))
+        pred = policy.predict(e, group.text, x_t, steps.repeat(k))
         a = pred.view(k, len(steps), *pred.shape[1:])
+        a_old = (pred.detach() if old is None else old).view_as(a)
         adv = group_advantages(rewards)
         x0_old = e.x0_old[:, steps].to(a.device)
-        loss, stats = copo_terms(
-            a, x0_old, anchors, adv.to(a.device), self.tau, self.eps, self.clip, self.tau_scale, self.tau_mode
-        )
+        loss, stats = copo_terms(a, x0_old, anchors, adv.to(a.device), self.tau, self.eps, self.clip, self.tau_scale,
+                                 self.tau_mode, a_old)  # fmt: skip
         return GroupLoss(loss, {**stats, **info})
 
 

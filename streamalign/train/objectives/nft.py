@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from ...schemas.run import arg
+from ..old_policy import loaded_weights
 from ..replay import PivotReplay
 from .base import GroupInput, GroupLoss, Objective, ObjectiveConfig, group_advantages, group_rewards, register_objective
 
@@ -68,6 +68,14 @@ def selective_kl_mask(primary: torch.Tensor, aux: torch.Tensor | None, kappa: fl
     return mask
 
 
+def old_deviation(v_theta: torch.Tensor, v_old: torch.Tensor) -> float:
+    """The largest relative distance ``|v_theta_i - v_old_i| / |v_old_i|`` (L2 over each sample [N, ...]) of
+    the current from the old policy: NFT's counterpart of the ratio objectives' ratio_dev_max (0 while the
+    two policies are the same: its old predictions are recomputed under the trainer's numerics)."""
+    diff = (v_theta.double() - v_old.double()).flatten(1).norm(dim=1)
+    return float((diff / v_old.double().flatten(1).norm(dim=1).clamp(min=1e-30)).max())
+
+
 @dataclass
 class NFT(Objective):
     beta: float = 0.1
@@ -83,8 +91,8 @@ class NFT(Objective):
     primary: str | None = None  # primary reward name (default: the highest weight of the entry's composite)
     name: str = "nft"
     stat_keys: tuple[str, ...] = (
-        "nft_loss", "kl", "kl_mask_rate", "kappa", "old_decay", "ref_resets", "reward", "reward_std", "adv_std",
-        "zero_variance",
+        "nft_loss", "kl", "kl_mask_rate", "kappa", "old_decay", "ref_resets", "old_dev_max", "reward", "reward_std",
+        "adv_std", "zero_variance",
     )  # fmt: skip
     params: list[torch.nn.Parameter] = field(default_factory=list, repr=False)
     old: list[torch.Tensor] = field(default_factory=list, repr=False)
@@ -109,20 +117,9 @@ class NFT(Objective):
         self.old = [p.detach().clone() for p in self.params]
         self.ref = [p.detach().clone() for p in self.params]
 
-    @contextlib.contextmanager
-    def weights(self, values: list[torch.Tensor]) -> Iterator[None]:
+    def weights(self, values: list[torch.Tensor]) -> contextlib.AbstractContextManager[None]:
         """Temporarily load `values` into the trainable parameters (no grad inside)."""
-        keep = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, v in zip(self.params, values, strict=True):
-                p.copy_(v)
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            with torch.no_grad():
-                for p, v in zip(self.params, keep, strict=True):
-                    p.copy_(v)
+        return loaded_weights(self.params, values)
 
     def after_step(self, step: int, stats: dict[str, float]) -> None:
         """After update `step` (1-based): soft-update old, adapt kappa, maybe reset the reference."""
@@ -188,6 +185,7 @@ class NFT(Objective):
             "kappa": self.kappa,
             "old_decay": self.last_decay,
             "ref_resets": float(self.ref_resets),
+            "old_dev_max": old_deviation(v_theta.detach(), v_old),
         }
         return GroupLoss(loss, {**stats, **info})
 

@@ -69,13 +69,16 @@ class SDEGRPO(Objective):
         steps = torch.arange(t - 1)
         x_in = e.x_t[branches][:, :-1].float()  # [K, T-1, c, C, H, W]
         x_next = e.x_t[branches][:, 1:].float()
-        x0 = policy.predict(e, group.text, x_in.flatten(0, 1), steps.repeat(k)).float()
+        rows = (e, group.text, x_in.flatten(0, 1), steps.repeat(k))
+        old = policy.old_predict(*rows, e.x0_old[branches][:, :-1].flatten(0, 1))
+        x0 = policy.predict(*rows).float()
+        x0_old = x0.detach() if old is None else old.float()
         dev = x0.device
         s_next = torch.tensor(policy.sampler.schedule.sigmas, dtype=torch.float64)[1:].repeat(k).to(dev)
         nxt = x_next.flatten(0, 1).to(dev)
         mean = (1 - s_next).view(-1, *([1] * (x0.dim() - 1))).float()
         logp = gaussian_logprob(nxt, mean * x0, s_next)
-        logp_old = gaussian_logprob(nxt, mean * e.x0_old[branches][:, :-1].flatten(0, 1).float().to(dev), s_next)
+        logp_old = gaussian_logprob(nxt, mean * x0_old.to(dev), s_next)
         adv = group_advantages(rewards)[branches].repeat_interleave(t - 1).to(dev)
         loss, ratio_stats = clipped_surrogate(logp - logp_old, adv, self.eps, self.clip)
         stats = {"log_ratio_abs_mean": float((logp - logp_old).detach().abs().mean()), **ratio_stats}

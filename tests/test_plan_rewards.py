@@ -1,0 +1,103 @@
+"""Reward models in the plan (issue 28 item 1): VideoAlign planned from its configs alone on fake tensors
+equals the real adapter's tracked memory at reduced width (a tiny Qwen2-VL built in code): the same
+weight bytes, and the same peak of one scoring batch; a plan with a reward model counts its weights
+beside the generator's and sizes the branch batches with them held."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from streamalign.models.memory import LiveBytes, measure, storage_bytes
+from streamalign.plan import PlanContext, PlanRun, plan_stage
+from streamalign.rewards.models.videoalign import VideoAlignReward
+from streamalign.rewards.plan import plan_videoalign
+from tests.test_reward_models import save_videoalign
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("videoalign")
+    save_videoalign(path)
+    return path
+
+
+def config_only(folder, to):
+    """The folder without weights or tokenizer: model_config.json and the Qwen2-VL config.json."""
+    to.mkdir()
+    for name in ("model_config.json", "config.json"):
+        shutil.copy(folder / name, to / name)
+    return to
+
+
+class DeviceBytes(LiveBytes):
+    """LiveBytes of the real run without the input videos' storage (on a GPU they wait on the host), and the
+    bytes of the integer / boolean tensors it creates (token ids, masks, frame and patch indices: the plan
+    computes them on the host, real, so it does not count them)."""
+
+    def __init__(self, host: torch.Tensor) -> None:
+        super().__init__(device="cpu")
+        self.host = host.untyped_storage().data_ptr()
+        self.index_bytes = 0
+
+    def _add(self, t: torch.Tensor) -> None:
+        if t.untyped_storage().data_ptr() == self.host:
+            return
+        before = self.current
+        super()._add(t)
+        if t.dtype in (torch.int64, torch.int32, torch.bool):
+            self.index_bytes += self.current - before
+
+
+def test_planned_videoalign_equals_the_real_tracked_peak(folder, tmp_path):
+    torch.manual_seed(0)
+    videos = (torch.rand(2, 20, 3, 56, 84) * 255).to(torch.uint8)  # uint8 levels, as collect keeps them
+    real = VideoAlignReward(folder, device="cpu", dtype="float32")
+    weights = [*real.net.parameters(), *real.net.buffers()]
+    prompt = "a red square moves left"
+    tracker = DeviceBytes(videos)
+    _, rep = measure(lambda: real._score(videos, [prompt, prompt], 16.0), track=weights, tracker=tracker)
+    text_tokens = len(real.tokenizer(real.prompt(prompt))["input_ids"]) - 1  # all but the one <|video_pad|>
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    planned = plan_videoalign(str(config_only(folder, tmp_path / "cfg")), {"plan_text_tokens": text_tokens},
+                              torch.float32, mode)  # fmt: skip
+    assert storage_bytes(planned.weights) == storage_bytes(weights) and planned.batch == real.batch_size
+    with mode:
+        fake = torch.zeros(2, 20, 3, 56, 84, dtype=torch.uint8, device="meta")
+    with mode, torch.no_grad():
+        _, planned_rep = measure(lambda: planned.score(fake), track=planned.weights, tracker=LiveBytes(device="cpu"))
+    # equal but for the host-side index tensors (here 0.2% of the peak; at full size a few hundred KB of GBs)
+    assert tracker.index_bytes < 0.01 * rep.peak
+    assert rep.peak - tracker.index_bytes <= planned_rep.peak <= rep.peak, (planned_rep.peak, rep.peak)
+
+
+@pytest.mark.slow
+def test_a_plan_counts_the_reward_model_and_batches_with_it(folder, tmp_path):
+    """Three shapes plans (~1 min each on 2 loaded cores): a large-vocabulary VideoAlign config held beside
+    the generator leaves the branch batches less memory; offloaded, the fork phases do not hold it."""
+    cfg = config_only(folder, tmp_path / "cfg")
+    data = json.loads((cfg / "config.json").read_text())
+    data["text_config"]["vocab_size"] = 200_000  # ~26 MB of fp32 embeddings: comparable to the branch batches
+    (cfg / "config.json").write_text(json.dumps(data))
+    common = dict(config="shapes", dtype="fp32", stages=("collect",), gpu_memory=1.02, full_depth=True)
+    bare = plan_stage("collect", PlanRun.build(**common), flops=False)
+    run = PlanRun.build(**common, rewards="videoalign.VQ=1,videoalign.MQ:gray=1",
+                        reward_paths={"videoalign": str(cfg)}, reward_offload="keep")  # fmt: skip
+    kept = plan_stage("collect", run, flops=False)
+    off = plan_stage("collect", run.replace(reward_offload="cpu"), flops=False)
+    rm = PlanContext(run, flops=False).weights()["reward:videoalign"]
+    assert rm > 20e6 and kept.notes["rewards_kept"] and not off.notes["rewards_kept"]
+    assert any(p.name.startswith("score videoalign (2 videos)") for p in kept.phases)
+    bb_bare, bb_kept = bare.notes["branch_batch"], kept.notes["branch_batch"]
+    assert all(bb_kept[p] <= bb_bare[p] for p in bb_bare) and any(bb_kept[p] < bb_bare[p] for p in bb_bare)
+    assert off.notes["branch_batch"] == bb_bare  # offloaded: the forks have the memory they had without it
+    forks = [p for p in kept.phases if p.name.startswith("fork")]
+    assert all(p.peak > rm for p in forks)  # the held reward weights are in every fork phase's peak
+    score_kept = next(p for p in kept.phases if p.name.startswith("score"))
+    score_off = next(p for p in off.phases if p.name.startswith("score"))
+    assert score_kept.peak == score_off.peak  # one reward model: scoring holds the same either way
