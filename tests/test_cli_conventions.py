@@ -24,6 +24,20 @@ def test_version_and_short_help():
     assert "--run-config" in r.output and "Model" in r.output and "(default: 64)" in r.output
 
 
+def test_every_command_renders_its_help():
+    """Help texts are plain text: brackets in them ("hf://ORG/REPO[@REV][/PATH]") once crashed --help, as
+    typer renders help as rich markup."""
+    commands = [[c.name] for c in app.registered_commands]
+    for group in app.registered_groups:
+        commands += [[group.name, c.name] for c in group.typer_instance.registered_commands]
+    assert len(commands) > 15
+    for cmd in commands:
+        r = runner.invoke(app, [*cmd, "-h"], env={"COLUMNS": "250"})
+        assert r.exit_code == 0, (cmd, r.exception)
+    r = runner.invoke(app, ["collect", "-h"], env={"COLUMNS": "250"})
+    assert "hf://ORG/REPO[@REV][/PATH]" in r.output
+
+
 def test_bad_choice_is_one_line_naming_the_flag(tmp_path):
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--buffer", "b", "--autocast", "fp8"])
     assert r.exit_code == 2 and "--autocast" in r.stderr and len(r.stderr.strip().splitlines()) == 1

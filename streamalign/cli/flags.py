@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import BaseModel
+from rich.markup import escape
 from pydantic.fields import FieldInfo
 
 from ..io.files import DISK_FULL
@@ -105,10 +106,12 @@ def config_flags(cls: type[RunConfig]) -> tuple[list[inspect.Parameter], dict[st
         allowed = choices(info)
         completion = {"metavar": "[" + "|".join(allowed) + "]", "autocompletion": _completer(allowed)} \
             if allowed else {}  # fmt: skip
+        # help texts are plain text: typer renders them as rich markup, where "[@REV][/PATH]" is a tag
+        text = escape((info.description or "") + shown)
         if extra.get("argument"):
-            option = typer.Argument(help=info.description, show_default=False, **completion)
+            option = typer.Argument(help=text, show_default=False, **completion)
         else:
-            option = typer.Option(*names, help=(info.description or "") + shown, show_default=False,
+            option = typer.Option(*names, help=text, show_default=False,
                                   rich_help_panel=panel, **completion)  # fmt: skip
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[typ | None, option]))  # fmt: skip
