@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import BaseModel
-from rich.markup import escape
 from pydantic.fields import FieldInfo
+from rich.markup import escape
 
 from ..io.files import DISK_FULL
 from ..io.outputs import check_output, clear_unused, is_empty, missing_folders, permit_overwrite, remove_unused
