@@ -46,6 +46,20 @@ def test_kv_storage_is_allocated_once_per_shape(tiny, text):
     assert [t.data_ptr() for t in sampler._buffers["main"]._bufs.values()] == ptrs
 
 
+def test_a_grown_buffer_frees_the_old_one_before_taking_the_new():
+    """Growing a kept buffer holds the new size only, never old + new at once."""
+    from streamalign.models.kv_cache import KVBuffers
+    from streamalign.models.memory import LiveBytes
+
+    bufs, cpu = KVBuffers(), torch.device("cpu")
+    bufs.take(0, "k", (1, 100, 2, 8), torch.float32, cpu)  # 6,400 bytes
+    with LiveBytes() as m:
+        m.track(*bufs._bufs.values())  # the old buffer counts as live until its storage is released
+        view = bufs.take(0, "k", (2, 300, 2, 8), torch.float32, cpu)
+    assert view.shape == (2, 300, 2, 8) and bufs.nbytes() == m.current == 2 * 300 * 2 * 8 * 4
+    assert m.peak == 2 * 300 * 2 * 8 * 4
+
+
 def test_fake_weights_never_keep_storage(tiny):
     from torch._subclasses.fake_tensor import FakeTensorMode
 

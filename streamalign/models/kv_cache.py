@@ -99,7 +99,9 @@ class KVBuffers:
         )
         if not fits or buf.shape[0] < shape[0] or buf.shape[1] < shape[1]:
             size = shape if not fits else (max(buf.shape[0], shape[0]), max(buf.shape[1], shape[1]), *shape[2:])
-            del buf  # the old buffer's memory is free before the new one is taken
+            # the old buffer's memory is free before the new one is taken (the dict holds it too)
+            del buf
+            self._bufs.pop((layer, kind), None)
             buf = self._bufs[(layer, kind)] = torch.empty(size, dtype=dtype, device=device)
         return buf[: shape[0], : shape[1]]
 
