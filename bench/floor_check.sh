@@ -5,6 +5,7 @@
 # against this tree. Writes results/floor_check.json (versions installed, tests, exit code, seconds).
 #
 #   bash bench/floor_check.sh [VENV_DIR]     # default: a temporary folder, deleted afterwards
+#   FLOOR_CHECK_RESULTS=FILE bash bench/floor_check.sh   # the JSON elsewhere (the slow test does)
 #
 # Needs the package index (PyPI's Linux torch wheels are CUDA builds: ~0.8 GB, plus ~2.5 GB of nvidia-*
 # wheels that torch needs even to import on a CPU; ~6 GB installed) and ~10 minutes on 2 cores.
@@ -44,12 +45,13 @@ set +e
 rc=${PIPESTATUS[0]}
 set -e
 summary=$(grep -E "passed|failed|error" "$VENV/pytest.log" | tail -1)
-mkdir -p "$ROOT/results"
-"$PY" - "$ROOT/results/floor_check.json" "$installed" "$rc" "$summary" "$(( $(date +%s) - start ))" "${TESTS[@]}" <<'EOF'
+RESULTS="${FLOOR_CHECK_RESULTS:-$ROOT/results/floor_check.json}"
+mkdir -p "$(dirname "$RESULTS")"
+"$PY" - "$RESULTS" "$installed" "$rc" "$summary" "$(( $(date +%s) - start ))" "${TESTS[@]}" <<'EOF'
 import json, sys
 out, installed, rc, summary, seconds, *tests = sys.argv[1:]
 json.dump({"bench": "bench/floor_check.sh", "installed": json.loads(installed), "tests": tests,
            "pytest_exit": int(rc), "pytest_summary": summary, "seconds": int(seconds)}, open(out, "w"), indent=1)
 EOF
-echo "wrote $ROOT/results/floor_check.json (pytest exit $rc: $summary)"
+echo "wrote $RESULTS (pytest exit $rc: $summary)"
 exit "$rc"

@@ -21,7 +21,7 @@ from streamalign.schemas.config import ModelConfig
 INTEGRATION = frozenset({
     "test_branch_ranks.py", "test_buffer_cli.py", "test_cli_conventions.py", "test_collect.py",
     "test_collect_overlap.py", "test_crash_matrix.py", "test_distributed.py", "test_dtype_device.py",
-    "test_error_catalogue.py", "test_experiments.py", "test_gpu_check.py", "test_integrity.py",
+    "test_error_catalogue.py", "test_experiments.py", "test_floors.py", "test_gpu_check.py", "test_integrity.py",
     "test_merge_evaluate.py", "test_outputs.py", "test_readme.py", "test_reward_sources.py", "test_run_config.py",
     "test_shard_base.py", "test_streaming.py", "test_train.py", "test_train_gain.py", "test_trust.py", "test_urls.py",
     "test_vbench.py",

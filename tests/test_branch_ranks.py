@@ -44,6 +44,7 @@ def test_a_share_cut_inside_a_batch_is_the_same_rollout(tiny, text):
         sampler.fork_group(text, sampler.noise_bank(4), 1, 4, branches=(3, 5))
 
 
+@pytest.mark.slow  # ~30 s (3 processes); the shares it relies on are checked above in-process
 def test_two_branch_ranks_write_the_entries_of_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["collect", "--groups", "3", "-G", "4", "--branch-batch", "2", "--entries-per-shard", "2", "--seed", "3"]

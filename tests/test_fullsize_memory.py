@@ -131,7 +131,8 @@ def test_fullsize_fork_group_peak(name, pivot, record_property):
     assert must_hold <= report.peak <= FULL_LIMIT_GIB[name] * GiB
 
 
-@pytest.mark.parametrize("name", ["wan-1.3b", pytest.param("wan-14b", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~25 s at wan-1.3b; the reduced-width fork tests check the same estimate's arithmetic
+@pytest.mark.parametrize("name", ["wan-1.3b", "wan-14b"])
 def test_branch_bytes_bounds_what_one_more_branch_costs(name):
     """The auto branch batch rests on Sampler.branch_bytes: at full width and tokens per frame (2 chunks
     of 480x832 latents, pivot 1), adding a branch to the batch must cost no more than it estimates."""

@@ -155,6 +155,12 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path):
     d = tmp_path / "demo"
     h = json.loads((d / "demo.json").read_text())
     assert set(h["stage_seconds"]) == {"collect", "train semi", "train on", "merge sweep", "evaluate"}
+    # the default run's evidence that training aligns (the longer runs are in test_train_gain.py, slow):
+    # the sweep selects a trained scale, and on held-out prompts and fresh seeds (paired with the base's
+    # noise) the composite rises and background cleanliness rises with a paired interval above 0
+    assert h["selected_scale"] > 0 and h["evaluated"] != "base"
+    assert h["held_out_composite"]["diff"] > 0.05, h["held_out_composite"]
+    assert h["held_out_background_cleanliness"]["ci_low"] > 0, h["held_out_background_cleanliness"]
     for f in ("merge/sweep.md", "merge/sweep.png", "report/report.md", "report/diffs.png", "report/samples/grid-0.png"):
         assert (d / f).is_file(), f
     kinds = {".": "demo", "buffer": "collect", "semi": "train", "on": "train", "on/rollouts": "collect",

@@ -164,11 +164,13 @@ def test_free_offload_drops_the_weights_and_reloads_them_on_demand(wan_folder):
     PROMPT_CACHE.clear()
     keep = UMT5TextEncoder.from_pretrained(wan_folder, max_len=10)
     free = UMT5TextEncoder.from_pretrained(wan_folder, max_len=10, offload="free")
-    want = keep.encode_with_mask(["a red circle", "blue circle"])[0]
+    # one prompt per batch on both sides: a batch of 2 may round differently from a batch of 1 (it does on
+    # torch 2.7's kernels, by 2e-7), and what is compared here is the offload, not the batching
+    red, blue = (keep.encode_with_mask([p])[0] for p in ("a red circle", "blue circle"))
     PROMPT_CACHE.clear()
-    assert torch.equal(free.encode(["a red circle"]), want[:1]) and free.model is None
-    assert torch.equal(free.encode(["a red circle"]), want[:1]) and free.model is None  # cached: no reload
-    assert torch.equal(free.encode(["blue circle"]), want[1:]) and free.encoded == 2  # reloaded, then freed
+    assert torch.equal(free.encode(["a red circle"]), red) and free.model is None
+    assert torch.equal(free.encode(["a red circle"]), red) and free.model is None  # cached: no reload
+    assert torch.equal(free.encode(["blue circle"]), blue) and free.encoded == 2  # reloaded, then freed
 
 
 def test_auto_offload_moves_a_large_encoder_off_the_accelerator():

@@ -26,6 +26,7 @@ def gain(adapter: Path) -> dict[str, dict[str, float]]:
     return paired_differences(base, score_policy(Pipeline.load("shapes", lora=adapter), *FRESH, reward))
 
 
+@pytest.mark.slow  # ~2 min; the default run's evidence of alignment is the demo's (test_merge_evaluate.py)
 def test_semi_on_policy_run_raises_the_composite(tmp_path):
     """64 groups of G=8 from the shipped model, then 40 CoPO updates of 8 groups (the demo's lr 3e-5): ~1 min."""
     collect(Pipeline.load("shapes"), CollectConfig(prompts=PROMPTS, groups=64, group_size=8, seed=1), tmp_path / "buf",
