@@ -5,6 +5,7 @@ text-encoder, codec, reward-model and FSDP tests there (needs the package index,
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,7 +22,8 @@ def test_the_floor_versions_pass_the_model_reward_codec_and_fsdp_tests(tmp_path)
     out = tmp_path / "floor_check.json"
     proc = subprocess.run(
         ["bash", str(ROOT / "bench" / "floor_check.sh"), str(tmp_path / "venv")],
-        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "FLOOR_CHECK_RESULTS": str(out), "HOME": str(tmp_path)},
+        # the caller's environment (package index settings, certificates) with the project venv's Python
+        env={**os.environ, "PYTHON": sys.executable, "FLOOR_CHECK_RESULTS": str(out)},
         capture_output=True,
         text=True,
     )
