@@ -861,7 +861,8 @@ def plan_generate(ctx: PlanContext) -> StagePlan:
             cache = None
             if chunks > gcfg.num_chunks or gcfg.cache.window is not None:
                 window = gcfg.cache.window or gcfg.num_chunks * c
-                cache = KVCache.for_model(model, 1, gcfg.tokens_per_frame, sink=gcfg.cache.sink, window=window)
+                cache = KVCache.for_model(model, 1, gcfg.tokens_per_frame, sink=gcfg.cache.sink, window=window,
+                                          recompute_context=gcfg.cache.recompute_context)  # fmt: skip
             return sampler.generate([Segment(text, chunks)], sampler.noise_bank([0]), cache)
 
         return go, [*ctx.resident(depth), text]

@@ -73,6 +73,8 @@ def test_presets_hold_the_reference_values():
     assert sf.cache.window is None and cf.cache.window is None
     assert (ll.cache.sink, ll.cache.window) == (3, 9)  # local_attn_size 12 with sink_size 3 inside it
     assert (kr.cache.sink, kr.cache.window) == (0, 6)  # kv_cache_num_frames 3 + the block's own 3
+    # Krea recomputes the context's K/V before each block; the others keep the K/V written at each chunk
+    assert kr.cache.recompute_context and not any(c.cache.recompute_context for c in (sf, cf, ll))
     assert (ll.lora.rank, ll.lora.alpha, ll.lora.entry) == (256, 256, "generator_lora")
     assert set(ll.lora.targets) == {f"{m}.{p}" for m in ("self_attn", "cross_attn") for p in "qkvo"} | {
         "ffn.0", "ffn.2"}  # fmt: skip

@@ -67,7 +67,10 @@ def _ranks(path: str) -> set[int]:
 
 
 def cache_words(cfg: ModelConfig) -> str:
-    return "global" if cfg.cache.window is None else f"sink {cfg.cache.sink} + window {cfg.cache.window}"
+    if cfg.cache.window is None:
+        return "global"
+    recompute = ", context recomputed" if cfg.cache.recompute_context else ""
+    return f"sink {cfg.cache.sink} + window {cfg.cache.window}{recompute}"
 
 
 def preset_lines(names: list[str]) -> str:

@@ -11,6 +11,9 @@ compute dtype (its parameter dtype: a bf16 model keeps a bf16 cache). Slots hold
   attends to the sink frames plus frames ``[e - window, e)``. ``history`` extra ring slots keep older
   frames resident without attending to them; ``routes`` {first frame of a chunk: frames} replaces what
   that chunk attends to (KV routing, :mod:`streamalign.models.kv_routing`).
+- ``recompute_context``: a clean write (the t=0 pass that writes a chunk's K/V as context) attends to
+  that chunk alone, as Krea Realtime recomputes its context K/V from the context frames alone before
+  each block; denoising writes attend as above.
 
 Writing the chunk that starts at frame f overwrites that chunk's slots, so re-running a chunk (every
 denoising step and the t=0 refresh) is idempotent. Cross-attention k/v are computed once per prompt and
@@ -124,6 +127,7 @@ class KVCache:
         device: torch.device | str = "cpu",
         history: int = 0,
         buffers: KVBuffers | None = None,
+        recompute_context: bool = False,
     ) -> None:
         """`buffers`: take the k/v storage from these (stale contents) instead of allocating zeros."""
         if window is None and max_frames is None:
@@ -138,6 +142,7 @@ class KVCache:
         self.ring = window + history if window is not None else None  # ring slots after the sink
         self.capacity = (sink + self.ring) if window is not None else max_frames
         self.routes: dict[int, list[int]] = {}  # KV routing: chunk start frame -> the frames it attends to
+        self.recompute_context = recompute_context  # a clean write attends to its own chunk only
         self.dtype = dtype
         self.device = torch.device(device)
         self.buffers = buffers
@@ -169,6 +174,7 @@ class KVCache:
         dtype: torch.dtype | None = None,
         history: int = 0,
         buffers: KVBuffers | None = None,
+        recompute_context: bool = False,
     ) -> KVCache:
         """A cache shaped for `model`, in `dtype` (default: the model's compute dtype, see
         :func:`compute_dtype`) on the model's device (storage from `buffers` when given)."""
@@ -186,6 +192,7 @@ class KVCache:
             device=next(model.parameters()).device,
             history=history,
             buffers=buffers,
+            recompute_context=recompute_context,
         )
 
     @property
@@ -204,8 +211,9 @@ class KVCache:
             return list(range(end))
         return list(range(min(self.sink, end))) + list(range(max(self.sink, end - self.window), end))
 
-    def plan(self, start: int, num_frames: int) -> CachePlan:
-        """Book-keep a write of frames ``[start, start+num_frames)`` and return where to write/read."""
+    def plan(self, start: int, num_frames: int, clean: bool = False) -> CachePlan:
+        """Book-keep a write of frames ``[start, start+num_frames)`` and return where to write/read.
+        `clean`: the write is a chunk's clean-context pass (``recompute_context``: it reads only itself)."""
         end = start + num_frames
         if start > self.end_frame:
             raise ValueError(f"KV cache: chunk starts at frame {start} but only {self.end_frame} are cached")
@@ -226,7 +234,10 @@ class KVCache:
             self.slot_frame[s] = f
             self.in_prefix[s] = False
         self.end_frame = max(self.end_frame, end)
-        read_frames = self.routes.get(start) or self.frames_seen_by(end)
+        if clean and self.recompute_context:
+            read_frames = list(range(start, end))
+        else:
+            read_frames = self.routes.get(start) or self.frames_seen_by(end)
         read_slots = sorted(self.slot_of(f) for f in read_frames)
         for f in read_frames:
             if self.slot_frame[self.slot_of(f)] != f:

@@ -37,6 +37,9 @@ def routing_geometry(config: ModelConfig, history: int, m_nearest: int, blocks: 
     cc = config.cache
     if cc.window is None:
         raise ValueError("--fork kv-routing needs a rolling KV cache (cache.window set; e.g. --config shapes-long)")
+    if cc.recompute_context:
+        raise ValueError("--fork kv-routing routes a resident history; this model recomputes its one chunk of "
+                         "context before each chunk (cache recompute_context, Krea): use --fork initial or solver")
     geo = RoutingGeometry(config.num_chunks, config.sampler.chunk_frames, cc.sink, cc.window, history, m_nearest,
                           blocks, first_chunks)  # fmt: skip
     plan_routing(geo, 1, 0, start)  # the same checks a group's planning makes

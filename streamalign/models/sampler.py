@@ -177,6 +177,7 @@ class Sampler:
             dtype=dtype,
             history=history,
             buffers=buffers,
+            recompute_context=cc.recompute_context,
         )
 
     def _device(self) -> torch.device:

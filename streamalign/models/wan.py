@@ -392,7 +392,7 @@ class CausalWanModel(nn.Module):
         if cache is not None:
             if mask is not None or positions is not None:
                 raise ValueError("an explicit mask/positions cannot be combined with a KV cache")
-            plan = cache.plan(start_frame, nf)
+            plan = cache.plan(start_frame, nf, clean=kv_only)
         elif mask is not None:
             mask = mask.to(x.device)
         elif chunk_frames is not None and (chunk_frames < nf or window is not None):

@@ -98,6 +98,10 @@ class CacheConfig(_Strict):
 
     sink: int = Field(0, ge=0)
     window: int | None = Field(None, gt=0)
+    # Krea Realtime: before each block the K/V of the context (the previous block's 3 frames) are
+    # recomputed from those frames alone, so the clean (t = context_t) pass that writes a chunk's K/V
+    # attends to that chunk only; with ``window`` = 2 chunks a chunk then attends to that context + itself
+    recompute_context: bool = False
 
 
 class TextConfig(_Strict):
@@ -178,6 +182,12 @@ class ModelConfig(_Strict):
         w = self.cache.window
         if w is not None and w < self.sampler.chunk_frames:
             raise ValueError(f"cache window {w} is smaller than a chunk ({self.sampler.chunk_frames})")
+        c = self.sampler.chunk_frames
+        if self.cache.recompute_context and (self.cache.sink != 0 or w != 2 * c):
+            raise ValueError(
+                f"cache recompute_context needs sink 0 and window {2 * c} (one chunk of context + the chunk, "
+                f"as Krea's kv_cache_num_frames = num_frame_per_block), got sink {self.cache.sink}, window {w}"
+            )
         return self
 
     @property
