@@ -8,7 +8,7 @@ import torch
 from streamalign.models.kv_cache import KVCache
 from streamalign.models.noise import ExplicitNoise, ForkNoise, NoiseBank
 from streamalign.models.sampler import Sampler, Schedule, Segment
-from streamalign.schemas.config import SamplerConfig
+from streamalign.schemas.config import ModelConfig, SamplerConfig
 
 from .conftest import make_model, tiny_config
 
@@ -285,15 +285,16 @@ def krea_reference(model, sampler: Sampler, ctx, noise, num_chunks):
     return torch.cat(clean, dim=1)
 
 
-def krea_config(frames: int = 15):
-    cfg = tiny_config(frames=frames, window=6)
-    return cfg.with_overrides(cache={"sink": 0, "window": 6, "recompute_context": True})
-
-
-def test_recomputed_context_equals_kreas_block_loop(text):
-    cfg = krea_config()
+@pytest.fixture
+def krea() -> tuple[ModelConfig, torch.nn.Module, Sampler]:
+    """The tiny model under Krea's cache policy: one recomputed chunk of context (window 6, 5 chunks)."""
+    cfg = tiny_config(frames=15, window=6).with_overrides(cache={"sink": 0, "window": 6, "recompute_context": True})
     model = make_model(cfg)
-    sampler = Sampler(model, cfg)
+    return cfg, model, Sampler(model, cfg)
+
+
+def test_recomputed_context_equals_kreas_block_loop(krea, text):
+    cfg, model, sampler = krea
     bank = sampler.noise_bank(5)
     with torch.no_grad():
         ours = sampler.rollout(text, bank)
@@ -304,10 +305,8 @@ def test_recomputed_context_equals_kreas_block_loop(text):
     assert (rolling[:, 6:] - ref[:, 6:]).abs().max().item() > 1e-3
 
 
-def test_recomputed_context_fork_and_prefix_rebuild_agree(text):
-    cfg = krea_config()
-    model = make_model(cfg)
-    sampler = Sampler(model, cfg)
+def test_recomputed_context_prefix_rebuild_agrees(krea, text):
+    _, _, sampler = krea
     bank = sampler.noise_bank(3)
     with torch.no_grad():
         video = sampler.rollout(text, bank)
@@ -326,10 +325,8 @@ def test_recomputed_context_needs_one_chunk_of_context(sink, window):
 
 
 @pytest.mark.parametrize("pivot", [1, 3])
-def test_recomputed_context_fork_branch_equals_kreas_block_loop(text, pivot):
-    cfg = krea_config()
-    model = make_model(cfg)
-    sampler = Sampler(model, cfg)
+def test_recomputed_context_fork_branch_equals_kreas_block_loop(krea, text, pivot):
+    cfg, model, sampler = krea
     bank = sampler.noise_bank(8)
     with torch.no_grad():
         g = sampler.fork_group(text, bank, pivot=pivot, group_size=3, strength=0.5)
