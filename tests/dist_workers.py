@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from streamalign.collect import distributed
+from streamalign import distributed
 
 SHAPES = [(3, 5), (7,), (2, 2), (11,)]
 

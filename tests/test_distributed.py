@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from streamalign.collect import distributed
+from streamalign import distributed
 from streamalign.models.placement import resolve_device
 from streamalign.pipeline import Pipeline
 from streamalign.schemas.config import ModelConfig

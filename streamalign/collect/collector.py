@@ -47,6 +47,7 @@ from ..buffer.formats import FormatName, ShardFormat, ShardInfo, get_format, wri
 from ..buffer.integrity import IntegrityError, Seal, part_of, part_problem, read_seal, seal_collection
 from ..buffer.manifest import MANIFEST_DIR, write_index, write_manifest_part
 from ..buffer.urls import local_folder, location
+from ..distributed import barrier, gather_rows, rank0_agrees, team_agrees, team_groups
 from ..io.files import checksum, remove_path, tree_bytes, write_atomic
 from ..io.outputs import check_output, is_empty, open_output
 from ..io.progress import progress_bar
@@ -64,7 +65,6 @@ from ..schemas.config import ModelConfig
 from ..schemas.run import arg
 from ..schemas.sections import DtypeName, PromptSection, RewardSection, RoutingSection
 from ..worlds import default_prompts, default_rewards
-from .distributed import barrier, gather_rows, rank0_agrees, team_agrees, team_groups
 
 # the arguments a collection's id hashes (fields added later hash only when they differ from their default)
 RUN_ID_FIELDS = ("prompts", "groups", "group_size", "strength", "pivot", "seed", "format", "entries_per_shard",

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..buffer.collection import busy_error, check_collection, lock_holder
 from ..buffer.inspect import buffer_info
 from ..buffer.urls import location
+from ..distributed import rank_and_world
 from ..io.files import write_atomic
 from ..io.outputs import overwrite_permitted
 from ..models.checkpoint import shipped_lora
@@ -18,7 +19,6 @@ from ..rewards.sources import reward_of
 from ..schemas.run import RUN_FILE, RunConfig, run_record
 from ..schemas.sections import CacheSection, Hardware, PolicySection
 from .collector import BranchTeam, CollectConfig, CollectSummary, collect, collect_folder
-from .distributed import rank_and_world
 
 
 class CollectRun(RunConfig):

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from ..buffer.manifest import read_manifest
 from ..buffer.reader import BufferReader
 from ..buffer.urls import local_path
 from ..collect.collector import CollectConfig, collect, prepare
-from ..collect.distributed import all_reduce, all_reduce_grads, rank_and_world
+from ..distributed import all_reduce, all_reduce_grads, rank_and_world
 from ..extras import require
 from ..io.files import require_paths, staged_folder, write_atomic
 from ..io.outputs import MARKER, open_output, overwrite_permitted, permit_overwrite
@@ -381,6 +381,106 @@ def _rollout_config(cfg: TrainConfig, trainer: Trainer, world: int, it: int) -> 
     )  # fmt: skip
 
 
+@dataclass
+class Steps:
+    """What both loops share: the trainer, the run's progress and folder, and one update's bookkeeping
+    (log row, periodic evaluation, progress bar, checkpoint)."""
+
+    cfg: TrainConfig
+    trainer: Trainer
+    state: Progress
+    out: Path
+    rank: int
+    world: int
+    logger: MetricsLog | None
+    bar: object
+    total: int  # updates of the whole run
+    last: dict = field(default_factory=dict)  # the newest log row
+
+    def finish(self, stats: dict, t_step: float, slots: int = 1) -> None:
+        """Log one update; `slots` > 1: an early stop that skips the iteration's remaining updates (the
+        step counter keeps iteration x K, so the lr schedule and evaluation points stay where they were)."""
+        log_cfg, state = self.cfg.logging, self.state
+        before = state.step
+        state.step += slots
+        row = {"step": state.step, **stats, "step_time_s": round(time.time() - t_step, 4)}
+        every = log_cfg.eval_every
+        crossed = every and (state.step // every > before // every or state.step == self.total)
+        if crossed and log_cfg.eval_prompts:
+            row.update(self.trainer.evaluate(log_cfg.eval_prompts, log_cfg.eval_seed))
+        if self.logger is not None:
+            self.logger.log(row)
+        self.last = row
+        self.bar.update(slots)
+        reward = stats.get("reward", float("nan"))
+        self.bar.set_postfix(loss=f"{stats['loss']:.3g}", reward=f"{reward:.3f}", s=f"{row['step_time_s']:.2f}")
+
+    def save(self) -> None:
+        _save(self.out, self.trainer, self.state, self.rank, self.world)
+
+
+def semi_on_policy(run: Steps) -> BufferReader:
+    """`--steps` updates over fork groups streamed from the buffer. Every rank reads the stream of one
+    process (a function of the seed and the buffer alone) and trains on its slice of each global batch, so
+    N ranks update as one process would. Returns the reader (its damaged shards)."""
+    cfg, state, optim = run.cfg, run.state, run.cfg.optim
+    d = cfg.data
+    reader = BufferReader(d.buffer, shuffle=d.shuffle, seed=cfg.seed, where=d.filter, weights=d.reward_weights,
+                          skip_damaged=d.skip_damaged)  # fmt: skip
+    stream = _entries(reader, state.epoch, state.consumed)
+    while state.step < cfg.schedule.steps:
+        t_step = time.time()
+        stats: dict = {}
+        for micro in range(optim.accum):
+            groups, state.epoch, state.consumed = rank_share(stream, optim.batch_groups, run.rank, run.world)
+            stats = run.trainer.update(
+                state.step, groups, optim.batch_groups, zero=micro == 0, apply=micro + 1 == optim.accum
+            )
+        run.finish(stats, t_step)
+        if state.step % cfg.logging.save_every == 0 or state.step == cfg.schedule.steps:
+            run.save()
+    return reader
+
+
+def on_policy(run: Steps) -> None:
+    """`--steps` iterations: collect fresh fork groups with the current policy into `out/rollouts`, then
+    `--updates-per-iter` updates on them (stopped early past `--target-kl`)."""
+    cfg, state, trainer = run.cfg, run.state, run.trainer
+    k_updates = cfg.rollouts.updates_per_iter
+    rollouts = run.out / "rollouts"
+    while state.iteration < cfg.schedule.steps:
+        it = state.iteration
+        ccfg = _rollout_config(cfg, trainer, run.world, it)
+        trainer.model.eval()
+        version = f"{trainer.policy.policy_id}+it{it:05d}"
+        policy = trainer.policy
+        rollout_policy = Pipeline(policy.config, trainer.model, policy.text, policy.codec, version)
+        trainer.old.weights.pop(f"{trainer.policy.policy_id}+it{it - 1:05d}", None)
+        trainer.old.remember(version)  # this iteration's old policy: its rollouts' weights
+        prefix = f"it{it:05d}-"
+        with trainer.autocast():  # the updates' precision; branch batches from the device's free memory
+            collect(rollout_policy, ccfg, rollouts, run.rank, run.world, progress=False, shard_prefix=prefix)
+        trainer.model.train()
+        if run.world > 1:
+            dist.barrier()
+        where = f"SELECT entry_id FROM manifest WHERE run_id = '{ccfg.run_id}'"
+        reader = BufferReader(rollouts, run.rank, run.world, shuffle=1, seed=cfg.seed, where=where, collection=prefix)
+        groups = list(reader)
+        target = trainer.objective.target_kl
+        for k in range(k_updates):
+            t_step = time.time()
+            stats = trainer.update(state.step, groups, cfg.optim.batch_groups, kl_limit=target)
+            stop = bool(stats.get("kl_stop"))
+            run.finish(stats, t_step, k_updates - k if stop else 1)
+            if stop:
+                log.info("iteration %d: approx KL %.3g > --target-kl %g at update %d of %d: the rest skipped",
+                         it + 1, stats["approx_kl"], target, k + 1, k_updates)  # fmt: skip
+                break
+        state.iteration += 1
+        if state.iteration % cfg.logging.save_every == 0 or state.iteration == cfg.schedule.steps:
+            run.save()
+
+
 def train(
     cfg: TrainConfig, out: str | Path, resume: Resume = False, progress: bool = True, overwrite: bool = False
 ) -> TrainSummary:
@@ -390,12 +490,11 @@ def train(
     overwrite = overwrite or overwrite_permitted(out)
     out = Path(out)
     cfg = cfg.resolve()
-    optim, sched, log_cfg, ro = cfg.optim, cfg.schedule, cfg.logging, cfg.rollouts
     with rank_and_world() as (rank, world), UnfinishedRun(out) as unfinished:
         if cfg.hardware.threads:
             torch.set_num_threads(cfg.hardware.threads)
-        if optim.batch_groups % world:
-            raise ValueError(f"--batch-groups {optim.batch_groups} is not divisible by the {world} ranks")
+        if cfg.optim.batch_groups % world:
+            raise ValueError(f"--batch-groups {cfg.optim.batch_groups} is not divisible by the {world} ranks")
         if cfg.logging.wandb:
             require("wandb", "wandb", "--wandb")  # before any model loads
         if cfg.mode == "on" or cfg.logging.eval_every:
@@ -419,100 +518,31 @@ def train(
         if world > 1:
             dist.barrier()  # nobody writes into `out` before it is ready
         logger = (
-            MetricsLog(out, state.step if resume else None, cfg.model_dump(mode="json"), log_cfg.wandb)
+            MetricsLog(out, state.step if resume else None, cfg.model_dump(mode="json"), cfg.logging.wandb)
             if rank == 0
             else None
         )
         t0 = time.time()
-        total = sched.steps if cfg.mode == "semi" else sched.steps * ro.updates_per_iter
+        total = cfg.schedule.steps * (1 if cfg.mode == "semi" else cfg.rollouts.updates_per_iter)
         bar = progress_bar(total=total, initial=state.step, desc=f"train[{cfg.mode}]", show=progress and rank == 0)
-        last: dict = {}
-
-        def finish_step(stats: dict, t_step: float, slots: int = 1) -> None:
-            """Log one update; `slots` > 1: an early stop that skips the iteration's remaining updates (the
-            step counter keeps iteration x K, so the lr schedule and evaluation points stay where they were)."""
-            nonlocal last
-            before = state.step
-            state.step += slots
-            row = {"step": state.step, **stats, "step_time_s": round(time.time() - t_step, 4)}
-            every = log_cfg.eval_every
-            crossed = every and (state.step // every > before // every or state.step == total)
-            if crossed and log_cfg.eval_prompts:
-                row.update(trainer.evaluate(log_cfg.eval_prompts, log_cfg.eval_seed))
-            if logger is not None:
-                logger.log(row)
-            last = row
-            bar.update(slots)
-            bar.set_postfix(
-                loss=f"{stats['loss']:.3g}",
-                reward=f"{stats.get('reward', float('nan')):.3f}",
-                s=f"{row['step_time_s']:.2f}",
-            )
-
+        run = Steps(cfg, trainer, state, out, rank, world, logger, bar, total)
         if cfg.mode == "semi":
-            d = cfg.data
-            # every rank reads the stream of one process (a function of the seed and the buffer alone) and
-            # trains on its slice of each global batch: N ranks update as one process would
-            reader = BufferReader(d.buffer, shuffle=d.shuffle, seed=cfg.seed, where=d.filter, weights=d.reward_weights,
-                                  skip_damaged=d.skip_damaged)  # fmt: skip
-            stream = _entries(reader, state.epoch, state.consumed)
-            while state.step < sched.steps:
-                t_step = time.time()
-                stats: dict = {}
-                for micro in range(optim.accum):
-                    groups, state.epoch, state.consumed = rank_share(stream, optim.batch_groups, rank, world)
-                    stats = trainer.update(
-                        state.step, groups, optim.batch_groups, zero=micro == 0, apply=micro + 1 == optim.accum
-                    )
-                finish_step(stats, t_step)
-                if state.step % log_cfg.save_every == 0 or state.step == sched.steps:
-                    _save(out, trainer, state, rank, world)
+            reader = semi_on_policy(run)
+            damaged = _all_damaged(reader, world) if cfg.data.skip_damaged else None
         else:
-            rollouts = out / "rollouts"
-            while state.iteration < sched.steps:
-                it = state.iteration
-                ccfg = _rollout_config(cfg, trainer, world, it)
-                trainer.model.eval()
-                version = f"{trainer.policy.policy_id}+it{it:05d}"
-                rollout_policy = Pipeline(
-                    trainer.policy.config, trainer.model, trainer.policy.text, trainer.policy.codec, version
-                )
-                trainer.old.weights.pop(f"{trainer.policy.policy_id}+it{it - 1:05d}", None)
-                trainer.old.remember(version)  # this iteration's old policy: its rollouts' weights
-                prefix = f"it{it:05d}-"
-                with trainer.autocast():  # the updates' precision; branch batches from the device's free memory
-                    collect(rollout_policy, ccfg, rollouts, rank, world, progress=False, shard_prefix=prefix)
-                trainer.model.train()
-                if world > 1:
-                    dist.barrier()
-                where = f"SELECT entry_id FROM manifest WHERE run_id = '{ccfg.run_id}'"
-                reader = BufferReader(rollouts, rank, world, shuffle=1, seed=cfg.seed, where=where, collection=prefix)
-                groups = list(reader)
-                target = trainer.objective.target_kl
-                for k in range(ro.updates_per_iter):
-                    t_step = time.time()
-                    stats = trainer.update(state.step, groups, optim.batch_groups, kl_limit=target)
-                    stop = bool(stats.get("kl_stop"))
-                    finish_step(stats, t_step, ro.updates_per_iter - k if stop else 1)
-                    if stop:
-                        log.info("iteration %d: approx KL %.3g > --target-kl %g at update %d of %d: the rest "
-                                 "skipped", it + 1, stats["approx_kl"], target, k + 1, ro.updates_per_iter)  # fmt: skip
-                        break
-                state.iteration += 1
-                if state.iteration % log_cfg.save_every == 0 or state.iteration == sched.steps:
-                    _save(out, trainer, state, rank, world)
+            on_policy(run)
+            damaged = None
         bar.close()
-        damaged = _all_damaged(reader, world) if cfg.mode == "semi" and cfg.data.skip_damaged else None
         if rank == 0:
             with staged_folder(out / "adapter") as tmp:  # never a half-written final adapter
                 save_lora(trainer.peft, tmp)
             logger.close()
             rows = read_metrics(out / METRICS)
             plot_rows(rows, out / "curves.png", CURVE_KEYS)
-            summary = {"steps": state.step, "final": last, "health": health(rows, cfg.model_dump(mode="json")),
+            summary = {"steps": state.step, "final": run.last, "health": health(rows, cfg.model_dump(mode="json")),
                        **({} if damaged is None else {"damaged_shards": damaged})}  # fmt: skip
             write_atomic(out / "summary.json", json.dumps(summary, indent=1))
-        return TrainSummary(state.step, time.time() - t0, out / "adapter", last, damaged)
+        return TrainSummary(state.step, time.time() - t0, out / "adapter", run.last, damaged)
 
 
 def train_stage(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> str:

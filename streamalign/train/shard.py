@@ -15,7 +15,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from ..collect.distributed import all_reduce
+from ..distributed import all_reduce
 from ..schemas.buffer import Entry
 
 
