@@ -13,7 +13,7 @@ ROOT = Path(streamalign.__file__).resolve().parent
 # lowest first; one entry per top-level package or module of streamalign
 LAYERS = [
     {"__init__"},
-    {"io", "optim", "extras", "distributed"},
+    {"io", "optim", "extras", "distributed", "registry"},
     {"schemas"},
     {"models"},
     {"adapters"},

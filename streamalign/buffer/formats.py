@@ -30,6 +30,7 @@ import torch
 from pydantic import AfterValidator, WithJsonSchema
 
 from ..io.files import atomic_path, checksum, files_digest, read_tree, tree_bytes
+from ..registry import Registry
 from ..schemas.buffer import Entry, SchemaError
 from .urls import Remote
 
@@ -180,18 +181,26 @@ def _absent_chunk(array, files: dict[str, bytes]) -> str | None:
     return None
 
 
-FORMATS: dict[str, ShardFormat] = {"webdataset": WebDatasetFormat(), "zarr": ZarrFormat()}
+# shard formats by name (plug-ins: entry-point group ``streamalign.formats``, see streamalign/registry.py)
+FORMATS: Registry[ShardFormat] = Registry("formats", "buffer format")
+FORMATS.register("webdataset", WebDatasetFormat())
+FORMATS.register("zarr", ZarrFormat())
+
+
+def register_format(name: str, fmt: ShardFormat) -> ShardFormat:
+    """Make `fmt` selectable as ``--format NAME`` (its ``suffix`` must differ from every other format's)."""
+    if any(f.suffix == fmt.suffix for n, f in FORMATS.items() if n != name):
+        raise ValueError(f"buffer format {name!r}: suffix {fmt.suffix!r} is taken by another format")
+    return FORMATS.register(name, fmt)
 
 
 def get_format(name: str) -> ShardFormat:
-    if name not in FORMATS:
-        raise ValueError(f"unknown buffer format {name!r}: use one of {', '.join(FORMATS)}")
-    return FORMATS[name]
+    return FORMATS.get(name)
 
 
-# a config field naming a registered format (a backend added to FORMATS is accepted, and listed in --help)
+# a config field naming a registered format (a registered backend is accepted, and listed in --help)
 FormatName = Annotated[str, AfterValidator(lambda name: get_format(name) and name),
-                       WithJsonSchema({"enum": list(FORMATS)})]  # fmt: skip
+                       WithJsonSchema({"enum": FORMATS.names()})]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from ..registry import Registry
 from ..schemas.config import ArchConfig
 
 if TYPE_CHECKING:
@@ -66,15 +67,14 @@ class ModelFamily:
     key_adapter: Callable[[str], str] = normalize_key  # checkpoint key -> the model's state-dict key
 
 
-FAMILIES: dict[str, ModelFamily] = {}
+FAMILIES: Registry[ModelFamily] = Registry("models", "model family", "model families")
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
-    FAMILIES[family.name] = family
-    return family
+    """Make `family` the builder of configs with ``arch.family: NAME`` (plug-ins: entry-point group
+    ``streamalign.models``, see :mod:`streamalign.registry`)."""
+    return FAMILIES.register(family.name, family)
 
 
 def get_family(name: str) -> ModelFamily:
-    if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}: registered families are {', '.join(FAMILIES)}")
-    return FAMILIES[name]
+    return FAMILIES.get(name)

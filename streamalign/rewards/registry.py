@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..registry import Registry
+
 
 class RewardError(ValueError):
     """A reward cannot score its input (unparseable prompt, wrong video format, unknown name)."""
@@ -41,45 +43,28 @@ class RewardSpec:
     levels: bool = False
 
 
-_REGISTRY: dict[str, RewardSpec] = {}
-_DISCOVERED = False
-ENTRY_POINT_GROUP = "streamalign.rewards"  # modules that register rewards when imported (worlds, plug-ins)
+def _check_name(name: str) -> None:
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise RewardError(f"reward name '{name}' must be lower-case letters, digits and '_'")
 
 
-def _discover() -> None:
-    """Import every module registered under the ``streamalign.rewards`` entry-point group once (the
-    built-in worlds declare theirs in pyproject.toml; an installed plug-in package can add its own)."""
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    _DISCOVERED = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()
+# the built-in worlds declare the modules that register their rewards under the entry-point group
+# ``streamalign.rewards`` in pyproject.toml; an installed plug-in package can add its own
+REWARDS: Registry[RewardSpec] = Registry("rewards", "reward", check=_check_name, error=RewardError)
+ENTRY_POINT_GROUP = REWARDS.group
 
 
 def register(spec: RewardSpec, overwrite: bool = False) -> RewardSpec:
-    if spec.name in _REGISTRY and not overwrite:
-        raise RewardError(f"reward '{spec.name}' is already registered (pass overwrite=True to replace it)")
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", spec.name):
-        raise RewardError(f"reward name '{spec.name}' must be lower-case letters, digits and '_'")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return REWARDS.register(spec.name, spec, overwrite)
 
 
 def get_spec(name: str) -> RewardSpec:
-    if name not in _REGISTRY:
-        _discover()
-    if name not in _REGISTRY:
-        raise RewardError(f"unknown reward '{name}': registered rewards are {', '.join(available())}")
-    return _REGISTRY[name]
+    return REWARDS.get(name)
 
 
 def available(ood: bool | None = None) -> list[str]:
     """Registered names (only in-domain rewards with ood=False, only OOD metrics with ood=True)."""
-    _discover()
-    return [n for n, s in _REGISTRY.items() if ood is None or s.ood == ood]
+    return [n for n, s in REWARDS.items() if ood is None or s.ood == ood]
 
 
 def to_grayscale(videos: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..registry import Registry
 from ..schemas.config import ModelConfig
 from . import shapes
 from .shapes.rewards import SHAPES_METRICS, SHAPES_REWARDS
@@ -21,22 +22,25 @@ class World:
     ood_metric: str  # the out-of-domain metric of merge's dual criterion
 
 
-WORLDS = {
-    "shapes": World(
-        "shapes", SHAPES_REWARDS, SHAPES_METRICS,
-        {"held-in": lambda: tuple(p.text for p in shapes.held_in_prompts()),
-         "held-out": lambda: tuple(p.text for p in shapes.held_out_prompts())},
-        "background_cleanliness",
-    ),
-}  # fmt: skip
+# worlds by name (plug-ins: entry-point group ``streamalign.worlds``, see streamalign/registry.py)
+WORLDS: Registry[World] = Registry("worlds", "world")
+
+
+def register_world(world: World) -> World:
+    """Make `world` the one a model config's ``world: NAME`` names (its prompts, rewards and metrics)."""
+    return WORLDS.register(world.name, world)
+
+
+register_world(World(
+    "shapes", SHAPES_REWARDS, SHAPES_METRICS,
+    {"held-in": lambda: tuple(p.text for p in shapes.held_in_prompts()),
+     "held-out": lambda: tuple(p.text for p in shapes.held_out_prompts())},
+    "background_cleanliness",
+))  # fmt: skip
 
 
 def get_world(name: str | None) -> World | None:
-    if name is None:
-        return None
-    if name not in WORLDS:
-        raise ValueError(f"unknown world {name!r}: built-in worlds are {', '.join(WORLDS)}")
-    return WORLDS[name]
+    return None if name is None else WORLDS.get(name)
 
 
 def default_prompts(model: ModelConfig, prompts: tuple[str, ...] | None, which: str = "held-in") -> tuple[str, ...]:

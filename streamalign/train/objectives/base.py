@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import model_validator
 
+from ...registry import Registry
 from ...rewards import composite
 from ...schemas.buffer import Entry
 from ...schemas.run import Section, arg
@@ -105,13 +106,13 @@ def check_target_kl(target_kl: float | None) -> None:
         raise ValueError(f"--target-kl {target_kl} must be > 0 (or omit it: no early stop)")
 
 
-OBJECTIVES: dict[str, type[ObjectiveConfig]] = {}
+OBJECTIVES: Registry[type[ObjectiveConfig]] = Registry("objectives", "objective")
 
 
 def register_objective(config: type[ObjectiveConfig]) -> type[ObjectiveConfig]:
-    """Make an objective selectable by its name (``--objective NAME``, ``objective: {name: NAME}``)."""
-    OBJECTIVES[config.model_fields["name"].default] = config
-    return config
+    """Make an objective selectable by its name (``--objective NAME``, ``objective: {name: NAME}``); a
+    plug-in package's module is found through the entry-point group ``streamalign.objectives``."""
+    return OBJECTIVES.register(config.model_fields["name"].default, config)
 
 
 def composite_rewards(entry: Entry) -> torch.Tensor:
