@@ -1,5 +1,6 @@
 """The one registry mechanism: named things of one kind (model families, objectives, worlds, buffer formats,
-rewards, commands) with unique names, a listing, and discovery of installed plug-in packages.
+rewards; the CLI's command table is not on it yet) with unique names, a listing, and discovery of installed
+plug-in packages.
 
 A plug-in package declares entry points in the group ``streamalign.<kind>`` (e.g. ``streamalign.objectives``)
 in its ``pyproject.toml``. An entry point names either a module, which registers what it defines when

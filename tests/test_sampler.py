@@ -21,18 +21,21 @@ def test_warped_schedule_values():
     assert plain.sigmas == pytest.approx((1.0, 0.75, 0.5, 0.25))
 
 
-def reference_sampler(model, sampler: Sampler, ctx, noise, num_chunks, sink=0, window=None):
+def reference_sampler(model, sampler: Sampler, ctx, noise, num_chunks, sink=0, window=None, context_chunks=None):
     """The sampler equations with no cache at all: every model call re-runs the whole prefix (clean
-    context at t=0 + the current noisy chunk) through the block-causal mask."""
+    context at t=0 + the current noisy chunk) through the block-causal mask. `context_chunks`: only the
+    newest that many clean chunks precede the noisy one, re-based at frame 0 (Krea's recomputed context)."""
     c = sampler.chunk_frames
     sched = sampler.schedule
     clean = []
     for j in range(num_chunks):
         x = noise.initial(j)
+        kept = clean if context_chunks is None else clean[len(clean) - context_chunks :]
+        lead = len(kept) * c
         for i, (t_i, s_i) in enumerate(zip(sched.timesteps, sched.sigmas, strict=True)):
-            seq = torch.cat([*clean, x], dim=1)
-            t = torch.cat([torch.zeros(x.shape[0], j * c), torch.full((x.shape[0], c), t_i)], dim=1)
-            v = model(seq, t, ctx, chunk_frames=c, sink=sink, window=window)[:, j * c :]
+            seq = torch.cat([*kept, x], dim=1)
+            t = torch.cat([torch.zeros(x.shape[0], lead), torch.full((x.shape[0], c), t_i)], dim=1)
+            v = model(seq, t, ctx, chunk_frames=c, sink=sink, window=window)[:, lead:]
             x0 = x - s_i * v
             if i + 1 < len(sched):
                 x = (1 - sched.sigmas[i + 1]) * x0 + sched.sigmas[i + 1] * noise.solver(j, i + 1)
@@ -269,20 +272,7 @@ def krea_reference(model, sampler: Sampler, ctx, noise, num_chunks):
     block a fresh cache gets the previous block's clean latents at t=0 attending to themselves only, at
     positions from 0, and the block is denoised right after them; no cache survives a block. Here with no
     cache at all: [previous clean chunk, noisy chunk] through the block-causal mask, re-based at frame 0."""
-    c = sampler.chunk_frames
-    sched = sampler.schedule
-    clean = []
-    for j in range(num_chunks):
-        x = noise.initial(j)
-        for i, (t_i, s_i) in enumerate(zip(sched.timesteps, sched.sigmas, strict=True)):
-            seq = torch.cat([*clean[-1:], x], dim=1)
-            lead = seq.shape[1] - c
-            t = torch.cat([torch.zeros(x.shape[0], lead), torch.full((x.shape[0], c), t_i)], dim=1)
-            x0 = x - s_i * model(seq, t, ctx, chunk_frames=c)[:, lead:]
-            if i + 1 < len(sched):
-                x = (1 - sched.sigmas[i + 1]) * x0 + sched.sigmas[i + 1] * noise.solver(j, i + 1)
-        clean.append(x0)
-    return torch.cat(clean, dim=1)
+    return reference_sampler(model, sampler, ctx, noise, num_chunks, context_chunks=1)
 
 
 @pytest.fixture

@@ -95,7 +95,7 @@ def rolling_cache(policy: Pipeline, longest_run: int, sink: int | None, window: 
     if win < c:
         raise ValueError(f"--window {win} frames is shorter than one chunk ({c} frames)")
     sink = cfg.cache.sink if sink is None else sink
-    if cfg.cache.recompute_context and (win != 2 * c or sink != 0):
+    if not cfg.recomputes_within(sink, win):
         raise ValueError(f"--window {win} / --sink {sink}: this model recomputes one chunk of context before each "
                          f"chunk (cache recompute_context), which needs --window {2 * c} and --sink 0")  # fmt: skip
     return KVCache.for_model(policy.model, 1, cfg.tokens_per_frame, sink=sink, window=win,

@@ -51,7 +51,6 @@ def _check_name(name: str) -> None:
 # the built-in worlds declare the modules that register their rewards under the entry-point group
 # ``streamalign.rewards`` in pyproject.toml; an installed plug-in package can add its own
 REWARDS: Registry[RewardSpec] = Registry("rewards", "reward", check=_check_name, error=RewardError)
-ENTRY_POINT_GROUP = REWARDS.group
 
 
 def register(spec: RewardSpec, overwrite: bool = False) -> RewardSpec:

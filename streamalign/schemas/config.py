@@ -182,13 +182,18 @@ class ModelConfig(_Strict):
         w = self.cache.window
         if w is not None and w < self.sampler.chunk_frames:
             raise ValueError(f"cache window {w} is smaller than a chunk ({self.sampler.chunk_frames})")
-        c = self.sampler.chunk_frames
-        if self.cache.recompute_context and (self.cache.sink != 0 or w != 2 * c):
+        if not self.recomputes_within(self.cache.sink, w):
             raise ValueError(
-                f"cache recompute_context needs sink 0 and window {2 * c} (one chunk of context + the chunk, "
-                f"as Krea's kv_cache_num_frames = num_frame_per_block), got sink {self.cache.sink}, window {w}"
+                f"cache recompute_context needs sink 0 and window {2 * self.sampler.chunk_frames} (one chunk of "
+                f"context + the chunk, as Krea's kv_cache_num_frames = num_frame_per_block), got sink "
+                f"{self.cache.sink}, window {w}"
             )
         return self
+
+    def recomputes_within(self, sink: int, window: int | None) -> bool:
+        """False when the cache recomputes its context (``recompute_context``) and a cache of `sink` +
+        `window` frames is not the one chunk of context + the chunk that recomputation is defined for."""
+        return not self.cache.recompute_context or (sink == 0 and window == 2 * self.sampler.chunk_frames)
 
     @property
     def tokens_per_frame(self) -> int:
