@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from streamalign.models.compiled import REGIONS, compile_blocks, is_compiled, uncompile_blocks
+from streamalign.models.compiled import REGIONS, compile_blocks, is_compiled, reset_compiled, uncompile_blocks
 from streamalign.models.sampler import Sampler
 
 from .conftest import make_model, tiny_config
@@ -17,7 +17,8 @@ TOL = 1e-5
 
 
 def _pair(cfg, seed: int = 0) -> tuple[Sampler, Sampler]:
-    """(eager sampler, sampler of a compiled copy of the same weights)."""
+    """(eager sampler, sampler of a compiled copy of the same weights), no graph compiled yet."""
+    reset_compiled()
     eager = make_model(cfg, seed)
     compiled = copy.deepcopy(eager)
     compile_blocks(compiled)
@@ -57,6 +58,12 @@ def test_compiled_rollout_and_fork_group_equal_eager_with_graphs_bounded():
     assert not torch.equal(gb.branch_latents[0], gb.branch_latents[1])  # the branches differ
     assert stats.graphs == dict.fromkeys(REGIONS, 1)
     assert is_compiled(comp.model) and not is_compiled(eager.model)
+    # another model of the same shapes reuses the graphs, with its own weights
+    other = make_model(cfg, seed=1)
+    c = Sampler(other, cfg).rollout(text, eager.noise_bank([3]))
+    compile_blocks(other)
+    d = Sampler(other, cfg).rollout(text, eager.noise_bank([3]))
+    assert _maxdiff(c, d) <= TOL and _maxdiff(d, a) > 1e-2 and stats.graphs == dict.fromkeys(REGIONS, 1)
 
 
 def test_compile_is_off_for_fake_tensors_and_undone_by_uncompile(tiny, text):
@@ -65,10 +72,11 @@ def test_compile_is_off_for_fake_tensors_and_undone_by_uncompile(tiny, text):
 
     model = tiny[1]
     stats = compile_blocks(model)
+    before = stats.total
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
         x = mode.from_tensor(torch.zeros(1, 3, 16, 8, 8))
         model(x, torch.zeros(1, 3), text)
-    assert stats.total == 0
+    assert stats.total == before
     uncompile_blocks(model)
     assert not is_compiled(model) and not hasattr(model, "compile_stats")
     with pytest.raises(ValueError, match="no compilable transformer blocks"):
@@ -127,6 +135,7 @@ def test_the_compile_flag_reaches_the_generator_of_every_stage():
     from streamalign.train.config import TrainConfig
 
     assert not Hardware().compile and not Placement.of(Hardware()).compile
+    reset_compiled()
     policy = Pipeline.load("shapes", placement=Placement.of(Hardware(compile=True)))
     assert is_compiled(policy.model) and policy.placement.compile
     assert policy.model.compile_stats.total == 0  # nothing compiled before the first forward

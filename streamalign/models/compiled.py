@@ -9,7 +9,8 @@ for every chunk, whatever the cache holds. The attention over the cache stays ea
 it reads grow chunk by chunk (a global cache) or change with the ring's slots (a rolling one), and it already
 runs one fused kernel. The regions are compiled with ``dynamic=False``: one graph per region and input shape
 (batch size, chunk tokens, grad mode), the same code for every block (their parameters are graph inputs), so
-the number of graphs is bounded by the distinct batch shapes of a run, never by its chunks or layers.
+the number of graphs is bounded by the distinct batch shapes of a run, never by its chunks or layers, and
+every model compiled in one process shares them (the backend is one object per process).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ RECOMPILE_LIMIT = 64
 
 @dataclass
 class CompileStats:
-    """What the compiled regions of one model have compiled so far: graphs per region (one per input shape
-    and grad mode the backend was given) and the seconds the backend took for them (inductor's code
-    generation and C++ compilation; a backward graph compiled at its first backward is not counted)."""
+    """What the compiled regions have compiled so far in this process for one backend (every model compiled
+    with it shares them): graphs per region (one per input shape, dtype and grad mode) and the seconds the
+    backend took for them (inductor's code generation and C++ compilation; a backward graph compiled at
+    its first backward is not counted)."""
 
     backend: str
     graphs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REGIONS, 0))
@@ -57,22 +59,39 @@ def _counting_backend(name: str, stats: CompileStats, region: str) -> Callable:
     return backend
 
 
+# per backend name: the compiled region functions and their stats, one set per process. Dynamo guards on
+# the backend object, so models compiled with one shared backend reuse each other's graphs (a merge sweep's
+# six policies, evaluate's models: compiled once for their shapes, not once per model)
+_COMPILED: dict[str, tuple[dict[str, Callable], CompileStats]] = {}
+
+
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> CompileStats:
     """Compile the regions of every block of `model` (a :class:`~streamalign.models.wan.CausalWanModel`) in
-    place; returns the stats its later forwards fill. Nothing is compiled until a block first runs (graphs
-    are built lazily, one per input shape); fake tensors and measuring dispatch modes run eagerly."""
+    place; returns the process's stats for `backend`, which its later forwards fill. Nothing is compiled
+    until a block first runs (graphs are built lazily, one per input shape, and reused by every block and
+    every model compiled here); fake tensors and measuring dispatch modes run eagerly."""
     blocks = getattr(model, "blocks", None)
     if blocks is None or not len(blocks) or not all(hasattr(b, "compiled") for b in blocks):
         raise ValueError(f"--compile: {type(model).__name__} has no compilable transformer blocks")
-    stats = CompileStats(backend)
-    # one wrapper per region shared by every block: the blocks share its code and graphs
-    fns = {r: torch.compile(_FUNCTIONS[r], backend=_counting_backend(backend, stats, r), dynamic=False)
-           for r in REGIONS}  # fmt: skip
-    _raise_recompile_limit()
+    if backend not in _COMPILED:
+        stats = CompileStats(backend)
+        fns = {r: torch.compile(_FUNCTIONS[r], backend=_counting_backend(backend, stats, r), dynamic=False)
+               for r in REGIONS}  # fmt: skip
+        _COMPILED[backend] = fns, stats
+        _raise_recompile_limit()
+    fns, stats = _COMPILED[backend]
     for block in blocks:
         block.compiled = fns
     model.compile_stats = stats
     return stats
+
+
+def reset_compiled() -> None:
+    """Drop every compiled graph of this process (``torch._dynamo.reset``) and start the stats afresh;
+    models compiled before recompile at their next forward (tests start from a known count)."""
+    torch._dynamo.reset()
+    for _fns, stats in _COMPILED.values():
+        stats.graphs, stats.seconds = dict.fromkeys(REGIONS, 0), 0.0
 
 
 # one plain function per region, the block its first argument: torch.compile caches graphs per code object,
