@@ -10,9 +10,13 @@
 2. Fork group vs independent rollouts (L=4 chunks, G=12, every pivot): measured speed-up vs the
    arithmetic ratio G*L / (p + G*(L-p)) in chunk generations (0-based pivot p).
 3. Forward throughput (tokens/s) and peak memory of a chunked rollout for a small and a medium config.
+4. ``--compile`` (``--section compile``): eager vs compiled transformer blocks (inductor) on section 1's
+   configs, CPU: seconds per video of each, their ratio, the compile time (first rollout) apart, the graphs
+   compiled and max |diff| of the latents (bench/rollout_compile.py). ``--threads`` (default 1).
 
     python bench/bench_rollout.py --reference DIR --reference-deps DIR   # 1 + 2 + 3, ~20 min on 2 cores
     python bench/bench_rollout.py --section stages --reference DIR       # 1 only
+    python bench/bench_rollout.py --section compile                      # 4 only, ~10 min on 2 cores
     python bench/bench_rollout.py --json-out results/bench_rollout.json   # where the tables go (the default)
 
 DIR: a Self-Forcing checkout (github guandeh17/Self-Forcing, commit 33593df); its imports need ``einops``
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import torch
 from results_file import add_json_out, save
+from rollout_compile import compile_table, run_compile
 from rollout_stages import CONFIGS, run_stages, stage_tables
 
 from streamalign.io.results import table
@@ -192,11 +197,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--group", type=int, default=12)
-    ap.add_argument("--section", choices=["all", "stages", "fork", "throughput"], default="all")
+    ap.add_argument("--section", choices=["all", "stages", "fork", "throughput", "compile"], default="all")
     ap.add_argument("--reference", help="a Self-Forcing checkout: its pipeline is timed beside ours (section 1)")
     ap.add_argument("--reference-deps", help="a folder with the reference's extra imports (einops)")
     ap.add_argument("--repeats", type=int, default=3, help="alternated runs per variant in section 1 (best kept)")
-    ap.add_argument("--configs", default="small,rolling,medium", help="section 1's configs, comma-separated")
+    ap.add_argument("--configs", default="small,rolling,medium", help="section 1's and 4's configs, comma-separated")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of section 4's workers")
     add_json_out(ap, "bench_rollout")
     args = ap.parse_args()
     if args.reference and not Path(args.reference, "pipeline", "causal_inference.py").is_file():
@@ -217,6 +223,11 @@ if __name__ == "__main__":
         new["fork"] = bench_fork(args.device, args.group)
     if args.section in ("all", "throughput"):
         new["throughput"] = bench_throughput(args.device)
+    if args.section in ("all", "compile"):
+        if args.device != "cpu":
+            sys.exit("error: section 4 (compile) runs on the CPU; bench/gpu_check.py --compile times it on a GPU")
+        data["compile"] = run_compile(tuple(args.configs.split(",")), args.repeats, args.threads)
+        new["compile"] = compile_table(data["compile"])
     kept = {k: v for k, v in old.get("tables", {}).items() if k not in new}
     meta = old.get("meta", {})
     note = f"tables {', '.join(kept)} from `{meta.get('command')}` ({meta.get('note', 'no note')})" if kept else ""

@@ -10,6 +10,9 @@ Checks (``CHECKS``: name -> function of a :class:`Check` context returning a JSO
 - ``speed``: seconds per chunk and frames/s of an 81-frame bf16 rollout (after a warm-up), its FLOPs
   (``FlopCounterMode``), achieved TFLOP/s and MFU, and the frames/s the arithmetic allows at 60% of the
   GPU's bf16 peak (Self-Forcing reports ~17 FPS on one H100; the limit is ~48 FPS).
+- ``compile``: the ``speed`` rollout eager and with ``--compile`` (torch.compile of the transformer blocks,
+  graphs reused across chunks) one after the other: frames/s with and without, their ratio, the compile time
+  apart, the graphs compiled and the compiled latents' difference from eager's.
 - ``memory``: one fork group (G=12 at --pivot) with the branch batch the planner picks for this GPU:
   ``torch.cuda.max_memory_allocated`` vs the plan's prediction (``streamalign.plan``, fake tensors), ratio.
 - ``train``: one training update (CoPO with the defaults of ``train`` as on CUDA: LoRA r64 + AdamW, bf16
@@ -270,10 +273,40 @@ def check_train(check: Check) -> dict:
     return out
 
 
+def check_compile(check: Check) -> dict:
+    """The bf16 rollout of ``speed`` eager and with ``--compile`` (the transformer blocks' regions compiled,
+    :mod:`streamalign.models.compiled`; a copy of the same weights), on the same device one after the other:
+    frames/s of each after a warm-up, their ratio, the compile time (the first compiled rollout less a
+    steady one), the graphs it compiled and the compiled latents' difference from eager's."""
+    from streamalign.models.compiled import compile_blocks
+
+    text = check.text()
+    eager = Sampler(check.model(torch.bfloat16), check.cfg)
+    model = copy.deepcopy(eager.model)
+    stats = compile_blocks(model)
+    before = dict(stats.graphs)  # the process's graphs so far (models compiled before share the count)
+    compiled = Sampler(model, check.cfg)
+    frames = 4 * (check.cfg.latent.frames - 1) + 1  # the Wan VAE's 4x temporal factor
+    check.sync()
+    t0 = time.perf_counter()
+    rollout_chunks(compiled, text, check)  # compiles its graphs
+    first = time.perf_counter() - t0
+    rollout_chunks(eager, text, check)  # warm-up
+    out_e, times_e = rollout_chunks(eager, text, check)
+    out_c, times_c = rollout_chunks(compiled, text, check)
+    del model, compiled
+    return {"eager_frames_per_second": frames / sum(times_e), "compiled_frames_per_second": frames / sum(times_c),
+            "speedup": sum(times_e) / sum(times_c), "eager_seconds_per_chunk": times_e,
+            "compiled_seconds_per_chunk": times_c, "first_compiled_seconds": first,
+            "compile_seconds": first - sum(times_c), "graphs": {r: n - before[r] for r, n in stats.graphs.items()},
+            "vs_eager": difference(out_c, out_e)}  # fmt: skip
+
+
 CHECKS: dict[str, Callable[[Check], dict]] = {
     "drift": check_drift,
     "attention": check_attention,
     "speed": check_speed,
+    "compile": check_compile,
     "memory": check_memory,
     "train": check_train,
 }

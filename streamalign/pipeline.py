@@ -22,6 +22,7 @@ from .io import hub
 from .io.files import checksum, require_paths
 from .models.checkpoint import load_generator, shipped_lora
 from .models.codec import LatentCodec, PixelUnshuffleCodec, WanVAECodec
+from .models.compiled import compile_blocks, is_compiled
 from .models.kv_cache import KVCache, compute_dtype
 from .models.placement import CPU_FP32, Placement
 from .models.protocol import ChunkModel
@@ -143,7 +144,8 @@ class Pipeline:
     def placement(self) -> Placement:
         """The generator's device and compute dtype (and the text encoder's offload policy)."""
         offload = getattr(self.text, "offload", "auto")
-        return Placement(next(self.model.parameters()).device, compute_dtype(self.model), offload)
+        return Placement(next(self.model.parameters()).device, compute_dtype(self.model), offload,
+                         is_compiled(self.model))  # fmt: skip
 
     @classmethod
     def load(
@@ -169,6 +171,8 @@ class Pipeline:
         model = load_generator(cfg, checkpoint, lora=lora, lora_alpha=lora_alpha, dtype=placement.dtype,
                                device=placement.device, base_lora=base_lora, base_lora_alpha=base_lora_alpha,
                                shard=shard)  # fmt: skip
+        if placement.compile:  # graphs are built at the first forwards, so adapters attached later are in them
+            compile_blocks(model)
         pid = policy_id(checkpoint, lora, lora_alpha, base_lora, base_lora_alpha)
         return cls(cfg, model, build_text(cfg, placement), build_codec(cfg, placement), pid)
 
@@ -203,6 +207,8 @@ class Pipeline:
         cfg = resolve_config(config)
         pid = policy_id(weights) if weights is not None else "random"
         model = load_generator(cfg, weights, dtype=placement.dtype, device=placement.device)
+        if placement.compile:
+            compile_blocks(model)
         return cls.of_model(cfg, model, pid, placement.text_offload)
 
     @torch.no_grad()

@@ -22,11 +22,13 @@ def load_gpu_check():
 
 
 def test_dry_run_runs_every_check_and_writes_json(tmp_path, capsys):
+    """Every check but ``compile`` (its inductor compile takes a minute on the CPU: the slow test below)."""
     gpu_check = load_gpu_check()
-    report = gpu_check.main(["--dry-run", "--out", str(tmp_path / "check.json")])
+    names = ["drift", "attention", "speed", "memory", "train"]
+    report = gpu_check.main(["--dry-run", "--checks", ",".join(names), "--out", str(tmp_path / "check.json")])
     assert json.loads((tmp_path / "check.json").read_text()) == json.loads(capsys.readouterr().out)
     checks = report["checks"]
-    assert list(checks) == list(gpu_check.CHECKS) == ["drift", "attention", "speed", "memory", "train"]
+    assert list(checks) == names and list(gpu_check.CHECKS) == ["drift", "attention", "speed", "compile", *names[3:]]
     drift = checks["drift"]
     assert 0 < drift["rel_l2"] < 0.2 and len(drift["rel_l2_per_chunk"]) == 4  # bf16 rounding, not garbage
     assert checks["attention"] == {"skipped": "flash-attn is not installed", "check_seconds": pytest.approx(0, abs=1)}
@@ -41,3 +43,14 @@ def test_dry_run_runs_every_check_and_writes_json(tmp_path, capsys):
     assert train["seconds_per_update"] > 0 and train["flops"] > 0 and train["objective"] == "copo"
     with pytest.raises(SystemExit):
         gpu_check.main(["--dry-run", "--checks", "speed,nope"])
+
+
+@pytest.mark.slow
+def test_dry_run_compile_check_reports_frames_per_second_with_and_without():
+    """``compile``: the bf16 rollout eager and compiled; one graph per region (batch 1 only); the compiled
+    bf16 latents near eager's (bf16: fused kernels keep float32 between the ops eager rounds to bf16)."""
+    c = load_gpu_check().main(["--dry-run", "--checks", "compile"])["checks"]["compile"]
+    assert c["eager_frames_per_second"] > 0 and c["compiled_frames_per_second"] > 0
+    assert c["speedup"] == pytest.approx(c["compiled_frames_per_second"] / c["eager_frames_per_second"])
+    assert c["graphs"] == {"qkv": 1, "kv": 1, "rest": 1} and c["compile_seconds"] > 0
+    assert len(c["compiled_seconds_per_chunk"]) == 4 and 0 < c["vs_eager"]["rel_l2"] < 0.02

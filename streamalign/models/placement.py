@@ -1,5 +1,6 @@
 """Where and in what precision a stage's models run: the :class:`~streamalign.schemas.sections.Hardware`
-section (``--device``, ``--dtype``, ``--text-offload``, ``--threads``) resolved to a torch device and dtype.
+section (``--device``, ``--dtype``, ``--text-offload``, ``--threads``, ``--compile``) resolved to a torch device
+and dtype (and whether the generator's blocks are compiled, :mod:`streamalign.models.compiled`).
 
 ``auto`` device: ``cuda:LOCAL_RANK`` when CUDA is available (one GPU per torchrun rank), else ``cpu``;
 ``auto`` dtype: bfloat16 on CUDA, float32 on CPU (so every CPU number stays what it was).
@@ -56,6 +57,7 @@ class Placement:
     device: torch.device = CPU
     dtype: torch.dtype = torch.float32
     text_offload: TextOffload = "auto"
+    compile: bool = False  # torch.compile the generator's transformer blocks (models/compiled.py)
 
     @classmethod
     def of(cls, hw: Hardware, apply_threads: bool = True) -> Placement:
@@ -63,7 +65,7 @@ class Placement:
         if apply_threads and hw.threads:
             torch.set_num_threads(hw.threads)
         device = resolve_device(hw.device)
-        return cls(device, resolve_dtype(hw.dtype, device), hw.text_offload)
+        return cls(device, resolve_dtype(hw.dtype, device), hw.text_offload, hw.compile)
 
 
 CPU_FP32 = Placement()  # what every stage ran on before --device / --dtype (and still does on a CPU)

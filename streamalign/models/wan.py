@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -103,7 +104,14 @@ class RopeTable:
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs of x [B, L, H, D] by the complex rotations rot [L, 1, D/2]: one complex
-    multiply, ``(a + ib)(cos + i sin)`` = ``(a cos - b sin) + i (a sin + b cos)`` in float32."""
+    multiply, ``(a + ib)(cos + i sin)`` = ``(a cos - b sin) + i (a sin + b cos)`` in float32.
+
+    rot given as its real view [L, 1, D/2, 2] (cos, sin): the same rotation in real arithmetic, for the
+    compiled blocks (inductor generates no code for complex ops; the real form fuses with the RMSNorm)."""
+    if not rot.is_complex():
+        a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = rot.unbind(-1)
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
     return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
@@ -191,29 +199,14 @@ class SelfAttention(Attention):
         """The rotated keys and the values of x [B, S, dim]: each [B, S, heads, head_dim]."""
         return apply_rope(self.norm_k(self.k(x)).view(self._heads(x)), rope), self.v(x).view(self._heads(x))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor,
-        cache: KVCache | None,
-        plan: CachePlan | None,
-        layer: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        q = apply_rope(self.norm_q(self.q(x)).view(self._heads(x)), rope)
-        k, v = self.keys_values(x, rope)
-        if cache is not None:  # a fork group's shared prefix comes as its own batch-1 part (no copies)
-            return self.o(attend_parts(q, cache.write_and_read_parts(layer, plan, k, v)).flatten(2))
-        return self.o(attend(q, k, v, mask).flatten(2))
-
 
 class CrossAttention(Attention):
     """Text cross-attention: no RoPE, no mask; k/v cached per prompt when a KV cache is given."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
-        b = x.shape[0]
-        q = self.norm_q(self.q(x)).view(b, -1, self.num_heads, self.head_dim)
-        k, v = self.text_keys_values(context, cache, layer)
+    def attend_text(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The cross-attention's output [B, S, dim] for x [B, S, dim] over the text k, v of
+        :meth:`text_keys_values`."""
+        q = self.norm_q(self.q(x)).view(x.shape[0], -1, self.num_heads, self.head_dim)
         return self.o(attend(q, k, v).flatten(2))
 
     def text_keys_values(
@@ -234,6 +227,12 @@ class CrossAttention(Attention):
 
 
 class Block(nn.Module):
+    """One transformer block. Its forward is three regions around the self-attention over the cache:
+    :meth:`qkv` (modulation, LN1, q/k/v projections, q/k RMSNorm, RoPE), the attention itself (eager: what it
+    reads grows with the cache), and :meth:`rest` (o projection, gate, cross-attention, FFN). The two
+    regions see the chunk's tensors only, whose shapes are the same for every chunk of a rollout, so
+    :func:`compile_blocks` compiles them once per batch shape (not once per chunk or cache length)."""
+
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
         d = arch.dim
@@ -244,18 +243,58 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(d, arch.eps)
         self.ffn = nn.Sequential(nn.Linear(d, arch.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(arch.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+        # the compiled regions (set by compile_blocks; None: eager)
+        self.compiled: dict[str, Callable] | None = None
 
     def _attn_input(self, x: torch.Tensor, mods: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The self-attention's input: LN1(x) * (1 + scale1) + shift1, per frame."""
         shift1, scale1 = mods[:2]
         return (self.norm1(x).unflatten(1, (mods[0].shape[1], -1)) * (1 + scale1) + shift1).flatten(1, 2)
 
+    def _mods(self, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """shift1, scale1, gate1, shift2, scale2, gate2, each [B, F, 1, dim]."""
+        return (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+
+    def kv(self, x: torch.Tensor, e0: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region 1 without q (a K/V-only refresh): the rotated keys and the values [B, S, heads, head_dim]."""
+        return self.self_attn.keys_values(self._attn_input(x, self._mods(e0)), rope)
+
+    def qkv(self, x: torch.Tensor, e0: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Region 1: the rotated queries and keys and the values [B, S, heads, head_dim] of x [B, S, dim]."""
+        sa = self.self_attn
+        h = self._attn_input(x, self._mods(e0))
+        q = apply_rope(sa.norm_q(sa.q(h)).view(sa._heads(h)), rope)
+        return (q, *sa.keys_values(h, rope))
+
+    def rest(
+        self, x: torch.Tensor, attn: torch.Tensor, e0: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor
+    ) -> torch.Tensor:
+        """Region 2: the block's output from its input x [B, S, dim], the self-attention's heads attn
+        [B, S, heads, head_dim] (before the o projection) and the text k/v [B or 1, text_len, heads, head_dim]."""
+        nf = e0.shape[1]
+        _shift1, _scale1, gate1, shift2, scale2, gate2 = self._mods(e0)
+
+        def per_frame(h: torch.Tensor) -> torch.Tensor:
+            return h.unflatten(1, (nf, -1))
+
+        x = x + (per_frame(self.self_attn.o(attn.flatten(2))) * gate1).flatten(1, 2)
+        x = x + self.cross_attn.attend_text(self.norm3(x), text_k, text_v)
+        y = self.ffn((per_frame(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2))
+        return x + (per_frame(y) * gate2).flatten(1, 2)
+
+    def _region(self, name: str, *args: torch.Tensor):
+        """Region `name` of this block, compiled when :func:`compile_blocks` set it and the inputs are real
+        tensors outside a measuring dispatch mode (plans, memory checks and fake tensors run it eagerly)."""
+        if self.compiled is not None and not is_fake(args[0]) and _get_current_dispatch_mode() is None:
+            if name != "rest":  # RoPE in real arithmetic (a view of the rotations: no copy)
+                args = (*args[:2], torch.view_as_real(args[2]))
+            return self.compiled[name](self, *args)
+        return getattr(self, name)(*args)
+
     def write_kv(self, x, e0, context, rope, cache: KVCache, plan: CachePlan, layer: int) -> None:
         """Only what this block stores in the cache for x (its self-attention k/v, and the text k/v if not
         yet kept): the same tensors :meth:`forward` stores, without computing its output."""
-        k, v = self.self_attn.keys_values(
-            self._attn_input(x, (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)), rope
-        )
+        k, v = self._region("kv", x, e0, rope)
         cache.write(layer, plan, k, v)
         self.cross_attn.text_keys_values(context, cache, layer)
 
@@ -265,18 +304,13 @@ class Block(nn.Module):
         if kv_only:
             self.write_kv(x, e0, context, rope, cache, plan, layer)
             return None
-        nf = e0.shape[1]
-        mods = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
-        _shift1, _scale1, gate1, shift2, scale2, gate2 = mods
-
-        def per_frame(h: torch.Tensor) -> torch.Tensor:
-            return h.unflatten(1, (nf, -1))
-
-        y = self.self_attn(self._attn_input(x, mods), rope, cache, plan, layer, mask)
-        x = x + (per_frame(y) * gate1).flatten(1, 2)
-        x = x + self.cross_attn(self.norm3(x), context, cache, layer)
-        y = self.ffn((per_frame(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2))
-        return x + (per_frame(y) * gate2).flatten(1, 2)
+        q, k, v = self._region("qkv", x, e0, rope)
+        if cache is not None:  # a fork group's shared prefix comes as its own batch-1 part (no copies)
+            attn = attend_parts(q, cache.write_and_read_parts(layer, plan, k, v))
+        else:
+            attn = attend(q, k, v, mask)
+        text_k, text_v = self.cross_attn.text_keys_values(context, cache, layer)
+        return self._region("rest", x, attn, e0, text_k, text_v)
 
 
 class Head(nn.Module):

@@ -1,5 +1,5 @@
 """Run-config sections shared by several stages: the model, a policy (model + adapter), prompts, rewards,
-the hardware a stage runs on (device, compute dtype, text-encoder offload, CPU threads)."""
+the hardware a stage runs on (device, compute dtype, text-encoder offload, CPU threads, compiled blocks)."""
 
 from __future__ import annotations
 
@@ -265,6 +265,9 @@ class Hardware(Section):
     text_offload: TextOffload = arg("auto", "Text encoder after encoding: keep | cpu (moved off the device) "
                                     "| free (weights dropped) | auto (cpu when > 10% of the device).")  # fmt: skip
     threads: int | None = arg(None, "torch CPU threads.")
+    # models/compiled.py: each block's two regions around its cache attention, one graph per batch shape
+    compile: bool = arg(False, "torch.compile the generator's transformer blocks (inductor; the first forward "
+                        "of each batch shape compiles, graphs are reused across chunks).")  # fmt: skip
 
     @field_validator("device")
     @classmethod

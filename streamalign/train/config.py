@@ -163,6 +163,9 @@ class TrainConfig(RunConfig):
         if self.hardware.shard_base and (self.mode == "on" or self.logging.eval_every):
             raise ValueError("--shard-base runs the updates of --mode semi only (rollouts and --eval-every would "
                              "need the same model passes on every rank): drop --mode on / --eval-every")  # fmt: skip
+        if self.hardware.shard_base and self.hardware.compile:
+            # FSDP2 swaps each block's parameters between shards and gathered tensors around every forward
+            raise ValueError("--compile is not supported with --shard-base: drop one of them")
         return self
 
     def resolve(self) -> TrainConfig:
