@@ -51,15 +51,19 @@ def routed_group(
     group_size: int,
     geometry: RoutingGeometry,
     start: int | None = None,
+    routing: RoutingPlan | None = None,
 ) -> RoutedGroup:
     """A KV-routed group of `group_size` rows (anchor + group_size - 1 branches) for a one-seed `bank` and
     text context [1, L, D]; the routing is planned from the bank's seed (:func:`plan_routing`; `start`
-    fixes the first perturbed chunk, the group's pivot)."""
+    fixes the first perturbed chunk, the group's pivot), or given (`routing`, planned so beforehand: plan
+    runs this under fake tensors, where the seeded draw cannot run)."""
     if len(bank.seeds) != 1:
         raise ValueError("routed_group takes a NoiseBank with exactly one seed")
     if group_size < 2:
         raise ValueError(f"a routed group needs the anchor and >= 1 branch (group size >= 2), got {group_size}")
-    plan = plan_routing(geometry, group_size - 1, bank.seeds[0], start)
+    plan = routing or plan_routing(geometry, group_size - 1, bank.seeds[0], start)
+    if len(plan.older) != group_size - 1:
+        raise ValueError(f"the routing has {len(plan.older)} branches, the group {group_size - 1}")
     n, pivot = geometry.num_chunks, plan.start
     prefix_cache = sampler.new_cache(1, pivot, history=geometry.history)
     prefix = [sampler.denoise_chunk(prefix_cache, j, bank, context).x0 for j in range(pivot)]
