@@ -53,15 +53,17 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .models.codec import LatentCodec, PixelUnshuffleCodec, WanVAECodec
 from .models.kv_cache import KVCache
+from .models.kv_routing import eligible_starts, plan_routing
 from .models.memory import GiB, LiveBytes, fake_generator, fake_module, measure, storage_bytes
 from .models.placement import DTYPES, Placement, dtype_name
 from .models.protocol import ChunkModel
+from .models.routed_group import routed_group, routing_geometry
 from .models.sampler import FREE_FRACTION, Sampler, Segment
 from .models.text import resolve_offload
 from .pipeline import resolve_config
 from .schemas.config import ModelConfig
 from .schemas.run import RunConfig, Section, arg, parse_pairs
-from .schemas.sections import TextOffload
+from .schemas.sections import RoutingSection, TextOffload
 
 CUDA_RESERVE = 1 * GiB  # CUDA context + cuBLAS/cuDNN workspaces, outside PyTorch's allocator
 TEXT_BATCH = 16  # prompts the text encoders encode at once (models/text.py, _HFTokenEncoder._cached)
@@ -114,7 +116,10 @@ class PlanRollouts(Section):
 
     group_size: int = Field(12, ge=1, description="Branches per fork group (collect).",
                             json_schema_extra={"short": "-G"})  # fmt: skip
-    pivot: int | None = Field(None, ge=0, description="Pivot chunk (default: uniform, the worst of first and last).")
+    pivot: int | None = Field(None, ge=0, description="Pivot chunk (default: uniform, the worst of first and last; "
+                              "kv-routing: of the first and last eligible start).")  # fmt: skip
+    fork: Literal["initial", "solver", "kv-routing"] = arg("initial", "Fork of the collect stage's groups, as collect "
+                                                           "--fork (initial and solver plan alike).")  # fmt: skip
     branch_batch: int | None = Field(None, ge=1, description="Branches run at once (default: from memory).")
     eval_batch: int | None = Field(None, ge=1, description="Videos rolled out at once by evaluate (default: from "
                                    "memory).")  # fmt: skip
@@ -189,6 +194,7 @@ class PlanRun(RunConfig):
     train: PlanTrain = PlanTrain()
     scoring: PlanRewards = PlanRewards()
     device: PlanDevice = PlanDevice()
+    routing: RoutingSection = RoutingSection()  # --fork kv-routing only
     stages: tuple[str, ...] = arg(("collect", "evaluate", "generate", "train"), "Stages to plan, comma-separated.")
     full_depth: bool = arg(False, "Run every generator layer (exact either way; slower).")
     as_json: bool = arg(False, "Print the plan as JSON.", flag="--json")
@@ -792,6 +798,42 @@ def group_flops(chunks: Sequence[int], cross: int, pivot: int, group_size: int, 
     return flops
 
 
+def routed_group_phase(ctx: PlanContext, start: int) -> Phase:
+    """Memory and FLOPs of a whole KV-routed group (``--fork kv-routing``) starting at chunk `start`: the
+    prefix, every row one at a time (each row's KV freed before the next; the outputs kept, as the noise
+    fork's are) and the unrouted replay of every row's pivot steps (G x T rows in one batch)."""
+    run, r = ctx.run, ctx.run.routing
+    g = run.rollouts.group_size
+
+    geo = routing_geometry(ctx.cfg, r.kv_history, r.m_nearest, r.perturb_blocks, r.perturb_first, start)
+    routing = plan_routing(geo, g - 1, 0, start)  # outside the fake mode: the seeded draw reads its values
+
+    def call(depth: int):
+        gcfg, model = ctx.generator(depth)
+        sampler = Sampler(model, gcfg)
+        text = ctx.context(1)
+        fn = lambda: routed_group(sampler, text, sampler.noise_bank(0), g, geo, start, routing)  # noqa: E731
+        return fn, [*ctx.resident(depth), text]
+
+    peak, flops = ctx.generator_phase(call, flops=ctx.flops)
+    return Phase(f"routed group p={start} (rows 1)", peak, flops, 1)
+
+
+def _plan_routed(ctx: PlanContext) -> tuple[list[Phase], int, list[int]]:
+    """The routed-group phases of collect --fork kv-routing at the fixed --pivot, or at the first and the last
+    eligible start; (phases, FLOPs per group, starts). A drawn start's mean FLOPs are the mean of the first
+    and the last start's: the eligible starts are consecutive chunks and at each the window is full, so every
+    chunk from the start on costs the same and a group's FLOPs are affine in the start."""
+    run, r, cfg = ctx.run, ctx.run.routing, ctx.cfg
+    if run.rollouts.group_size < 2:
+        raise ValueError(f"-G {run.rollouts.group_size}: a routed group needs the anchor and >= 1 branch (-G >= 2)")
+    geo = routing_geometry(cfg, r.kv_history, r.m_nearest, r.perturb_blocks, r.perturb_first, run.rollouts.pivot)
+    chunks = [e.chunk for e in eligible_starts(geo)]
+    starts = [run.rollouts.pivot] if run.rollouts.pivot is not None else sorted({chunks[0], chunks[-1]})
+    phases = [routed_group_phase(ctx, p) for p in starts]
+    return phases, sum(p.flops for p in phases) // len(phases), starts
+
+
 def plan_collect(ctx: PlanContext) -> StagePlan:
     """One fork group: encode the prompt, fork (at the given pivot, or the first and the last), decode G
     videos, score them (one batch of each reward model). Each fork phase's FLOPs are its pivot's; per
@@ -802,6 +844,14 @@ def plan_collect(ctx: PlanContext) -> StagePlan:
 def _plan_collect(ctx: PlanContext) -> StagePlan:
     run, cfg = ctx.run, ctx.cfg
     g, n = run.rollouts.group_size, cfg.num_chunks
+    if run.rollouts.fork == "kv-routing":
+        routed, mean, starts = _plan_routed(ctx)
+        phases = [ctx.text_phase(1), *routed, ctx.decode_phase(cfg.latent.frames, g)]
+        total = phases[0].flops + mean + phases[-1].flops
+        phases += ctx.score_phases(cfg.latent.frames, g)
+        return StagePlan("collect", "group", run.rollouts.groups, phases, parallel=True, unit_flops=total,
+                         workload=_collect_workload(run), notes={"branch_batch": dict.fromkeys(starts, 1),
+                                                                 "pivots": starts})  # fmt: skip
     pivots = [run.rollouts.pivot] if run.rollouts.pivot is not None else sorted({0, n - 1})
     if any(p >= n for p in pivots):
         raise ValueError(f"--pivot {run.rollouts.pivot} is outside chunks 0..{n - 1} of {cfg.name}")
@@ -819,11 +869,14 @@ def _plan_collect(ctx: PlanContext) -> StagePlan:
     phases.append(ctx.decode_phase(cfg.latent.frames, g))
     decode = phases[-1].flops
     phases += ctx.score_phases(cfg.latent.frames, g)
-    gpus = run.device.gpus
-    work = f"{run.rollouts.groups} groups" + (f" on {gpus} GPUs" if gpus > 1 else "")
     total = phases[0].flops + mean + decode
     return StagePlan("collect", "group", run.rollouts.groups, phases, parallel=True, unit_flops=total,
-                     workload=work, notes={"branch_batch": batches, "pivots": pivots})  # fmt: skip
+                     workload=_collect_workload(run), notes={"branch_batch": batches, "pivots": pivots})  # fmt: skip
+
+
+def _collect_workload(run: PlanRun) -> str:
+    gpus = run.device.gpus
+    return f"{run.rollouts.groups} groups" + (f" on {gpus} GPUs" if gpus > 1 else "")
 
 
 def plan_evaluate(ctx: PlanContext) -> StagePlan:

@@ -52,6 +52,15 @@ def test_objectives_comparison_runs_every_objective(tmp_path):
              for n in ("sde-grpo", "sde-grpo-eps0.2")}  # fmt: skip
     assert clips == {"sde-grpo": 1e-4, "sde-grpo-eps0.2": 0.2}
     assert all(run["curve"] and "composite" in run["vs_base"] for run in res["runs"].values())
+    # every later run paired vs the first on the same videos: the mean of the differences is the difference
+    # of the two runs' means (each one's vs_base "model")
+    runs = res["runs"]
+    assert "vs_first" not in runs["copo"]
+    for name in ("nft", "sde-grpo"):
+        d = runs[name]["vs_first"]["composite"]
+        assert d["diff"] == pytest.approx(runs[name]["vs_base"]["composite"]["model"]
+                                          - runs["copo"]["vs_base"]["composite"]["model"], abs=1e-9)  # fmt: skip
+        assert d["ci_low"] <= d["diff"] <= d["ci_high"]
     # sde-grpo collected solver forks: its rollouts share the pivot's initial noise within a group
     assert (out / "sde-grpo" / "rollouts").is_dir() and (out / "objectives.png").is_file()
     r = CliRunner().invoke(app, ["experiment", "objectives", "--out", str(tmp_path / "x"), "--runs", "ppo"])

@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 from streamalign.cli import app
 from streamalign.cli.flags import clear_errors
 from streamalign.models.codec import WanVAECodec
+from streamalign.models.kv_routing import eligible_starts
 from streamalign.models.memory import LiveBytes, measure
+from streamalign.models.routed_group import routed_group, routing_geometry
 from streamalign.models.sampler import Sampler, Segment
 from streamalign.pipeline import Pipeline
 from streamalign.plan import (
@@ -113,6 +115,48 @@ def test_plan_equals_real_allocations_at_reduced_width(reduced):
         group = real_peak(lambda pv=pivot: sampler.fork_group(one, sampler.noise_bank(0), pv, 4, branch_batch=2), one)
         assert group_flops(chunks, cross, pivot, 4, 2) == group.flops > 0
     assert collect[1].flops == group_flops(chunks, cross, 1, 4, 2)
+
+
+ROUTING = dict(fork="kv-routing", group_size=3, kv_history=3, m_nearest=3, perturb_blocks=1, perturb_first=8)
+
+
+def test_routed_group_plan_equals_real_allocations_at_reduced_width(reduced, tmp_path):
+    """--fork kv-routing: each routed-group phase (the whole group: prefix, rows one at a time, the unrouted
+    replay) from fake tensors extrapolated from 1 and 2 layers equals the tracker's count of routed_group on
+    real tensors of 4 layers, at the first and the last eligible start; the per-group FLOPs are the mean of
+    the real FLOPs over every eligible start."""
+    cfg, _, text_arch, real, _ = reduced
+    # 5 chunks, a rolling window of 6 frames with 3 more ring slots: starts 2, 3 and 4 are eligible
+    rcfg = cfg.with_overrides(latent={"frames": 15}, cache={"sink": 0, "window": 6})
+    path = tmp_path / "routed.yaml"
+    path.write_text(yaml.safe_dump({**rcfg.model_dump(mode="json"), "name": "routed"}))
+    run = settings(str(path), pivot=None, stages=("collect",), **ROUTING)
+    sp = plan_stage("collect", run, text_arch=text_arch, vae_arch=VAE)
+    routed = [p for p in sp.phases if p.name.startswith("routed group")]
+    assert [p.name for p in routed] == ["routed group p=2 (rows 1)", "routed group p=4 (rows 1)"]
+    assert sp.notes["pivots"] == [2, 4]
+    model, text, codec = real["model"], real["text"], real["codec"]
+    resident = [*model.parameters(), *model.buffers(), *text.parameters(), *codec.vae.parameters()]
+    sampler = Sampler(model, rcfg)
+    geo = routing_geometry(rcfg, 3, 3, 1, 8)
+    assert [e.chunk for e in eligible_starts(geo)] == [2, 3, 4]
+    one = torch.zeros(1, cfg.arch.text_len, cfg.arch.text_dim)
+
+    def real_group(start: int):
+        with torch.no_grad():
+            return measure(lambda: routed_group(sampler, one, sampler.noise_bank(0), 3, geo, start),
+                           track=[*resident, one], flops=True, tracker=LiveBytes(device="cpu"))[1]  # fmt: skip
+
+    reps = {p: real_group(p) for p in (2, 3, 4)}
+    for phase, start in zip(routed, (2, 4), strict=True):
+        assert (phase.peak, phase.flops) == (reps[start].peak, reps[start].flops), start
+    text_flops, decode_flops = sp.phases[0].flops, sp.phases[len(routed) + 1].flops
+    assert sp.flops - text_flops - decode_flops == sum(r.flops for r in reps.values()) // 3  # affine in the start
+    # a fixed --pivot plans that start alone; an ineligible one is refused as collect refuses it
+    fixed = plan_stage("collect", run.replace(pivot=3), text_arch=text_arch, vae_arch=VAE, flops=False)
+    assert [p.peak for p in fixed.phases if p.name.startswith("routed")] == [reps[3].peak]
+    with pytest.raises(ValueError, match="--pivot 1 cannot start"):
+        plan_stage("collect", run.replace(pivot=1), text_arch=text_arch, vae_arch=VAE, flops=False)
 
 
 def test_check_fits_refuses_in_one_line_naming_what_fits(reduced):

@@ -144,8 +144,6 @@ class CollectConfig(PromptSection, RewardSection, RoutingSection):
                              "(each rank rolls out G/N branches of every group)")  # fmt: skip
         if self.fork not in ("initial", "solver", "kv-routing"):
             raise ValueError(f"--fork must be 'initial', 'solver' or 'kv-routing', got {self.fork!r}")
-        if self.fork == "kv-routing" and self.branch_ranks != 1:
-            raise ValueError("--fork kv-routing rolls out every row of a group on one rank: use --branch-ranks 1")
         if self.clip_chunks is not None and not 1 <= self.clip_chunks <= num_chunks:
             raise ValueError(f"--clip-chunks {self.clip_chunks} must lie in 1..{num_chunks} (the video's chunks)")
         if self.clip_chunks is not None and self.pivot != "uniform" and int(self.pivot) + self.clip_chunks > num_chunks:
@@ -289,7 +287,11 @@ def roll_out_group(policy: Pipeline, cfg: CollectConfig, i: int, run_id: str | N
     c = sampler.chunk_frames
     if cfg.fork == "kv-routing":  # the start chunk is drawn among those eligible (or the fixed --pivot)
         geo, start = cfg.check_routing(policy.config)
-        group = routed_group(sampler, text, sampler.noise_bank(seed), cfg.group_size, geo, start)
+        group = routed_group(sampler, text, sampler.noise_bank(seed), cfg.group_size, geo, start,
+                             rows=team.share(cfg.group_size))  # fmt: skip
+        group = team.gather(group)
+        if group is None:
+            return None
         pivot = group.pivot
         latents = group.videos()
         local = policy.decode(latents[:, pivot * c : (pivot + cfg.perturb_blocks) * c], uint8=uint8)

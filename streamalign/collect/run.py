@@ -49,8 +49,10 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
     if not overwrite_permitted(out):  # --overwrite starts afresh: the old collection's settings do not apply
         check_collection(out, "", early.run_id, early.settings(model), early.groups)
     placement = Placement.of(cfg.hardware)
+    routing = early.routing_settings() if early.fork == "kv-routing" else {}  # routed groups plan as they run
     check_stage("collect", model, placement, group_size=early.group_size, branch_batch=early.branch_batch,
-                pivot=None if early.pivot == "uniform" else int(early.pivot), groups=early.groups)  # fmt: skip
+                pivot=None if early.pivot == "uniform" else int(early.pivot), groups=early.groups, fork=early.fork,
+                **routing)  # fmt: skip
     policy = Pipeline.of_section(m, placement, config=model)
     resolved = cfg.replace(collect=cfg.collect.resolve(policy.config), cache=CacheSection.of(model))
     with rank_and_world() as (rank, world):

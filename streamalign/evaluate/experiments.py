@@ -164,13 +164,16 @@ def compare_runs(
     report: Callable[[dict, Path, str, str], None] | None = None,
 ) -> dict:  # fmt: skip
     """Train each run (`base` with its overrides) into ``tmp/<name>``, score its adapter paired vs the base
-    model on fixed fresh seeds, write ``<stem>.md/json/png`` into `tmp`; returns the result."""
+    model on fixed fresh seeds, and every later run paired vs the first (``vs_first``: the same videos'
+    seeds, so the difference between two runs gets its own interval); write ``<stem>.md/json/png`` into
+    `tmp`; returns the result."""
     ps = [p for p in prompts for _ in range(eval_seeds)]
     seeds = [4_000_000 + i for i in range(len(ps))]
     m, place = base.model, Placement.of(base.hardware)
     base_scores = score_policy(ModelSpec("base").load(m, place), ps, seeds, reward)
     result: dict = {"prompts": list(prompts), "eval_pairs": len(ps), **(extra or {}),
                     "ood_metrics": [r.label for r in reward.metrics], "runs": {}}  # fmt: skip
+    first: dict[str, torch.Tensor] | None = None
     for r in runs:
         cfg = base.replace(**r.overrides, eval_prompts=tuple(ps))  # validated
         summary = train(cfg, tmp / r.name, progress=progress)
@@ -186,9 +189,11 @@ def compare_runs(
             "clip_frac": sum(clip) / len(clip) if clip else None,
             "approx_kl": sum(kl) / len(kl) if kl else None,
             "vs_base": paired_differences(base_scores, sc),
+            **({"vs_first": paired_differences(first, sc)} if first is not None else {}),
             "curve": [{k: v for k, v in row.items() if k == "step" or k.startswith("eval_")}
                       for row in rows if "eval_composite" in row],
         }
+        first = sc if first is None else first
     (report or runs_report)(result, tmp, stem, title)
     return result
 
@@ -206,6 +211,15 @@ def runs_report(result: dict, out: Path, stem: str, title: str) -> None:
         lines.append(f"| {name} | {r.get('updates', '-')} | {r['seconds']:.0f} | {clip} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: paired difference vs the base model with its 95% bootstrap interval; clip frac: mean "
               "after the first update.", ""]  # fmt: skip
+    names = list(result["runs"])
+    pairs = [(n, r["vs_first"]) for n, r in result["runs"].items() if "vs_first" in r]
+    if pairs:
+        lines += [f"Paired vs {names[0]} (the same fresh videos):", "", "| run | " + " | ".join(keys) + " |",
+                  "|---|" + "---|" * len(keys)]  # fmt: skip
+        for name, d in pairs:
+            cells = [f"{d[k]['diff']:+.4f} [{d[k]['ci_low']:+.3f}, {d[k]['ci_high']:+.3f}]" for k in keys]
+            lines.append(f"| {name} - {names[0]} | " + " | ".join(cells) + " |")
+        lines.append("")
     (out / f"{stem}.md").write_text("\n".join(lines))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     ood = result.get("ood_metrics") or ["composite"]
@@ -361,6 +375,16 @@ def runs_table(result: dict) -> dict:
     return table(["run", "training s", "clip frac", *keys], ["{}", "{:.0f}", "{:.2f}", *[CI] * len(keys)], rows)
 
 
+def pairs_table(result: dict) -> dict:
+    """One row per run after the first: its paired difference vs the first run on every metric."""
+    runs = result["runs"]
+    first = next(iter(runs), "")
+    keys = list(next(iter(runs.values()))["vs_base"]) if runs else []
+    rows = [[f"{name} - {first}", *(_ci(r["vs_first"][k]) for k in keys)] for name, r in runs.items()
+            if "vs_first" in r]  # fmt: skip
+    return table(["run", *keys], ["{}", *[CI] * len(keys)], rows)
+
+
 def sweep_table(result: dict) -> dict:
     """One row per sweep cell: its grid point, clip fraction, approx KL, composite and OOD gains."""
     ood = (result.get("ood_metrics") or ["composite"])[0]
@@ -401,5 +425,5 @@ def sweep_stage(cfg: SweepRun, out: Path) -> str:
 def objectives_stage(cfg: ObjectivesRun, out: Path) -> str:
     """The stage behind the command (what it prints)."""
     result = run_objectives(cfg, out)
-    save_results(cfg.results, {"runs": runs_table(result)}, result)
+    save_results(cfg.results, {"runs": runs_table(result), "pairs": pairs_table(result)}, result)
     return (Path(out) / "objectives.md").read_text()

@@ -6,7 +6,8 @@ every noise (the group's :class:`~streamalign.models.noise.NoiseBank` seed), so 
 attention. The prefix (chunks before the first perturbed one) is rolled out once (batch 1) into a rolling
 cache with ``history`` extra ring slots; each row then reads it without copies
 (:meth:`~streamalign.models.kv_cache.KVCache.expand`), one row at a time (rows attend to different frames,
-so they cannot share a batch), each row's KV freed before the next.
+so they cannot share a batch), each row's KV freed before the next. A branch team splits the rows
+over its ranks (``rows``), each rank computing the prefix.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class RoutedGroup(ForkGroup):
 
     routing: dict | None = None
     x0_unrouted: torch.Tensor | None = None
+
+    BRANCH_FIELDS = (*ForkGroup.BRANCH_FIELDS, "x0_unrouted")  # what a branch team gathers row by row
 
 
 def routing_geometry(config: ModelConfig, history: int, m_nearest: int, blocks: int, first_chunks: int,
@@ -54,31 +57,46 @@ def routed_group(
     group_size: int,
     geometry: RoutingGeometry,
     start: int | None = None,
+    routing: RoutingPlan | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> RoutedGroup:
     """A KV-routed group of `group_size` rows (anchor + group_size - 1 branches) for a one-seed `bank` and
     text context [1, L, D]; the routing is planned from the bank's seed (:func:`plan_routing`; `start`
-    fixes the first perturbed chunk, the group's pivot)."""
+    fixes the first perturbed chunk, the group's pivot), or given (`routing`, planned so beforehand: plan
+    runs this under fake tensors, where the seeded draw cannot run).
+
+    `rows` (start, stop): roll out only those rows (one rank's share of a group split over a branch team);
+    the per-row tensors then hold those rows, the same bytes as the whole group's rows (every row runs and
+    is replayed on its own)."""
     if len(bank.seeds) != 1:
         raise ValueError("routed_group takes a NoiseBank with exactly one seed")
     if group_size < 2:
         raise ValueError(f"a routed group needs the anchor and >= 1 branch (group size >= 2), got {group_size}")
-    plan = plan_routing(geometry, group_size - 1, bank.seeds[0], start)
+    plan = routing or plan_routing(geometry, group_size - 1, bank.seeds[0], start)
+    if len(plan.older) != group_size - 1:
+        raise ValueError(f"the routing has {len(plan.older)} branches, the group {group_size - 1}")
+    first, last = rows or (0, group_size)
+    if not 0 <= first < last <= group_size:
+        raise ValueError(f"rows {first}..{last - 1} are outside the group of {group_size}")
     n, pivot = geometry.num_chunks, plan.start
     prefix_cache = sampler.new_cache(1, pivot, history=geometry.history)
     prefix = [sampler.denoise_chunk(prefix_cache, j, bank, context).x0 for j in range(pivot)]
-    x_t, x0s, latents = [], [], []
-    for row in range(group_size):
+    x_t, x0s, latents, unrouted = [], [], [], []
+    for row in range(first, last):
         cache = prefix_cache.expand(1)
         if row > 0:
             cache.routes = plan.routes(row - 1)
         trace = sampler.denoise_chunk(cache, pivot, bank, context, record=True)
         rest = [trace.x0] + [sampler.denoise_chunk(cache, j, bank, context).x0 for j in range(pivot + 1, n)]
+        del cache  # this row's KV leaves the device before its replay and the next row
+        # the row's T pivot steps replayed under the unrouted context: one batch of T rows per row, so a row's
+        # bytes do not depend on which rows run beside it (a team's ranks write what one process writes)
+        unrouted.append(unrouted_predictions(sampler, prefix_cache, trace.x_t, context, pivot))
         x_t.append(trace.x_t.cpu())
         x0s.append(trace.x0s.cpu())
         latents.append(torch.cat(rest, dim=1).cpu())
-        del cache, trace, rest  # this row's KV leaves the device before the next row
+        del trace, rest
     x_t_all = torch.cat(x_t)
-    unrouted = unrouted_predictions(sampler, prefix_cache, x_t_all, context, pivot)
     init_noise, solver_noise = bank.shared(n, len(sampler.schedule))
     return RoutedGroup(
         pivot=pivot,
@@ -93,7 +111,7 @@ def routed_group(
         x0_old=torch.cat(x0s),
         branch_latents=torch.cat(latents),
         routing=plan.to_json(),
-        x0_unrouted=unrouted,
+        x0_unrouted=torch.cat(unrouted),
     )
 
 
