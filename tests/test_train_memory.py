@@ -189,3 +189,58 @@ def test_on_policy_rollouts_run_in_the_updates_precision(tmp_path, monkeypatch, 
                       lora_rank=4, lora_alpha=8, autocast=autocast, threads=1)  # fmt: skip
     loop.train(cfg, tmp_path / "run", progress=False)
     assert seen == [(autocast == "bf16", torch.bfloat16)]
+
+
+def _replay_with(model, cfg, entry, text, old_cache: bool, monkeypatch):
+    """CoPO's loss, flat LoRA gradient and tracked peak of one group, the prefix cache the current one or (
+    `old_cache`) the one the replay allocated before: a global cache of pivot + 1 chunks (rolling: its ring)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    replay = PivotReplay(Sampler(model, cfg))
+    if old_cache:
+        monkeypatch.setattr(replay, "prefix_cache", lambda pivot: replay.sampler.new_cache(1, pivot + 1))
+
+    def run():
+        out = CoPO().group_loss(GroupInput(entry, text, torch.Generator().manual_seed(7)), replay)
+        out.loss.backward()
+        return out.loss.detach()
+
+    loss, report = measure(run, track=[*model.parameters()])
+    monkeypatch.undo()
+    return loss, torch.cat([p.grad.flatten() for p in params]), report.peak
+
+
+@pytest.mark.parametrize(
+    "config,pivot", [("shapes", 0), ("shapes", 2), ("rolling", 0)], ids=["shapes-p0", "shapes-p2", "rolling-p0"]
+)
+def test_the_replay_prefix_holds_no_chunk_nobody_reads(config, pivot, monkeypatch):
+    """The replay's prefix cache holds the pivot's prefix only (at pivot 0 nothing): loss and gradients bit for
+    bit those of the cache that also held the pivot chunk (never written: rows do not store), the peak lower by
+    exactly that chunk's K/V (rolling at pivot 0: the whole ring), and the predictions equal a slow reference
+    (each row alone, through a storing cache of the whole prefix and chunk)."""
+    from streamalign.models.kv_cache import kv_bytes
+
+    cfg = ModelConfig.load("shapes") if config == "shapes" else tiny_config(frames=15, sink=3, window=6)
+    model, entry, text = _setup(cfg, pivot, "initial", True)
+    model.gradient_checkpointing = True  # as on CUDA: each block's recomputation holds its arguments, the cache too
+    loss, grad, peak = _replay_with(model, cfg, entry, text, False, monkeypatch)
+    old_loss, old_grad, old_peak = _replay_with(model, cfg, entry, text, True, monkeypatch)
+    assert torch.equal(loss, old_loss) and torch.equal(grad, old_grad) and grad.abs().sum() > 0
+    a, c = cfg.arch, cfg.sampler.chunk_frames
+    dead = c if cfg.cache.window is None else cfg.cache.sink + cfg.cache.window
+    assert old_peak - peak == kv_bytes(a.num_layers, dead, cfg.tokens_per_frame, a.num_heads, a.head_dim, torch.float32)
+
+    sampler = Sampler(model, cfg)  # the slow reference: one row at a time, a storing cache of prefix + chunk
+    replay = PivotReplay(sampler)
+    x = entry.x_t[0].float()  # branch 0's step inputs [T, c, C, H, W]
+    steps = torch.arange(x.shape[0])
+    with torch.no_grad():
+        fast = replay.predict(entry, text, x, steps)
+        full = sampler.new_cache(1, pivot + 1)
+        if pivot:
+            sampler.write_context(full, entry.context.unsqueeze(0).float(), text)
+        for i in range(x.shape[0]):
+            row = sampler.predict_x0(x[i : i + 1], sampler.schedule.timesteps[i], sampler.schedule.sigmas[i], text,
+                                     full.clone(), pivot * c)  # fmt: skip
+            torch.testing.assert_close(fast[i : i + 1], row, rtol=1e-5, atol=1e-5)

@@ -291,7 +291,8 @@ class Sampler:
         b = n if batch is None else max(1, min(batch, n))
 
         def run(lo: int, hi: int) -> torch.Tensor:
-            rows = prefix.expand(hi - lo, store=False)
+            # a global prefix holds the frames before the chunk only: the expansion is as long as the chunk's end
+            rows = prefix.expand(hi - lo, start_frame + x.shape[1], store=False)
             return self.predict_x0(x[lo:hi], t[lo:hi], sigma[lo:hi], context, rows, start_frame)
 
         if b == n:

@@ -41,11 +41,21 @@ class PivotReplay:
         self.old: OldPolicy | None = None  # the old policies' weights (see train/old_policy.py)
         self.recompute_old = False  # set per entry by the trainer: recompute its old predictions
 
+    def prefix_cache(self, pivot: int) -> KVCache:
+        """An empty batch-1 cache for the prefix of a replay at `pivot`: a global cache holds the `pivot`
+        chunks before it and nothing more (the replay's rows never store the pivot chunk: non-storing
+        expansions, :meth:`~streamalign.models.sampler.Sampler.predict_rows`); at pivot 0 it holds nothing at
+        all, whatever the cache policy (a chunk at frame 0 reads only itself). A rolling cache keeps its ring."""
+        s = self.sampler
+        if pivot == 0 or s.config.cache.window is None:
+            return KVCache.for_model(s.model, 1, s.config.tokens_per_frame, max_frames=pivot * s.chunk_frames)
+        return s.new_cache(1, pivot)
+
     @torch.no_grad()
     def prefix(self, entry: Entry, text: torch.Tensor) -> KVCache:
         """A batch-1 cache holding the clean prefix of `entry` (text [1, L, D])."""
         s = self.sampler
-        cache = s.new_cache(1, entry.pivot + 1)  # a global cache only as long as the pivot needs
+        cache = self.prefix_cache(entry.pivot)
         passes = entry.pivot if self.context == "recompute" else 0
         if self.lockstep:  # forwards of the prefix (one per chunk), up to the longest of any rank: thrown away
             for _ in range(Lockstep.most(passes)[0] - passes):
