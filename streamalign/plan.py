@@ -974,18 +974,20 @@ def planned_rewards(section: Any, device: torch.device) -> dict[str, Any]:
 
 
 def check_stage(
-    stage: str, config: ModelConfig, placement: Placement, rewards: Any = None, **settings: Any
+    stage: str, config: ModelConfig, placement: Placement, rewards: Any = None, total_memory: int | None = None,
+    **settings: Any,
 ) -> StagePlan | None:
     """:func:`check_fits` for a stage about to run `config` with `placement` (device, compute dtype, text
     offload), the reward models of its reward section `rewards` (:func:`planned_rewards`; None: none) and
     its own settings (PlanRun leaves: group_size, pivot, branch_batch, eval_batch, videos, gen_frames).
-    A no-op unless the placement is a CUDA device; the plan's ``rewards_kept`` note is what
-    :func:`stage_reward_hold` reads."""
+    A no-op unless the placement is a CUDA device (`total_memory`, bytes: that GPU's size instead of asking
+    the device, as :func:`check_fits`); the plan's ``rewards_kept`` note is what :func:`stage_reward_hold`
+    reads."""
     if placement.device.type != "cuda":
         return None
     run = PlanRun.build(config=config.name, dtype=dtype_name(placement.dtype), text_offload=placement.text_offload,
-                        **planned_rewards(rewards, placement.device), **settings)  # pragma: no cover - needs a GPU
-    return check_fits(stage, run, placement.device, model_config=config)  # pragma: no cover
+                        **planned_rewards(rewards, placement.device), **settings)  # fmt: skip
+    return check_fits(stage, run, placement.device, total_memory, model_config=config)
 
 
 def stage_reward_hold(mode: str, sp: StagePlan | None) -> Literal["keep", "cpu"]:

@@ -7,15 +7,28 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from streamalign.models.memory import LiveBytes, measure, storage_bytes
-from streamalign.plan import PlanContext, PlanRun, plan_stage
+from streamalign.models.memory import GiB, LiveBytes, measure, storage_bytes
+from streamalign.models.placement import Placement
+from streamalign.pipeline import resolve_config
+from streamalign.plan import (
+    CUDA_RESERVE,
+    DoesNotFitError,
+    PlanContext,
+    PlanRun,
+    check_stage,
+    plan_stage,
+    stage_reward_hold,
+)
 from streamalign.rewards.models.videoalign import VideoAlignReward
 from streamalign.rewards.plan import plan_videoalign
+from streamalign.schemas.sections import RewardSection
 from tests.test_reward_models import save_videoalign
 
 
@@ -101,3 +114,54 @@ def test_a_plan_counts_the_reward_model_and_batches_with_it(folder, tmp_path):
     score_kept = next(p for p in kept.phases if p.name.startswith("score"))
     score_off = next(p for p in off.phases if p.name.startswith("score"))
     assert score_kept.peak == score_off.peak  # one reward model: scoring holds the same either way
+
+
+def _section(cfg, **kw) -> RewardSection:
+    return RewardSection(rewards="videoalign.VQ=1,videoalign.MQ:gray=1", reward_paths=f"videoalign={cfg}",
+                         reward_options="videoalign.num_frames=2,videoalign.batch_size=1,"
+                                        "videoalign.plan_text_tokens=8", **kw)  # fmt: skip
+
+
+def test_the_gpu_check_plans_the_rewards_and_batches_with_them_held(folder, tmp_path):
+    """check_stage (collect at pivot 0, shapes, a simulated 1 GiB + 40 MiB GPU) with the reward section: the
+    reward weights (a 200k-token vocabulary: 26 MB, comparable to the branch batches) are in every phase, the
+    branch batch it picks is smaller than without them and fits with them, where the one without would not."""
+    cfg = config_only(folder, tmp_path / "cfg")
+    data = json.loads((cfg / "config.json").read_text())
+    vocab, width = data["text_config"]["vocab_size"], data["text_config"]["hidden_size"]
+    data["text_config"]["vocab_size"] = 200_000
+    (cfg / "config.json").write_text(json.dumps(data))
+    real = VideoAlignReward(folder, device="cpu", dtype="float32")
+    weights = storage_bytes([*real.net.parameters(), *real.net.buffers()]) + (200_000 - vocab) * width * 4
+    memory = GiB + 40 * 2**20
+    model, gpu = resolve_config("shapes", None), Placement(torch.device("cuda", 0), torch.float32, "auto")
+    bare = check_stage("collect", model, gpu, None, memory, group_size=12, pivot=0)
+    kept = check_stage("collect", model, gpu, _section(cfg), memory, group_size=12, pivot=0)
+    assert kept.notes["rewards_kept"] and stage_reward_hold("auto", kept) == "keep" and "rewards_kept" not in bare.notes
+    by_name = {p.name: p.peak for p in bare.phases}
+    for p in kept.phases:  # phases that do not depend on the batch: the reward weights added, exactly
+        if p.name.startswith(("text", "decode")):
+            assert p.peak - by_name[p.name] == weights, p.name
+    bb_bare, bb_kept = bare.notes["branch_batch"], kept.notes["branch_batch"]
+    assert all(bb_kept[p] < bb_bare[p] for p in bb_bare), (bb_bare, bb_kept)
+    assert kept.fits(memory)
+    forks = [p for p in bare.phases if p.name.startswith("fork")]
+    assert max(p.peak for p in forks) + weights + CUDA_RESERVE > memory  # the batches picked without would not fit
+
+
+@pytest.mark.slow
+def test_the_gpu_check_offloads_when_the_rewards_do_not_fit_kept():
+    """wan-1.3b collect on a simulated 16 GiB GPU with Qwen2-VL-2B's VideoAlign (config-only, ~1 min): held,
+    the text phase alone (UMT5 offloaded after it, 10.6 GiB) plus the reward weights exceed the GPU, so auto
+    offloads them; offloaded the stage fits."""
+    from bench.bench_plan_rewards import config_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config_folder(Path(tmp) / "videoalign")
+        section = RewardSection(rewards="videoalign.VQ=1", reward_paths=f"videoalign={cfg}")
+        model, gpu = resolve_config("wan-1.3b", None), Placement(torch.device("cuda", 0), torch.bfloat16, "auto")
+        sp = check_stage("collect", model, gpu, section, 16 * GiB, group_size=12, pivot=6)
+        assert sp.notes["rewards_kept"] is False and stage_reward_hold("auto", sp) == "cpu" and sp.fits(16 * GiB)
+        with pytest.raises(DoesNotFitError, match="collect will not fit"):
+            check_stage("collect", model, gpu, section.model_copy(update={"reward_offload": "keep"}), 16 * GiB,
+                        group_size=12, pivot=6)  # fmt: skip
