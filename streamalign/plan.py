@@ -145,7 +145,8 @@ class PlanRewards(RewardHolding):
     reward_paths: dict[str, str] = arg({}, "Reward models from local folders: MODEL=DIR,... (a folder with the "
                                        "model's configs is enough to plan).", flag="--reward-path")  # fmt: skip
     reward_options: dict[str, str] = arg({}, "Reward model options: NAME.KEY=VALUE,... (videoalign.base=DIR, "
-                                         "videoalign.batch_size=2).", flag="--reward-option")  # fmt: skip
+                                         "videoalign.batch_size=2, hpsv3.base=DIR, hpsv3.config=YAML).",
+                                         flag="--reward-option")  # fmt: skip
 
     @model_validator(mode="before")
     @classmethod

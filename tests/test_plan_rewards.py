@@ -165,3 +165,57 @@ def test_the_gpu_check_offloads_when_the_rewards_do_not_fit_kept():
         with pytest.raises(DoesNotFitError, match="collect will not fit"):
             check_stage("collect", model, gpu, section.model_copy(update={"reward_offload": "keep"}), 16 * GiB,
                         group_size=12, pivot=6)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hpsv3_folder(tmp_path_factory):
+    from tests.test_reward_models import hpsv3
+
+    return hpsv3.__wrapped__(tmp_path_factory)[0]  # the HPSv3 layout of tests/test_reward_models.py
+
+
+@pytest.mark.parametrize("resample", ["uint8", "pil"])
+def test_planned_hpsv3_equals_the_real_tracked_peak(hpsv3_folder, tmp_path, resample):
+    """HPSv3 (Qwen2-VL + the RankNet head in fp32) planned from its base config.json and tokenizer (no weights):
+    the real adapter's weight bytes, and its peak for one scoring batch of 3 frames, but the host-side index
+    tensors (0.7% of this tiny peak). ``pil`` resizes on the host: planned as the uint8 path (one frame's
+    temporaries apart, within 1%; here the peak lies in the network and both are equal)."""
+    from streamalign.rewards.models import load_reward_model
+    from streamalign.rewards.plan import plan_hpsv3
+    from streamalign.rewards.registry import as_float
+
+    torch.manual_seed(0)
+    frames = as_float((torch.rand(3, 3, 56, 84) * 255).to(torch.uint8))  # what frame_scores hands _frame_scores
+    real = load_reward_model("hpsv3", hpsv3_folder, device="cpu", dtype="float32", batch_size=3, resample=resample)
+    weights = [*real.net.parameters(), *real.net.buffers()]
+    prompt = "a red square moves left"
+    tracker = DeviceBytes(torch.zeros(1))
+    # the frames tracked as the device copy the adapter makes of them on a GPU (on the CPU .to() is a no-op)
+    _, rep = measure(lambda: real._frame_scores(frames, [prompt] * 3), track=[*weights, frames], tracker=tracker)
+    text_tokens = len(real.tokenizer(real.prompt(prompt))["input_ids"]) - 1  # all but the one <|image_pad|>
+
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    for f in hpsv3_folder.iterdir():  # the base folder without HPSv3.safetensors: config.json + tokenizer
+        if f.name != "HPSv3.safetensors":
+            shutil.copy(f, cfg / f.name)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    opts = {"plan_text_tokens": text_tokens, "batch_size": 3, "resample": resample}
+    planned = plan_hpsv3(str(cfg), opts, torch.float32, mode)
+    assert storage_bytes(planned.weights) == storage_bytes(weights)
+    with mode:
+        fake = torch.zeros(1, 4, 3, 56, 84, dtype=torch.uint8, device="meta")  # one video; its first 3 frames
+    with mode, torch.no_grad():
+        _, planned_rep = measure(lambda: planned.score(fake), track=planned.weights, tracker=LiveBytes(device="cpu"))
+    assert tracker.index_bytes < 0.01 * rep.peak
+    if resample == "uint8":
+        assert rep.peak - tracker.index_bytes <= planned_rep.peak <= rep.peak, (planned_rep.peak, rep.peak)
+    else:
+        assert abs(planned_rep.peak - rep.peak) <= 0.01 * rep.peak, (planned_rep.peak, rep.peak)
+    # without the tokenizer: the config's vocabulary (the reference adds <|Reward|>: one row more)
+    for f in cfg.iterdir():
+        if f.name != "config.json":
+            f.unlink()
+    bare = plan_hpsv3(str(cfg), opts, torch.float32, FakeTensorMode(allow_non_fake_inputs=True))
+    width = json.loads((cfg / "config.json").read_text())["text_config"]["hidden_size"]
+    assert storage_bytes(weights) - storage_bytes(bare.weights) == width * 4

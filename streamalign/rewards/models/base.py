@@ -112,6 +112,7 @@ class RewardModel:
     name = "reward"
     outputs: tuple[str, ...] = ("score",)
     frame_level = False
+    hold = "keep"  # between scoring calls: keep (stay on the device) | cpu (offload after each call); set_hold
 
     def __init__(self, device=None, dtype=None, batch_size: int = 8) -> None:
         self.device = pick_device(device)
@@ -121,7 +122,6 @@ class RewardModel:
         self.batch_size = batch_size
         self.net: torch.nn.Module | None = None
         self._offloaded = False
-        self.hold = "keep"  # between scoring calls: keep (stay on the device) | cpu (offload after each call)
 
     def check_resample(self, mode: str) -> str:
         from .preprocess import RESIZE_MODES
