@@ -206,3 +206,13 @@ def test_the_gpu_check_plans_the_reward_models_on_its_gpu(tmp_path):
         assert planned_rewards(other, torch.device("cuda", 0)) == {"reward_offload": "cpu"}
     assert planned_rewards(section.model_copy(update={"reward_device": "cuda"}), torch.device("cuda", 0)) == got
     assert planned_rewards(None, torch.device("cuda", 0)) == {}
+
+
+def test_train_on_policy_offloads_the_reward_model(tmp_path, clip_folder, spy):
+    """train --mode on, one iteration of one group of 2: its rollouts' scoring offloads the model."""
+    args = ["train", "--mode", "on", "--steps", "1", "--batch-groups", "1", "-G", "2", "--updates-per-iter", "1",
+            "--lora-rank", "4", "--threads", "1", "--rewards", "clip=1", "--reward-path", f"clip={clip_folder}",
+            "--reward-device", "cpu", "--reward-offload", "cpu", "--out", str(tmp_path / "on")]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert spy == {"offload": 1, "onload": 0}  # one group scored once; the fresh model needed no onload

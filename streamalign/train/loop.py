@@ -378,7 +378,7 @@ def _rollout_config(cfg: TrainConfig, trainer: Trainer, world: int, it: int) -> 
         prompts=ro.prompts, groups=groups, group_size=ro.group_size, strength=ro.strength,
         seed=derive_seed(cfg.seed, 7, it), format=ro.format, rewards=ro.rewards, metrics=ro.metrics,
         reward_paths=ro.reward_paths, reward_options=ro.reward_options, reward_plugins=ro.reward_plugins,
-        reward_device=ro.reward_device,
+        reward_device=ro.reward_device, reward_offload=ro.reward_offload,
         entries_per_shard=max(1, groups // world), fork=trainer.objective.fork, clip_chunks=ro.clip_chunks,
         **ro.routing_settings(),
     )  # fmt: skip
