@@ -958,7 +958,7 @@ def check_fits(
 def planned_rewards(section: Any, device: torch.device) -> dict[str, Any]:
     """The PlanRun leaves that plan a stage's reward section (``schemas.sections.RewardSection``) on the
     generator's `device`: its composite, ``--reward-offload`` and the reward models that have a planner
-    (:data:`REWARD_PLANNERS`; the others and plug-ins are not planned), with their options; none when the
+    (:data:`REWARD_PLANNERS`: every built-in adapter; plug-ins are not planned), with their options; none when the
     reward models run elsewhere (``--reward-device cpu`` or another GPU than `device`)."""
     if section is None:
         return {}

@@ -219,3 +219,60 @@ def test_planned_hpsv3_equals_the_real_tracked_peak(hpsv3_folder, tmp_path, resa
     bare = plan_hpsv3(str(cfg), opts, torch.float32, FakeTensorMode(allow_non_fake_inputs=True))
     width = json.loads((cfg / "config.json").read_text())["text_config"]["hidden_size"]
     assert storage_bytes(weights) - storage_bytes(bare.weights) == width * 4
+
+
+def _frame_peaks(real, planned, frames: torch.Tensor, prompt: str) -> tuple[int, int, int]:
+    """(real tracked peak, its index-tensor bytes, planned peak) of one scoring batch of `frames` (float32, as
+    frame_scores hands them over). They wait on the host (not tracked); on a GPU the adapter's
+    ``frames.to(device).float()`` makes a float32 copy, which on the CPU only a float64 input makes."""
+    weights = [*real.net.parameters(), *real.net.buffers()]
+    host = frames.double()
+    tracker = DeviceBytes(host)
+    n = frames.shape[0]
+    _, rep = measure(lambda: real._frame_scores(host, [prompt] * n), track=weights, tracker=tracker)
+    assert storage_bytes(planned.weights) == storage_bytes(weights)
+    mode = planned.weights[0].fake_mode
+    with mode:
+        fake = torch.zeros(1, n, *frames.shape[1:], dtype=torch.uint8, device="meta")
+    with mode, torch.no_grad():
+        _, planned_rep = measure(lambda: planned.score(fake), track=planned.weights, tracker=LiveBytes(device="cpu"))
+    return rep.peak, tracker.index_bytes, planned_rep.peak
+
+
+def test_planned_hpsv2_and_clip_equal_the_real_tracked_peaks(tmp_path):
+    """HPSv2.1 (open_clip_config.json alone) and CLIP (config.json alone) planned without weights or tokenizer:
+    the real adapters' weight bytes and, but the host-side index tensors, their peaks for one batch of 4
+    frames."""
+    from streamalign.rewards.models import load_reward_model
+    from streamalign.rewards.plan import plan_clip, plan_hpsv2
+    from tests.test_reward_models import save_hpsv2
+    from tests.test_rewards import _tiny_clip
+
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    _tiny_clip(clip)
+    hps = tmp_path / "hps"
+    (hps / "tokenizer").mkdir(parents=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(clip / name, hps / "tokenizer" / name)
+    save_hpsv2(hps, len(json.loads((clip / "vocab.json").read_text())))
+    frames = torch.rand(4, 3, 40, 60, generator=torch.Generator().manual_seed(3))
+    prompt = "a red circle"
+
+    real = load_reward_model("hpsv2", hps, device="cpu", dtype="float32", batch_size=4)
+    only = tmp_path / "hps-cfg"
+    only.mkdir()
+    shutil.copy(hps / "open_clip_config.json", only / "open_clip_config.json")
+    planned = plan_hpsv2(str(only), {"batch_size": 4}, torch.float32, FakeTensorMode(allow_non_fake_inputs=True))
+    peak, index, plan_peak = _frame_peaks(real, planned, frames, prompt)
+    assert index < 0.01 * peak and peak - index <= plan_peak <= peak, (plan_peak, peak, index)
+
+    real = load_reward_model("clip", clip, device="cpu", dtype="float32", batch_size=4)
+    tokens = len(real.tokenizer([prompt])["input_ids"][0])
+    only = tmp_path / "clip-cfg"
+    only.mkdir()
+    shutil.copy(clip / "config.json", only / "config.json")
+    planned = plan_clip(str(only), {"batch_size": 4, "plan_text_tokens": tokens}, torch.float32,
+                        FakeTensorMode(allow_non_fake_inputs=True))  # fmt: skip
+    peak, index, plan_peak = _frame_peaks(real, planned, frames, prompt)
+    assert index < 0.01 * peak and peak - index <= plan_peak <= peak, (plan_peak, peak, index)

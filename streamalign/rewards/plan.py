@@ -8,6 +8,12 @@ the 3-token reward head. The scoring batch runs :meth:`VideoAlignReward._score` 
 of the run's frames and resolution, with token ids standing in for the tokenizer's: the video tokens the
 frame sampling and ``smart_resize`` give, plus ``text_tokens`` of chat and prompt (the three reward tokens
 last).
+
+HPSv3: the Qwen2-VL-7B ``config.json`` (``base=`` or the folder's own), the head of the checkpoint's yaml
+(``config=``), ``HPSv3Reward._frame_scores`` on ``batch_size`` frames as images. HPSv2.1: open_clip's
+CLIP from ``open_clip_config.json`` (ViT-H-14 without one). CLIP: ``CLIPModel`` from ``config.json``.
+The frame-level models score one batch of ``batch_size`` frames, with token ids standing in for the
+tokenizer's (:class:`PlanTokens`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from ..plan import PlannedReward, register_reward_planner
 from .models import hpsv3 as H
 from .models import preprocess as P
 from .models import qwen2vl as Q
-from .models.base import RewardModelError, read_json
+from .models.base import RewardModelError, need_file, read_json
 from .models.hpsv3 import HPSv3Reward
 from .models.videoalign import HINT, SPECIAL_TOKENS, VideoAlignReward
 from .registry import as_float
@@ -176,15 +182,75 @@ def fake_hpsv3(path: str | Path, options: dict, dtype: torch.dtype, mode: FakeTe
 def plan_hpsv3(path: str, options: dict, dtype: torch.dtype, mode: FakeTensorMode) -> PlannedReward:
     """HPSv3 scores frames: one scoring batch is ``batch_size`` frames (of the first video, or as many as it
     has), each an image of ``pixels`` pixels."""
-    rm = fake_hpsv3(path, options, dtype, mode, int(options.get("plan_text_tokens", HPSV3_TEXT_TOKENS)))
+    return frame_scorer(fake_hpsv3(path, options, dtype, mode, int(options.get("plan_text_tokens", HPSV3_TEXT_TOKENS))),
+                        "hpsv3")  # fmt: skip
+
+
+class PlanTokens:
+    """A tokenizer stand-in: every prompt is `tokens` ids (0, the last one the largest: open_clip's EOT, where
+    the text is pooled), mask all ones; the shapes the real tokenizer gives a prompt of that length."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+
+    def __call__(self, prompts: list[str], **_):
+        from transformers import BatchEncoding  # .to(device) as the real tokenizer's output
+
+        ids = torch.tensor([[0] * (self.tokens - 1) + [1]] * len(prompts), dtype=torch.long)
+        return BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+
+def frame_scorer(rm, name: str) -> PlannedReward:
+    """One scoring batch of a frame-level adapter `rm` (its ``batch_size`` frames, of one video or as many as
+    it has) with the token ids real (HostLogic)."""
 
     def score(videos: torch.Tensor) -> object:
         frames = as_float(videos.flatten(0, 1)[: rm.batch_size])  # on the host, as frame_scores converts them
         with HostLogic():
             return rm._frame_scores(frames, [""] * frames.shape[0])
 
-    return PlannedReward("hpsv3", [*rm.net.parameters(), *rm.net.buffers()], score, 1)
+    return PlannedReward(name, [*rm.net.parameters(), *rm.net.buffers()], score, 1)
+
+
+def plan_hpsv2(path: str, options: dict, dtype: torch.dtype, mode: FakeTensorMode) -> PlannedReward:
+    """HPSv2.1: open_clip's CLIP from ``open_clip_config.json`` (ViT-H-14 without one; no tokenizer needed:
+    the text is always the context length, 77 tokens), ``batch_size`` frames (default 16) at 224 x 224."""
+    from .models.hpsv2 import HPSv2Reward, OpenCLIP, open_clip_config
+
+    cfg = open_clip_config(Path(path))
+    rm = HPSv2Reward.__new__(HPSv2Reward)
+    rm.net = fake_module(lambda: OpenCLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]), dtype, mode)
+    rm.device, rm.dtype, rm._offloaded = torch.device("cpu"), dtype, False
+    rm.batch_size, rm.resample = int(options.get("batch_size", 16)), options.get("resample", "float")
+    rm.tokenizer = PlanTokens(rm.net.context_length)
+    rm.tokenize = lambda prompts: rm.tokenizer(prompts)["input_ids"]  # type: ignore[method-assign]
+    return frame_scorer(rm, "hpsv2")
+
+
+def plan_clip(path: str, options: dict, dtype: torch.dtype, mode: FakeTensorMode) -> PlannedReward:
+    """CLIP: a transformers ``CLIPModel`` from ``config.json`` (and ``preprocessor_config.json`` when there),
+    ``batch_size`` frames (default 32), prompts of ``plan_text_tokens`` tokens (default the text tower's
+    77: the longest; the tokenizer pads to the batch's longest prompt)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from .models.clip import HINT as CLIP_HINT
+    from .models.clip import CLIPReward, image_settings
+
+    folder = Path(path)
+    need_file(folder / "config.json", "clip", "CLIP config.json", CLIP_HINT)
+    config = CLIPConfig.from_pretrained(str(folder), local_files_only=True)
+    rm = CLIPReward.__new__(CLIPReward)
+    rm.net = fake_module(lambda: CLIPModel(config), dtype, mode)
+    rm.device, rm.dtype, rm._offloaded = torch.device("cpu"), dtype, False
+    rm.batch_size, rm.resample = int(options.get("batch_size", 32)), options.get("resample", "float")
+    rm.logit_scale = bool(options.get("logit_scale", False))
+    rm.size, rm.crop, rm.mean, rm.std = image_settings(folder, config.vision_config.image_size)
+    rm.max_length = config.text_config.max_position_embeddings
+    rm.tokenizer = PlanTokens(int(options.get("plan_text_tokens", rm.max_length)))
+    return frame_scorer(rm, "clip")
 
 
 register_reward_planner("videoalign", plan_videoalign)
 register_reward_planner("hpsv3", plan_hpsv3)
+register_reward_planner("hpsv2", plan_hpsv2)
+register_reward_planner("clip", plan_clip)
