@@ -63,7 +63,7 @@ from .models.text import resolve_offload
 from .pipeline import resolve_config
 from .schemas.config import ModelConfig
 from .schemas.run import RunConfig, Section, arg, parse_pairs
-from .schemas.sections import RoutingSection, TextOffload
+from .schemas.sections import RewardHolding, RoutingSection, TextOffload
 
 CUDA_RESERVE = 1 * GiB  # CUDA context + cuBLAS/cuDNN workspaces, outside PyTorch's allocator
 TEXT_BATCH = 16  # prompts the text encoders encode at once (models/text.py, _HFTokenEncoder._cached)
@@ -142,7 +142,7 @@ class PlanTrain(Section):
     shard_base: bool = arg(False, "The frozen base sharded over the --gpus with FSDP2, as train --shard-base.")
 
 
-class PlanRewards(Section):
+class PlanRewards(RewardHolding):
     """Rewards (the reward models on the GPU beside the generator)"""
 
     rewards: str | None = arg(None, "Composite as the stages take it (name[:gray]=weight,...): the reward models "
@@ -150,9 +150,8 @@ class PlanRewards(Section):
     reward_paths: dict[str, str] = arg({}, "Reward models from local folders: MODEL=DIR,... (a folder with the "
                                        "model's configs is enough to plan).", flag="--reward-path")  # fmt: skip
     reward_options: dict[str, str] = arg({}, "Reward model options: NAME.KEY=VALUE,... (videoalign.base=DIR, "
-                                         "videoalign.batch_size=2).", flag="--reward-option")  # fmt: skip
-    reward_offload: Literal["auto", "keep", "cpu"] = arg("auto", "Reward models between scoring batches: keep | "
-                                                         "cpu | auto (cpu when the stage does not fit).")  # fmt: skip
+                                         "videoalign.batch_size=2, hpsv3.base=DIR, hpsv3.config=YAML).",
+                                         flag="--reward-option")  # fmt: skip
 
     @model_validator(mode="before")
     @classmethod
@@ -350,6 +349,20 @@ class PlannedReward:
     weights: list[torch.Tensor]
     score: Callable[[torch.Tensor], Any]
     batch: int
+
+
+def reward_hold(mode: str, peak_kept: int | None = None, memory: int | None = None) -> Literal["keep", "cpu"]:
+    """What the reward models do between scoring calls under ``--reward-offload`` `mode`: ``keep`` stays,
+    ``cpu`` leaves; ``auto`` is ``cpu`` when the stage's peak with them kept (`peak_kept`, bytes) plus
+    ``CUDA_RESERVE`` exceeds the GPU's `memory` (bytes), else ``keep`` (also when either is unknown: no plan,
+    as on a CPU, where nothing would be gained). The one rule of ``plan`` and the stages."""
+    if mode not in ("auto", "keep", "cpu"):
+        raise ValueError(f"--reward-offload must be auto, keep or cpu; got {mode!r}")
+    if mode != "auto":
+        return mode  # type: ignore[return-value]
+    if peak_kept is None or memory is None:
+        return "keep"
+    return "keep" if peak_kept + CUDA_RESERVE <= memory else "cpu"
 
 
 # model name -> planner(path, options, dtype, fake mode); registered by streamalign.rewards.plan (a higher layer)
@@ -706,7 +719,7 @@ class PlanContext:
         mode = self.run.scoring.reward_offload
         self.rewards_kept = mode != "cpu"
         sp = stage()
-        if mode == "auto" and not sp.fits(self.run.memory):
+        if reward_hold(mode, sp.peak, self.run.memory) == "cpu" and self.rewards_kept:
             self.rewards_kept = False
             sp = stage()
         sp.notes["rewards_kept"] = self.rewards_kept
@@ -1003,15 +1016,50 @@ def check_fits(
     raise DoesNotFitError(refusal(stage, run, sp, dev, model_config, parts))
 
 
-def check_stage(stage: str, config: ModelConfig, placement: Placement, **settings: Any) -> StagePlan | None:
+def planned_rewards(section: Any, device: torch.device) -> dict[str, Any]:
+    """The PlanRun leaves that plan a stage's reward section (``schemas.sections.RewardSection``) on the
+    generator's `device`: its composite, ``--reward-offload`` and the reward models that have a planner
+    (:data:`REWARD_PLANNERS`: every built-in adapter; plug-ins are not planned), with their options; none when the
+    reward models run elsewhere (``--reward-device cpu`` or another GPU than `device`)."""
+    if section is None:
+        return {}
+    out: dict[str, Any] = {"reward_offload": section.reward_offload}
+    rd = torch.device(section.reward_device) if section.reward_device else torch.device("cuda")
+    same_gpu = device.type == rd.type == "cuda" and (None in (rd.index, device.index) or rd.index == device.index)
+    if not same_gpu or not section.rewards:
+        return out
+    from .io.hub import local
+
+    paths = {k: str(local(v)) for k, v in section.reward_paths.items() if k in REWARD_PLANNERS}
+    options = {k: v for k, v in section.reward_options.items() if k.partition(".")[0] in paths}
+    return {**out, "rewards": section.rewards, "reward_paths": paths, "reward_options": options}
+
+
+def check_stage(
+    stage: str, config: ModelConfig, placement: Placement, rewards: Any = None, total_memory: int | None = None,
+    **settings: Any,
+) -> StagePlan | None:
     """:func:`check_fits` for a stage about to run `config` with `placement` (device, compute dtype, text
-    offload) and its own settings (PlanRun leaves: group_size, pivot, branch_batch, eval_batch, videos,
-    gen_frames). A no-op unless the placement is a CUDA device."""
+    offload), the reward models of its reward section `rewards` (:func:`planned_rewards`; None: none) and
+    its own settings (PlanRun leaves: group_size, pivot, branch_batch, eval_batch, videos, gen_frames).
+    A no-op unless the placement is a CUDA device (`total_memory`, bytes: that GPU's size instead of asking
+    the device, as :func:`check_fits`); the plan's ``rewards_kept`` note is what :func:`stage_reward_hold`
+    reads."""
     if placement.device.type != "cuda":
         return None
     run = PlanRun.build(config=config.name, dtype=dtype_name(placement.dtype), text_offload=placement.text_offload,
-                        **settings)  # pragma: no cover - needs a GPU
-    return check_fits(stage, run, placement.device, model_config=config)  # pragma: no cover
+                        **planned_rewards(rewards, placement.device), **settings)  # fmt: skip
+    return check_fits(stage, run, placement.device, total_memory, model_config=config)
+
+
+def stage_reward_hold(mode: str, sp: StagePlan | None) -> Literal["keep", "cpu"]:
+    """``--reward-offload`` `mode` resolved for a stage from its :func:`check_stage` plan `sp`: the plan's
+    decision (:func:`reward_hold` on its peak with the rewards kept) when it planned reward models, else
+    :func:`reward_hold` without a plan."""
+    kept = None if sp is None else sp.notes.get("rewards_kept")
+    if mode == "auto" and kept is not None:
+        return "keep" if kept else "cpu"
+    return reward_hold(mode)
 
 
 STAGE_FLAGS = {"collect": ("group_size", "branch_batch"), "evaluate": ("eval_batch",), "generate": ("gen_frames",),

@@ -413,13 +413,14 @@ def claim(out: Path, policy: Pipeline, cfg: CollectConfig, rank: int, world: int
     return read_collection(record_path(out, prefix))
 
 
-def prepare(cfg: CollectConfig, model: ModelConfig) -> tuple[CollectConfig, ShardFormat, CompositeReward]:
+def prepare(cfg: CollectConfig, model: ModelConfig, reward_hold: str | None = None,
+            load: bool = False) -> tuple[CollectConfig, ShardFormat, CompositeReward]:  # fmt: skip
     """Every input check of a collection, before it writes anything: (the settings resolved for `model`,
-    its shard format, its reward)."""
+    its shard format, its reward; `reward_hold` and `load` as ``rewards.sources.reward_of``'s)."""
     cfg = cfg.resolve(model)
     cfg.check(model.num_chunks)
     cfg.check_routing(model)
-    return cfg, get_format(cfg.format), reward_of(cfg)
+    return cfg, get_format(cfg.format), reward_of(cfg, hold=reward_hold, load=load)
 
 
 def collect(
@@ -430,10 +431,13 @@ def collect(
     world: int = 1,
     progress: bool = True,
     shard_prefix: str = "",
+    reward_hold: str | None = None,
 ) -> CollectSummary:
     """Write this rank's shards of the collection into `out` (resuming); returns what it did.
-    `shard_prefix` lets several collections share one buffer folder (on-policy iterations)."""
-    cfg, fmt, reward = prepare(cfg, policy.config)
+    `shard_prefix` lets several collections share one buffer folder (on-policy iterations); `reward_hold`:
+    keep | cpu, the reward models between scoring calls (default: ``--reward-offload`` without a plan,
+    auto as keep); kept ones on a GPU load before the first rollout, so its branch batch counts them."""
+    cfg, fmt, reward = prepare(cfg, policy.config, reward_hold, load=True)
     team = BranchTeam.of(cfg.branch_ranks, world)
     out = collect_folder(out)
     # rank 0: checked, locked, then created (with its marker), replaced (--overwrite) or cleaned of killed

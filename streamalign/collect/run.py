@@ -14,7 +14,8 @@ from ..io.outputs import overwrite_permitted
 from ..models.checkpoint import shipped_lora
 from ..models.placement import Placement
 from ..pipeline import Pipeline, resolve_config
-from ..plan import check_stage
+from ..plan import check_stage, stage_reward_hold
+from ..rewards import plan as _reward_planners  # noqa: F401  (registers the reward models' planners)
 from ..rewards.sources import reward_of
 from ..schemas.run import RUN_FILE, RunConfig, run_record
 from ..schemas.sections import CacheSection, Hardware, PolicySection
@@ -50,13 +51,14 @@ def run_collect(cfg: CollectRun, out: str | Path) -> tuple[int, CollectSummary]:
         check_collection(out, "", early.run_id, early.settings(model), early.groups)
     placement = Placement.of(cfg.hardware)
     routing = early.routing_settings() if early.fork == "kv-routing" else {}  # routed groups plan as they run
-    check_stage("collect", model, placement, group_size=early.group_size, branch_batch=early.branch_batch,
-                pivot=None if early.pivot == "uniform" else int(early.pivot), groups=early.groups, fork=early.fork,
-                **routing)  # fmt: skip
+    sp = check_stage("collect", model, placement, early, group_size=early.group_size,
+                     branch_batch=early.branch_batch, pivot=None if early.pivot == "uniform" else int(early.pivot),
+                     groups=early.groups, fork=early.fork, **routing)  # fmt: skip
+    hold = stage_reward_hold(early.reward_offload, sp)
     policy = Pipeline.of_section(m, placement, config=model)
     resolved = cfg.replace(collect=cfg.collect.resolve(policy.config), cache=CacheSection.of(model))
     with rank_and_world() as (rank, world):
-        summary = collect(policy, resolved.collect, out, rank, world)
+        summary = collect(policy, resolved.collect, out, rank, world, reward_hold=hold)
     if rank == 0:
         write_atomic(out / RUN_FILE, run_record(resolved, "collect"))
         if resolved.collect.upload is not None:

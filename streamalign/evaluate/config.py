@@ -42,9 +42,11 @@ class EvalSettings(ModelSection, EvalPromptSection, RewardSection):
         prompts = default_prompts(model, self.prompts, self.prompt_set)
         return self.model_copy(update={"rewards": rewards, "metrics": metrics, "prompts": prompts})
 
-    def reward(self) -> CompositeReward:
-        """The composite reward (and OOD metrics) scored, the world's by default."""
-        return reward_of(self, *default_rewards(ModelConfig.load(self.config), self.rewards, self.metrics))
+    def reward(self, hold: str | None = None, load: bool = False) -> CompositeReward:
+        """The composite reward (and OOD metrics) scored, the world's by default (`hold`, `load`: as
+        ``rewards.sources.reward_of``'s)."""
+        terms = default_rewards(ModelConfig.load(self.config), self.rewards, self.metrics)
+        return reward_of(self, *terms, hold=hold, load=load)
 
 
 class Compare(Section):

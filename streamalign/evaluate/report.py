@@ -18,7 +18,8 @@ from ..io.plots import save, subplots
 from ..models.checkpoint import NO_LORA
 from ..models.placement import CPU_FP32, Placement
 from ..pipeline import Pipeline, resolve_config
-from ..plan import check_stage
+from ..plan import check_stage, stage_reward_hold
+from ..rewards import plan as _reward_planners  # noqa: F401  (registers the reward models' planners)
 from ..schemas.run import run_record
 from ..schemas.sections import ModelSection
 from ..scoring import paired_differences, score_policy
@@ -76,8 +77,10 @@ def evaluate(
     if len(set(prompts)) != len(prompts):
         dup = next(p for p in prompts if list(prompts).count(p) > 1)
         raise ValueError(f"prompt {dup!r} is listed twice: list each once and raise --seeds for more samples")
-    check_stage("evaluate", resolve_config(settings.config, settings.wan_dir), placement, eval_batch=settings.batch,
-                videos=len(prompts) * settings.seeds_per_prompt)  # fmt: skip
+    sp = check_stage("evaluate", resolve_config(settings.config, settings.wan_dir), placement, settings,
+                     eval_batch=settings.batch, videos=len(prompts) * settings.seeds_per_prompt)  # fmt: skip
+    # the plan's decision (auto) for this GPU, so the scoring below holds or offloads the reward models by it
+    settings = settings.model_copy(update={"reward_offload": stage_reward_hold(settings.reward_offload, sp)})
     with output_folder(out, "evaluate", record) as tmp, export_to(export) as etmp:
         return _evaluate(models, list(prompts), settings, tmp, placement, export, etmp)
 
@@ -95,7 +98,7 @@ def export_to(export: VBenchExport | None) -> Iterator[Path | None]:
 
 def _evaluate(models: Sequence[ModelSpec], prompts: list[str], st: EvalSettings, out: Path, placement: Placement,
               export: VBenchExport | None = None, export_dir: Path | None = None) -> dict:  # fmt: skip
-    reward = st.reward()
+    reward = st.reward(load=True)  # kept reward models load before the first rollout: its batch counts them
     ps, seeds = pairs(prompts, st.seeds_per_prompt, st.seed)
     scores: dict[str, dict[str, torch.Tensor]] = {}
     sample_videos: dict[str, torch.Tensor] = {}

@@ -15,7 +15,8 @@ from ..io.plots import save, subplots
 from ..models.checkpoint import NO_LORA, read_adapter, shipped_lora
 from ..models.placement import CPU_FP32, Placement
 from ..pipeline import base_checkpoint, resolve_config
-from ..plan import check_stage
+from ..plan import check_stage, stage_reward_hold
+from ..rewards import plan as _reward_planners  # noqa: F401  (registers the reward models' planners)
 from ..schemas.config import ModelConfig
 from ..schemas.run import run_record
 from ..scoring import paired_differences, score_policy
@@ -55,8 +56,10 @@ def merge_sweep(
             results_metric(ood_results, row, ood)
     given = [f for f in (semi, on) if f is not None]  # refuse a bad adapter before any scoring
     check_adapter_modules(given, [read_adapter(f)[1] for f in given], settings.config)
-    check_stage("evaluate", resolve_config(settings.config, settings.wan_dir), placement, eval_batch=settings.batch,
-                videos=len(prompts) * settings.seeds_per_prompt)  # fmt: skip
+    sp = check_stage("evaluate", resolve_config(settings.config, settings.wan_dir), placement, settings,
+                     eval_batch=settings.batch, videos=len(prompts) * settings.seeds_per_prompt)  # fmt: skip
+    # held or offloaded by the plan's decision for this GPU; kept ones load now, before the first rollout
+    reward = settings.reward(stage_reward_hold(settings.reward_offload, sp), load=True)
     with output_folder(out, "merge", record) as tmp, export_to(export) as etmp:
         return _sweep(on, semi, scales, prompts, settings, reward, tmp, Path(out), s_semi, ood, ood_tolerance,
                       full_weights, placement, ood_results, export, etmp)  # fmt: skip

@@ -71,9 +71,9 @@ class RewardSource:
         if self.kind == "plugin":
             import_factory(self.target, self.sha256)
 
-    def register(self, device: str | None) -> list[str]:
-        """Register every output (lazily loaded; the source is checked by :func:`register_sources`);
-        returns the registered names."""
+    def register(self, device: str | None, hold: str = "keep") -> list[str]:
+        """Register every output (lazily loaded; the source is checked by :func:`register_sources`), its
+        model held or offloaded between scoring calls by `hold` (keep | cpu); returns the registered names."""
         plugin = self.kind == "plugin"
         levels = False  # a plug-in gets float videos
         if plugin:
@@ -85,7 +85,7 @@ class RewardSource:
             frame_level, ood, levels = cls.frame_level, False, cls.reads_levels(self.options)
         names = []
         for reg, out in self.outputs():
-            fn = functools.partial(_score, self, device, out)
+            fn = functools.partial(_score, self, device, hold, out)
             desc = f"{self.kind} {out} from {self.path}"
             if plugin:
                 desc = f"plug-in {self.target} ({self.path or 'no path'})"
@@ -123,9 +123,12 @@ def loaded(source: RewardSource, device: str | None):
     return _LOADED[key]
 
 
-def _score(source: RewardSource, device: str | None, output: str | None, videos, prompts):
-    """The registered scorer: [B] (video-level) or [B, F] (frame-level) for one output."""
+def _score(source: RewardSource, device: str | None, hold: str, output: str | None, videos, prompts):
+    """The registered scorer: [B] (video-level) or [B, F] (frame-level) for one output, the model held by
+    `hold` (the registration's: a model is loaded once per process, the stage that scores decides)."""
     run = loaded(source, device)
+    if getattr(run, "model", None) is not None:
+        run.model.set_hold(hold)
     if output is None:
         return run(videos, prompts)
     from .models import output_of
@@ -166,26 +169,48 @@ def sources_of(paths: Mapping[str, str], options: Mapping[str, str], plugins: Ma
     return out
 
 
-def register_sources(sources: list[RewardSource], device: str | None = None) -> list[str]:
-    """Check every source (and the reward device), then register their outputs (nothing loads yet); returns
-    the names."""
+def register_sources(sources: list[RewardSource], device: str | None = None, hold: str = "keep") -> list[str]:
+    """Check every source (and the reward device), then register their outputs (nothing loads yet), the
+    models held by `hold` (keep | cpu); returns the names."""
     for s in sources:
         s.check()
     if device is not None and any(s.kind != "plugin" for s in sources):
         from .models.base import pick_device
 
         pick_device(device)  # a device every rank would share under a launcher: refused before any work
-    return [n for s in sources for n in s.register(device)]
+    return [n for s in sources for n in s.register(device, hold)]
 
 
-def reward_of(section, rewards: str | None = None, metrics: str | None = None) -> CompositeReward:
+def load_kept(sources: list[RewardSource], device: str | None, hold: str) -> int:
+    """Load now the reward models that stay on a GPU (`hold` keep), so that the batch sizes the stage picks
+    from the free memory count their weights (lazily, the first group's would not); returns how many."""
+    if hold != "keep":
+        return 0
+    from .models.base import pick_device
+
+    todo = [s for s in sources if s.kind != "plugin" and pick_device(s.options.get("device", device)).type == "cuda"]
+    for s in todo:
+        loaded(s, device)
+    return len(todo)
+
+
+def reward_of(section, rewards: str | None = None, metrics: str | None = None, hold: str | None = None,
+              load: bool = False) -> CompositeReward:  # fmt: skip
     """The composite reward of a run's reward section (``schemas.sections.RewardSection``): its sources
     registered (lazily loaded), then its terms (`rewards`/`metrics`: the resolved ones, e.g. the world's
-    defaults filled in; default: the section's own) parsed, so an unknown name fails before any load."""
-    register_sources(sources_of(section.reward_paths, section.reward_options, section.reward_plugins),
-                     section.reward_device)  # fmt: skip
+    defaults filled in; default: the section's own) parsed, so an unknown name fails before any load.
+    `hold`: keep | cpu, the stage's resolved ``--reward-offload`` (default: the section's, auto as keep: no
+    plan, see ``plan.reward_hold``); `load`: the models kept on a GPU load now (:func:`load_kept`)."""
+    from ..plan import reward_hold
+
+    hold = hold or reward_hold(getattr(section, "reward_offload", "keep"))
+    sources = sources_of(section.reward_paths, section.reward_options, section.reward_plugins)
+    register_sources(sources, section.reward_device, hold)
     rewards = section.rewards if rewards is None else rewards
     metrics = section.metrics if metrics is None else metrics
     if not rewards:
         raise RewardError("no rewards: give --rewards name=weight,... (the model's world has no defaults)")
-    return CompositeReward.parse(rewards, metrics or ())
+    reward = CompositeReward.parse(rewards, metrics or ())
+    if load:
+        load_kept(sources, section.reward_device, hold)
+    return reward

@@ -17,6 +17,7 @@ from .run import RUN_FILE, Section, SettingError, arg, parse_pairs, read_run_fil
 # a dtype by name: "auto" is the compute dtype (bf16 on CUDA, fp32 on CPU); see models/placement.py
 DtypeName = Literal["auto", "fp32", "bf16", "fp16"]
 TextOffload = Literal["auto", "keep", "cpu", "free"]
+RewardOffload = Literal["auto", "keep", "cpu"]
 
 
 def absolute(path: str | None) -> str | None:
@@ -90,7 +91,17 @@ class CacheSection(Section):
         return {"sink": model.cache.sink, "window": model.cache.window or 0}
 
 
-class RewardSection(Section):
+class RewardHolding(Section):
+    """Rewards"""
+
+    # one declaration for the stages (collect, train --mode on, evaluate, merge) and `plan`; the rule that
+    # resolves auto is plan.reward_hold (docs/planner-rewards.md)
+    reward_offload: RewardOffload = arg("auto", "Reward models between scoring calls: keep (on the GPU) | cpu "
+                                        "(moved off after each call, back for the next) | auto (cpu when the "
+                                        "stage's plan does not fit with them kept).")  # fmt: skip
+
+
+class RewardSection(RewardHolding):
     """Rewards"""
 
     rewards: str | None = arg(None, "Composite: name[:topNN][:gray]=weight,... (default: the world's).")

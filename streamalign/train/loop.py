@@ -40,7 +40,7 @@ from ..models.placement import Placement
 from ..models.sampler import Sampler
 from ..optim import lr_at
 from ..pipeline import Pipeline, base_checkpoint, describe_policy, policy_id, resolve_config
-from ..plan import check_stage
+from ..plan import StagePlan, check_stage, stage_reward_hold
 from ..rewards.sources import reward_of
 from ..schemas.buffer import Entry, SchemaError
 from ..schemas.config import ModelConfig
@@ -94,6 +94,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, pipeline: Pipeline | None = None) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.reward_hold: str | None = None  # --reward-offload resolved by train() from its plan (None: no plan)
         hw, m = cfg.hardware, cfg.model
         place = Placement.of(hw, apply_threads=False)  # the frozen base in --dtype; LoRA and AdamW in fp32
         self.device = place.device
@@ -270,7 +271,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, prompts: tuple[str, ...], seed: int) -> dict[str, float]:
         """Mean composite and per-reward values of one fresh video per prompt (seeds seed, seed+1, ...)."""
-        reward = reward_of(self.cfg.rollouts)
+        reward = reward_of(self.cfg.rollouts, hold=self.reward_hold, load=True)
         scores = score_policy(self.policy, prompts, [seed + i for i in range(len(prompts))], reward)
         out = {f"eval_{k}": float(v.mean()) for k, v in scores.items()}
         if len(prompts) > 1:  # the curve's 95% interval (bootstrap over the evaluated videos)
@@ -302,19 +303,21 @@ def rank_share(stream, batch: int, rank: int, world: int) -> tuple[list[Entry], 
     return mine, epoch, index
 
 
-def _check_fits(cfg: TrainConfig, world: int) -> None:
-    """``plan``'s train stage at this run's settings (group size: the buffer's largest, semi) on its device."""
+def _check_fits(cfg: TrainConfig, world: int) -> StagePlan | None:
+    """``plan``'s train stage at this run's settings (group size: the buffer's largest, semi; the reward models
+    when it scores: --mode on or --eval-every) on its device; None on a CPU."""
     m, hw = cfg.model, cfg.hardware
     placement = Placement.of(hw, apply_threads=False)
     if placement.device.type != "cuda":
-        return
+        return None
     g = cfg.rollouts.group_size
     if cfg.mode == "semi":
         g = max(read_manifest(cfg.data.buffer).column("group_size").to_pylist(), default=g)
-    check_stage("train", resolve_config(m.config, m.wan_dir), placement, group_size=g, objective=cfg.objective.name,
-                replay_batch=hw.replay_batch, checkpointing=hw.checkpointing, autocast=hw.autocast,
-                lora_rank=cfg.lora.lora_rank, batch_groups=cfg.optim.batch_groups, gpus=world,
-                shard_base=hw.shard_base)  # fmt: skip
+    scores = cfg.mode == "on" or bool(cfg.logging.eval_every)
+    return check_stage("train", resolve_config(m.config, m.wan_dir), placement, cfg.rollouts if scores else None,
+                       group_size=g, objective=cfg.objective.name, replay_batch=hw.replay_batch,
+                       checkpointing=hw.checkpointing, autocast=hw.autocast, lora_rank=cfg.lora.lora_rank,
+                       batch_groups=cfg.optim.batch_groups, gpus=world, shard_base=hw.shard_base)  # fmt: skip
 
 
 def _check_buffer(cfg: TrainConfig, trainer: Trainer) -> None:
@@ -375,7 +378,7 @@ def _rollout_config(cfg: TrainConfig, trainer: Trainer, world: int, it: int) -> 
         prompts=ro.prompts, groups=groups, group_size=ro.group_size, strength=ro.strength,
         seed=derive_seed(cfg.seed, 7, it), format=ro.format, rewards=ro.rewards, metrics=ro.metrics,
         reward_paths=ro.reward_paths, reward_options=ro.reward_options, reward_plugins=ro.reward_plugins,
-        reward_device=ro.reward_device,
+        reward_device=ro.reward_device, reward_offload=ro.reward_offload,
         entries_per_shard=max(1, groups // world), fork=trainer.objective.fork, clip_chunks=ro.clip_chunks,
         **ro.routing_settings(),
     )  # fmt: skip
@@ -459,7 +462,8 @@ def on_policy(run: Steps) -> None:
         trainer.old.remember(version)  # this iteration's old policy: its rollouts' weights
         prefix = f"it{it:05d}-"
         with trainer.autocast():  # the updates' precision; branch batches from the device's free memory
-            collect(rollout_policy, ccfg, rollouts, run.rank, run.world, progress=False, shard_prefix=prefix)
+            collect(rollout_policy, ccfg, rollouts, run.rank, run.world, progress=False, shard_prefix=prefix,
+                    reward_hold=trainer.reward_hold)  # fmt: skip
         trainer.model.train()
         if run.world > 1:
             dist.barrier()
@@ -500,8 +504,9 @@ def train(
         if cfg.mode == "on" or cfg.logging.eval_every:
             reward_of(cfg.rollouts)  # reward names, paths and plug-ins checked before any model loads
         resume = check_run_folder(out, cfg, resume, overwrite)
-        _check_fits(cfg, world)  # on a GPU: refused in one line before the weights load when it will not fit
+        sp = _check_fits(cfg, world)  # on a GPU: refused in one line before the weights load when it will not fit
         trainer = Trainer(cfg, rank, world)
+        trainer.reward_hold = stage_reward_hold(cfg.rollouts.reward_offload, sp)
         if cfg.mode == "semi":
             _check_buffer(cfg, trainer)
         state = Progress()

@@ -3,7 +3,8 @@
 ``load_reward_model(name, path, **options)`` returns a :class:`~.base.RewardModel`:
 ``model(videos [B, F, 3, H, W] float in [0, 1] or uint8, prompts, fps) -> {output: float32 [B]}`` and, for the
 frame-based ones, ``model.frame_scores(videos, prompts) -> {output: float32 [B, F]}``; ``model.offload()``
-moves it off the accelerator between uses. ``register_model_reward(name, path, **options)`` puts every
+moves it off the accelerator, ``model.onload()`` back, and ``model.set_hold("cpu")`` does both around every
+scoring call (``--reward-offload``). ``register_model_reward(name, path, **options)`` puts every
 output into the reward registry (``videoalign_mq``, ``hpsv3``, ``hpsv3_sigma``, ...) so composites use it
 like a built-in. Nothing is downloaded; see each module for its folder layout and options, and
 docs/rewards.md for all of them with their references.
@@ -65,8 +66,9 @@ def output_of(result: dict, output: str, who: str):
 class LastCall:
     """One-entry cache so the registry's one-term-at-a-time calls run a multi-output model once per batch."""
 
-    def __init__(self, fn) -> None:
+    def __init__(self, fn, model: RewardModel | None = None) -> None:
         self.fn, self.key, self.value = fn, None, None
+        self.model = model  # the reward model behind `fn` (its hold is set per stage, rewards.sources)
 
     def __call__(self, videos: torch.Tensor, prompts: Sequence[str]):
         key = (videos._version, tuple(videos.shape), list(prompts))
@@ -81,8 +83,8 @@ def all_outputs(model: RewardModel, fps: float = 16.0) -> LastCall:
     """``run(videos, prompts) -> {output: [B] or [B, F]}``: per-frame scores of a frame-based model, else
     per-video scores of videos at `fps`; one model call per batch however many outputs are read."""
     if model.frame_level:
-        return LastCall(lambda v, p: model.frame_scores(v, p))
-    return LastCall(lambda v, p: model(v, p, fps=fps))
+        return LastCall(lambda v, p: model.frame_scores(v, p), model)
+    return LastCall(lambda v, p: model(v, p, fps=fps), model)
 
 
 def register_model_reward(

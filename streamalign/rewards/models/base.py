@@ -112,6 +112,7 @@ class RewardModel:
     name = "reward"
     outputs: tuple[str, ...] = ("score",)
     frame_level = False
+    hold = "keep"  # between scoring calls: keep (stay on the device) | cpu (offload after each call); set_hold
 
     def __init__(self, device=None, dtype=None, batch_size: int = 8) -> None:
         self.device = pick_device(device)
@@ -142,14 +143,31 @@ class RewardModel:
             torch.cuda.empty_cache()
         return self
 
+    def onload(self) -> RewardModel:
+        """Move offloaded weights back to the model's device (and dtype); nothing when they are there."""
+        if self._offloaded:
+            self._place()
+        return self
+
+    def set_hold(self, hold: str) -> RewardModel:
+        """``keep``: the weights stay on the device between scoring calls; ``cpu``: every scoring call
+        onloads them first and offloads them after (``--reward-offload``, resolved by the stage)."""
+        if hold not in ("keep", "cpu"):
+            raise RewardModelError(f"{self.name}: hold must be keep or cpu, got {hold!r}")
+        self.hold = hold
+        return self
+
     def to(self, device: str | torch.device) -> RewardModel:
         self.device = torch.device(device)
         self._place()
         return self
 
     def _ready(self) -> None:
-        if self._offloaded:
-            self._place()
+        self.onload()
+
+    def _release(self) -> None:
+        if self.hold == "cpu":
+            self.offload()
 
     # -- scoring ---------------------------------------------------------------------------------
     def _check(self, videos: torch.Tensor, prompts: Sequence[str]) -> list[str]:
@@ -175,10 +193,13 @@ class RewardModel:
         frames = videos.flatten(0, 1)
         texts = [p for p in prompts for _ in range(f)]
         out: dict[str, list[torch.Tensor]] = {}
-        for i in range(0, b * f, self.batch_size):
-            chunk = self._frame_scores(as_float(frames[i : i + self.batch_size]), texts[i : i + self.batch_size])
-            for k, v in chunk.items():  # the outputs this checkpoint gives (HPSv3 without sigma: score only)
-                out.setdefault(k, []).append(v.float().cpu())
+        try:
+            for i in range(0, b * f, self.batch_size):
+                chunk = self._frame_scores(as_float(frames[i : i + self.batch_size]), texts[i : i + self.batch_size])
+                for k, v in chunk.items():  # the outputs this checkpoint gives (HPSv3 without sigma: score only)
+                    out.setdefault(k, []).append(v.float().cpu())
+        finally:
+            self._release()
         return {k: torch.cat(v).view(b, f) for k, v in out.items()}
 
     @torch.no_grad()
@@ -193,10 +214,13 @@ class RewardModel:
             return self.aggregate_outputs(self.frame_scores(videos, prompts))
         prompts = self._check(videos, prompts)
         self._ready()
-        parts = [
-            self._score(videos[i : i + self.batch_size], prompts[i : i + self.batch_size], fps, **options)
-            for i in range(0, videos.shape[0], self.batch_size)
-        ]
+        try:
+            parts = [
+                self._score(videos[i : i + self.batch_size], prompts[i : i + self.batch_size], fps, **options)
+                for i in range(0, videos.shape[0], self.batch_size)
+            ]
+        finally:
+            self._release()
         return {k: torch.cat([p[k].float().cpu() for p in parts]) for k in parts[0]}
 
     def aggregate_outputs(self, frame_scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

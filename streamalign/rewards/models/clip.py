@@ -30,6 +30,17 @@ def features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def image_settings(path: Path, side: int) -> tuple[int, tuple[int, int], tuple, tuple]:
+    """(shortest side, crop (h, w), mean, std) from ``preprocessor_config.json`` in `path`; without it the
+    vision tower's `side` and the OpenAI-CLIP mean / std."""
+    file = path / "preprocessor_config.json"
+    pre = json.loads(file.read_text()) if file.exists() else {}
+    size, crop = pre.get("size", side), pre.get("crop_size", side)
+    size = size.get("shortest_edge", side) if isinstance(size, dict) else int(size)
+    crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (int(crop), int(crop))
+    return size, crop, tuple(pre.get("image_mean", P.CLIP_MEAN)), tuple(pre.get("image_std", P.CLIP_STD))
+
+
 class CLIPReward(RewardModel):
     name = "clip"
     outputs = ("score",)
@@ -53,16 +64,7 @@ class CLIPReward(RewardModel):
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except OSError as e:
             raise RewardModelError(f"clip: cannot load {path}: {str(e).splitlines()[0]}; {HINT}") from None
-        side = self.net.config.vision_config.image_size
-        pre = (
-            json.loads((path / "preprocessor_config.json").read_text())
-            if (path / "preprocessor_config.json").exists()
-            else {}
-        )
-        size, crop = pre.get("size", side), pre.get("crop_size", side)
-        self.size = size.get("shortest_edge", side) if isinstance(size, dict) else int(size)
-        self.crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (int(crop), int(crop))
-        self.mean, self.std = tuple(pre.get("image_mean", P.CLIP_MEAN)), tuple(pre.get("image_std", P.CLIP_STD))
+        self.size, self.crop, self.mean, self.std = image_settings(path, self.net.config.vision_config.image_size)
         self.logit_scale = logit_scale
         self.resample = self.check_resample(resample)
         self.max_length = self.net.config.text_config.max_position_embeddings

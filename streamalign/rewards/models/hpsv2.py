@@ -130,6 +130,12 @@ class OpenCLIP(nn.Module):
         return F.normalize(x, dim=-1)
 
 
+def open_clip_config(path: Path) -> dict:
+    """``<path>/open_clip_config.json``, or ViT-H-14's when absent."""
+    file = path / "open_clip_config.json"
+    return read_json(file, "hpsv2", HINT) if file.exists() else VIT_H_14
+
+
 def clip_tokenizer(folders: list[Path], who: str, hint: str):
     transformers = require("transformers", who)
     for folder in folders:
@@ -155,8 +161,7 @@ class HPSv2Reward(RewardModel):
         super().__init__(device, dtype, batch_size)
         path = Path(path)
         self.resample = self.check_resample(resample)
-        cfg_file = path / "open_clip_config.json"
-        cfg = read_json(cfg_file, self.name, HINT) if cfg_file.exists() else VIT_H_14
+        cfg = open_clip_config(path)
         sd = read_tensors(path / weights, self.name, HINT, entry="state_dict")
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
         self.net = OpenCLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
