@@ -32,9 +32,10 @@ most the GPU's memory. Time = FLOPs / (peak TFLOP/s x ``--mfu``), with the dense
 planned by their own planners (``streamalign.rewards.plan``): weights and one scoring batch, held or offloaded
 by ``--reward-offload`` (docs/planner-rewards.md); their FLOPs are not counted.
 
-Stages are the entries of :data:`STAGES` (name -> function of a :class:`PlanContext`). The train stage
-(one training update per group: the real ``Trainer.update`` on fake tensors) is planned by
-``streamalign.train.plan``, which registers itself: the trainer is a higher layer than this module.
+Stages are the entries of the registry :data:`STAGES` (name -> function of a :class:`PlanContext`). The train
+stage (one training update per group: the real ``Trainer.update`` on fake tensors) is planned by
+``streamalign.train.plan:plan_train``, found through the registry's entry points: the trainer is a higher
+layer than this module, and this module never imports it.
 """
 
 from __future__ import annotations
@@ -54,18 +55,19 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .models.codec import LatentCodec, PixelUnshuffleCodec, WanVAECodec
 from .models.kv_cache import KVCache
 from .models.kv_routing import eligible_starts, plan_routing
-from .models.memory import GiB, LiveBytes, fake_generator, fake_module, measure, storage_bytes
+from .models.memory import CUDA_RESERVE, GiB, LiveBytes, fake_generator, fake_module, measure, storage_bytes
 from .models.placement import DTYPES, Placement, dtype_name
 from .models.protocol import ChunkModel
 from .models.routed_group import routed_group, routing_geometry
 from .models.sampler import FREE_FRACTION, Sampler, Segment
 from .models.text import resolve_offload
 from .pipeline import resolve_config
+from .registry import Registry
+from .rewards.plan import REWARD_PLANNERS, PlannedReward, reward_hold
 from .schemas.config import ModelConfig
 from .schemas.run import RunConfig, Section, arg, parse_pairs
 from .schemas.sections import RewardHolding, RoutingSection, TextOffload
 
-CUDA_RESERVE = 1 * GiB  # CUDA context + cuBLAS/cuDNN workspaces, outside PyTorch's allocator
 TEXT_BATCH = 16  # prompts the text encoders encode at once (models/text.py, _HFTokenEncoder._cached)
 
 
@@ -337,40 +339,6 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-# -- reward models ------------------------------------------------------------------------------------
-@dataclass
-class PlannedReward:
-    """A reward model on fake tensors: its weights on the device stand-in, ``score(videos)`` (one scoring
-    batch of videos [B, F, 3, H, W] on the host stand-in, the meta device) and B, its batch size."""
-
-    name: str
-    weights: list[torch.Tensor]
-    score: Callable[[torch.Tensor], Any]
-    batch: int
-
-
-def reward_hold(mode: str, peak_kept: int | None = None, memory: int | None = None) -> Literal["keep", "cpu"]:
-    """What the reward models do between scoring calls under ``--reward-offload`` `mode`: ``keep`` stays,
-    ``cpu`` leaves; ``auto`` is ``cpu`` when the stage's peak with them kept (`peak_kept`, bytes) plus
-    ``CUDA_RESERVE`` exceeds the GPU's `memory` (bytes), else ``keep`` (also when either is unknown: no plan,
-    as on a CPU, where nothing would be gained). The one rule of ``plan`` and the stages."""
-    if mode not in ("auto", "keep", "cpu"):
-        raise ValueError(f"--reward-offload must be auto, keep or cpu; got {mode!r}")
-    if mode != "auto":
-        return mode  # type: ignore[return-value]
-    if peak_kept is None or memory is None:
-        return "keep"
-    return "keep" if peak_kept + CUDA_RESERVE <= memory else "cpu"
-
-
-# model name -> planner(path, options, dtype, fake mode); registered by streamalign.rewards.plan (a higher layer)
-REWARD_PLANNERS: dict[str, Callable[[str, dict, torch.dtype, FakeTensorMode], PlannedReward]] = {}
-
-
-def register_reward_planner(name: str, fn: Callable[[str, dict, torch.dtype, FakeTensorMode], PlannedReward]) -> None:
-    REWARD_PLANNERS[name] = fn
 
 
 # -- the fake pipeline --------------------------------------------------------------------------------
@@ -946,28 +914,21 @@ def plan_generate(ctx: PlanContext) -> StagePlan:
     return StagePlan("generate", "video", 1, phases, notes={"frames": chunks * c}, workload="1 video")
 
 
-# name -> planner; the train stage's planner lives with the trainer it runs (streamalign.train.plan, a
-# higher layer) and registers itself there (register_stage)
-STAGES: dict[str, Callable[[PlanContext], StagePlan]] = {
-    "collect": plan_collect,
-    "evaluate": plan_evaluate,
-    "generate": plan_generate,
-}
+# name -> planner: the generator stages' here; a stage of a higher layer (the train stage: the real
+# Trainer.update, streamalign.train.plan) is an entry point of the group streamalign.planners, which the
+# registry loads the first time a stage is looked up (pyproject.toml)
+STAGES: Registry[Callable[[PlanContext], StagePlan]] = Registry("planners", "stage planner")
+STAGES.register("collect", plan_collect)
+STAGES.register("evaluate", plan_evaluate)
+STAGES.register("generate", plan_generate)
 STAGE_NAMES = ("collect", "evaluate", "generate", "train")
-REGISTERED_BY = {"train": "streamalign.train.plan"}
-
-
-def register_stage(name: str, planner: Callable[[PlanContext], StagePlan]) -> None:
-    """Add a stage's planner (one of STAGE_NAMES)."""
-    if name not in STAGE_NAMES:
-        raise ValueError(f"stage {name!r} is not one of {', '.join(STAGE_NAMES)}")
-    STAGES[name] = planner
 
 
 def planner(stage: str) -> Callable[[PlanContext], StagePlan]:
-    if stage not in STAGES:
-        raise ValueError(f"the {stage} stage's planner is not loaded: import {REGISTERED_BY[stage]} first")
-    return STAGES[stage]
+    if stage in STAGE_NAMES and stage not in STAGES:
+        raise ValueError(f"the {stage} stage's planner is the entry point {STAGES.group}:{stage} of the installed "
+                         "package, which this environment lacks: reinstall streamalign (pip install -e .)")
+    return STAGES.get(stage)
 
 
 def plan(run: PlanRun, ctx: PlanContext | None = None) -> Plan:

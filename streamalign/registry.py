@@ -1,5 +1,5 @@
 """The one registry mechanism: named things of one kind (model families, objectives, worlds, buffer formats,
-rewards; the CLI's command table is not on it yet) with unique names, a listing, and discovery of installed
+rewards, stage planners, the CLI's commands) with unique names, a listing, and discovery of installed
 plug-in packages.
 
 A plug-in package declares entry points in the group ``streamalign.<kind>`` (e.g. ``streamalign.objectives``)
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from types import ModuleType
-from typing import Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -86,3 +86,26 @@ class Registry(Generic[T]):
 
     def __getitem__(self, name: str) -> T:
         return self.get(name)
+
+
+class Command(NamedTuple):
+    """A CLI command: `name` in `group` (None: top level), its run config (the flags; its docstring the
+    help), its stage ``"package.module:function"`` (``function(cfg[, out]) -> text`` or
+    ``(text, exit code)``, imported when the command runs), ``--out``'s help (None: no ``--out``) and
+    default (None: required)."""
+
+    group: str | None
+    name: str
+    config: Any
+    target: str
+    out_help: str | None = None
+    out_default: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.group} {self.name}" if self.group else self.name
+
+
+# the CLI's commands by "group name" (streamalign.cli registers the built-in ones; a plug-in package's
+# module in the entry-point group streamalign.commands registers its own with COMMANDS.register)
+COMMANDS: Registry[Command] = Registry("commands", "command")

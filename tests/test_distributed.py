@@ -15,9 +15,10 @@ from streamalign.models.placement import resolve_device
 from streamalign.pipeline import Pipeline
 from streamalign.schemas.config import ModelConfig
 from streamalign.train import loop
+from streamalign.train import trainer as trainer_module
 from streamalign.train.config import TrainConfig
-from streamalign.train.loop import Trainer
 from streamalign.train.memory import simulated_entry
+from streamalign.train.trainer import Trainer
 from tests import dist_workers
 from tests.conftest import free_port, make_model
 
@@ -93,7 +94,7 @@ def test_training_reduces_only_tensors_on_the_communication_device(recorded, mon
     entry = simulated_entry(trainer.policy.config, pivot=1, group_size=4, fork=trainer.objective.fork)
     with pytest.raises(RecordedError):
         trainer.update(0, [entry], 2)  # the statistics (float64, exact)
-    monkeypatch.setattr(loop, "all_reduce", lambda t, op=None: t)  # statistics as one rank's: on to gradients
+    monkeypatch.setattr(trainer_module, "all_reduce", lambda t, op=None: t)  # statistics as one rank's: on to gradients
     with pytest.raises(RecordedError):
         trainer.update(0, [entry], 2)
     assert all(p.grad is not None for p in trainer.params)  # the update did reach the gradient reduction

@@ -1,5 +1,6 @@
 """The package graph is layered: a module imports only from its own package or from lower layers, so the
-graph has no cycles (parsed from the source, so an import inside a function counts too)."""
+graph has no cycles between packages; and no module imports itself through others, within a package too
+(parsed from the source, so an import inside a function counts too)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ LAYERS = [
     {"models"},
     {"adapters"},
     {"pipeline"},
-    {"plan"},
     {"rewards"},
+    {"plan"},
     {"buffer"},
     {"worlds"},
     {"scoring"},
@@ -92,3 +93,50 @@ def test_the_checker_sees_relative_and_lazy_imports(tmp_path):
     found = _imports(probe, tmp_path / "streamalign")
     assert found == [(1, "streamalign.io"), (2, "streamalign.rewards.pixel"), (5, "streamalign.worlds.shapes")]
     assert LEVEL[_top(found[2][1])] > LEVEL["rewards"]  # the lazy import of a higher layer is caught
+
+
+def _module_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the streamalign modules it imports (a package's ``__init__`` is the package's name; an
+    imported attribute counts as its module), every import in the file, at module level or inside a function."""
+    mods = {".".join(_module(p, root)): p for p in sorted(root.rglob("*.py"))}
+
+    def resolve(name: str) -> str:
+        while name not in mods and "." in name:
+            name = name.rsplit(".", 1)[0]
+        return name
+
+    return {m: {resolve(t) for _, t in _imports(p, root)} - {m} for m, p in mods.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module, by a plain depth-first search from each
+    module: a module is in a cycle with every module that both reaches it and is reached by it."""
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    reached = {m: reach(m) for m in graph}
+    comps = {frozenset({m} | {o for o in reached[m] if m in reached[o]}) for m in graph}
+    return sorted(sorted(c) for c in comps if len(c) > 1)
+
+
+def test_no_module_imports_itself_through_others():
+    """No import circle between modules, within a package too, lazy imports included."""
+    assert _cycles(_module_graph()) == []
+
+
+def test_the_cycle_check_sees_a_circle_dodged_inside_a_function(tmp_path):
+    pkg = tmp_path / "streamalign" / "train"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "loop.py").write_text("from .plan import plan_train\n")
+    (pkg / "plan.py").write_text("def plan_train():\n    from .memory import run\n")
+    (pkg / "memory.py").write_text("from .loop import Trainer\n")
+    (pkg / "other.py").write_text("from . import loop\n")
+    found = _cycles(_module_graph(tmp_path / "streamalign"))
+    assert found == [["streamalign.train.loop", "streamalign.train.memory", "streamalign.train.plan"]]

@@ -69,8 +69,10 @@ def _gradients(model, cfg, objective, entry, text, batch, checkpointing):
 # per-step temperature (the default) is up to ~5e4x smaller at the last steps than at step 0, where the
 # branches nearly coincide, so d / tau magnifies the predictions' rounding: measured up to 1.5e-5 on the
 # shapes model, against 1.6e-7 with the pooled temperature (kept at 1e-6 below: the batching itself is exact
-# to rounding). Recomputation (checkpointing) stays bit-exact in every case.
-TOLERANCE = {"copo-no-clip": 1e-4}
+# to rounding). SDE-GRPO's transition log-probabilities divide by the step's noise variance, which magnifies
+# the same rounding: 7.8e-6 measured on an AMD EPYC host, whose kernels round differently per batch size (0
+# on the hosts this was first measured on). Recomputation (checkpointing) stays bit-exact in every case.
+TOLERANCE = {"copo-no-clip": 1e-4, "sde-grpo": 5e-5}
 
 CASES = {
     # CoPO's first update (policy == rollout, ratios inside the clip), NFT and SDE-GRPO off the rollout policy
@@ -110,8 +112,9 @@ def test_micro_batches_and_checkpointing_give_the_plain_gradient(name, config, p
 
 
 def test_micro_batched_rows_equal_one_batch_and_hold_one_micro_batch(tiny, text):
-    """predict_rows: micro-batches of 2+ rows give the rows of one batch (bit for bit), leave the prefix as
-    it was, and a forward + backward in micro-batches peaks lower than in one batch."""
+    """predict_rows: micro-batches of 2+ rows give the rows of one batch (to fp32 rounding: a CPU's kernels may
+    round differently per batch size, as on AMD EPYC hosts; a row read against the wrong prefix would be off by
+    O(1)), leave the prefix as it was, and a forward + backward in micro-batches peaks lower than in one batch."""
     _cfg, model, sampler = tiny
     model.requires_grad_(True)
     prefix = sampler.new_cache(1, 3)
@@ -130,7 +133,7 @@ def test_micro_batched_rows_equal_one_batch_and_hold_one_micro_batch(tiny, text)
 
     one, one_mem = measure(lambda: update(None), track=[*model.parameters()])
     micro, micro_mem = measure(lambda: update(2), track=[*model.parameters()])
-    assert torch.equal(one, micro)
+    torch.testing.assert_close(micro, one, rtol=1e-5, atol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(before, [*prefix.k, *prefix.v], strict=True)) and prefix.end_frame == 6
     assert micro_mem.peak < one_mem.peak
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from ..io.files import atomic_path
 from ..schemas.run import differences
-from .manifest import MANIFEST_DIR
+from .parts import MANIFEST_DIR
 from .urls import location
 
 RECORD = "collection.json"

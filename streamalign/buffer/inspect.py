@@ -12,7 +12,7 @@ from ..schemas.buffer import SCHEMA_VERSION
 from ..schemas.run import RunConfig, arg
 from .formats import get_format
 from .integrity import SEAL, ShardRecord, checked_manifest, sha256
-from .manifest import MANIFEST_DIR, manifest_parts, read_part
+from .parts import MANIFEST_DIR, manifest_parts, read_part
 from .urls import location
 from .verify import seal_buffer, verify_buffer
 

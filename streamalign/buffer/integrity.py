@@ -35,7 +35,7 @@ from ..io.files import atomic_path, files_digest
 from ..schemas.buffer import SchemaError
 from .collection import Collection, collections
 from .formats import FORMATS
-from .manifest import MANIFEST_DIR, manifest_parts
+from .parts import MANIFEST_DIR, manifest_parts
 from .urls import location
 
 SEAL = "integrity.json"

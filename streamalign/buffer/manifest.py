@@ -20,9 +20,9 @@ from ..io.files import atomic_path, write_atomic
 from ..rewards.registry import composite
 from ..schemas.buffer import Entry
 from .formats import ShardInfo
-from .urls import INDEX, location
-
-MANIFEST_DIR = "manifest"
+from .integrity import checked_manifest
+from .parts import MANIFEST_DIR
+from .urls import INDEX
 
 
 def manifest_rows(entries: Sequence[Entry], shard: ShardInfo) -> list[dict]:
@@ -79,31 +79,9 @@ def write_index(buffer_dir: str | Path) -> Path:
     return write_atomic(folder / INDEX, "".join(f"{n}\n" for n in names))
 
 
-def manifest_parts(buffer: str | Path) -> list[str]:
-    """The paths of the manifest parts relative to the buffer root (a path or URL), sorted."""
-    return [f"{MANIFEST_DIR}/{name}" for name in location(buffer).list(MANIFEST_DIR, ".parquet")]
-
-
-def read_part(buffer: str | Path, rel: str, schema_only: bool = False) -> pa.Table | pa.Schema:
-    """One manifest part (or only its schema, which holds the part's metadata) of the buffer at a path or URL."""
-    data = pa.BufferReader(location(buffer).read(rel))
-    try:
-        return pq.read_schema(data) if schema_only else pq.read_table(data)
-    except pa.ArrowException as e:  # garbage or a truncated file: name it (pyarrow says '<Buffer>')
-        raise ValueError(f"manifest part {part_name(buffer, rel)} is not a readable parquet file "
-                         f"({str(e).splitlines()[0].split(': ', 1)[-1]}): restore it or re-collect its shard") from None
-
-
-def part_name(buffer: str | Path, rel: str) -> str:
-    """How messages name the manifest part at `rel` of a buffer given by path or URL."""
-    return f"{str(buffer).rstrip('/')}/{rel}"
-
-
 def read_manifest(buffer_dir: str | Path, prefix: str | None = None) -> pa.Table:
     """Union of the manifest parts (of the collection of shard-name `prefix`, or of all; reward columns
     missing from a collection are null), each part checked against the buffer's integrity record first
     (:mod:`streamalign.buffer.integrity`); `buffer_dir` is the buffer's path or URL
     (:mod:`streamalign.buffer.urls`)."""
-    from .integrity import checked_manifest  # it builds on this module's parts
-
     return checked_manifest(buffer_dir, prefix).table

@@ -35,7 +35,8 @@ from .integrity import (
     unsealed_message,
     write_seal,
 )
-from .manifest import MANIFEST_DIR, manifest_parts, write_index
+from .manifest import write_index
+from .parts import MANIFEST_DIR, manifest_parts
 from .urls import local_folder, location
 
 

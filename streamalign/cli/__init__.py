@@ -1,7 +1,8 @@
 """Command-line interface (thin): parse flags or ``--run-config``, build the run config, call one stage.
 
 Every command is a run config (its fields are the flags, its docstring the help) and one stage function
-``module:function(cfg[, out]) -> text`` (or ``(text, exit code)``), imported only when the command runs.
+``module:function(cfg[, out]) -> text`` (or ``(text, exit code)``), imported only when the command runs;
+both are a :class:`~streamalign.registry.Command` in the registry ``COMMANDS``, which plug-in packages extend.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..generate.run import GenerateRun
 from ..io.outputs import overwrite_permitted
 from ..models.info import ConvertRun, ModelInfoRun
 from ..plan import PlanRun
+from ..registry import COMMANDS, Command
 from ..schemas.run import RunConfig
 from ..train.config import TrainConfig
 from ..train.health import ReportRun
@@ -49,35 +51,39 @@ class Presets(RunConfig):
     """List the shipped model config presets."""
 
 
-# (group, command, run config, "module:function", --out help (None: no --out), --out default (None: required))
+# the built-in commands: (group, command, run config, "module:function", --out help (None: no --out), --out
+# default (None: required)), see registry.Command
 STAGES = (
-    ("model", "configs", Presets, "models.info:configs_stage", None, None),
-    ("model", "info", ModelInfoRun, "models.info:info_stage", None, None),
-    ("model", "convert", ConvertRun, "models.info:convert_stage", None, None),
-    ("shapes", "prompts", PromptsRun, "worlds.shapes.quality:prompts_stage", None, None),
-    ("shapes", "pretrain", PretrainConfig, "worlds.shapes.pretrain:pretrain_stage", "Weights, recipe, curve.",
+    ("model", "configs", Presets, "streamalign.models.info:configs_stage", None, None),
+    ("model", "info", ModelInfoRun, "streamalign.models.info:info_stage", None, None),
+    ("model", "convert", ConvertRun, "streamalign.models.info:convert_stage", None, None),
+    ("shapes", "prompts", PromptsRun, "streamalign.worlds.shapes.quality:prompts_stage", None, None),
+    ("shapes", "pretrain", PretrainConfig, "streamalign.worlds.shapes.pretrain:pretrain_stage",
+     "Weights, recipe, curve.",
      "runs/shapes-pretrain"),
-    ("shapes", "distill", DistillConfig, "worlds.shapes.distill:distill_stage", "Weights, recipe, curve.",
+    ("shapes", "distill", DistillConfig, "streamalign.worlds.shapes.distill:distill_stage", "Weights, recipe, curve.",
      "runs/shapes-distill"),
-    ("shapes", "check", CheckRun, "worlds.shapes.quality:check_stage", None, None),
-    (None, "plan", PlanRun, "train.plan:plan_command", None, None),
-    (None, "collect", CollectRun, "collect.run:collect_stage", "Buffer folder (shards + manifest/).", None),
-    (None, "evaluate", EvaluateRun, "evaluate.report:evaluate_stage", "Report folder.", None),
-    (None, "merge", MergeRun, "evaluate.sweep:merge_stage", "Sweep folder (sweep.*, adapters/, adapter/).", None),
-    (None, "demo", DemoRun, "evaluate.demo:demo_stage", "Demo folder (buffer, runs, sweep, report).", "runs/demo"),
-    ("experiment", "noise-sources", NoiseSourcesRun, "evaluate.experiments:noise_sources_stage",
+    ("shapes", "check", CheckRun, "streamalign.worlds.shapes.quality:check_stage", None, None),
+    (None, "plan", PlanRun, "streamalign.plan:plan_command", None, None),
+    (None, "collect", CollectRun, "streamalign.collect.run:collect_stage", "Buffer folder (shards + manifest/).", None),
+    (None, "evaluate", EvaluateRun, "streamalign.evaluate.report:evaluate_stage", "Report folder.", None),
+    (None, "merge", MergeRun, "streamalign.evaluate.sweep:merge_stage",
+     "Sweep folder (sweep.*, adapters/, adapter/).", None),
+    (None, "demo", DemoRun, "streamalign.evaluate.demo:demo_stage", "Demo folder (buffer, runs, sweep, report).",
+     "runs/demo"),
+    ("experiment", "noise-sources", NoiseSourcesRun, "streamalign.evaluate.experiments:noise_sources_stage",
      "Folder: noise_sources.md/json/png.", "runs/noise-sources"),
-    ("experiment", "objectives", ObjectivesRun, "evaluate.experiments:objectives_stage",
+    ("experiment", "objectives", ObjectivesRun, "streamalign.evaluate.experiments:objectives_stage",
      "Folder: objectives.md/json/png and one run per objective.", "runs/objectives"),
-    ("experiment", "regimes", RegimesRun, "evaluate.experiments:regimes_stage",
+    ("experiment", "regimes", RegimesRun, "streamalign.evaluate.experiments:regimes_stage",
      "Folder: regimes.md/json/png, buffer/ and one run per regime.", "runs/regimes"),
-    ("experiment", "sweep", SweepRun, "evaluate.experiments:sweep_stage",
+    ("experiment", "sweep", SweepRun, "streamalign.evaluate.experiments:sweep_stage",
      "Folder: sweep.md/json/png, buffer/ and one run per cell.", "runs/sweep"),
-    ("buffer", "info", BufferRun, "buffer.inspect:info_stage", None, None),
-    ("buffer", "verify", VerifyRun, "buffer.inspect:verify_stage", None, None),
-    ("buffer", "seal", SealRun, "buffer.inspect:seal_stage", None, None),
-    (None, "stats", StatsRun, "buffer.stats:stats_stage", None, None),
-    (None, "report", ReportRun, "train.health:report_stage", None, None),
+    ("buffer", "info", BufferRun, "streamalign.buffer.inspect:info_stage", None, None),
+    ("buffer", "verify", VerifyRun, "streamalign.buffer.inspect:verify_stage", None, None),
+    ("buffer", "seal", SealRun, "streamalign.buffer.inspect:seal_stage", None, None),
+    (None, "stats", StatsRun, "streamalign.buffer.stats:stats_stage", None, None),
+    (None, "report", ReportRun, "streamalign.train.health:report_stage", None, None),
 )  # fmt: skip
 
 
@@ -92,7 +98,7 @@ def emit(result: str | tuple[str, int]) -> None:
 
 def call(target: str, *args):
     module, func = target.split(":")
-    return getattr(importlib.import_module(f"streamalign.{module}"), func)(*args)
+    return getattr(importlib.import_module(module), func)(*args)
 
 
 def out_folder(out: str) -> Path:
@@ -114,11 +120,16 @@ def register(group: str | None, name: str, config: type, target: str, out_help: 
                                         annotation=Annotated[str, typer.Option(help=out_help)]))  # fmt: skip
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = config.__doc__
+    if group and group not in sub:  # a plug-in's group
+        sub[group] = typer.Typer(help=f"{group} (a plug-in's commands).", no_args_is_help=True)
+        app.add_typer(sub[group], name=group)
     stage_command(sub[group] if group else app, name, config, group)(command)
 
 
 for entry in STAGES:
-    register(*entry)
+    COMMANDS.register((c := Command(*entry)).key, c)
+for c in COMMANDS.values():  # the built-in ones and those of installed plug-in packages
+    register(*c)
 
 
 def _version(value: bool) -> None:
@@ -149,7 +160,7 @@ def train_cmd(cfg: TrainConfig, out: Annotated[Path, typer.Option(help="Run fold
     Under `torchrun --nproc_per_node N` gradients are averaged over ranks."""
     if resume and overwrite_permitted(out):
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
-    emit(call("train.loop:train_stage", cfg, out, resume))
+    emit(call("streamalign.train.loop:train_stage", cfg, out, resume))
 
 
 @stage_command(app, "generate", GenerateRun)
@@ -158,4 +169,4 @@ def generate_cmd(cfg: GenerateRun, prompt: Annotated[str | None, typer.Argument(
         help="Folder for NNNN.mp4 and generate.json.")] = Path("runs/generate")) -> None:  # fmt: skip
     """Text to video (MP4) with base, adapter or merged weights; long videos with the rolling KV cache;
     multi-scene lines (`|` between scenes, `[Ns]` durations, `[Ns#]` a hard cut into that scene)."""
-    emit(call("generate.run:generate_stage", cfg, prompt, out))
+    emit(call("streamalign.generate.run:generate_stage", cfg, prompt, out))

@@ -37,10 +37,25 @@ slots it has written.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 from dataclasses import dataclass
 
 import torch
+
+# set while a cache allocates its K/V storage: device state, which a simulation (models.memory.HostLogic)
+# keeps simulated however small it is (a short prefix at reduced width holds a few thousand elements)
+ALLOCATING: contextvars.ContextVar[bool] = contextvars.ContextVar("streamalign_kv_allocating", default=False)
+
+
+@contextlib.contextmanager
+def allocating():
+    token = ALLOCATING.set(True)
+    try:
+        yield
+    finally:
+        ALLOCATING.reset(token)
 
 
 @dataclass(frozen=True)
@@ -105,7 +120,8 @@ class KVBuffers:
             # the old buffer's memory is free before the new one is taken (the dict holds it too)
             del buf
             self._bufs.pop((layer, kind), None)
-            buf = self._bufs[(layer, kind)] = torch.empty(size, dtype=dtype, device=device)
+            with allocating():
+                buf = self._bufs[(layer, kind)] = torch.empty(size, dtype=dtype, device=device)
         return buf[: shape[0], : shape[1]]
 
     def nbytes(self) -> int:
@@ -262,7 +278,8 @@ class KVCache:
     # -- per-layer access ----------------------------------------------------------------------------
     def _storage(self, layer: int, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
         if self.buffers is None:
-            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+            with allocating():
+                return torch.zeros(shape, dtype=self.dtype, device=self.device)
         return self.buffers.take(layer, kind, shape, self.dtype, self.device)
 
     def _own(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,10 +32,12 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
 
 from ..schemas.config import ModelConfig
 from . import wan  # noqa: F401  (registers the wan family)
+from .kv_cache import ALLOCATING
 from .protocol import ChunkModel, get_family
 from .sampler import Sampler
 
 GiB = 2**30
+CUDA_RESERVE = 1 * GiB  # CUDA context + cuBLAS/cuDNN workspaces, outside PyTorch's allocator
 # under HostLogic, a tensor made from nothing (a factory) with at most this many elements is real: indices,
 # masks, counters, small tables; anything larger (weights, caches, activations, noise) is simulated
 REAL_FACTORY_NUMEL = 4096
@@ -112,7 +114,8 @@ class HostLogic(TorchDispatchMode):
     unchanged on fake weights.
 
     An op whose tensor arguments are all real runs for real; a factory (no tensor arguments) is real when
-    its result has at most ``REAL_FACTORY_NUMEL`` elements; every other op is fake. A value read from a
+    its result has at most ``REAL_FACTORY_NUMEL`` elements, unless a K/V cache allocates it (device state, however
+small: :data:`~streamalign.models.kv_cache.ALLOCATING`); every other op is fake. A value read from a
     fake tensor is not computed: a number (``float(loss)``) is NaN and a truth value is refused (the
     branch a real run takes is unknown) -- unless `healthy`: for code whose only reads of device values
     are statistics and health checks (``isfinite(loss)``, a finite gradient norm), numbers read 0.0 and
@@ -164,7 +167,7 @@ class HostLogic(TorchDispatchMode):
                 return func(*args, **kwargs)
         out = func(*args, **kwargs)  # a factory: shapes first (fake, free), then real if small
         leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if leaves and sum(t.numel() for t in leaves) <= REAL_FACTORY_NUMEL:
+        if leaves and not ALLOCATING.get() and sum(t.numel() for t in leaves) <= REAL_FACTORY_NUMEL:
             with _disable_current_modes():
                 return func(*args, **kwargs)
         return out

@@ -18,13 +18,15 @@ tokenizer's (:class:`PlanTokens`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from ..models.memory import HostLogic, fake_module
-from ..plan import PlannedReward, register_reward_planner
+from ..models.memory import CUDA_RESERVE, HostLogic, fake_module
 from .models import hpsv3 as H
 from .models import preprocess as P
 from .models import qwen2vl as Q
@@ -61,6 +63,31 @@ class PlanInputs(Q.QwenInputs):
         pixels = torch.cat([p for p, _ in patches]).to(device)
         grid = torch.tensor([g for _, g in patches], dtype=torch.long, device=device)
         return ids.to(device), mask.to(device), pixels, grid, token_id
+
+
+@dataclass
+class PlannedReward:
+    """A reward model on fake tensors: its weights on the device stand-in, ``score(videos)`` (one scoring
+    batch of videos [B, F, 3, H, W] on the host stand-in, the meta device) and B, its batch size."""
+
+    name: str
+    weights: list[torch.Tensor]
+    score: Callable[[torch.Tensor], Any]
+    batch: int
+
+
+def reward_hold(mode: str, peak_kept: int | None = None, memory: int | None = None) -> Literal["keep", "cpu"]:
+    """What the reward models do between scoring calls under ``--reward-offload`` `mode`: ``keep`` stays,
+    ``cpu`` leaves; ``auto`` is ``cpu`` when the stage's peak with them kept (`peak_kept`, bytes) plus
+    ``CUDA_RESERVE`` exceeds the GPU's `memory` (bytes), else ``keep`` (also when either is unknown: no plan,
+    as on a CPU, where nothing would be gained). The one rule of ``plan`` and the stages."""
+    if mode not in ("auto", "keep", "cpu"):
+        raise ValueError(f"--reward-offload must be auto, keep or cpu; got {mode!r}")
+    if mode != "auto":
+        return mode  # type: ignore[return-value]
+    if peak_kept is None or memory is None:
+        return "keep"
+    return "keep" if peak_kept + CUDA_RESERVE <= memory else "cpu"
 
 
 def fake_qwen_net(config, dtype: torch.dtype, mode: FakeTensorMode, head: torch.nn.Module, who: str, path: Path,
@@ -250,7 +277,10 @@ def plan_clip(path: str, options: dict, dtype: torch.dtype, mode: FakeTensorMode
     return frame_scorer(rm, "clip")
 
 
-register_reward_planner("videoalign", plan_videoalign)
-register_reward_planner("hpsv3", plan_hpsv3)
-register_reward_planner("hpsv2", plan_hpsv2)
-register_reward_planner("clip", plan_clip)
+# model name -> planner(path, options, dtype, fake mode): every built-in adapter (plug-ins are not planned)
+REWARD_PLANNERS: dict[str, Callable[[str, dict, torch.dtype, FakeTensorMode], PlannedReward]] = {
+    "videoalign": plan_videoalign,
+    "hpsv3": plan_hpsv3,
+    "hpsv2": plan_hpsv2,
+    "clip": plan_clip,
+}

@@ -27,6 +27,7 @@ from ..io import hub
 from ..schemas.sections import plugin_parts
 from .external import import_factory
 from .models.preprocess import grayscale3
+from .plan import reward_hold
 from .registry import CompositeReward, RewardError, RewardSpec, register
 
 MODEL_KINDS = ("videoalign", "hpsv3", "hpsv2", "clip")  # the adapters of rewards.models
@@ -201,8 +202,6 @@ def reward_of(section, rewards: str | None = None, metrics: str | None = None, h
     defaults filled in; default: the section's own) parsed, so an unknown name fails before any load.
     `hold`: keep | cpu, the stage's resolved ``--reward-offload`` (default: the section's, auto as keep: no
     plan, see ``plan.reward_hold``); `load`: the models kept on a GPU load now (:func:`load_kept`)."""
-    from ..plan import reward_hold
-
     hold = hold or reward_hold(getattr(section, "reward_offload", "keep"))
     sources = sources_of(section.reward_paths, section.reward_options, section.reward_plugins)
     register_sources(sources, section.reward_device, hold)

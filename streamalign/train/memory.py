@@ -13,7 +13,7 @@ from ..pipeline import Pipeline
 from ..schemas.buffer import Entry
 from ..schemas.config import ModelConfig
 from .config import TrainConfig
-from .loop import Trainer
+from .trainer import Trainer
 
 SIMULATED = "(simulated)"  # the buffer and policy names of a simulated update
 
@@ -116,7 +116,7 @@ def train_update_memory(
 ) -> MemoryReport:
     """Peak device bytes of ONE real training update at `model`'s full size, measured on fake tensors.
 
-    The real :meth:`~streamalign.train.loop.Trainer.update` runs (the objective's replay of one fork group
+    The real :meth:`~streamalign.train.trainer.Trainer.update` runs (the objective's replay of one fork group
     at `pivot` with G = `group_size`, backward, gradient clip, AdamW step) with `settings` (default: the
     defaults of ``train``) resolved as on a `device` ('cuda' or 'cpu': autocast and activation
     checkpointing 'auto'), on generator weights of `dtype` (fake) with the trainable LoRA in float32, a

@@ -1,21 +1,19 @@
 """The train stage of ``streamalign plan``: one group of a training update, the real ``Trainer.update`` run on
 fake tensors at full size (:func:`~streamalign.train.memory.train_update_memory`, every layer: no depth
-extrapolation), at the given pivot or the first and the last; registered into ``streamalign.plan``."""
+extrapolation), at the given pivot or the first and the last; ``streamalign.plan`` finds it through the entry point
+``streamalign.planners: train`` (pyproject.toml)."""
 
 from __future__ import annotations
 
 import math
 
-from ..plan import CUDA_RESERVE, Phase, PlanContext, PlanRun, StagePlan, register_stage, storage_bytes
-from ..plan import plan_command as _plan_command
-from ..rewards import plan as _reward_planners  # noqa: F401  (registers the reward models' planners)
+from ..plan import CUDA_RESERVE, Phase, PlanContext, PlanRun, StagePlan, storage_bytes
 from .config import TrainConfig
+from .memory import SIMULATED, train_update_memory
 
 
 def train_settings(run: PlanRun) -> TrainConfig:
     """The ``train`` settings of the plan's flags (a TrainConfig; auto autocast / checkpointing as on CUDA)."""
-    from .memory import SIMULATED  # the trainer's module: it imports this one (through train.loop)
-
     t = run.train
     return TrainConfig(buffer=SIMULATED, objective=t.objective, replay_batch=t.replay_batch, lora_rank=t.lora_rank,
                        checkpointing=t.checkpointing, autocast=t.autocast, batch_groups=t.batch_groups)  # fmt: skip
@@ -37,8 +35,6 @@ def plan_train(ctx: PlanContext) -> StagePlan:
 
 
 def _plan_train(ctx: PlanContext) -> StagePlan:
-    from .memory import train_update_memory
-
     run, cfg = ctx.run, ctx.cfg
     n, g = cfg.num_chunks, run.rollouts.group_size
     pivots = [run.rollouts.pivot] if run.rollouts.pivot is not None else sorted({0, n - 1})
@@ -78,11 +74,3 @@ def sharded_peak(replicated: int, weights: int, root: int, block: int, gpus: int
     gathered from its forward through the backward), the block running and the next one (prefetched),
     all-gathered beside their shards."""
     return replicated - weights + math.ceil(weights / gpus) + root + 2 * block
-
-
-register_stage("train", plan_train)
-
-
-def plan_command(cfg: PlanRun) -> str:
-    """The `plan` command, every stage's planner loaded."""
-    return _plan_command(cfg)
