@@ -1,11 +1,11 @@
 """The training loops: semi-on-policy (stream a replay buffer) and on-policy (collect, then K updates).
 
-Both run the same update: every group of the batch goes through the objective one at a time (memory of
-one group), its loss divided by the global batch, gradients summed over ranks (torch.distributed
-all-reduce under torchrun), clipped, one AdamW step. The semi loop's global batches are those of one
-process (the buffer's stream under the seed); each rank trains on its slice of every one. Random choices
-inside the objective come from a generator seeded by (seed, step, entry id), so they do not depend on rank
-or batch order.
+Both run the same update (:class:`~streamalign.train.trainer.Trainer`): every group of the batch goes
+through the objective one at a time (memory of one group), its loss divided by the global batch, gradients
+summed over ranks (torch.distributed all-reduce under torchrun), clipped, one AdamW step. The semi loop's
+global batches are those of one process (the buffer's stream under the seed); each rank trains on its slice
+of every one. Random choices inside the objective come from a generator seeded by (seed, step, entry id),
+so they do not depend on rank or batch order.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from .health import CURVE_KEYS, health, plot_rows
 from .identity import Resume, UnfinishedRun, check_run_folder
 from .metrics import METRICS, MetricsLog, read_metrics
 from .state import Progress, resume_checkpoint, save_checkpoint
-from .trainer import NonFiniteError, Trainer, init_policy_id, policy_text  # noqa: F401  (NonFiniteError: raised by the loops)
+from .trainer import NonFiniteError, Trainer, init_policy_id, policy_text  # noqa: F401  (NonFiniteError: what train() raises, from an update)
 
 log = logging.getLogger("streamalign.train")
 
