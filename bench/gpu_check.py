@@ -232,7 +232,8 @@ def check_train(check: Check) -> dict:
     """One training update (CoPO, defaults of ``train`` as on CUDA: LoRA r64, bf16 autocast, activation
     checkpointing) of one G-branch group at --pivot on the random bf16 generator: seconds per update (after
     a warm-up update) and peak memory vs the plan's (``train_update_memory``, fake tensors; the replay
-    batch it picks for this GPU is the one run here)."""
+    batch it picks for this GPU is the one run here). Both are the steady state: the measured update is the
+    second, which holds the optimizer's moments the warm-up made (``optimizer_bytes``)."""
     from streamalign.pipeline import Pipeline
     from streamalign.plan import CUDA_RESERVE
     from streamalign.train.config import TrainConfig
@@ -258,13 +259,15 @@ def check_train(check: Check) -> dict:
         seconds, measured, reserved, how = cuda_peak(check, functools.partial(trainer.update, 1, [entry], 1))
     else:
         t0 = time.perf_counter()
-        measured = update_memory(trainer, entry, text, tracker=LiveBytes(device="cpu")).peak
+        # the tracker counts what the trainer holds from the warm-up on (AdamW's moments too), as the allocator does
+        measured = update_memory(trainer, entry, text, tracker=LiveBytes(device="cpu"), step=1).peak
         seconds, reserved, how = time.perf_counter() - t0, None, "LiveBytes (dry run: real CPU tensors)"
     del trainer, model
     if check.device.type == "cuda":
         torch.cuda.empty_cache()
     out = {"objective": plan.notes["objective"], "group_size": check.group_size, "pivot": check.pivot,
-           "replay_batch": rb, "lora_rank": plan.notes["lora_rank"], "seconds_per_update": seconds,
+           "replay_batch": rb, "lora_rank": plan.notes["lora_rank"], "optimizer_bytes": plan.notes["optimizer_bytes"],
+           "seconds_per_update": seconds,
            "measured": measured, "reserved": reserved, "predicted": plan.peak, "ratio": measured / plan.peak,
            "measured_by": how, "flops": plan.flops, "tflops_per_second": plan.flops / seconds / 1e12}  # fmt: skip
     gpu = check.gpu

@@ -82,9 +82,10 @@ def reduced() -> ModelConfig:
     ids=["copo-one-batch", "copo-micro-batches-merged-prefix", "sde-grpo-micro-batches"],
 )
 def test_simulated_update_equals_a_real_one(objective, replay_batch, merge, rows, monkeypatch):
-    """Reduced width, the same Trainer.update: the peak on fake tensors (host logic real, see HostLogic)
-    equals the peak on real tensors, with micro-batches, checkpointing and bf16 autocast, and on the LSE-merged
-    prefix path full-size prefixes take."""
+    """Reduced width, the same Trainer.update: the planned steady state on fake tensors (host logic real, see
+    HostLogic) equals the peak of a real trainer's SECOND update on real tensors (AdamW's moments and the old
+    policy's LoRA held from its start, tracked), with micro-batches, checkpointing and bf16 autocast, and on
+    the LSE-merged prefix path full-size prefixes take."""
     if merge:
         monkeypatch.setattr(attention, "MERGE_MIN_BYTES", 0)
     cfg = reduced()
@@ -94,15 +95,30 @@ def test_simulated_update_equals_a_real_one(objective, replay_batch, merge, rows
     text = torch.zeros(1, cfg.arch.text_len, cfg.arch.text_dim)
     model = make_model(cfg).to(torch.bfloat16).requires_grad_(False)
     trainer = Trainer(real_settings, pipeline=Pipeline(cfg, model, FixedText(text), None, SIMULATED))
-    with torch.no_grad():  # an update after the first (what the simulation plans): the old forward runs too
-        for q in trainer.params:
-            q.add_(1e-3)
     entry = simulated_entry(cfg, 2, 6, trainer.objective.fork)
-    real = update_memory(trainer, entry, text, flops=True)
+    trainer.update(0, [entry], 1)  # the first update: it moves the LoRA (the old forward runs) and makes the moments
+    assert len(trainer.opt.state) == len(trainer.params)
+    real = update_memory(trainer, entry, text, flops=True, step=1)
     assert trainer.replay.last_batch == fake.notes["replay_batch"] == rows
     assert fake.peak == real.peak and fake.baseline == real.baseline
     assert fake.flops == real.flops > 0  # forward, recomputation and backward alike
     assert all(p.grad is not None for p in trainer.params)  # the real update did update
+
+
+def test_the_steady_state_holds_the_optimizer_moments():
+    """The planned update is the steady state: its peak is the first update's plus AdamW's two float32 moments
+    of every LoRA parameter (and its step counters), which the first update makes only after its replay."""
+    cfg = reduced()
+    settings = TrainConfig(buffer=SIMULATED, objective="copo", lora_rank=8)
+    first = train_update_memory(cfg, settings, pivot=2, group_size=6, steady=False)
+    steady = train_update_memory(cfg, settings, pivot=2, group_size=6)
+    text = torch.zeros(1, cfg.arch.text_len, cfg.arch.text_dim)
+    trainer = Trainer(settings.replace(device="cpu"), pipeline=Pipeline(cfg, make_model(cfg), FixedText(text), None,
+                                                                       SIMULATED))  # fmt: skip
+    moments = 2 * steady.notes["lora_bytes"] + 4 * len(trainer.params)  # + one float32 step counter each
+    assert steady.notes["optimizer_bytes"] == moments and first.notes["optimizer_bytes"] == 0
+    assert steady.baseline - first.baseline == moments
+    assert steady.peak - first.peak == moments
 
 
 def test_a_simulated_device_sizes_the_replay_batch():

@@ -41,6 +41,7 @@ def test_dry_run_runs_every_check_and_writes_json(tmp_path, capsys):
     train = checks["train"]  # one CoPO update (4 anchors x 4 steps in one replay batch): the plan's peak exactly
     assert train["ratio"] == 1.0 and train["measured"] == train["predicted"] > 0 and train["replay_batch"] == 16
     assert train["seconds_per_update"] > 0 and train["flops"] > 0 and train["objective"] == "copo"
+    assert train["optimizer_bytes"] > 0  # the steady state's moments, in the measured and the planned peak
     with pytest.raises(SystemExit):
         gpu_check.main(["--dry-run", "--checks", "speed,nope"])
 
@@ -54,3 +55,17 @@ def test_dry_run_compile_check_reports_frames_per_second_with_and_without():
     assert c["speedup"] == pytest.approx(c["compiled_frames_per_second"] / c["eager_frames_per_second"])
     assert c["graphs"] == {"qkv": 1, "kv": 1, "rest": 1} and c["compile_seconds"] > 0
     assert len(c["compiled_seconds_per_chunk"]) == 4 and 0 < c["vs_eager"]["rel_l2"] < 0.02
+
+
+def test_dry_run_train_ratio_sees_a_plan_without_the_optimizer_state(monkeypatch):
+    """The dry run's tracker counts the optimizer state the warm-up update left: a plan of the first update
+    (no moments held) comes out short by them, and the ratio says so."""
+    from streamalign.train import memory
+
+    gpu_check = load_gpu_check()
+    steady = gpu_check.main(["--dry-run", "--checks", "train"])["checks"]["train"]
+    first_update = memory.train_update_memory
+    monkeypatch.setattr(memory, "train_update_memory", lambda *a, **k: first_update(*a, **k, steady=False))
+    first = gpu_check.main(["--dry-run", "--checks", "train"])["checks"]["train"]
+    assert steady["ratio"] == 1.0 and first["measured"] == steady["measured"]
+    assert first["predicted"] == steady["predicted"] - steady["optimizer_bytes"] and first["ratio"] > 1

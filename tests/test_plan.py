@@ -217,9 +217,9 @@ def test_depth_extrapolation_is_exact_at_full_width():
 
 def test_train_stage_equals_a_real_update(reduced):
     """The train stage's update phase: one real Trainer.update (CoPO, micro-batches of 3 rows, bf16 autocast
-    and checkpointing as on CUDA; after the first update, so the old policy's predictions are recomputed) on
-    real tensors of the same architecture (2 layers, the pixel codec), tracked, plus the text encoder the
-    stage holds: the same peak and FLOPs."""
+    and checkpointing as on CUDA) planned in the steady state equals a real trainer's second update (AdamW's
+    moments held, the old policy's predictions recomputed) on real tensors of the same architecture (2
+    layers, the pixel codec), tracked, plus the text encoder the stage holds: the same peak and FLOPs."""
     cfg, _, text_arch, real, path = reduced
     run = pixel_settings(path, stages=("train",), replay_batch=3)
     p = plan(run, PlanContext(run, text_arch=text_arch))
@@ -232,10 +232,9 @@ def test_train_stage_equals_a_real_update(reduced):
     text = torch.zeros(1, cfg.arch.text_len, cfg.arch.text_dim)
     model = make_model(cfg).requires_grad_(False)  # fp32 weights, as --dtype fp32
     trainer = Trainer(real_settings, pipeline=Pipeline(cfg, model, FixedText(text), None, SIMULATED))
-    with torch.no_grad():  # an update after the first (the plan's case): the old policy's forward runs too
-        for q in trainer.params:
-            q.add_(1e-3)
-    update = update_memory(trainer, simulated_entry(cfg, 0, 4, trainer.objective.fork), text, flops=True)
+    entry = simulated_entry(cfg, 0, 4, trainer.objective.fork)
+    trainer.update(0, [entry], 1)  # the plan's case is the steady state: the second update (moments, old forward)
+    update = update_memory(trainer, entry, text, flops=True, step=1)
     held = sum(t.untyped_storage().nbytes() for t in real["text"].parameters())  # the text encoder stays
     assert p.text_kept and phase.batch == trainer.replay.last_batch == 3
     assert phase.peak == update.peak + held and phase.flops == update.flops > 0

@@ -1,5 +1,9 @@
 """Memory of training: bytes autograd saves (exact, on real tensors) and the peak of one real update at full
-size on fake tensors (:func:`train_update_memory`, what ``plan`` reports for the ``train`` stage)."""
+size on fake tensors (:func:`train_update_memory`, what ``plan`` reports for the ``train`` stage).
+
+The update planned is the steady state, the largest of a run: every update after the first holds AdamW's
+moments (``exp_avg``, ``exp_avg_sq``: two float32 copies of the LoRA) through its replay, where the first
+update allocates them only in its optimizer step, after the replay's peak."""
 
 from __future__ import annotations
 
@@ -92,15 +96,48 @@ def frozen_bytes(module: torch.nn.Module) -> int:
     return sum(p.untyped_storage().nbytes() for p in module.parameters() if not p.requires_grad)
 
 
-def update_memory(
-    trainer: Trainer, entry: Entry, text: torch.Tensor, flops: bool = False, tracker: LiveBytes | None = None
-) -> MemoryReport:
-    """Peak bytes of ``trainer.update`` on one group `entry` (prompt embedding `text`), real or fake tensors
-    alike: weights, LoRA, the objective's policy copies and `text` counted from the start."""
+def optimizer_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors of `opt`'s state (AdamW: ``exp_avg``, ``exp_avg_sq`` and the step counter per parameter)."""
+    return [t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+
+
+def held_tensors(trainer: Trainer, text: torch.Tensor) -> list[torch.Tensor]:
+    """What a trainer holds on its device between updates: the weights (base and LoRA), the objective's policy
+    copies (NFT), the old policies' LoRA values (the base's, for recomputed old predictions), the optimizer's
+    state (from the first step on) and the prompt embedding `text`."""
     state = trainer.objective.state_dict()
-    held = [*trainer.model.parameters(), *trainer.model.buffers(), text, *(state[0].values() if state else ())]
-    _, report = measure(lambda: trainer.update(0, [entry], 1), track=held, flops=flops, tracker=tracker)
+    old = [t for values in trainer.old.weights.values() for t in values]
+    return [*trainer.model.parameters(), *trainer.model.buffers(), text, *(state[0].values() if state else ()),
+            *old, *optimizer_tensors(trainer.opt)]  # fmt: skip
+
+
+def update_memory(
+    trainer: Trainer, entry: Entry, text: torch.Tensor, flops: bool = False, tracker: LiveBytes | None = None,
+    step: int = 0,
+) -> MemoryReport:  # fmt: skip
+    """Peak bytes of ``trainer.update`` (update number `step`, 0-based) on one group `entry` (prompt embedding
+    `text`), real or fake tensors alike: what the trainer holds (:func:`held_tensors`: after a first update
+    the optimizer's moments too) counted from the start."""
+    held = held_tensors(trainer, text)
+    _, report = measure(lambda: trainer.update(step, [entry], 1), track=held, flops=flops, tracker=tracker)
     return report
+
+
+def prime_optimizer(trainer: Trainer) -> None:
+    """The optimizer state a first update leaves (AdamW's moments and step counter per LoRA parameter), made
+    by one real ``step`` on zero gradients; the gradients are then dropped, as the next update's
+    ``zero_grad(set_to_none=True)`` drops them. Under a fake mode the moments are fake (no bytes)."""
+    for p in trainer.params:
+        p.grad = torch.zeros_like(p)
+    trainer.opt.step()
+    trainer.opt.zero_grad(set_to_none=True)
+
+
+def fake_old_policies(trainer: Trainer) -> None:
+    """The old policies' LoRA values (built on the meta device with the LoRA) as fake device tensors of the
+    current fake mode: on a GPU they are device tensors, held through every update."""
+    for pid, values in trainer.old.weights.items():
+        trainer.old.weights[pid] = [torch.empty(v.shape, dtype=v.dtype, device="cpu") for v in values]
 
 
 def train_update_memory(
@@ -113,6 +150,7 @@ def train_update_memory(
     text_tokens: int | None = None,
     device_memory: int | None = None,
     flops: bool = False,
+    steady: bool = True,
 ) -> MemoryReport:
     """Peak device bytes of ONE real training update at `model`'s full size, measured on fake tensors.
 
@@ -125,8 +163,12 @@ def train_update_memory(
     `device_memory`: bytes of the simulated device, which then answers the replay's free-memory query
     (its automatic micro-batch) as CUDA would; default none to ask (the replay's default budget).
 
-    Counted from the start: weights, LoRA, the objective's policy copies, the text embedding. Measured:
-    everything the update allocates, including the optimizer's state. ``notes`` name the settings."""
+    `steady` (default): the update planned is the second (the steady state: AdamW's moments exist from the
+    first update's step on, :func:`prime_optimizer`); else the first, whose step allocates them.
+
+    Counted from the start: weights, LoRA, the objective's policy copies, the old policy's LoRA values, the
+    text embedding, and (steady) the optimizer's state. Measured: everything the update allocates.
+    ``notes`` name the settings."""
     cfg = ModelConfig.load(model) if isinstance(model, str) else model
     settings = settings or TrainConfig(buffer=SIMULATED)
     bf16, checkpointing = settings.hardware.resolved(device)
@@ -141,18 +183,24 @@ def train_update_memory(
     with mode:  # weights and LoRA become fake in place (the optimizer holds the same parameters)
         materialize_fake(trainer.peft, mode)
         trainer.objective.bind(trainer.params)  # policy copies (NFT) of the fake LoRA
+        fake_old_policies(trainer)
+    if steady:
+        with mode, HostLogic(healthy=True):
+            prime_optimizer(trainer)
     entry = simulated_entry(cfg, pivot, group_size, trainer.objective.fork)
+    moments = sum(t.untyped_storage().nbytes() for t in optimizer_tensors(trainer.opt))  # held from the start
     tracker = LiveBytes()
     if device_memory is not None:  # a device of that size: free memory = what the tracker has not counted
         trainer.sampler.free_memory = lambda default: int(0.9 * (device_memory - tracker.current))
     with mode, HostLogic(healthy=True):  # the update reads device values only for statistics and health checks
-        report = update_memory(trainer, entry, text.embedding, flops, tracker)
+        report = update_memory(trainer, entry, text.embedding, flops, tracker, step=int(steady))
     report.notes.update(
         model=cfg.name, objective=trainer.objective.name, pivot=pivot, group_size=group_size,
         dtype=str(dtype).removeprefix("torch."), autocast="bf16" if bf16 else "off", checkpointing=checkpointing,
         lora_rank=settings.lora.lora_rank, replay_batch=trainer.replay.last_batch, peak_gib=round(report.peak / GiB, 2),
         weights_bytes=frozen_bytes(trainer.model), block_bytes=max(frozen_bytes(b) for b in trainer.model.blocks),
         root_bytes=frozen_bytes(trainer.model) - sum(frozen_bytes(b) for b in trainer.model.blocks),
-        lora_bytes=sum(p.untyped_storage().nbytes() for p in trainer.params),
+        lora_bytes=sum(p.untyped_storage().nbytes() for p in trainer.params), steady=steady,
+        optimizer_bytes=moments,
     )  # fmt: skip
     return report

@@ -21,7 +21,8 @@ def train_settings(run: PlanRun) -> TrainConfig:
 
 def plan_train(ctx: PlanContext) -> StagePlan:
     """One group of a training update (``Trainer.update`` as ``train.memory.train_update_memory`` runs it:
-    the objective's replay of one fork group of G branches, backward, clip, AdamW step) at the given pivot,
+    the objective's replay of one fork group of G branches, backward, clip, AdamW step; the steady state, an
+    update after the first, which holds AdamW's moments and the old policy's LoRA throughout) at the given pivot,
     or the first and the last, every layer run; the replay batch chosen from the GPU's memory as on CUDA.
     Held besides: the codec and (when it stays on the GPU) the text encoder, as the stages hold them; the
     text phase encodes a prompt the first time it is met. Per group: the text, plus the mean of the
