@@ -267,7 +267,7 @@ def check_train(check: Check) -> dict:
         torch.cuda.empty_cache()
     out = {"objective": plan.notes["objective"], "group_size": check.group_size, "pivot": check.pivot,
            "replay_batch": rb, "lora_rank": plan.notes["lora_rank"], "optimizer_bytes": plan.notes["optimizer_bytes"],
-           "seconds_per_update": seconds,
+           "workspace_bytes": plan.notes["workspace_bytes"], "seconds_per_update": seconds,
            "measured": measured, "reserved": reserved, "predicted": plan.peak, "ratio": measured / plan.peak,
            "measured_by": how, "flops": plan.flops, "tflops_per_second": plan.flops / seconds / 1e12}  # fmt: skip
     gpu = check.gpu

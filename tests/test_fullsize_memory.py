@@ -8,8 +8,18 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from streamalign.models import attention
+from streamalign.models import sampler as sampler_module
 from streamalign.models.kv_cache import kv_bytes
-from streamalign.models.memory import GiB, LiveBytes, fake_sampler, fork_group_memory, measure, storage_bytes
+from streamalign.models.memory import (
+    CUDA_WORKSPACES,
+    GiB,
+    LiveBytes,
+    fake_sampler,
+    flash_backward_workspace,
+    fork_group_memory,
+    measure,
+    storage_bytes,
+)
 from streamalign.models.sampler import Sampler
 from streamalign.plan import PlanContext, PlanRun, plan, plan_stage
 from streamalign.schemas.config import ModelConfig
@@ -47,6 +57,28 @@ def test_tracker_counts_each_storage_once_and_sees_frees():
     assert m.current == 0 and m.peak == 2_000_000
 
 
+def test_flash_backward_scratch_is_counted_at_its_op():
+    """FlashAttention-2's backward scratch on CUDA (flash_api.cpp mha_bwd: float32 dq_accum [B, ceil128(Lq), H,
+    ceil32(D)] and softmax_d [B, H, ceil128(Lq)]) is added to the peak at the backward op, only when asked."""
+    b, h, lq, d = 2, 3, 130, 40
+    rounded_q, rounded_d = 256, 64  # 130 up to a multiple of 128, 40 up to one of 32
+    assert flash_backward_workspace(torch.empty(b, h, lq, d, device="meta")) == 4 * (
+        b * rounded_q * h * rounded_d + b * h * rounded_q)
+    assert flash_backward_workspace(torch.empty(1, 1, 128, 256, device="meta")) == 4 * (128 * 256 + 128)
+
+    def peak(workspaces) -> tuple[int, int]:
+        q = torch.randn(b, h, lq, d, requires_grad=True)
+        with LiveBytes(workspaces=workspaces) as m:
+            out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            del out  # the backward's own buffers are then the peak
+            torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+        return m.peak, m.workspace
+
+    (plain, none), (counted, scratch) = peak(None), peak(CUDA_WORKSPACES)
+    assert none == 0 and scratch == flash_backward_workspace(torch.empty(b, h, lq, d, device="meta"))
+    assert plain < counted <= plain + scratch
+
+
 @pytest.mark.parametrize("branch_batch", [None, 1])
 def test_tracker_on_fake_tensors_equals_real_allocations(text, branch_batch, monkeypatch):
     """Reduced width, the same fork_group code: the tracker's peak on fake tensors equals its peak on real
@@ -62,13 +94,16 @@ def test_tracker_on_fake_tensors_equals_real_allocations(text, branch_batch, mon
     def run():
         return sampler.fork_group(ctx, sampler.noise_bank(0), 1, 4, branch_batch=branch_batch)
 
-    _, real = measure(run, track=[*model.parameters(), ctx], flops=True)
+    with monkeypatch.context() as m:  # the outputs leave the device, as the plan's do (to its host stand-in)
+        m.setattr(sampler_module, "to_host", lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))
+        _, real = measure(run, track=[*model.parameters(), ctx], flops=True)
     fake = fork_group_memory(
         cfg, 1, group_size=4, dtype=torch.float32, text_tokens=7, flops=True, branch_batch=branch_batch
     )
     assert fake.peak == real.peak and fake.final == real.final
     assert fake.flops == real.flops > 0
-    tracked = real.peak - real.baseline
+    _, on_cpu = measure(run, track=[*model.parameters(), ctx])  # the outputs on the CPU, as the allocator sees
+    tracked = on_cpu.peak - on_cpu.baseline
     run()  # what a first real call builds and keeps (the RoPE table) is not part of a call's peak
     sampler._buffers.clear()
     # the allocator on the path the tracker (and a GPU) takes: each call allocates its caches

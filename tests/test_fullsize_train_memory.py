@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from streamalign.models import attention
+from streamalign.models.autocast_rules import cuda_autocast_rules
 from streamalign.models.kv_cache import kv_bytes
 from streamalign.models.memory import GiB, fake_sampler
 from streamalign.pipeline import Pipeline
@@ -85,7 +86,7 @@ def test_simulated_update_equals_a_real_one(objective, replay_batch, merge, rows
     """Reduced width, the same Trainer.update: the planned steady state on fake tensors (host logic real, see
     HostLogic) equals the peak of a real trainer's SECOND update on real tensors (AdamW's moments and the old
     policy's LoRA held from its start, tracked), with micro-batches, checkpointing and bf16 autocast, and on
-    the LSE-merged prefix path full-size prefixes take."""
+    the LSE-merged prefix path full-size prefixes take; both under CUDA's autocast rules."""
     if merge:
         monkeypatch.setattr(attention, "MERGE_MIN_BYTES", 0)
     cfg = reduced()
@@ -96,9 +97,10 @@ def test_simulated_update_equals_a_real_one(objective, replay_batch, merge, rows
     model = make_model(cfg).to(torch.bfloat16).requires_grad_(False)
     trainer = Trainer(real_settings, pipeline=Pipeline(cfg, model, FixedText(text), None, SIMULATED))
     entry = simulated_entry(cfg, 2, 6, trainer.objective.fork)
-    trainer.update(0, [entry], 1)  # the first update: it moves the LoRA (the old forward runs) and makes the moments
-    assert len(trainer.opt.state) == len(trainer.params)
-    real = update_memory(trainer, entry, text, flops=True, step=1)
+    with cuda_autocast_rules():  # bf16 autocast casts as CUDA's does (the plan's rules)
+        trainer.update(0, [entry], 1)  # the first update: it moves the LoRA (the old forward runs), makes the moments
+        assert len(trainer.opt.state) == len(trainer.params)
+        real = update_memory(trainer, entry, text, flops=True, step=1)
     assert trainer.replay.last_batch == fake.notes["replay_batch"] == rows
     assert fake.peak == real.peak and fake.baseline == real.baseline
     assert fake.flops == real.flops > 0  # forward, recomputation and backward alike

@@ -43,6 +43,30 @@ CUDA_RESERVE = 1 * GiB  # CUDA context + cuBLAS/cuDNN workspaces, outside PyTorc
 REAL_FACTORY_NUMEL = 4096
 
 
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def flash_backward_workspace(query: torch.Tensor) -> int:
+    """Bytes of float32 scratch FlashAttention-2's backward allocates inside the kernel call (PyTorch's
+    ``flash_api.cpp`` ``mha_bwd``, non-deterministic): ``dq_accum`` [B, Lq rounded to 128, H, D rounded to 32
+    (to 256 above 192)] and ``softmax_d`` [B, H, Lq rounded to 128], for `query` [B, H, Lq, D] (SDPA's
+    layout). Freed when the call returns, so a dispatch-level tracker sees it only as this estimate."""
+    b, h, lq, d = query.shape
+    lq, d = _round_up(lq, 128), _round_up(d, 32) if d <= 192 else 256
+    return 4 * (b * lq * h * d + b * h * lq)
+
+
+# fused kernels' scratch on CUDA, by the op a fake-CPU simulation dispatches in its place: bytes from the
+# op's arguments (CPU's flash backward stands for CUDA's, which takes the same q layout first after dout)
+CUDA_WORKSPACES: dict[Any, Callable[..., int]] = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default: lambda dout, q, *_: (
+        flash_backward_workspace(q)),
+    torch.ops.aten._scaled_dot_product_flash_attention_backward.default: lambda dout, q, *_: (
+        flash_backward_workspace(q)),
+}
+
+
 class LiveBytes(TorchDispatchMode):
     """Live and peak storage bytes of the tensors created inside the mode (plus those given to
     :meth:`track`, e.g. weights that exist before it is entered). Units: bytes.
@@ -50,12 +74,16 @@ class LiveBytes(TorchDispatchMode):
     ``current``: bytes of tracked storages alive now; ``peak``: the maximum of ``current`` after any op;
     ``largest``: the largest single storage seen (bytes), for reports. `device`: count only storages on
     that device type (e.g. ``"cpu"``, the accelerator's stand-in under fake tensors, while decoded videos
-    go to the ``"meta"`` host stand-in); None counts every storage.
+    go to the ``"meta"`` host stand-in); None counts every storage. `workspaces`: a table of fused kernels'
+    internal scratch (:data:`CUDA_WORKSPACES`, when simulating CUDA), counted on top of ``current`` at the
+    op that allocates it (it lives only during the call); ``workspace`` is the largest seen.
     """
 
-    def __init__(self, device: str | None = None) -> None:
+    def __init__(self, device: str | None = None, workspaces: dict[Any, Callable[..., int]] | None = None) -> None:
         super().__init__()
         self.device = device
+        self.workspaces = workspaces or {}
+        self.workspace = 0
         self._refs: dict[int, tuple[weakref.ref, int]] = {}  # id(storage) -> (weakref, bytes counted)
         self.current = 0
         self.peak = 0
@@ -103,7 +131,9 @@ class LiveBytes(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._add(t)
-        self.peak = max(self.peak, self.current)
+        scratch = self.workspaces[func](*args) if func in self.workspaces else 0
+        self.workspace = max(self.workspace, scratch)
+        self.peak = max(self.peak, self.current + scratch)
         return out
 
 

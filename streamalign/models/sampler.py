@@ -45,8 +45,9 @@ ACT_FFN_FLOATS = 1
 # same bound as the branch batches, so on a CPU every row of a small model runs in one batch.
 DEFAULT_REPLAY_MEMORY = DEFAULT_BRANCH_MEMORY
 # float32 values per token of one block of one replay row, in units of dim and ffn_dim: its recomputation
-# and backward under checkpointing (measured at full size, bf16 autocast: ~3.9 dim + 1.9 ffn), or what it
-# saves for backward without (less)
+# and backward under checkpointing, or what it saves for backward without (less). Checked against the cost
+# of one more row at full size (wan-1.3b and wan-14b, pivot 1, bf16 autocast by CUDA's rules, which keep
+# float32 LayerNorm inputs): 4.99 dim + 2.34 ffn, which these bound (estimates 1.02x / 1.01x the cost)
 REPLAY_DIM_FLOATS = 5
 REPLAY_FFN_FLOATS = 2.5
 

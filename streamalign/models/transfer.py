@@ -10,6 +10,7 @@ wait differs. (PyTorch's pinned-memory allocator keeps a block until the copies 
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 
 def pins(device: torch.device) -> bool:
@@ -35,7 +36,11 @@ def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
     """`t` on the host: into a pinned buffer without waiting when `t` is on a device that pins (read it
-    after :func:`wait_for_copies`), else ``t.cpu()``."""
+    after :func:`wait_for_copies`), else ``t.cpu()``. A fake tensor (a plan's simulated device, whose stand-in
+    is the CPU) goes to the plan's host stand-in, the meta device: it leaves the device's count, as it would
+    leave the GPU (``.cpu()`` of a fake CPU tensor would be the same storage, still counted)."""
+    if is_fake(t):
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
     if pins(t.device):
         out = host_empty(tuple(t.shape), t.dtype, pinned=True)
         out.copy_(t, non_blocking=True)

@@ -12,7 +12,17 @@ from dataclasses import dataclass
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..models.memory import GiB, HostLogic, LiveBytes, MemoryReport, materialize_fake, measure, meta_generator
+from ..models.autocast_rules import cuda_rules_if
+from ..models.memory import (
+    CUDA_WORKSPACES,
+    GiB,
+    HostLogic,
+    LiveBytes,
+    MemoryReport,
+    materialize_fake,
+    measure,
+    meta_generator,
+)
 from ..pipeline import Pipeline
 from ..schemas.buffer import Entry
 from ..schemas.config import ModelConfig
@@ -157,9 +167,11 @@ def train_update_memory(
     The real :meth:`~streamalign.train.trainer.Trainer.update` runs (the objective's replay of one fork group
     at `pivot` with G = `group_size`, backward, gradient clip, AdamW step) with `settings` (default: the
     defaults of ``train``) resolved as on a `device` ('cuda' or 'cpu': autocast and activation
-    checkpointing 'auto'), on generator weights of `dtype` (fake) with the trainable LoRA in float32, a
-    text embedding [1, `text_tokens` (default text_len), text_dim] and a full-size entry on the host (real
-    values: rewards, anchors and every host-side decision are those of a real run, see :class:`HostLogic`).
+    checkpointing 'auto'; on 'cuda' autocast casts by CUDA's rules, :mod:`~streamalign.models.autocast_rules`,
+    and FlashAttention's backward scratch counts, :data:`~streamalign.models.memory.CUDA_WORKSPACES`), on
+    generator weights of `dtype` (fake) with the trainable LoRA in float32, a text embedding [1, `text_tokens`
+    (default text_len), text_dim] and a full-size entry on the host (real values: rewards, anchors and every
+    host-side decision are those of a real run, see :class:`HostLogic`).
     `device_memory`: bytes of the simulated device, which then answers the replay's free-memory query
     (its automatic micro-batch) as CUDA would; default none to ask (the replay's default budget).
 
@@ -189,18 +201,20 @@ def train_update_memory(
             prime_optimizer(trainer)
     entry = simulated_entry(cfg, pivot, group_size, trainer.objective.fork)
     moments = sum(t.untyped_storage().nbytes() for t in optimizer_tensors(trainer.opt))  # held from the start
-    tracker = LiveBytes()
+    tracker = LiveBytes(workspaces=CUDA_WORKSPACES if device == "cuda" else None)  # + fused kernels' scratch
     if device_memory is not None:  # a device of that size: free memory = what the tracker has not counted
         trainer.sampler.free_memory = lambda default: int(0.9 * (device_memory - tracker.current))
-    with mode, HostLogic(healthy=True):  # the update reads device values only for statistics and health checks
+    # the update reads device values only for statistics and health checks; bf16 autocast casts as on `device`
+    with mode, HostLogic(healthy=True), cuda_rules_if(device):
         report = update_memory(trainer, entry, text.embedding, flops, tracker, step=int(steady))
     report.notes.update(
         model=cfg.name, objective=trainer.objective.name, pivot=pivot, group_size=group_size,
         dtype=str(dtype).removeprefix("torch."), autocast="bf16" if bf16 else "off", checkpointing=checkpointing,
+        autocast_rules=device,
         lora_rank=settings.lora.lora_rank, replay_batch=trainer.replay.last_batch, peak_gib=round(report.peak / GiB, 2),
         weights_bytes=frozen_bytes(trainer.model), block_bytes=max(frozen_bytes(b) for b in trainer.model.blocks),
         root_bytes=frozen_bytes(trainer.model) - sum(frozen_bytes(b) for b in trainer.model.blocks),
         lora_bytes=sum(p.untyped_storage().nbytes() for p in trainer.params), steady=steady,
-        optimizer_bytes=moments,
+        optimizer_bytes=moments, workspace_bytes=tracker.workspace,
     )  # fmt: skip
     return report
