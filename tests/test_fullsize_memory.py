@@ -21,6 +21,7 @@ from streamalign.models.memory import (
     storage_bytes,
 )
 from streamalign.models.sampler import Sampler
+from streamalign.models.transfer import host_stand_in
 from streamalign.plan import PlanContext, PlanRun, plan, plan_stage
 from streamalign.schemas.config import ModelConfig
 
@@ -95,7 +96,7 @@ def test_tracker_on_fake_tensors_equals_real_allocations(text, branch_batch, mon
         return sampler.fork_group(ctx, sampler.noise_bank(0), 1, 4, branch_batch=branch_batch)
 
     with monkeypatch.context() as m:  # the outputs leave the device, as the plan's do (to its host stand-in)
-        m.setattr(sampler_module, "to_host", lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))
+        m.setattr(sampler_module, "to_host", host_stand_in)
         _, real = measure(run, track=[*model.parameters(), ctx], flops=True)
     fake = fork_group_memory(
         cfg, 1, group_size=4, dtype=torch.float32, text_tokens=7, flops=True, branch_batch=branch_batch

@@ -21,6 +21,7 @@ them are convolutions and matrix-vector products this project does not run under
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Iterator
 
@@ -34,9 +35,14 @@ PROMOTE = "promote"
 BANNED = "banned"
 
 
-def _ops(names: str, rule: str) -> dict[str, str]:
-    """{op: rule} for the space-separated op names."""
-    return dict.fromkeys(names.split(), rule)
+def _names(text: str) -> list[str]:
+    """The space-separated op names of `text`."""
+    return text.split()
+
+
+def _ops(text: str, rule: str) -> dict[str, str]:
+    """{op: rule} for the space-separated op names of `text`."""
+    return dict.fromkeys(_names(text), rule)
 
 
 # CUDA's autocast rule per op ("name.overload"; "name" = the default overload): ATen's AT_FORALL_* lists and
@@ -65,17 +71,18 @@ CUDA_RULES: dict[str, str] = {
 }  # fmt: skip
 
 # ops the CPU casts by the same rule as CUDA (autocast_mode.cpp's AutocastCPU table): ATen's kernel stays
-SAME_RULE = frozenset(_ops(
+SAME_RULE = frozenset(_names(
     "conv1d conv2d conv3d bmm mm linalg_vecdot baddbmm addmm addbmm linear _convolution.deprecated matmul conv_tbc "
     "conv_transpose1d conv_transpose2d.input conv_transpose3d.input prelu scaled_dot_product_attention cdist "
     "mse_loss cosine_embedding_loss nll_loss nll_loss2d hinge_embedding_loss poisson_nll_loss smooth_l1_loss "
     "l1_loss huber_loss margin_ranking_loss soft_margin_loss triplet_margin_loss multi_margin_loss kl_div "
-    "multilabel_margin_loss binary_cross_entropy_with_logits", "same"
+    "multilabel_margin_loss binary_cross_entropy_with_logits"
 ))
 
 # norm's fp32_append_dtype redispatches to the overload that takes a dtype
 _APPEND_DTYPE_OVERLOAD = {"norm.Scalar": "ScalarOpt_dtype", "norm.ScalarOpt_dim": "ScalarOpt_dim_dtype"}
 _CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+_ACTIVE = False  # cuda_autocast_rules is entered (an inner entry registers nothing)
 
 
 def _overload(name: str) -> torch._ops.OpOverload:
@@ -94,6 +101,13 @@ def _cast(x: object, dtype: torch.dtype) -> object:
     return x.to(dtype) if _eligible(x) else x
 
 
+def _run_cast(op: torch._ops.OpOverload, args: tuple, kwargs: dict, dtype: torch.dtype | None):
+    """`op` on its arguments with every eligible tensor cast to `dtype` (None: as given)."""
+    if dtype is None:
+        return op(*args, **kwargs)
+    return op(*_cast(args, dtype), **{k: _cast(v, dtype) for k, v in kwargs.items()})
+
+
 def _widest(args: tuple, kwargs: dict) -> torch.dtype | None:
     dtype = None
     for x in (*args, *kwargs.values()):
@@ -107,6 +121,8 @@ def _kernel(name: str, rule: str):
     """An AutocastCPU kernel applying CUDA's `rule` to op `name`, then running it with autocast excluded."""
     op = _overload(name)
     dtype_arg = next((i for i, a in enumerate(op._schema.arguments) if a.name == "dtype"), None)
+    if rule == FP32_APPEND_DTYPE:  # norm: redispatched to its overload with a dtype
+        with_dtype = _overload(f"{name.partition('.')[0]}.{_APPEND_DTYPE_OVERLOAD[name]}")
 
     def kernel(*args, **kwargs):
         with torch._C._ExcludeDispatchKeyGuard(_CPU):
@@ -114,20 +130,15 @@ def _kernel(name: str, rule: str):
                 raise RuntimeError(f"torch.nn.functional.{name} and torch.nn.BCELoss are unsafe to autocast (CUDA's "
                                    "rule); use binary_cross_entropy_with_logits")  # fmt: skip
             if rule == LOWER:
-                low = torch.get_autocast_dtype("cpu")
-                return op(*_cast(args, low), **{k: _cast(v, low) for k, v in kwargs.items()})
+                return _run_cast(op, args, kwargs, torch.get_autocast_dtype("cpu"))
             if rule == FP32:
-                return op(*_cast(args, torch.float32), **{k: _cast(v, torch.float32) for k, v in kwargs.items()})
+                return _run_cast(op, args, kwargs, torch.float32)
             if rule == PROMOTE:
-                wide = _widest(args, kwargs)
-                return op(*_cast(args, wide), **{k: _cast(v, wide) for k, v in kwargs.items()}) if wide else op(
-                    *args, **kwargs)  # fmt: skip
+                return _run_cast(op, args, kwargs, _widest(args, kwargs))
             if not (args and _eligible(args[0])):  # the dtype rules look at the first argument only
                 return op(*args, **kwargs)
             if rule == FP32_APPEND_DTYPE:
-                base = name.partition(".")[0]
-                return getattr(getattr(torch.ops.aten, base), _APPEND_DTYPE_OVERLOAD[name])(
-                    *args, **kwargs, dtype=torch.float32)  # fmt: skip
+                return with_dtype(*args, **kwargs, dtype=torch.float32)
             # FP32_SET_OPT_DTYPE: an explicit dtype wins
             if dtype_arg < len(args):
                 if args[dtype_arg] is None:
@@ -139,7 +150,8 @@ def _kernel(name: str, rule: str):
     return kernel
 
 
-def cpu_only_ops() -> list[str]:
+@functools.cache  # ATen's registrations are fixed once torch is imported (read before this module adds any)
+def cpu_only_ops() -> tuple[str, ...]:
     """Ops ("name.overload") that have an AutocastCPU rule and no AutocastCUDA rule in this torch."""
     names = torch._C._dispatch_get_all_op_names()
     out = []
@@ -150,7 +162,7 @@ def cpu_only_ops() -> list[str]:
             torch._C._dispatch_has_kernel_for_dispatch_key(full, "AutocastCUDA")
         ):
             out.append(full.removeprefix("aten::"))
-    return sorted(out)
+    return tuple(sorted(out))
 
 
 @contextlib.contextmanager
@@ -174,9 +186,6 @@ def cuda_autocast_rules() -> Iterator[None]:
     finally:
         _ACTIVE = False
         lib._destroy()
-
-
-_ACTIVE = False
 
 
 def cuda_rules_if(device: str) -> contextlib.AbstractContextManager:

@@ -59,11 +59,13 @@ def flash_backward_workspace(query: torch.Tensor) -> int:
 
 # fused kernels' scratch on CUDA, by the op a fake-CPU simulation dispatches in its place: bytes from the
 # op's arguments (CPU's flash backward stands for CUDA's, which takes the same q layout first after dout)
+def _flash_backward_op_workspace(dout: torch.Tensor, query: torch.Tensor, *_: Any) -> int:
+    return flash_backward_workspace(query)
+
+
 CUDA_WORKSPACES: dict[Any, Callable[..., int]] = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default: lambda dout, q, *_: (
-        flash_backward_workspace(q)),
-    torch.ops.aten._scaled_dot_product_flash_attention_backward.default: lambda dout, q, *_: (
-        flash_backward_workspace(q)),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _flash_backward_op_workspace,
+    torch.ops.aten._scaled_dot_product_flash_attention_backward.default: _flash_backward_op_workspace,
 }
 
 

@@ -34,13 +34,18 @@ def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.
     return t.to(device, dtype).contiguous()
 
 
+def host_stand_in(t: torch.Tensor) -> torch.Tensor:
+    """The host copy of `t` in a plan: a meta tensor of its shape and dtype (no bytes, outside any count)."""
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
 def to_host(t: torch.Tensor) -> torch.Tensor:
     """`t` on the host: into a pinned buffer without waiting when `t` is on a device that pins (read it
     after :func:`wait_for_copies`), else ``t.cpu()``. A fake tensor (a plan's simulated device, whose stand-in
     is the CPU) goes to the plan's host stand-in, the meta device: it leaves the device's count, as it would
     leave the GPU (``.cpu()`` of a fake CPU tensor would be the same storage, still counted)."""
     if is_fake(t):
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+        return host_stand_in(t)
     if pins(t.device):
         out = host_empty(tuple(t.shape), t.dtype, pinned=True)
         out.copy_(t, non_blocking=True)
